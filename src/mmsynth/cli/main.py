@@ -1,0 +1,58 @@
+"""`mmsynth` entry point: builds the argument parser from each command module and maps bad input to exit 2.
+
+A command module exposes `register(subparsers)`, which adds its sub-parser and sets `func(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from mmsynth.errors import InputError
+
+# Command modules under mmsynth.cli, in the order `mmsynth --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ("data", "annotate", "judge")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse already exits 2 on usage errors; keep its message to one line plus usage."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mmsynth",
+        description="Multimodal, controllable image synthesis and editing, scored against exact ground truth.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from mmsynth import __version__
+
+    parser.add_argument("--version", action="version", version=f"mmsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"mmsynth.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"mmsynth {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Captions from a scene by templates (always exactly true), and the parser that inverts them.
+
+Grammar (lower case, punctuation ignored):
+    caption  := [prefix] [N "objects"] body
+    body     := group REL group ["and" list] | list ["with" group REL group]
+    list     := group ("," group)* ["and" group]
+    group    := COUNT [SIZE] COLOR SHAPE          e.g. "two large red circles", "a blue square"
+    COUNT    := a | an | one | two | three | four
+    REL      := left of | to the left of | right of | to the right of | above | over | below | under
+A group names every object of that colour and shape in the scene; a relation holds between every
+member of the first group and every member of the second (box centres, RELATION_MARGIN apart).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmsynth.data import vocab
+from mmsynth.data.scene import Scene, group_relations, groups
+from mmsynth.errors import InputError
+
+PREFIXES = ("", "a picture of ", "an image of ", "a drawing of ", "a scene with ", "there is ")
+REL_PHRASES: dict[str, tuple[str, ...]] = {
+    "left of": ("left of", "to the left of"),
+    "right of": ("right of", "to the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under"),
+}
+_COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
+_PLURAL_TO_SHAPE = {p: s for s, p in vocab.SHAPE_PLURALS.items()}
+
+
+@dataclass
+class Group:
+    """`count` objects of one colour and shape; `size` is None when the caption does not say."""
+
+    count: int
+    color: str
+    shape: str
+    size: str | None = None
+
+
+@dataclass
+class ParsedCaption:
+    """What a caption asks for: groups, relations between groups (by index), optional total."""
+
+    groups: list[Group]
+    relations: list[tuple[int, str, int]] = field(default_factory=list)
+    total: int | None = None
+
+    @property
+    def n_objects(self) -> int:
+        return sum(g.count for g in self.groups)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def group_phrase(g: Group) -> str:
+    """'two large red circles', 'an orange star'."""
+    words = [w for w in (g.size, g.color) if w]
+    noun = g.shape if g.count == 1 else vocab.SHAPE_PLURALS[g.shape]
+    first = words[0] if words else noun
+    count = _article(first) if g.count == 1 else vocab.NUMBER_WORDS[g.count]
+    return " ".join([count, *words, noun])
+
+
+def the_phrase(g: Group) -> str:
+    """A back-reference to a named group: 'the red circle', 'the two red circles'."""
+    noun = g.shape if g.count == 1 else vocab.SHAPE_PLURALS[g.shape]
+    count = [] if g.count == 1 else [vocab.NUMBER_WORDS[g.count]]
+    return " ".join(["the", *count, g.color, noun])
+
+
+def _join(phrases: list[str]) -> str:
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def scene_groups(scene: Scene, rng: np.random.Generator | None = None) -> list[Group]:
+    """Groups of the scene; with an rng, a size is stated (when shared by the group) half the time."""
+    out = []
+    for members in groups(scene):
+        o = scene.objects[members[0]]
+        sizes = {scene.objects[i].size for i in members}
+        size = None
+        if len(sizes) == 1 and (rng is None or rng.random() < 0.5):
+            size = o.size
+        out.append(Group(count=len(members), color=o.color, shape=o.shape, size=size if rng is not None else None))
+    return out
+
+
+def captions(scene: Scene, n: int = 4) -> list[str]:
+    """`n` distinct-as-possible true captions; multi-object scenes always state a relation."""
+    rng = np.random.default_rng([scene.seed, scene.index, len(scene.objects), 0xCA9])
+    rels = group_relations(scene)
+    out: list[str] = []
+    for _ in range(n * 4):
+        if len(out) >= n:
+            break
+        gs = scene_groups(scene, rng)
+        phrases = [group_phrase(g) for g in gs]
+        if len(gs) == 1:
+            body = phrases[0]  # one colour-shape group: no two distinct things to relate
+        else:
+            a, rel, b = rels[int(rng.integers(len(rels)))]
+            rel_text = str(rng.choice(REL_PHRASES[rel]))
+            rest = [phrases[i] for i in range(len(gs)) if i not in (a, b)]
+            if rng.random() < 0.6:
+                body = f"{phrases[a]} {rel_text} {phrases[b]}"
+                if rest:
+                    body += ", and " + _join(rest)
+            else:
+                others = [phrases[i] for i in range(len(gs)) if i != b and i != a]
+                order = [phrases[a], phrases[b], *others]
+                body = _join(order) + f", with {the_phrase(gs[a])} {rel_text} {the_phrase(gs[b])}"
+        prefix = str(rng.choice(PREFIXES))
+        if len(scene.objects) > 1 and rng.random() < 0.15:
+            body = f"{vocab.NUMBER_WORDS[len(scene.objects)]} objects: " + body
+        if prefix == "there is " and not body.startswith(("a ", "an ")):
+            prefix = "there are "
+        text = prefix + body
+        if text not in out:
+            out.append(text)
+    return out
+
+
+# ---------------------------------------------------------------- parser
+
+_REL_PATTERNS = sorted(((p, r) for r, ps in REL_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
+_PREFIX_WORDS = [p.split() for p in sorted({*PREFIXES, "there are ", "a photo of "}, key=len, reverse=True) if p]
+
+
+def parse_caption(text: str) -> ParsedCaption:
+    """Turn a caption of the template grammar back into the scene it asks for.
+
+    Raises InputError naming the words it could not understand and what it expected.
+    """
+    words = re.sub(r"[^a-z ]", " ", text.lower()).split()
+    if not words:
+        return ParsedCaption(groups=[])
+    for p in _PREFIX_WORDS:
+        if words[: len(p)] == p:
+            words = words[len(p) :]
+            break
+    total = None
+    if len(words) >= 2 and words[0] in _COUNT_WORDS and words[1] == "objects":
+        total = _COUNT_WORDS[words[0]]
+        words = words[2:]
+    gs: list[Group] = []
+    rels: list[tuple[int, str, int]] = []
+    keys: dict[tuple[str, str], int] = {}
+    pending_rel: tuple[int, str] | None = None
+    i = 0
+
+    def fail(msg: str) -> InputError:
+        return InputError(f"caption '{text}': {msg}")
+
+    while i < len(words):
+        w = words[i]
+        if w in ("and", "with"):
+            i += 1
+            continue
+        rel = next((r for p, r in _REL_PATTERNS if words[i : i + len(p.split())] == p.split()), None)
+        if rel is not None:
+            if not gs:
+                raise fail(f"relation '{w}' before any object")
+            pending_rel = (keys[_last_key], rel)
+            i += len(next(p for p, r in _REL_PATTERNS if r == rel and words[i : i + len(p.split())] == p.split()).split())
+            continue
+        reference = w == "the"  # 'the red circle' refers back to a group named before
+        if reference:
+            i += 1
+            w = words[i] if i < len(words) else "end of caption"
+            count = _COUNT_WORDS[w] if w in _COUNT_WORDS and w not in ("a", "an") else None
+            if count is not None:
+                i += 1
+        elif w in _COUNT_WORDS:
+            count = _COUNT_WORDS[w]
+            i += 1
+        else:
+            raise fail(f"unexpected word '{w}' (expected a count: a, an, one .. four, or 'the')")
+        size = None
+        if i < len(words) and words[i] in vocab.SIZES:
+            size = words[i]
+            i += 1
+        if i >= len(words) or words[i] not in vocab.COLORS:
+            got = words[i] if i < len(words) else "end of caption"
+            raise fail(f"expected a colour ({', '.join(vocab.COLOR_NAMES)}), got '{got}'")
+        color = words[i]
+        i += 1
+        noun = words[i] if i < len(words) else "end of caption"
+        shape = noun if noun in vocab.SHAPES else _PLURAL_TO_SHAPE.get(noun)
+        if shape is None:
+            raise fail(f"expected a shape ({', '.join(vocab.SHAPES)}), got '{noun}'")
+        singular = noun == shape
+        if count is not None and singular != (count == 1):
+            raise fail(f"'{w} ... {noun}': count and noun disagree")
+        i += 1
+        key = (color, shape)
+        if reference and key not in keys:
+            raise fail(f"'the {color} {noun}' refers to no object named before it")
+        if key in keys:
+            idx = keys[key]  # a group repeated in a relation clause
+            if count is not None and gs[idx].count != count:
+                raise fail(f"'{color} {shape}' appears with two different counts")
+        else:
+            assert count is not None
+            idx = len(gs)
+            keys[key] = idx
+            gs.append(Group(count=count, color=color, shape=shape, size=size))
+        _last_key = key
+        if pending_rel is not None:
+            rels.append((pending_rel[0], pending_rel[1], idx))
+            pending_rel = None
+    if pending_rel is not None:
+        raise fail("a relation without an object after it")
+    if total is not None and total != sum(g.count for g in gs):
+        raise fail(f"says {total} objects but names {sum(g.count for g in gs)}")
+    return ParsedCaption(groups=gs, relations=sorted(set(rels)), total=total)
+
+
+def expected_from_scene(scene: Scene) -> ParsedCaption:
+    """The full expectation a scene implies (all groups, sizes, all group relations)."""
+    gs = [
+        Group(count=len(m), color=scene.objects[m[0]].color, shape=scene.objects[m[0]].shape,
+              size=scene.objects[m[0]].size if len({scene.objects[i].size for i in m}) == 1 else None)
+        for m in groups(scene)
+    ]  # fmt: skip
+    return ParsedCaption(groups=gs, relations=group_relations(scene))

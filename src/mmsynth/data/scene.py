@@ -1,0 +1,342 @@
+"""The scene spec: a small JSON-serialisable description that is the one source of truth.
+
+`sample_scene(split, index, seed)` is a pure function; rendering, captions and every annotation
+are pure functions of the returned `Scene`. Objects are stored back to front (list order = z).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from skimage.color import lab2rgb, rgb2lab
+
+from mmsynth.data import vocab
+from mmsynth.data.geometry import box_center, box_of, polygon
+from mmsynth.errors import InputError
+
+SPEC_VERSION = 1
+MAX_HIDDEN_FRACTION = 0.15  # an object may be at most this much covered by objects in front
+SAME_COLOR_GAP = 0.04  # same-colour objects never touch (normalised distance between circumcircles)
+RELATION_MARGIN = 0.10  # box centres must differ by this much (normalised) for a caption relation
+COUNT_SCENE_FRACTION = 0.2  # multi-object scenes made of one colour-shape group
+_PLACEMENT_RASTER = 128
+
+
+@dataclass
+class ShapeObject:
+    """One object: class attributes plus exact placement. `rgb` is its rendered shade."""
+
+    shape: str
+    color: str
+    size: str
+    cx: float
+    cy: float
+    radius: float
+    rotation: float = 0.0
+    rgb: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def phrase(self) -> str:
+        """The grounding phrase layout methods use, e.g. 'red circle'."""
+        return f"{self.color} {self.shape}"
+
+    def polygon(self) -> np.ndarray:
+        return polygon(self.shape, self.cx, self.cy, self.radius, self.rotation)
+
+    def box(self) -> tuple[float, float, float, float]:
+        """Full (amodal) normalised xyxy box, clipped to the image."""
+        x0, y0, x1, y1 = box_of(self.polygon())
+        return max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
+
+
+@dataclass
+class Background:
+    """Nearly achromatic background: flat, two-colour gradient, or flat with mild smooth texture."""
+
+    kind: str
+    colors: list[tuple[int, int, int]]
+    angle: float = 0.0
+    texture_seed: int = 0
+
+
+@dataclass
+class Scene:
+    """A whole scene. `split`/`index`/`seed` record where it came from (provenance, not rendering)."""
+
+    objects: list[ShapeObject]
+    background: Background
+    split: str = "custom"
+    index: int = 0
+    seed: int = 0
+    version: int = SPEC_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for o in d["objects"]:
+            o["rgb"] = list(o["rgb"])
+        d["background"]["colors"] = [list(c) for c in d["background"]["colors"]]
+        return d
+
+    @staticmethod
+    def from_dict(d: Any, where: str = "scene") -> Scene:
+        """Parse and validate a spec; errors name the field that is wrong and what is valid."""
+        return _scene_from_dict(d, where)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InputError(msg)
+
+
+def _number(d: dict, key: str, where: str, lo: float, hi: float) -> float:
+    _require(key in d, f"{where}: missing field '{key}'")
+    v = d[key]
+    _require(isinstance(v, int | float) and not isinstance(v, bool), f"{where}.{key}: expected a number, got {v!r}")
+    _require(lo <= v <= hi, f"{where}.{key}: {v} is out of range [{lo}, {hi}]")
+    return float(v)
+
+
+def _rgb(v: Any, where: str) -> tuple[int, int, int]:
+    ok = isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in v)
+    _require(ok, f"{where}: expected [r, g, b] integers in 0..255, got {v!r}")
+    return (int(v[0]), int(v[1]), int(v[2]))
+
+
+def _choice(d: dict, key: str, where: str, valid: tuple[str, ...]) -> str:
+    _require(key in d, f"{where}: missing field '{key}'")
+    _require(d[key] in valid, f"{where}.{key}: '{d[key]}' is not one of {', '.join(valid)}")
+    return str(d[key])
+
+
+def _scene_from_dict(d: Any, where: str) -> Scene:
+    _require(isinstance(d, dict), f"{where}: expected a JSON object, got {type(d).__name__}")
+    objs = d.get("objects")
+    _require(isinstance(objs, list), f"{where}.objects: expected a list of objects")
+    _require(1 <= len(objs) <= vocab.MAX_OBJECTS, f"{where}.objects: expected 1..{vocab.MAX_OBJECTS} objects, got {len(objs)}")
+    objects = []
+    for i, o in enumerate(objs):
+        w = f"{where}.objects[{i}]"
+        _require(isinstance(o, dict), f"{w}: expected a JSON object")
+        color = _choice(o, "color", w, vocab.COLOR_NAMES)
+        objects.append(
+            ShapeObject(
+                shape=_choice(o, "shape", w, vocab.SHAPES),
+                color=color,
+                size=_choice(o, "size", w, vocab.SIZES),
+                cx=_number(o, "cx", w, 0.0, 1.0),
+                cy=_number(o, "cy", w, 0.0, 1.0),
+                radius=_number(o, "radius", w, 0.01, 0.5),
+                rotation=_number(o, "rotation", w, -180.0, 180.0) if "rotation" in o else 0.0,
+                rgb=_rgb(o["rgb"], f"{w}.rgb") if "rgb" in o else vocab.COLORS[color],
+            )
+        )
+    bg = d.get("background")
+    _require(isinstance(bg, dict), f"{where}.background: expected a JSON object")
+    kind = _choice(bg, "kind", f"{where}.background", vocab.BACKGROUND_KINDS)
+    colors = bg.get("colors")
+    n_colors = 2 if kind == "gradient" else 1
+    _require(
+        isinstance(colors, list) and len(colors) == n_colors,
+        f"{where}.background.colors: a '{kind}' background needs {n_colors} colour(s)",
+    )
+    background = Background(
+        kind=kind,
+        colors=[_rgb(c, f"{where}.background.colors[{i}]") for i, c in enumerate(colors)],
+        angle=float(bg.get("angle", 0.0)),
+        texture_seed=int(bg.get("texture_seed", 0)),
+    )
+    split = d.get("split", "custom")
+    return Scene(
+        objects=objects,
+        background=background,
+        split=str(split),
+        index=int(d.get("index", 0)),
+        seed=int(d.get("seed", 0)),
+        version=int(d.get("version", SPEC_VERSION)),
+        extra=dict(d.get("extra", {})),
+    )
+
+
+# ---------------------------------------------------------------- relations and groups
+
+
+def relation_holds(a: ShapeObject, b: ShapeObject, rel: str, margin: float = RELATION_MARGIN) -> bool:
+    """Whether `a rel b` holds between box centres, by at least `margin` (normalised)."""
+    ax, ay = box_center(a.box())
+    bx, by = box_center(b.box())
+    return {
+        "left of": bx - ax > margin,
+        "right of": ax - bx > margin,
+        "above": by - ay > margin,
+        "below": ay - by > margin,
+    }[rel]
+
+
+def groups(scene: Scene) -> list[list[int]]:
+    """Object indices grouped by (colour, shape), in order of first appearance."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for i, o in enumerate(scene.objects):
+        out.setdefault((o.color, o.shape), []).append(i)
+    return list(out.values())
+
+
+def group_relations(scene: Scene) -> list[tuple[int, str, int]]:
+    """(group a, relation, group b) triples that hold for every pair of members."""
+    gs = groups(scene)
+    rels = []
+    for ga, gb in itertools.permutations(range(len(gs)), 2):
+        for rel in vocab.RELATIONS:
+            if all(relation_holds(scene.objects[i], scene.objects[j], rel) for i in gs[ga] for j in gs[gb]):
+                rels.append((ga, rel, gb))
+    return rels
+
+
+def object_relations(scene: Scene) -> list[tuple[int, str, int]]:
+    """(object a, relation, object b) triples that hold between single objects."""
+    return [
+        (i, rel, j)
+        for i, j in itertools.permutations(range(len(scene.objects)), 2)
+        for rel in vocab.RELATIONS
+        if relation_holds(scene.objects[i], scene.objects[j], rel)
+    ]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _jitter_shade(color: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    base = np.array(vocab.COLORS[color], dtype=np.float64)[None, None] / 255.0
+    lab = rgb2lab(base)[0, 0] + rng.uniform(-1, 1, 3) * np.array(vocab.SHADE_JITTER_LAB)
+    rgb = np.clip(lab2rgb(lab[None, None])[0, 0], 0, 1)
+    return tuple(int(round(c * 255)) for c in rgb)  # type: ignore[return-value]
+
+
+def _background_color(band: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    lo, hi = vocab.BACKGROUND_L[band]
+    chroma = rng.uniform(0, vocab.BACKGROUND_MAX_CHROMA - 2.0)
+    hue = rng.uniform(0, 2 * math.pi)
+    lab = np.array([rng.uniform(lo, hi), chroma * math.cos(hue), chroma * math.sin(hue)])
+    rgb = np.clip(lab2rgb(lab[None, None])[0, 0], 0, 1)
+    return tuple(int(round(c * 255)) for c in rgb)  # type: ignore[return-value]
+
+
+def _sample_background(rng: np.random.Generator) -> Background:
+    kind = str(rng.choice(vocab.BACKGROUND_KINDS))
+    band = str(rng.choice(["light", "dark"]))
+    n = 2 if kind == "gradient" else 1
+    return Background(
+        kind=kind,
+        colors=[_background_color(band, rng) for _ in range(n)],
+        angle=float(round(rng.uniform(0, 360), 2)),
+        texture_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def _raster(obj: ShapeObject, n: int = _PLACEMENT_RASTER) -> np.ndarray:
+    mask = np.zeros((n, n), np.uint8)
+    pts = np.round(obj.polygon() * n * 16).astype(np.int32)
+    cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(bool)
+
+
+def visible_fractions(objects: list[ShapeObject], n: int = _PLACEMENT_RASTER) -> list[float]:
+    """Fraction of each object's area not covered by objects after it in the list (in front)."""
+    masks = [_raster(o, n) for o in objects]
+    out = []
+    for i, m in enumerate(masks):
+        covered = np.zeros_like(m)
+        for m2 in masks[i + 1 :]:
+            covered |= m2
+        area = max(int(m.sum()), 1)
+        out.append(float((m & ~covered).sum()) / area)
+    return out
+
+
+def _placement_ok(objects: list[ShapeObject]) -> bool:
+    new = objects[-1]
+    for o in objects[:-1]:
+        d = math.hypot(o.cx - new.cx, o.cy - new.cy)
+        if o.color == new.color and d < o.radius + new.radius + SAME_COLOR_GAP:
+            return False
+    return min(visible_fractions(objects)) >= 1.0 - MAX_HIDDEN_FRACTION
+
+
+def _sample_object(
+    rng: np.random.Generator, split: str, force_heldout: bool, like: ShapeObject | None = None
+) -> ShapeObject:
+    if like is not None:
+        color, shape = like.color, like.shape
+    elif force_heldout:
+        combos = sorted(vocab.HELDOUT_COMBOS)
+        color, shape = combos[int(rng.integers(len(combos)))]
+    else:
+        while True:
+            color = str(rng.choice(vocab.COLOR_NAMES))
+            shape = str(rng.choice(vocab.SHAPES))
+            if split == "heldout" or (color, shape) not in vocab.HELDOUT_COMBOS:
+                break
+    size = str(rng.choice(vocab.SIZES))
+    radius = float(rng.uniform(*vocab.SIZE_RADIUS[size]))
+    rotation = 0.0 if shape == "circle" else float(rng.uniform(-15.0, 15.0))
+    m = radius + 0.02
+    return ShapeObject(
+        shape=shape,
+        color=color,
+        size=size,
+        cx=round(float(rng.uniform(m, 1 - m)), 4),
+        cy=round(float(rng.uniform(m, 1 - m)), 4),
+        radius=round(radius, 4),
+        rotation=round(rotation, 2),
+        rgb=_jitter_shade(color, rng),
+    )
+
+
+def _split_id(split: str) -> int:
+    if split not in vocab.SPLITS:
+        raise InputError(f"split '{split}' is not one of {', '.join(vocab.SPLITS)}")
+    return vocab.SPLITS.index(split)
+
+
+def sample_scene(split: str, index: int, seed: int = 0, n_objects: int | None = None) -> Scene:
+    """The scene at (split, index, seed): a pure function, identical on every machine and worker.
+
+    Objects are placed by seeded rejection sampling: same-colour objects never touch, no object is
+    more than MAX_HIDDEN_FRACTION hidden, and multi-object scenes always have a caption relation.
+    """
+    if index < 0:
+        raise InputError(f"index must be >= 0, got {index}")
+    if n_objects is not None and not 1 <= n_objects <= vocab.MAX_OBJECTS:
+        raise InputError(f"n_objects must be in 1..{vocab.MAX_OBJECTS}, got {n_objects}")
+    rng = np.random.default_rng([_split_id(split), int(seed), int(index), 0x5EED])
+    background = _sample_background(rng)
+    n = int(rng.integers(1, vocab.MAX_OBJECTS + 1)) if n_objects is None else n_objects
+    while True:
+        # a fifth of multi-object scenes repeat one colour-shape ("three green stars"): counting
+        one_group = n > 1 and rng.random() < COUNT_SCENE_FRACTION
+        objects: list[ShapeObject] = []
+        for k in range(n):
+            forced = split == "heldout" and k == 0
+            like = objects[0] if one_group and objects else None
+            for _attempt in range(100):
+                cand = _sample_object(rng, split, forced, like)
+                if _placement_ok([*objects, cand]):
+                    objects.append(cand)
+                    break
+            else:
+                break
+        if len(objects) < n:
+            continue
+        if split == "heldout":
+            order = rng.permutation(n)  # the forced object is not always at the back
+            objects = [objects[i] for i in order]
+            if min(visible_fractions(objects)) < 1.0 - MAX_HIDDEN_FRACTION:
+                continue
+        scene = Scene(objects=objects, background=background, split=split, index=index, seed=seed)
+        if len(groups(scene)) == 1 or group_relations(scene):
+            return scene
