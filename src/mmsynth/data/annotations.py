@@ -65,9 +65,12 @@ def annotate_scene(scene: Scene, resolution: int = 64, n_captions: int = 4) -> A
                 "visible_fraction": round(vis[z], 3),
             }
         )
-    combos: dict[str, int] = {}
-    for o in scene.objects:
-        combos[o.phrase] = combos.get(o.phrase, 0) + 1
+    def tally(key: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for o in scene.objects:
+            out[getattr(o, key)] = out.get(getattr(o, key), 0) + 1
+        return out
+
     records = {
         "resolution": resolution,
         "objects": objects,
@@ -77,9 +80,9 @@ def annotate_scene(scene: Scene, resolution: int = 64, n_captions: int = 4) -> A
         "groups": groups(scene),
         "counts": {
             "total": len(scene.objects),
-            "by_shape": {s: sum(o.shape == s for o in scene.objects) for s in vocab.SHAPES if any(o.shape == s for o in scene.objects)},
-            "by_color": {c: sum(o.color == c for o in scene.objects) for c in vocab.COLOR_NAMES if any(o.color == c for o in scene.objects)},
-            "by_phrase": combos,
+            "by_shape": tally("shape"),
+            "by_color": tally("color"),
+            "by_phrase": tally("phrase"),
         },
         "captions": captions(scene, n_captions),
     }

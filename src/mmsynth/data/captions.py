@@ -156,6 +156,7 @@ def parse_caption(text: str) -> ParsedCaption:
     rels: list[tuple[int, str, int]] = []
     keys: dict[tuple[str, str], int] = {}
     pending_rel: tuple[int, str] | None = None
+    last_group = -1
     i = 0
 
     def fail(msg: str) -> InputError:
@@ -166,12 +167,12 @@ def parse_caption(text: str) -> ParsedCaption:
         if w in ("and", "with"):
             i += 1
             continue
-        rel = next((r for p, r in _REL_PATTERNS if words[i : i + len(p.split())] == p.split()), None)
-        if rel is not None:
+        phrase = next((p for p, _ in _REL_PATTERNS if words[i : i + len(p.split())] == p.split()), None)
+        if phrase is not None:
             if not gs:
                 raise fail(f"relation '{w}' before any object")
-            pending_rel = (keys[_last_key], rel)
-            i += len(next(p for p, r in _REL_PATTERNS if r == rel and words[i : i + len(p.split())] == p.split()).split())
+            pending_rel = (last_group, dict(_REL_PATTERNS)[phrase])
+            i += len(phrase.split())
             continue
         reference = w == "the"  # 'the red circle' refers back to a group named before
         if reference:
@@ -214,7 +215,7 @@ def parse_caption(text: str) -> ParsedCaption:
             idx = len(gs)
             keys[key] = idx
             gs.append(Group(count=count, color=color, shape=shape, size=size))
-        _last_key = key
+        last_group = idx
         if pending_rel is not None:
             rels.append((pending_rel[0], pending_rel[1], idx))
             pending_rel = None

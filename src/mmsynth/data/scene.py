@@ -118,7 +118,8 @@ def _scene_from_dict(d: Any, where: str) -> Scene:
     _require(isinstance(d, dict), f"{where}: expected a JSON object, got {type(d).__name__}")
     objs = d.get("objects")
     _require(isinstance(objs, list), f"{where}.objects: expected a list of objects")
-    _require(1 <= len(objs) <= vocab.MAX_OBJECTS, f"{where}.objects: expected 1..{vocab.MAX_OBJECTS} objects, got {len(objs)}")
+    n_max = vocab.MAX_OBJECTS
+    _require(1 <= len(objs) <= n_max, f"{where}.objects: expected 1..{n_max} objects, got {len(objs)}")
     objects = []
     for i, o in enumerate(objs):
         w = f"{where}.objects[{i}]"

@@ -2,7 +2,7 @@
 
 Everything else (scene sampling, captions, the judge) reads these tables, so changing the world
 is a change in one place. Colours are at least 39 CIELab units apart; backgrounds are nearly
-achromatic (chroma <= 8), objects strongly chromatic (chroma >= 40), so they never collide.
+achromatic (chroma <= 8), objects chromatic (chroma >= ~30; cyan is the weakest), so they never collide.
 """
 
 from __future__ import annotations

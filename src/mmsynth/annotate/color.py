@@ -1,0 +1,58 @@
+"""Colour conditions: intensity (grey), a coarse colour palette map, and Composer's CIELab histogram.
+
+Composer conditions on colour globally (a 11x5x5 CIELab histogram) and T2I-Adapter's colour adapter
+on a spatial palette (downsample by 64, nearest upsample); intensity is Composer's grey-scale condition.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from skimage.color import rgb2lab
+
+from mmsynth.annotate.registry import Param, register
+
+LAB_BINS: tuple[int, int, int] = (11, 5, 5)  # L, a, b (Composer)
+LAB_RANGES: tuple[tuple[float, float], ...] = ((0.0, 100.0), (-128.0, 128.0), (-128.0, 128.0))
+HISTOGRAM_SIZE = LAB_BINS[0] * LAB_BINS[1] * LAB_BINS[2]
+
+
+@register("intensity", "grey-scale intensity (ITU-R BT.601 luma), HxW uint8", "map")
+def intensity(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+@register(
+    "palette",
+    "colour palette: area-downsample to a coarse grid, nearest-upsample back, HxWx3 uint8",
+    "map",
+    (Param("cells", "int", 8, "grid cells along the shorter side (clamped to the image size)", 1, 512),),
+)
+def palette(image: np.ndarray, cells: int) -> np.ndarray:
+    """Keeps where colours are, drops everything finer than a cell."""
+    h, w = image.shape[:2]
+    short = min(h, w)
+    n = min(cells, short)
+    gh, gw = max(1, round(h * n / short)), max(1, round(w * n / short))
+    small = cv2.resize(image, (gw, gh), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def lab_bin(lab: np.ndarray) -> np.ndarray:
+    """Flat histogram bin index of each CIELab triple (..., 3) -> (...), L-major then a then b."""
+    idx = []
+    for c, (n, (lo, hi)) in enumerate(zip(LAB_BINS, LAB_RANGES)):
+        i = np.floor((lab[..., c] - lo) / (hi - lo) * n).astype(np.int64)
+        idx.append(np.clip(i, 0, n - 1))
+    return (idx[0] * LAB_BINS[1] + idx[1]) * LAB_BINS[2] + idx[2]
+
+
+@register(
+    "histogram",
+    "CIELab colour histogram, 11x5x5 = 275 bins (Composer's global colour), float32 summing to 1",
+    "vector",
+)
+def histogram(image: np.ndarray) -> np.ndarray:
+    lab = rgb2lab(image)
+    counts = np.bincount(lab_bin(lab).ravel(), minlength=HISTOGRAM_SIZE).astype(np.float64)
+    return (counts / counts.sum()).astype(np.float32)

@@ -1,0 +1,196 @@
+"""Configurations of the Shapes model zoo: a miniature Stable Diffusion stack sized for a CPU.
+
+Each builder returns a model of the owning library (transformers `CLIPModel`, diffusers
+`AutoencoderKL` / `UNet2DConditionModel` / `DDIMScheduler`) from a `ZooSpec`, so the shipped zoo and
+the random tiny models used by the tests come from one code path: a test on `tiny_bundle()` exercises
+exactly the configuration logic the real zoo uses. The VAE has three blocks, i.e. a downsampling
+factor of 4 (64x64x3 images <-> 16x16x4 latents), which diffusers' pipelines read from
+`vae.config.block_out_channels` like they do for SD's factor 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+
+from mmsynth.models.bundle import Bundle
+from mmsynth.models.tokenizer import build_shapes_tokenizer, special_token_ids
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Every size knob of the zoo in one place (widths, depths, resolution)."""
+
+    resolution: int = 64  # image side in pixels
+    max_length: int = 48  # text positions (tokenizer max length)
+    # CLIP text tower (also the diffusion model's text encoder) and vision tower
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    patch_size: int = 8
+    projection_dim: int = 128
+    # VAE: len(vae_channels) blocks -> factor 2 ** (len - 1)
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_layers: int = 1
+    vae_groups: int = 16
+    latent_channels: int = 4
+    # UNet on latents
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers: int = 1
+    unet_groups: int = 16
+    unet_head_dim: int = 32
+    unet_cross_attention_levels: tuple[bool, ...] = (True, True, True)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_scale_factor
+
+
+# The shipped zoo (models/shapes-v1) and the tests' random miniature.
+SHAPES_V1 = ZooSpec()
+TINY = ZooSpec(
+    resolution=32,
+    text_width=32,
+    text_layers=2,
+    text_heads=2,
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    patch_size=8,
+    projection_dim=32,
+    vae_channels=(8, 16, 16),
+    vae_groups=4,
+    unet_channels=(16, 32, 32),
+    unet_groups=4,
+    unet_head_dim=8,
+    unet_cross_attention_levels=(False, True, True),
+)
+ZOO_SPECS: dict[str, ZooSpec] = {"shapes-v1": SHAPES_V1, "tiny": TINY}
+
+
+def text_config(spec: ZooSpec, tokenizer) -> CLIPTextConfig:
+    """CLIP text tower config; bos/eos/pad ids come from the tokenizer (see STACK.md trap)."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_width,
+        intermediate_size=4 * spec.text_width,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=spec.max_length,
+        projection_dim=spec.projection_dim,
+        **special_token_ids(tokenizer),
+    )
+
+
+def vision_config(spec: ZooSpec) -> CLIPVisionConfig:
+    """ViT on the full image (64x64, patch 8 -> 64 patches)."""
+    return CLIPVisionConfig(
+        hidden_size=spec.vision_width,
+        intermediate_size=4 * spec.vision_width,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.resolution,
+        patch_size=spec.patch_size,
+        projection_dim=spec.projection_dim,
+    )
+
+
+def build_clip(spec: ZooSpec, tokenizer) -> CLIPModel:
+    """A randomly initialised CLIPModel (text + vision towers, contrastive heads)."""
+    config = CLIPConfig(
+        text_config=text_config(spec, tokenizer).to_dict(),
+        vision_config=vision_config(spec).to_dict(),
+        projection_dim=spec.projection_dim,
+    )
+    return CLIPModel(config)
+
+
+def build_vae(spec: ZooSpec) -> AutoencoderKL:
+    """AutoencoderKL with factor 2 ** (blocks - 1); scaling_factor is set by the VAE recipe after training."""
+    n = len(spec.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=spec.vae_channels,
+        layers_per_block=spec.vae_layers,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.vae_groups,
+        sample_size=spec.resolution,
+        scaling_factor=1.0,
+        force_upcast=False,
+    )
+
+
+def build_unet(spec: ZooSpec, cross_attention_dim: int) -> UNet2DConditionModel:
+    """Latent UNet cross-attending to the text encoder's hidden states at the chosen levels."""
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in spec.unet_cross_attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(spec.unet_cross_attention_levels))
+    return UNet2DConditionModel(
+        sample_size=spec.latent_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=spec.unet_channels,
+        layers_per_block=spec.unet_layers,
+        norm_num_groups=spec.unet_groups,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=tuple(max(1, c // spec.unet_head_dim) for c in spec.unet_channels),
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    """SD's training noise schedule (scaled linear betas, 1000 steps) with DDIM for sampling."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
+    """A standalone CLIPTextModel carrying the CLIP text tower's weights (SD's text_encoder component)."""
+    encoder = CLIPTextModel(clip.config.text_config)
+    encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    return encoder.to(clip.dtype)
+
+
+def random_bundle(spec: ZooSpec, seed: int = 0) -> Bundle:
+    """Randomly initialised bundle of the given size (the starting point of training)."""
+    torch.manual_seed(seed)
+    tokenizer = build_shapes_tokenizer(spec.max_length)
+    clip = build_clip(spec, tokenizer)
+    return Bundle(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder_from_clip(clip),
+        vae=build_vae(spec),
+        unet=build_unet(spec, cross_attention_dim=spec.text_width),
+        scheduler=build_scheduler(),
+        clip=clip,
+    )
+
+
+def tiny_bundle(seed: int = 0) -> Bundle:
+    """Random tiny models for tests (32x32 images, 8x8x4 latents, a UNet of ~0.1M parameters)."""
+    return random_bundle(TINY, seed)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,10 @@
+"""Shared test set-up: single-threaded torch (2-core CI machine), no hub access."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -1,0 +1,206 @@
+"""The Shapes world: spec -> render -> annotations, captions and their parser, exports, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mmsynth.cli.main import main
+from mmsynth.data import vocab
+from mmsynth.data.annotations import annotate_scene, depth_value
+from mmsynth.data.captions import captions, expected_from_scene, parse_caption
+from mmsynth.data.export import export_split, read_metadata
+from mmsynth.data.render import render, render_scene
+from mmsynth.data.scene import (
+    MAX_HIDDEN_FRACTION,
+    Scene,
+    group_relations,
+    groups,
+    relation_holds,
+    sample_scene,
+    visible_fractions,
+)
+from mmsynth.data.torch_dataset import ShapesDataset, ShapesStream, collate
+from mmsynth.errors import InputError
+
+
+def test_spec_is_pure_and_json_round_trips():
+    a, b = sample_scene("train", 17, 3), sample_scene("train", 17, 3)
+    assert a.to_dict() == b.to_dict()
+    assert sample_scene("train", 17, 4).to_dict() != a.to_dict()
+    back = Scene.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert back.to_dict() == a.to_dict()
+    assert np.array_equal(render(a), render(back))
+
+
+def test_scene_constraints_hold_over_many_scenes():
+    seen_n = set()
+    for i in range(300):
+        s = sample_scene("train", i)
+        seen_n.add(len(s.objects))
+        assert min(visible_fractions(s.objects)) >= 1 - MAX_HIDDEN_FRACTION
+        for o in s.objects:
+            assert (o.color, o.shape) not in vocab.HELDOUT_COMBOS
+            lo, hi = vocab.SIZE_RADIUS[o.size]
+            assert lo <= o.radius <= hi
+        if len(groups(s)) > 1:
+            assert group_relations(s), "multi-group scenes must have a relation to state"
+    assert seen_n == {1, 2, 3, 4}
+
+
+def test_heldout_split_always_has_a_heldout_combo():
+    for i in range(50):
+        s = sample_scene("heldout", i)
+        assert any((o.color, o.shape) in vocab.HELDOUT_COMBOS for o in s.objects)
+
+
+def test_backgrounds_never_collide_with_object_colours():
+    from skimage.color import rgb2lab
+
+    for i in range(60):
+        s = sample_scene("val", i)
+        r = render_scene(s, 64)
+        lab = rgb2lab(r.image)
+        chroma = np.hypot(lab[..., 1], lab[..., 2])
+        pure_bg = r.coverage.sum(axis=0) < 1e-3  # pixels no object touches, not even anti-aliased
+        assert chroma[pure_bg].max() < 12  # background stays achromatic
+        assert np.median(chroma[r.instance > 0]) > 25  # objects are chromatic (cyan is the weakest, ~30)
+
+
+def test_render_any_resolution_and_annotations_agree():
+    s = sample_scene("test", 5)
+    for res in (32, 64, 200, 512):
+        a = annotate_scene(s, res)
+        assert a.image.shape == (res, res, 3) and a.image.dtype == np.uint8
+        inst = a.maps["instance"]
+        assert set(np.unique(inst)) <= set(range(len(s.objects) + 1))
+        assert np.array_equal(a.maps["semantic"] > 0, inst > 0)
+        for k, o in enumerate(s.objects):
+            m = inst == k + 1
+            if m.any():
+                assert (a.maps["semantic"][m] == vocab.SHAPES.index(o.shape) + 1).all()
+                assert (a.maps["depth"][m] == depth_value(k)).all()
+                ys, xs = np.nonzero(m)  # the visible pixels lie inside the amodal box
+                x0, y0, x1, y1 = a.records["objects"][k]["box"]
+                assert xs.min() >= x0 - 1 and xs.max() <= x1 + 1 and ys.min() >= y0 - 1 and ys.max() <= y1 + 1
+        assert set(np.unique(a.maps["edges"])) <= {0, 255}
+    with pytest.raises(InputError, match="resolution"):
+        render(s, 16)
+
+
+def test_render_is_antialiased():
+    s = sample_scene("train", 0)
+    img = render(s, 64)
+    bg = np.array(s.background.colors[0])
+    fg = np.array(s.objects[0].rgb)
+    d = np.abs(img.astype(int) - fg).sum(-1)
+    mixed = (d > 30) & (np.abs(img.astype(int) - bg).sum(-1) > 30)
+    assert mixed.sum() > 5  # edge pixels are blends, not a hard binary render
+
+
+def test_captions_are_true_and_parse_back():
+    for i in range(400):
+        s = sample_scene("train", i)
+        exp = expected_from_scene(s)
+        key = sorted((g.count, g.color, g.shape) for g in exp.groups)
+        caps = captions(s)
+        assert len(set(caps)) >= 2
+        for c in caps:
+            p = parse_caption(c)
+            assert sorted((g.count, g.color, g.shape) for g in p.groups) == key, c
+            if len(exp.groups) > 1:
+                assert p.relations, c
+            for a, rel, b in p.relations:  # every stated relation really holds
+                ga, gb = p.groups[a], p.groups[b]
+                ma = [o for o in s.objects if (o.color, o.shape) == (ga.color, ga.shape)]
+                mb = [o for o in s.objects if (o.color, o.shape) == (gb.color, gb.shape)]
+                assert all(relation_holds(x, y, rel) for x in ma for y in mb), c
+            for g in p.groups:
+                if g.size:
+                    assert all(o.size == g.size for o in s.objects if (o.color, o.shape) == (g.color, g.shape))
+
+
+def test_parse_caption_grammar_and_errors():
+    p = parse_caption("two red circles left of a blue square")
+    assert [(g.count, g.color, g.shape) for g in p.groups] == [(2, "red", "circle"), (1, "blue", "square")]
+    assert p.relations == [(0, "left of", 1)]
+    p = parse_caption(
+        "There are three objects: a large green star, an orange cross and a pink triangle, "
+        "with the green star above the pink triangle."
+    )
+    assert p.total == 3 and p.groups[0].size == "large" and p.relations == [(0, "above", 2)]
+    assert parse_caption("").groups == []
+    for bad, what in [("two red", "shape"), ("a red circles", "disagree"), ("a mauve circle", "colour"),
+                      ("hello world", "unexpected word"), ("three objects: a red circle", "says 3")]:  # fmt: skip
+        with pytest.raises(InputError, match=what):
+            parse_caption(bad)
+
+
+def test_scene_validation_names_the_field():
+    d = sample_scene("train", 1).to_dict()
+    d["objects"][0]["color"] = "mauve"
+    with pytest.raises(InputError, match=r"objects\[0\]\.color.*red"):
+        Scene.from_dict(d)
+    d = sample_scene("train", 1).to_dict()
+    d["objects"][0]["cx"] = 3
+    with pytest.raises(InputError, match=r"cx.*out of range"):
+        Scene.from_dict(d)
+    with pytest.raises(InputError, match="split"):
+        sample_scene("nope", 0)
+
+
+def test_imagefolder_round_trip(tmp_path):
+    import datasets
+
+    out = export_split("val", 5, tmp_path / "ds", progress=False)
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert ds.num_rows == 5
+    row = ds[2]
+    scene = Scene.from_dict(row["scene"])
+    assert np.array_equal(np.asarray(row["image"]), render(scene, 64))
+    ann = annotate_scene(scene, 64)
+    for name in ("semantic", "edges", "depth"):
+        assert np.array_equal(np.asarray(row[name]), ann.maps[name])
+    assert row["caption"] in row["captions"]
+    assert len(read_metadata(out)) == 5
+
+
+def test_export_refuses_to_clobber_and_leaves_nothing_on_error(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    assert main(["data", "export", "--n", "2", "--out", str(tmp_path / "full")]) == 2
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+    assert main(["data", "export", "--split", "bogus", "--n", "2", "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b*"))
+
+
+def test_read_metadata_names_bad_lines(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{not json\n')
+    with pytest.raises(InputError, match=r"metadata.jsonl:2"):
+        read_metadata(tmp_path)
+
+
+def test_cli_show_spec_render(tmp_path, capsys):
+    assert main(["data", "show", "--n", "2", "-o", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").exists()
+    assert main(["data", "spec", "--split", "test", "--index", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    assert main(["data", "render", str(tmp_path / "s.json"), "--resolution", "96", "-o", str(tmp_path / "r.png")]) == 0
+    (tmp_path / "bad.json").write_text("{oops")
+    assert main(["data", "render", str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_torch_datasets_are_seeded_and_worker_safe():
+    from torch.utils.data import DataLoader
+
+    ds = ShapesDataset("train", length=4)
+    a, b = ds[1], ShapesDataset("train", length=4)[1]
+    assert a["caption"] == b["caption"] and (a["pixel_values"] == b["pixel_values"]).all()
+    assert a["pixel_values"].shape == (3, 64, 64) and a["pixel_values"].min() >= -1 and a["pixel_values"].max() <= 1
+    dl = DataLoader(ShapesStream("train", start=10), batch_size=4, num_workers=2, collate_fn=collate)
+    it = iter(dl)
+    seen = next(it)["index"] + next(it)["index"]
+    assert sorted(seen) == list(range(10, 18))
