@@ -56,3 +56,26 @@ def histogram(image: np.ndarray) -> np.ndarray:
     lab = rgb2lab(image)
     counts = np.bincount(lab_bin(lab).ravel(), minlength=HISTOGRAM_SIZE).astype(np.float64)
     return (counts / counts.sum()).astype(np.float32)
+
+
+def histogram_plot(hist: np.ndarray, bar_width: int = 3, height: int = 200) -> np.ndarray:
+    """A bar chart of a Lab histogram for people: one bar per bin, painted in the bin's centre colour."""
+    import warnings
+
+    from skimage.color import lab2rgb
+
+    hist = np.asarray(hist, np.float64).ravel()
+    if hist.shape != (HISTOGRAM_SIZE,):
+        raise ValueError(f"expected a histogram of {HISTOGRAM_SIZE} bins, got {hist.shape}")
+    centres = [np.linspace(lo, hi, n + 1)[:-1] + (hi - lo) / n / 2 for n, (lo, hi) in zip(LAB_BINS, LAB_RANGES)]
+    lab = np.stack(np.meshgrid(*centres, indexing="ij"), -1).reshape(1, -1, 3)
+    with warnings.catch_warnings():  # a few bin centres lie outside sRGB; clipping them is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        colors = (np.clip(lab2rgb(lab)[0], 0, 1) * 255 + 0.5).astype(np.uint8)
+    out = np.full((height, HISTOGRAM_SIZE * bar_width, 3), 255, np.uint8)
+    peak = hist.max() if hist.max() > 0 else 1.0
+    for i, v in enumerate(hist):
+        bar = round(v / peak * (height - 1))
+        if bar > 0:
+            out[height - bar :, i * bar_width : (i + 1) * bar_width] = colors[i]
+    return out

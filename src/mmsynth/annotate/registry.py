@@ -40,8 +40,10 @@ class Param:
         """Human-readable valid range, used in errors and in `--help`."""
         if self.choices:
             return "one of " + "|".join(self.choices)
-        if self.type in ("int", "float"):
-            return f"{self.type} in [{self.low:g}, {self.high:g}]"
+        if self.type == "int":
+            return f"int in [{int(self.low)}, {int(self.high)}]"  # type: ignore[arg-type]
+        if self.type == "float":
+            return f"float in [{self.low:g}, {self.high:g}]"
         if self.type == "bool":
             return "true|false"
         if self.type == "boxes":

@@ -12,6 +12,7 @@ import numpy as np
 
 from mmsynth.annotate.registry import get_annotator
 from mmsynth.data.annotations import MAP_NAMES, annotate_scene
+from mmsynth.data.render import render
 from mmsynth.data.scene import Scene
 from mmsynth.errors import InputError
 
@@ -39,15 +40,12 @@ def from_scene(kind: str, scene: Scene, resolution: int = 64, **params: Any) -> 
         if params:
             raise InputError(f"'{kind}' from a scene spec is exact and takes no parameters, got {', '.join(params)}")
         return annotate_scene(scene, resolution, n_captions=1).maps[SPEC_KINDS[kind]]
-    spec = get_annotator(kind) if kind in {a for a in scene_kinds()} else None
-    if spec is None:
+    if kind not in scene_kinds():
         raise InputError(f"unknown kind '{kind}' for a scene (valid: {', '.join(scene_kinds())})")
-    from mmsynth.data.render import render
-
     image = render(scene, resolution)
     if kind == "layout":
         for name in ("boxes", "phrases"):
             if name in params:
                 raise InputError(f"'layout' from a scene takes boxes and phrases from the spec, not parameter '{name}'")
         params = {**params, "boxes": [o.box() for o in scene.objects], "phrases": [o.phrase for o in scene.objects]}
-    return spec(image, **params)
+    return get_annotator(kind)(image, **params)

@@ -1,0 +1,109 @@
+"""A generation request: everything needed to reproduce an output exactly, as JSON.
+
+Saved next to every output image (one request per image, seed = its own seed, n = 1), so any image
+is replayed with `mmsynth generate --replay request.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmsynth.errors import InputError
+from mmsynth.sample.schedulers import check_scheduler_name
+
+FORMAT = "mmsynth.request/1"
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. `controls` are dicts as written by `Control.to_dict` (name + options).
+
+    height/width None means the model's native resolution; model None means the caller's bundle.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    scheduler: str = "ddim"
+    steps: int = 25
+    cfg: float = 5.0
+    seed: int = 0
+    n: int = 1
+    height: int | None = None
+    width: int | None = None
+    eta: float = 0.0
+    model: str | None = None
+
+    def validate(self) -> GenerationRequest:
+        """Raise InputError naming the first bad field and what is valid; returns self for chaining."""
+        if not isinstance(self.prompt, str):
+            raise InputError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not isinstance(self.negative_prompt, str):
+            raise InputError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        check_scheduler_name(self.scheduler)
+        _int(self.steps, "steps", lo=1, hint="the number of sampling steps, e.g. 25")
+        _int(self.n, "n", lo=1, hint="the number of images (batch size)")
+        _int(self.seed, "seed", lo=0, hi=MAX_SEED, hint="a non-negative integer")
+        if not _real(self.cfg) or self.cfg < 0:
+            raise InputError(f"cfg must be a number >= 0 (1 = no guidance, 5-8 typical), got {self.cfg!r}")
+        if not _real(self.eta) or not 0 <= self.eta <= 1:
+            raise InputError(f"eta must be a number in [0, 1] (0 = deterministic DDIM), got {self.eta!r}")
+        for side in ("height", "width"):
+            value = getattr(self, side)
+            if value is not None:
+                _int(value, side, lo=1, hint="image size in pixels, a multiple of the model's VAE factor")
+        if self.model is not None and not isinstance(self.model, str):
+            raise InputError(f"model must be a directory path string, got {type(self.model).__name__}")
+        if not isinstance(self.controls, list):
+            raise InputError(f"controls must be a list of control objects, got {type(self.controls).__name__}")
+        from mmsynth.sample.controls import controls_from_dicts
+
+        controls_from_dicts(self.controls)  # names, fields and option ranges
+        return self
+
+    def for_image(self, i: int) -> GenerationRequest:
+        """The request that reproduces image i of this batch on its own (its seed, n = 1)."""
+        return dataclasses.replace(self, seed=self.seed + i, n=1, controls=[dict(c) for c in self.controls])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "request") -> GenerationRequest:
+        if not isinstance(d, dict):
+            raise InputError(f"{where} must be a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        fmt = d.pop("format", FORMAT)
+        if fmt != FORMAT:
+            raise InputError(f"{where}: unsupported format {fmt!r}; expected {FORMAT!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise InputError(f"{where} has unknown field(s) {unknown}; valid: {', '.join(names)}")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "request") -> GenerationRequest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data, where)
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any, name: str, lo: int, hint: str, hi: int | None = None) -> None:
+    if not isinstance(x, int) or isinstance(x, bool) or x < lo or (hi is not None and x > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InputError(f"{name} must be an integer {bound} ({hint}), got {x!r}")

@@ -1,0 +1,361 @@
+"""The one sampling loop: text -> latents -> images, with every control a plugin the loop consults.
+
+The loop owns the scheduler, the batch and the guidance sum; controls (controls.py) own their
+conditions and say per step and per branch what they add. With no controls it computes exactly
+what diffusers' StableDiffusionPipeline computes (same tokenisation, noise, CFG formula, scheduler
+calls and decoding), which the tests check.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from mmsynth.errors import InputError
+from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, controls_from_dicts, merge_inputs
+from mmsynth.sample.request import GenerationRequest
+from mmsynth.sample.schedulers import make_scheduler
+
+if TYPE_CHECKING:
+    from mmsynth.models.bundle import Bundle
+
+
+@dataclass
+class SampleResult:
+    """images: N x H x W x 3 uint8; latents: the final latents (N x C x h x w); one replayable request per image."""
+
+    images: np.ndarray
+    latents: torch.Tensor
+    requests: list[GenerationRequest]
+
+
+# ---------------------------------------------------------------------------------------------- text
+def encode_text(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
+    """CLIP text hidden states, tokenised like diffusers (padded to the tokenizer's max length)."""
+    tok = bundle.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    enc = bundle.text_encoder
+    mask = ids.attention_mask.to(bundle.device) if getattr(enc.config, "use_attention_mask", False) else None
+    return enc(ids.input_ids.to(bundle.device), attention_mask=mask)[0].to(bundle.dtype)
+
+
+def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
+    """Warn (log) about words the tokenizer cannot read; returns them."""
+    try:
+        from mmsynth.models.tokenizer import warn_unknown_words
+    except ImportError:  # pragma: no cover - the models layer always ships it
+        return []
+    return warn_unknown_words(bundle.tokenizer, prompt) if prompt else []
+
+
+def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch]:
+    """The condition sets of the guidance sum: [uncond (negative prompt), cond(weight=cfg)], or [cond] at cfg 1."""
+    n = request.n
+    cond = encode_text(bundle, [request.prompt]).repeat(n, 1, 1)
+    if request.cfg == 1.0:
+        return [Branch("cond", 1.0, cond)]
+    uncond = encode_text(bundle, [request.negative_prompt]).repeat(n, 1, 1)
+    return [Branch("uncond", 0.0, uncond), Branch("cond", float(request.cfg), cond)]
+
+
+# ---------------------------------------------------------------------------------------------- context
+@dataclass
+class Context:
+    """Everything a run shares: the bundle, encoded branches, scheduler, generators and the current latents."""
+
+    bundle: Any
+    request: GenerationRequest
+    controls: list[Control]
+    scheduler: Any
+    branches: list[Branch]
+    generators: list[torch.Generator]
+    height: int
+    width: int
+    timesteps: torch.Tensor
+    latents: torch.Tensor | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # scratch space shared between controls, per run
+
+    @classmethod
+    def create(cls, bundle: Bundle, request: GenerationRequest, controls: list[Control]) -> Context:
+        f = bundle.vae_scale_factor
+        height, width = request.height or bundle.resolution, request.width or bundle.resolution
+        if height % f or width % f:
+            raise InputError(f"height/width must be multiples of the model's VAE factor {f}, got {height}x{width}")
+        for text in (request.prompt, request.negative_prompt):
+            warn_about_prompt(bundle, text)
+        scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+        scheduler.set_timesteps(request.steps, device=bundle.device)
+        gens = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.n)]
+        return cls(bundle, request, controls, scheduler, guidance_branches(bundle, request), gens, height, width,
+                   scheduler.timesteps)
+
+    # ---- geometry and noise
+    @property
+    def device(self) -> torch.device:
+        return self.bundle.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bundle.dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        f = self.bundle.vae_scale_factor
+        return (self.request.n, self.bundle.latent_channels, self.height // f, self.width // f)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def sigma_space(self) -> bool:
+        """True for schedulers whose latents are x0 + sigma * eps (Euler), not variance preserving."""
+        return float(self.scheduler.init_noise_sigma) != 1.0
+
+    def noise(self, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+        """Gaussian noise drawn image by image from the per-image generators (seed + i), like diffusers."""
+        return randn_tensor(tuple(shape or self.latent_shape), generator=self.generators, device=self.device,
+                            dtype=self.dtype)
+
+    def step_kwargs(self) -> dict[str, Any]:
+        import inspect
+
+        accepted = inspect.signature(self.scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            kwargs["eta"] = self.request.eta
+        if "generator" in accepted:
+            kwargs["generator"] = self.generators
+        return kwargs
+
+    def make_step(self, i: int) -> Step:
+        """Step i of the timesteps this run executes, with its noise levels."""
+        t = self.timesteps[i]
+        if self.sigma_space:
+            offset = len(self.scheduler.timesteps) - len(self.timesteps)
+            s, s_next = (float(self.scheduler.sigmas[offset + i + d]) for d in (0, 1))
+            a, a_prev = 1.0 / (1.0 + s * s), 1.0 / (1.0 + s_next * s_next)
+            return Step(i, len(self.timesteps), t, a, a_prev, input_scale=math.sqrt(a))
+        acp = self.scheduler.alphas_cumprod
+        a = float(acp[int(t)])
+        if i + 1 < len(self.timesteps):
+            a_prev = float(acp[int(self.timesteps[i + 1])])
+        else:
+            a_prev = float(getattr(self.scheduler, "final_alpha_cumprod", 1.0))
+        return Step(i, len(self.timesteps), t, a, a_prev)
+
+    def active(self, step: Step) -> list[Control]:
+        return [c for c in self.controls if c.schedule.active(step)]
+
+    # ---- the model call
+    def predict(self, latents: torch.Tensor, step: Step, branch: str | None = None,
+                controls: list[Control] | None = None) -> torch.Tensor:
+        """The guided model output at `latents` (or one branch's raw output), with every active control's inputs.
+
+        Differentiable with respect to `latents` when called under torch.enable_grad() (guidance hooks do).
+        """
+        controls = self.active(step) if controls is None else controls
+        branches = self.branches if branch is None else [b for b in self.branches if b.name == branch]
+        if not branches:
+            raise ValueError(f"no guidance branch {branch!r}; branches: {[b.name for b in self.branches]}")
+        model_in = self.scheduler.scale_model_input(latents, step.t)
+        per_branch = []
+        for b in branches:
+            items = []
+            for c in controls:
+                if c.schedule.applies_to(b.name):
+                    mi = c.inputs(self, step, b, model_in)
+                    if mi is not None:
+                        items.append((mi, c.schedule))
+            per_branch.append(merge_inputs(items))
+        outs = self._run_model(model_in, step.t, branches, per_branch)
+        ref, result = outs[0], outs[0]
+        for b, out in zip(branches[1:], outs[1:]):
+            result = result + b.weight * (out - ref)
+        return result
+
+    def _run_model(self, model_in: torch.Tensor, t: torch.Tensor, branches: list[Branch],
+                   inputs: list[ModelInputs]) -> list[torch.Tensor]:
+        """One batched UNet call per group of branches whose inputs can share a batch (usually one call)."""
+        _zero_fill_residuals(inputs)
+        groups: dict[Any, list[int]] = {}
+        for i, (b, mi) in enumerate(zip(branches, inputs)):
+            groups.setdefault(_signature(b, mi), []).append(i)
+        outs: list[torch.Tensor | None] = [None] * len(branches)
+        for idx in groups.values():
+            parts = [(branches[i], inputs[i]) for i in idx]
+            for i, out in zip(idx, self._unet(model_in, t, parts).chunk(len(idx))):
+                outs[i] = out
+        return outs  # type: ignore[return-value]
+
+    def _unet(self, model_in: torch.Tensor, t: torch.Tensor, parts: list[tuple[Branch, ModelInputs]]) -> torch.Tensor:
+        k = len(parts)
+        mis = [mi for _, mi in parts]
+        x = torch.cat([model_in] * k) if k > 1 else model_in
+        if mis[0].extra_channels is not None:
+            x = torch.cat([x, torch.cat([mi.extra_channels for mi in mis])], dim=1)
+        contexts = []
+        for b, mi in parts:
+            c = mi.context if mi.context is not None else b.context
+            contexts.append(c if mi.extra_context is None else torch.cat([c, mi.extra_context], dim=1))
+        kwargs: dict[str, Any] = {"encoder_hidden_states": torch.cat(contexts) if k > 1 else contexts[0]}
+        names = {
+            "down_residuals": "down_block_additional_residuals",
+            "mid_residual": "mid_block_additional_residual",
+            "down_intrablock_residuals": "down_intrablock_additional_residuals",
+            "cross_attention_kwargs": "cross_attention_kwargs",
+            "added_cond_kwargs": "added_cond_kwargs",
+            "class_labels": "class_labels",
+            "timestep_cond": "timestep_cond",
+        }
+        for ours, theirs in names.items():
+            values = [getattr(mi, ours) for mi in mis]
+            if values[0] is not None:
+                kwargs[theirs] = _cat_tree(values)
+        if "down_intrablock_additional_residuals" in kwargs:  # the UNet pops from this list: give it its own
+            kwargs["down_intrablock_additional_residuals"] = list(kwargs["down_intrablock_additional_residuals"])
+        return self.bundle.unet(x, t, return_dict=False, **kwargs)[0]
+
+    # ---- the VAE
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images in [-1, 1] (n x 3 x H x W), sampled with image i's generator (diffusers' img2img)."""
+        vae = self.bundle.vae
+        images = images.to(device=self.device, dtype=self.dtype)
+        lat = [vae.encode(images[i: i + 1]).latent_dist.sample(generator=self.generators[i])
+               for i in range(images.shape[0])]
+        return vae.config.scaling_factor * torch.cat(lat)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from latents (the inverse of the VAE's scaling factor, as SD does)."""
+        vae = self.bundle.vae
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    def renoise(self, latents: torch.Tensor, step: Step) -> torch.Tensor:
+        """Take the latent at step.t-1 back to step.t with fresh noise (universal guidance's self-recurrence)."""
+        s_prev = math.sqrt(step.alpha_bar_prev) if self.sigma_space else 1.0
+        ratio = step.alpha_bar / step.alpha_bar_prev
+        z = math.sqrt(ratio) * latents * s_prev + math.sqrt(max(1.0 - ratio, 0.0)) * self.noise(latents.shape)
+        return z / step.input_scale
+
+
+# ---------------------------------------------------------------------------------------------- batching helpers
+_RESIDUAL_KINDS = ("down_residuals", "mid_residual", "down_intrablock_residuals")
+
+
+def _zero_fill_residuals(inputs: list[ModelInputs]) -> None:
+    """A branch without a residual kind that another branch has gets zeros (exact: residuals are added)."""
+    for kind in _RESIDUAL_KINDS:
+        given = next((getattr(mi, kind) for mi in inputs if getattr(mi, kind) is not None), None)
+        if given is None:
+            continue
+        for mi in inputs:
+            if getattr(mi, kind) is None:
+                zeros = [torch.zeros_like(x) for x in given] if isinstance(given, list) else torch.zeros_like(given)
+                setattr(mi, kind, zeros)
+
+
+def _structure(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape[1:]), x.dtype)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _structure(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_structure(v) for v in x)
+    return repr(x)
+
+
+def _signature(branch: Branch, mi: ModelInputs) -> Any:
+    """Branches with equal signatures can be concatenated into one batch."""
+    context = mi.context if mi.context is not None else branch.context
+    return (_structure(context), _structure(mi.extra_context), _structure(mi.extra_channels),
+            _structure(mi.class_labels), _structure(mi.timestep_cond), _structure(mi.cross_attention_kwargs),
+            _structure(mi.added_cond_kwargs))
+
+
+def _cat_tree(values: list[Any]) -> Any:
+    """Concatenate matching trees of tensors along the batch; other leaves are equal, keep the first."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values) if len(values) > 1 else first
+    if isinstance(first, dict):
+        return {k: _cat_tree([v[k] for v in values]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [_cat_tree([v[i] for v in values]) for i in range(len(first))]
+    return first
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def _start(ctx: Context) -> None:
+    starters = [c for c in ctx.controls if c.start(ctx)]
+    if len(starters) > 1:
+        raise InputError(f"controls {', '.join(c.name for c in starters)} all set the initial latents; use one")
+    if ctx.latents is None:
+        ctx.latents = ctx.noise() * ctx.scheduler.init_noise_sigma
+
+
+def _denoise_step(ctx: Context, step: Step) -> torch.Tensor:
+    """One step: controls' `before`, the guided prediction, their `after`, the scheduler; repeated k times."""
+    active = ctx.active(step)
+    k = max([c.repeats(ctx, step) for c in active], default=1)
+    predict = partial(ctx.predict, step=step, controls=active)
+    latents = ctx.latents
+    for r in range(k):
+        for c in active:
+            latents = c.before(ctx, step, latents, predict)
+        out = ctx.predict(latents, step, controls=active)
+        for c in active:
+            out = c.after(ctx, step, latents, out)
+        snapshot = copy.deepcopy(ctx.scheduler) if r < k - 1 else None
+        prev = ctx.scheduler.step(out, step.t, latents, **ctx.step_kwargs(), return_dict=False)[0]
+        if snapshot is not None:  # rewind the scheduler (multistep solvers keep history) and re-noise to t
+            ctx.scheduler = snapshot
+            latents = ctx.renoise(prev, step)
+    for c in active:
+        prev = c.after_step(ctx, step, prev)
+    return prev
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] n x 3 x H x W -> n x H x W x 3 uint8, rounded like diffusers' image processor."""
+    x = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] | None = None,
+           progress: bool = True, decode: bool = True) -> SampleResult:
+    """Generate `request.n` images. `controls` default to those described in the request (and are recorded there).
+
+    decode=False skips the VAE (inversion, latent pipelines): images is then an empty array.
+    """
+    request.validate()
+    if controls is None:
+        controls = controls_from_dicts(request.controls)
+    else:
+        request = dataclasses.replace(request, controls=[c.to_dict() for c in controls])
+    ctx = Context.create(bundle, request, controls)
+    try:
+        for c in controls:
+            c.prepare(ctx)
+        _start(ctx)
+        for i in tqdm(range(len(ctx.timesteps)), desc="sampling", disable=not progress, leave=False):
+            ctx.latents = _denoise_step(ctx, ctx.make_step(i))
+        images = np.zeros((0, ctx.height, ctx.width, 3), np.uint8)
+        if decode:
+            pixels = ctx.decode(ctx.latents)
+            for c in controls:
+                pixels = c.decoded(ctx, pixels)
+            images = to_uint8(pixels)
+    finally:
+        for c in controls:
+            c.close(ctx)
+    return SampleResult(images, ctx.latents, [request.for_image(i) for i in range(request.n)])
