@@ -183,6 +183,7 @@ def test_read_metadata_names_bad_lines(tmp_path):
 def test_cli_show_spec_render(tmp_path, capsys):
     assert main(["data", "show", "--n", "2", "-o", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").exists()
+    capsys.readouterr()
     assert main(["data", "spec", "--split", "test", "--index", "3"]) == 0
     spec = json.loads(capsys.readouterr().out)
     (tmp_path / "s.json").write_text(json.dumps(spec))

@@ -62,6 +62,12 @@ SIZE_SPLIT = (max(vocab.SIZE_RADIUS["small"]) + min(vocab.SIZE_RADIUS["large"]))
 # --- rotational symmetry period of each shape in degrees (a fit searches one period).
 SYMMETRY_DEG: dict[str, float] = {"circle": 0.0, "square": 90.0, "triangle": 120.0, "star": 72.0, "cross": 90.0}
 ROTATION_GRID_DEG = 6.0
+NM_MAXFEV = 120
+# --- objects touching another object may be hidden in part: extra starts shifted by this fraction of
+# the radius in 8 directions and grown by OCCLUDED_GROWTH; the best OCCLUDED_REFINE are refined.
+OCCLUDED_SHIFT = 0.35
+OCCLUDED_GROWTH = 1.2
+OCCLUDED_REFINE = 3
 
 _CLASS_LAB = rgb2lab(np.array([vocab.COLORS[c] for c in vocab.COLOR_NAMES], np.float64)[None] / 255.0)[0]
 
@@ -164,30 +170,57 @@ def _fit_loss(t: np.ndarray, obs: np.ndarray, other: np.ndarray, norm: float) ->
     return float(err.sum()) / norm
 
 
-def _fit_shape(shape: str, obs: np.ndarray, other: np.ndarray, init: tuple[float, float, float]) -> tuple[float, np.ndarray]:
-    norm = max(float(obs.sum()), 1.0)
-    cx, cy, r = init
+def _nelder_mead(
+    shape: str, obs: np.ndarray, other: np.ndarray, x0: np.ndarray, norm: float
+) -> tuple[float, np.ndarray]:
     period = SYMMETRY_DEG[shape]
-    rots = [0.0] if period == 0 else list(np.arange(-period / 2, period / 2, ROTATION_GRID_DEG))
-    best = min(
-        (_fit_loss(_render_template(shape, np.array([cx, cy, r, a]), obs.shape), obs, other, norm), a) for a in rots
-    )
-    x0 = np.array([cx, cy, r, best[1]])
+    if period == 0:  # rotation does not matter for a circle: optimise (cx, cy, r)
+
+        def f3(p: np.ndarray) -> float:
+            return _fit_loss(_render_template(shape, np.array([*p, 0.0]), obs.shape), obs, other, norm)
+
+        simplex = x0[:3] + np.vstack([np.zeros(3), np.eye(3)])
+        opts = {"initial_simplex": simplex, "maxfev": NM_MAXFEV, "xatol": 0.05, "fatol": 1e-4}
+        res = minimize(f3, x0[:3], method="Nelder-Mead", options=opts)
+        return float(res.fun), np.array([*res.x, 0.0])
 
     def f(p: np.ndarray) -> float:
         return _fit_loss(_render_template(shape, p, obs.shape), obs, other, norm)
 
-    simplex = np.array([x0, x0 + [1.0, 0, 0, 0], x0 + [0, 1.0, 0, 0], x0 + [0, 0, 1.0, 0], x0 + [0, 0, 0, 4.0]])
-    if period == 0:  # rotation does not matter for a circle
-        res = minimize(lambda p: f(np.array([*p, 0.0])), x0[:3], method="Nelder-Mead",
-                       options={"initial_simplex": simplex[:4, :3], "maxfev": 90, "xatol": 0.05, "fatol": 1e-4})  # fmt: skip
-        return float(res.fun), np.array([*res.x, 0.0])
+    simplex = x0 + np.vstack([np.zeros(4), np.diag([1.0, 1.0, 1.0, 4.0])])
     res = minimize(f, x0, method="Nelder-Mead",
-                   options={"initial_simplex": simplex, "maxfev": 120, "xatol": 0.05, "fatol": 1e-4})  # fmt: skip
+                   options={"initial_simplex": simplex, "maxfev": NM_MAXFEV, "xatol": 0.05, "fatol": 1e-4})  # fmt: skip
     p = res.x.copy()
-    if period:
-        p[3] = (p[3] + period / 2) % period - period / 2
+    p[3] = (p[3] + period / 2) % period - period / 2
     return float(res.fun), p
+
+
+def _fit_shape(
+    shape: str, obs: np.ndarray, other: np.ndarray, init: tuple[float, float, float], occluded: bool
+) -> tuple[float, np.ndarray]:
+    """Best (loss, [cx, cy, r, rot]) of one shape template: coarse search, then Nelder-Mead refinement.
+
+    An unoccluded object's enclosing circle is its circumcircle, so one start suffices; a partly hidden
+    object's is not, so starts around it (shifted, larger) are tried and the best few refined.
+    """
+    norm = max(float(obs.sum()), 1.0)
+    cx, cy, r = init
+    period = SYMMETRY_DEG[shape]
+    step = ROTATION_GRID_DEG if not occluded else 2 * ROTATION_GRID_DEG
+    rots = [0.0] if period == 0 else list(np.arange(-period / 2, period / 2, step))
+    starts = [(cx, cy, r)]
+    if occluded:
+        offsets = [(0.0, 0.0)] + [(math.cos(a), math.sin(a)) for a in np.arange(8) * math.pi / 4]
+        starts = [(cx + OCCLUDED_SHIFT * r * dx, cy + OCCLUDED_SHIFT * r * dy, r * g)
+                  for dx, dy in offsets for g in (1.0, OCCLUDED_GROWTH)]  # fmt: skip
+    cands = sorted(
+        (_fit_loss(_render_template(shape, np.array([*st, a]), obs.shape), obs, other, norm), i, a)
+        for i, st in enumerate(starts)
+        for a in rots
+    )
+    n_refine = OCCLUDED_REFINE if occluded else 1
+    fits = [_nelder_mead(shape, obs, other, np.array([*starts[i], a]), norm) for _, i, a in cands[:n_refine]]
+    return min(fits, key=lambda x: x[0])
 
 
 def _features(mask: np.ndarray) -> dict[str, float]:
@@ -201,7 +234,7 @@ def _features(mask: np.ndarray) -> dict[str, float]:
     hull = float(cv2.contourArea(cv2.convexHull(c)))
     (_, _), rad = cv2.minEnclosingCircle(c)
     (_, _), (rw, rh), _ = cv2.minAreaRect(c)
-    x, y, w, h = cv2.boundingRect(c)
+    _, _, w, h = cv2.boundingRect(c)
     approx = cv2.approxPolyDP(c, 0.04 * perim, True)
     return {
         "vertices": float(len(approx)),
@@ -271,7 +304,8 @@ def _detect_one(
     other = cv2.resize(other_full, (gw, gh), interpolation=interp) >= 0.5
     # crop coordinates: continuous pixel coordinate X maps to (X - x0) * sx (pixel i spans [i, i+1))
     init = ((mcx + 0.5 - x0) * sx, (mcy + 0.5 - y0) * sy, mr * (sx + sy) / 2)
-    fits = {shape: _fit_shape(shape, obs, other, init) for shape in vocab.SHAPES}
+    occluded = bool((cv2.dilate((obs > OCCLUDER_ALPHA).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)[other].any())
+    fits = {shape: _fit_shape(shape, obs, other, init, occluded) for shape in vocab.SHAPES}
     shape = min(fits, key=lambda s_: fits[s_][0])
     cx, cy, r, rot = fits[shape][1]
     t = _render_template(shape, fits[shape][1], obs.shape)

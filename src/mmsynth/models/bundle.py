@@ -115,8 +115,9 @@ class Bundle:
                 requires_safety_checker=False,
             )
             pipe.save_pretrained(tmp, safe_serialization=True)
+            _portable_tokenizer_class(tmp)
             if modules.clip is not None:
-                modules.clip.save_pretrained(tmp / CLIP_FOLDER, safe_serialization=True)
+                save_clip(modules.clip, tmp / CLIP_FOLDER)
             _replace_dir(tmp, dest)
         finally:
             if tmp.exists():
@@ -152,40 +153,114 @@ class Bundle:
         local = Path(source)
         if local.exists():
             if not local.is_dir():
-                raise InputError(f"model '{local}' is a file; expected a model directory (model_index.json, unet/, ...)")
+                raise InputError(
+                    f"model '{local}' is a file; expected a model directory (model_index.json, unet/, ...)"
+                )
             for name, how in COMPONENTS.items():
                 if not (local / name).is_dir():
                     raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
         elif not _looks_like_hub_id(source):
             raise InputError(f"model directory '{source}' does not exist ({_HOW})")
 
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
-
-        def load(name: str, fn: Any) -> Any:
-            try:
-                return fn()
-            except InputError:
-                raise
-            except Exception as exc:  # corrupt or incompatible files: one clear line, not a traceback
-                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-                raise InputError(
-                    f"model '{source}': cannot load its {name} ({exc.__class__.__name__}: {first}); "
-                    f"the files may be corrupt or incomplete: {COMPONENTS.get(name, 're-train it')}, {_HOW}"
-                ) from None
-
-        tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(source, subfolder="tokenizer"))
-        text_encoder = load("text_encoder", lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder"))
-        vae = load("vae", lambda: AutoencoderKL.from_pretrained(source, subfolder="vae"))
-        unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet"))
-        scheduler = load("scheduler", lambda: _load_scheduler(source))
+        tokenizer, text_encoder, vae, unet, scheduler = (
+            load_component(source, name, torch_dtype) for name in COMPONENTS
+        )
         clip = None
         if load_clip and local.exists() and (local / CLIP_FOLDER).is_dir():
-            clip = load(CLIP_FOLDER, lambda: CLIPModel.from_pretrained(local / CLIP_FOLDER))
+            clip = load_component(source, CLIP_FOLDER, torch_dtype)
         bundle = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler, clip=clip)
-        if torch_dtype is not None:
-            bundle.to(dtype=torch_dtype)
         return bundle.eval()
+
+
+def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtype | None = None) -> Any:
+    """Load one component folder (tokenizer, text_encoder, vae, unet, scheduler or clip) of a bundle directory.
+
+    Training recipes use it to pick parts out of partial bundles (e.g. a CLIP run's text encoder).
+    Raises InputError naming the component and how to obtain it.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
+
+    source = str(source)
+    local = Path(source)
+    how = COMPONENTS.get(name, "train it with `mmsynth train clip`")
+    if local.exists() and not (local / name).is_dir():
+        raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
+    if not local.exists() and not _looks_like_hub_id(source):
+        raise InputError(f"model directory '{source}' does not exist ({_HOW})")
+    loaders = {
+        "tokenizer": lambda: AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype),
+        "scheduler": lambda: _load_scheduler(source),
+        CLIP_FOLDER: lambda: CLIPModel.from_pretrained(source, subfolder=CLIP_FOLDER),
+    }
+    if name not in loaders:
+        raise InputError(f"unknown bundle component '{name}'; valid: {', '.join(loaders)}")
+    try:
+        component = loaders[name]()
+    except InputError:
+        raise
+    except Exception as exc:  # corrupt or incompatible files: one clear line, not a traceback
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise InputError(
+            f"model '{source}': cannot load its {name} ({exc.__class__.__name__}: {first}); "
+            f"the files may be corrupt or incomplete: {how}, {_HOW}"
+        ) from None
+    if torch_dtype is not None and isinstance(component, torch.nn.Module):
+        component.to(dtype=torch_dtype)
+    return component
+
+
+def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, **components: Any) -> Path:
+    """Save some components (e.g. tokenizer + text_encoder + clip after CLIP training) as a partial bundle.
+
+    Same folder names and formats as a full bundle, written atomically; `Bundle.from_pretrained` on a
+    partial bundle names what is missing, and `load_component` reads the parts it has.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for name, component in components.items():
+            if component is None:
+                continue
+            if dtype is not None and isinstance(component, torch.nn.Module):
+                import copy
+
+                component = copy.deepcopy(component).to(dtype)
+            if name == CLIP_FOLDER:
+                save_clip(component, tmp / name)
+            elif isinstance(component, torch.nn.Module):
+                component.save_pretrained(tmp / name, safe_serialization=True)
+            else:  # tokenizer, scheduler
+                component.save_pretrained(tmp / name)
+        _portable_tokenizer_class(tmp)
+        _replace_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def save_clip(clip: Any, folder: Path) -> None:
+    """Save a CLIPModel with the image processor that states its pixel convention.
+
+    The zoo's CLIP sees images in [-1, 1] (the same tensors the VAE and UNet get), i.e. mean 0.5 and
+    std 0.5 on [0, 1] pixels, at its own resolution; recording that in preprocessor_config.json lets
+    `CLIPImageProcessor.from_pretrained` prepare images for it like for any CLIP.
+    """
+    from transformers import CLIPImageProcessor
+
+    clip.save_pretrained(folder, safe_serialization=True)
+    size = int(clip.config.vision_config.image_size)
+    CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(folder)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -205,6 +280,22 @@ def _load_scheduler(source: str) -> Any:
             name = entry[1]
     scheduler_cls = getattr(diffusers, name, None) or diffusers.DDIMScheduler
     return scheduler_cls.from_pretrained(source, subfolder="scheduler")
+
+
+def _portable_tokenizer_class(root: Path) -> None:
+    """Record a generic fast tokenizer as `PreTrainedTokenizerFast`, the name every transformers version knows.
+
+    transformers 5 calls it `TokenizersBackend`, a name transformers 4 (and tools pinned to it) cannot load.
+    """
+    for file, key in ((root / "model_index.json", "tokenizer"), (root / "tokenizer" / "tokenizer_config.json", None)):
+        if not file.is_file():
+            continue
+        data = json.loads(file.read_text())
+        if key is not None and data.get(key) == ["transformers", "TokenizersBackend"]:
+            data[key] = ["transformers", "PreTrainedTokenizerFast"]
+        elif key is None and data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(src: Path, dest: Path) -> None:

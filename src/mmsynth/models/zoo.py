@@ -168,7 +168,9 @@ def build_scheduler() -> DDIMScheduler:
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     """A standalone CLIPTextModel carrying the CLIP text tower's weights (SD's text_encoder component)."""
     encoder = CLIPTextModel(clip.config.text_config)
-    encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    # transformers 5 flattened CLIPTextModel (no `.text_model`); older versions nest it
+    target = getattr(encoder, "text_model", encoder)
+    target.load_state_dict(clip.text_model.state_dict())
     return encoder.to(clip.dtype)
 
 
