@@ -125,10 +125,8 @@ class Bundle:
         return dest
 
     def _copies_in(self, dtype: torch.dtype) -> Bundle:
-        import copy
-
         def conv(m: Any) -> Any:
-            return None if m is None else copy.deepcopy(m).to(dtype)
+            return None if m is None else _cast_copy(m, dtype)
 
         return Bundle(
             tokenizer=self.tokenizer,
@@ -146,6 +144,7 @@ class Bundle:
     ) -> Bundle:
         """Load a bundle saved by mmsynth or any Stable Diffusion (v1-style) directory / hub id.
 
+        Weights are float32 unless `torch_dtype` says otherwise (whatever dtype they were stored in).
         Raises InputError naming a missing directory, a missing component (and how to obtain it) or
         unreadable weights.
         """
@@ -208,8 +207,11 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
             f"model '{source}': cannot load its {name} ({exc.__class__.__name__}: {first}); "
             f"the files may be corrupt or incomplete: {how}, {_HOW}"
         ) from None
-    if torch_dtype is not None and isinstance(component, torch.nn.Module):
-        component.to(dtype=torch_dtype)
+    # float32 unless asked otherwise: transformers 5 keeps the stored dtype ("auto"), diffusers upcasts;
+    # a bundle saved in float16 to halve its size must still run on a CPU
+    target = torch_dtype or torch.float32
+    if isinstance(component, torch.nn.Module) and next(component.parameters()).dtype != target:
+        component.to(dtype=target)
     return component
 
 
@@ -227,9 +229,7 @@ def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, *
             if component is None:
                 continue
             if dtype is not None and isinstance(component, torch.nn.Module):
-                import copy
-
-                component = copy.deepcopy(component).to(dtype)
+                component = _cast_copy(component, dtype)
             if name == CLIP_FOLDER:
                 save_clip(component, tmp / name)
             elif isinstance(component, torch.nn.Module):
@@ -261,6 +261,21 @@ def save_clip(clip: Any, folder: Path) -> None:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(folder)
+
+
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy with floating-point parameters/buffers in `dtype` (for saving; the original is untouched).
+
+    Casts tensors directly rather than calling `.to(dtype)`, which diffusers answers with a warning
+    meant for inference-time casts.
+    """
+    import copy
+
+    clone = copy.deepcopy(module)
+    for tensor in [*clone.parameters(), *clone.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    return clone
 
 
 def _looks_like_hub_id(source: str) -> bool:

@@ -41,7 +41,7 @@ class ZooSpec:
     vae_groups: int = 16
     latent_channels: int = 4
     # UNet on latents
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (64, 96, 128)
     unet_layers: int = 1
     unet_groups: int = 16
     unet_head_dim: int = 32

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train the Shapes zoo on this machine, in order: CLIP, VAE, then the text-to-image UNet.
+# Each step resumes from its newest checkpoint, so rerunning this script continues where it stopped;
+# a finished step leaves runs/RECIPE/DONE and is skipped. Extra arguments go to every `mmsynth train`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for recipe in clip vae t2i; do
+    if [ -f "runs/$recipe/DONE" ]; then
+        echo "== $recipe: done, skipping"
+        continue
+    fi
+    echo "== training $recipe"
+    mmsynth train "$recipe" --config "configs/$recipe.yaml" --resume "$@"
+    touch "runs/$recipe/DONE"
+done

@@ -1,0 +1,104 @@
+"""Training examples by global index, and the batches each process reads at each step.
+
+Data position is a pure function of the step: step s, micro-step m, process r reads the examples
+`((s * accum + m) * world + r) * batch + [0, batch)`. A resumed run therefore reads exactly what an
+uninterrupted one would, with no sampler state to save, and every process reads different examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from mmsynth.data.export import read_metadata
+from mmsynth.data.torch_dataset import collate, make_example
+from mmsynth.errors import InputError
+from mmsynth.io import load_image
+
+__all__ = ["ImageFolderExamples", "ShapesExamples", "StepBatches", "collate", "training_examples"]
+
+
+class ShapesExamples(Dataset):
+    """On-the-fly Shapes: index i is scene i of the split (never repeats), without condition maps."""
+
+    def __init__(self, split: str = "train", seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = ()):
+        from mmsynth.data.scene import sample_scene
+
+        sample_scene(split, 0, seed)  # validate the split now, with a clear message
+        self.split, self.seed, self.resolution, self.maps = split, seed, resolution, maps
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return make_example(self.split, int(index), self.seed, self.resolution, self.maps)
+
+
+class ImageFolderExamples(Dataset):
+    """An imagefolder export read endlessly: epoch e visits the rows in a permutation seeded by (seed, e)."""
+
+    def __init__(self, folder: str | Path, seed: int = 0, resolution: int = 64):
+        self.folder, self.seed, self.resolution = Path(folder), seed, resolution
+        self.rows = read_metadata(folder)
+        for row in self.rows:
+            if not (row.get("caption") or row.get("captions") or row.get("prompt")):
+                raise InputError(f"{self.folder}/metadata.jsonl:{row['_line']}: no caption, captions or prompt")
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.rows)
+        epoch, i = divmod(int(index), n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+        row = self.rows[int(self._perm[1][i])]
+        image = load_image(self.folder / row["file_name"], what="training image")
+        if image.shape[:2] != (self.resolution, self.resolution):
+            raise InputError(
+                f"{self.folder / row['file_name']} is {image.shape[1]}x{image.shape[0]}, "
+                f"the model expects {self.resolution}x{self.resolution}"
+            )
+        caps = row.get("captions") or [row.get("caption") or row.get("prompt")]
+        pick = int(np.random.default_rng([self.seed, int(index), 0xCAB]).integers(len(caps)))
+        return {
+            "pixel_values": torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
+            "caption": caps[pick],
+            "captions": caps,
+            "scene": row.get("scene"),
+            "index": int(index),
+        }
+
+
+def training_examples(data: str, split: str = "train", seed: int = 0, resolution: int = 64) -> Dataset:
+    """`data` is "shapes" (rendered on the fly) or an imagefolder directory (the exchange format)."""
+    if data == "shapes":
+        return ShapesExamples(split, seed, resolution)
+    if not Path(data).is_dir():
+        raise InputError(f"config key 'data' must be 'shapes' or an imagefolder directory; '{data}' is neither")
+    return ImageFolderExamples(data, seed, resolution)
+
+
+class StepBatches(Sampler[list[int]]):
+    """Batches of global example indices for one process, from `start_step` to `max_steps`."""
+
+    def __init__(
+        self, start_step: int, max_steps: int, batch_size: int, grad_accum: int = 1, world: int = 1, rank: int = 0
+    ):
+        self.start_step, self.max_steps = start_step, max_steps
+        self.batch_size, self.grad_accum, self.world, self.rank = batch_size, grad_accum, world, rank
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.max_steps):
+            for micro in range(self.grad_accum):
+                first = ((step * self.grad_accum + micro) * self.world + self.rank) * self.batch_size
+                yield list(range(first, first + self.batch_size))

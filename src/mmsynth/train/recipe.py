@@ -1,0 +1,85 @@
+"""What a training method tells the one trainer: its models, its data, its loss, its artefact.
+
+The trainer (trainer.py) never learns a method's name. A recipe subclass says which modules train
+and which stay frozen, how a batch becomes a loss (conditions, their dropout, timestep draws,
+targets and weights all live inside `loss`), what its examples are, what to draw for a progress
+grid and how to export the result in the owning libraries' formats. Register it by name in
+`mmsynth.train.recipes.RECIPES`; the trainer and the CLI pick it up from there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmsynth.train.config import TrainConfig
+from mmsynth.train.data import collate, training_examples
+
+
+class Recipe:
+    """Base class of every recipe. Subclasses set `name`, `Options`, `trainable` and implement the hooks."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = object  # a dataclass of method-specific knobs (YAML key `options`)
+    defaults: ClassVar[dict[str, Any]] = {}  # overrides of TrainConfig defaults that suit this method
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: TrainConfig, options: Any):
+        self.config = config
+        self.options = options
+        self.models: dict[str, torch.nn.Module] = {}  # every module the recipe uses, trainable or frozen
+        self.trainable: tuple[str, ...] = ()  # names in `models` whose parameters the optimiser updates
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32  # dtype of frozen modules (fp16/bf16 under mixed precision)
+
+    # ---------------------------------------------------------------- set-up
+    def build(self) -> None:
+        """Create or load the models into `self.models` and set `self.trainable` (seeded by the trainer)."""
+        raise NotImplementedError
+
+    @property
+    def resolution(self) -> int:
+        """Image side the models expect; the data is rendered at this size."""
+        raise NotImplementedError
+
+    def place(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Frozen modules: eval mode, no gradients, `weight_dtype`; trainable ones: train mode, float32."""
+        self.device, self.weight_dtype = device, weight_dtype
+        for name, module in self.models.items():
+            dtype = torch.float32 if name in self.trainable else weight_dtype
+            module.to(device)
+            if next(module.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
+                module.to(dtype=dtype)
+            module.train(name in self.trainable)
+            module.requires_grad_(name in self.trainable)
+
+    def parameters(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups (default: every parameter of the trainable modules, one group)."""
+        return [{"params": [p for n in self.trainable for p in self.models[n].parameters() if p.requires_grad]}]
+
+    def dataset(self) -> Dataset:
+        """Map-style dataset: global example index -> example dict (pixel_values, caption, ...)."""
+        c = self.config
+        return training_examples(c.data, split=c.data_split, seed=c.data_seed, resolution=self.resolution)
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(examples)
+
+    # ---------------------------------------------------------------- per step
+    def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """One micro-batch -> (scalar loss to minimise, extra numbers to log)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample_grid(self, step: int) -> np.ndarray | None:
+        """An HxWx3 uint8 image showing progress (None: this recipe draws nothing)."""
+        return None
+
+    # ---------------------------------------------------------------- result
+    def export(self, out: Path) -> Path:
+        """Write the trained artefact (bundle layout) to `out`; the trainer has swapped EMA weights in."""
+        raise NotImplementedError

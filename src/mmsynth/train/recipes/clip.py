@@ -1,0 +1,85 @@
+"""Contrastive CLIP on Shapes image/caption pairs (the zoo's text encoder and image features).
+
+The text tower becomes the diffusion model's text encoder; the vision tower later serves exemplar
+conditions, CLIP score and a Frechet feature extractor. Loss: CLIPModel's own symmetric InfoNCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from mmsynth.errors import InputError
+from mmsynth.models.bundle import load_component, save_components
+from mmsynth.models.tokenizer import build_shapes_tokenizer
+from mmsynth.models.zoo import ZOO_SPECS, build_clip, text_encoder_from_clip
+from mmsynth.train.recipe import Recipe
+
+
+@dataclass
+class ClipOptions:
+    zoo: str = "shapes-v1"  # size of a fresh model (mmsynth.models.zoo.ZOO_SPECS)
+    init: str | None = None  # continue from a folder with clip/ + tokenizer/ (e.g. an earlier run's final/)
+
+    def validate(self) -> None:
+        if self.zoo not in ZOO_SPECS:
+            raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
+
+
+class ClipRecipe(Recipe):
+    name = "clip"
+    Options = ClipOptions
+    description = "contrastive CLIP (text + vision towers) on Shapes image/caption pairs"
+    defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 128,
+        "lr": 5e-4,
+        "weight_decay": 0.1,
+        "adam_beta2": 0.98,
+        "warmup_steps": 200,
+    }
+
+    def build(self) -> None:
+        o = self.options
+        if o.init:
+            self.tokenizer = load_component(o.init, "tokenizer")
+            clip = load_component(o.init, "clip")
+        else:
+            spec = ZOO_SPECS[o.zoo]
+            self.tokenizer = build_shapes_tokenizer(spec.max_length)
+            clip = build_clip(spec, self.tokenizer)
+        self.models = {"clip": clip}
+        self.trainable = ("clip",)
+
+    @property
+    def resolution(self) -> int:
+        clip = self.models["clip"]
+        return int(getattr(clip, "module", clip).config.vision_config.image_size)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Pad to the longest caption of the batch: under CLIP's causal mask the pooled end-of-text
+        output never sees later padding, so this equals max-length padding at a fraction of the cost."""
+        return self.tokenizer(
+            texts, padding="longest", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.models["clip"](
+            input_ids=self.tokenize(batch["caption"]), pixel_values=batch["pixel_values"], return_loss=True
+        )
+        with torch.no_grad():
+            # in-batch retrieval accuracy; identical captions in a batch count as matches
+            pred = out.logits_per_text.argmax(dim=1)
+            same = [batch["caption"][int(j)] == batch["caption"][i] for i, j in enumerate(pred)]
+            acc = sum(same) / len(same)
+        return out.loss, {"t2i_top1_in_batch": acc, "logit_scale": float(self._unwrapped().logit_scale.detach().exp())}
+
+    def _unwrapped(self) -> torch.nn.Module:
+        clip = self.models["clip"]
+        return getattr(clip, "module", clip)
+
+    def export(self, out: Path) -> Path:
+        clip = self._unwrapped()
+        return save_components(out, tokenizer=self.tokenizer, text_encoder=text_encoder_from_clip(clip), clip=clip)

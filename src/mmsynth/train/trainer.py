@@ -1,0 +1,366 @@
+"""The one training loop. Every method (CLIP, VAE, text-to-image, later ControlNet, adapters, ...)
+trains through `train()`; what differs lives in its recipe (recipe.py), never here.
+
+Read top to bottom: set-up (accelerate, models, optimiser, EMA), resume, the loop (micro-batches
+with gradient accumulation, optimiser step, EMA, log row, sample grid, checkpoint), export.
+Exact resume rests on two choices: the data each step reads is a function of the step (data.py),
+and the random numbers of each micro-step come from a generator seeded by (seed, step, micro, rank).
+So a run stopped after a checkpoint and resumed equals an uninterrupted one.
+
+Multi-GPU / multi-node: `accelerate launch -m mmsynth.cli.main train ...` runs this same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mmsynth.errors import InputError
+from mmsynth.io import save_image, write_json, write_text
+from mmsynth.train.config import TrainConfig, to_dict
+from mmsynth.train.data import StepBatches
+from mmsynth.train.recipes import get_recipe
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+
+
+@dataclass
+class TrainResult:
+    out: Path  # run folder
+    export: Path  # the trained artefact (OUT/final)
+    step: int
+    last_loss: float
+    seconds_per_step: float
+
+
+def train(
+    config: TrainConfig, options: Any, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> TrainResult:
+    """Train `config.recipe` to `config.max_steps` and export the result to OUT/final.
+
+    `stop_after` ends the run early at that step without exporting, as if it were killed there
+    (the LR schedule still spans `max_steps`): tests and time-sliced runs use it.
+    """
+    # ---------------------------------------------------------------- set-up
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum
+    )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    out = Path(config.out)
+    ckpt_root = out / "checkpoints"
+    recipe = get_recipe(config.recipe)(config, options)
+    torch.manual_seed(config.seed)  # model initialisation
+    recipe.build()
+    recipe.place(accelerator.device, weight_dtype)
+
+    optimizer = torch.optim.AdamW(
+        recipe.parameters(),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_schedule,
+        optimizer=optimizer,
+        num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_steps * accelerator.num_processes,
+    )
+    names = list(recipe.trainable)
+    prepared = accelerator.prepare(*[recipe.models[n] for n in names], optimizer, lr_scheduler)
+    *modules, optimizer, lr_scheduler = prepared
+    for name, module in zip(names, modules):
+        recipe.models[name] = module  # the recipe's forward passes now go through DDP/autocast wrappers
+    emas: dict[str, EMAModel] = {}
+    if config.ema:
+        for name in names:
+            emas[name] = EMAModel(
+                accelerator.unwrap_model(recipe.models[name]).parameters(),
+                decay=config.ema_decay,
+                use_ema_warmup=True,  # decay ramps up from 0: early EMA follows the fast-changing weights
+            )
+            emas[name].to(accelerator.device)
+            accelerator.register_for_checkpointing(emas[name])
+
+    # ---------------------------------------------------------------- resume
+    step = 0
+    if resume:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is None:
+            logger.warning("mmsynth train: --resume given but no checkpoint in %s; starting from step 0", ckpt_root)
+        else:
+            step = _load_checkpoint(accelerator, latest, config)
+    elif latest_checkpoint(ckpt_root) is not None:
+        raise InputError(f"'{out}' already has checkpoints: pass --resume to continue, or choose another --out")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(yaml.safe_dump(to_dict(config, options), sort_keys=False), out / "config.yaml")
+        _truncate_log(out / "log.csv", step)
+
+    loader = DataLoader(
+        recipe.dataset(),
+        batch_sampler=StepBatches(
+            step, config.max_steps, config.batch_size, config.grad_accum, accelerator.num_processes,
+            accelerator.process_index,
+        ),
+        collate_fn=recipe.collate,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+    )  # fmt: skip
+
+    # ---------------------------------------------------------------- loop
+    bar = tqdm(
+        total=config.max_steps,
+        initial=step,
+        desc=f"train {config.recipe}",
+        disable=not (progress and accelerator.is_local_main_process),
+    )
+    batches = iter(loader)
+    window: dict[str, list[float]] = {}
+    window_start, train_time, last_loss, seconds_per_step = time.perf_counter(), 0.0, math.nan, math.nan
+    while step < config.max_steps:
+        for micro in range(config.grad_accum):
+            batch = _to_device(next(batches), accelerator.device)
+            with _seeded(config.seed, step, micro, accelerator.process_index), accelerator.accumulate(*modules):
+                with accelerator.autocast():
+                    loss, logs = recipe.loss(batch, step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
+                    )
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in {"loss": loss.detach().item(), **logs}.items():
+                window.setdefault(key, []).append(float(value))
+        step += 1
+        for name, ema in emas.items():
+            ema.step(accelerator.unwrap_model(recipe.models[name]).parameters())
+        bar.update(1)
+
+        if step % config.log_every == 0 or step == config.max_steps:
+            elapsed = time.perf_counter() - window_start
+            train_time += elapsed
+            n_steps = len(window["loss"]) // config.grad_accum
+            seconds_per_step = elapsed / max(1, n_steps)
+            row = {key: _mean_over_processes(accelerator, values) for key, values in window.items()}
+            last_loss = row["loss"]
+            row = {
+                "step": step,
+                **row,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "sec_per_step": seconds_per_step,
+                "examples_per_sec": config.batch_size
+                * config.grad_accum
+                * accelerator.num_processes
+                / max(seconds_per_step, 1e-9),
+            }
+            if accelerator.is_main_process:
+                _append_log(out / "log.csv", row)
+            bar.set_postfix(loss=f"{last_loss:.4f}", s_per_step=f"{seconds_per_step:.2f}")
+            window = {}
+        pause = time.perf_counter()
+        if config.sample_every and (step % config.sample_every == 0 or step == config.max_steps):
+            if accelerator.is_main_process:
+                with _ema_weights(emas, recipe, accelerator):
+                    grid = recipe.sample_grid(step)
+                if grid is not None:
+                    save_image(grid, out / "samples" / f"step_{step:07d}.png")
+            accelerator.wait_for_everyone()
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            _save_checkpoint(accelerator, ckpt_root, step, config)
+        if stop_after is not None and step >= stop_after:
+            break
+        if step % config.log_every == 0 or step == config.max_steps:
+            window_start = time.perf_counter()
+        else:
+            window_start += time.perf_counter() - pause  # keep sampling/checkpoint time out of s/step
+    bar.close()
+    if step < config.max_steps:
+        accelerator.end_training()
+        return TrainResult(out, out / "final", step, last_loss, seconds_per_step)
+
+    # ---------------------------------------------------------------- export
+    final = out / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name in names:
+            recipe.models[name] = accelerator.unwrap_model(recipe.models[name])
+        with _ema_weights(emas, recipe, accelerator):
+            recipe.export(final)
+        write_json(
+            {"recipe": config.recipe, "step": step, "last_loss": last_loss, "seconds_per_step": seconds_per_step},
+            out / "summary.json",
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, final, step, last_loss, seconds_per_step)
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _mixed_precision(choice: str) -> str:
+    """'auto': bf16 where the GPU supports it, else fp16 on a GPU, full precision on a CPU."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, step: int, micro: int, rank: int):
+    """Seed torch's RNG from (seed, step, micro, rank): each micro-step's noise is reproducible on resume."""
+    entropy = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]
+    torch.manual_seed(int(entropy) & ((1 << 63) - 1))
+    yield
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _mean_over_processes(accelerator: Accelerator, values: list[float]) -> float:
+    local = torch.tensor(sum(values) / max(1, len(values)), device=accelerator.device)
+    return float(accelerator.reduce(local, reduction="mean")) if accelerator.num_processes > 1 else float(local)
+
+
+@contextlib.contextmanager
+def _ema_weights(emas: dict[str, EMAModel], recipe: Any, accelerator: Accelerator):
+    """Swap the EMA weights into the trainable modules for sampling/export, then swap back."""
+    params = {n: list(accelerator.unwrap_model(recipe.models[n]).parameters()) for n in emas}
+    for name, ema in emas.items():
+        ema.store(params[name])
+        ema.copy_to(params[name])
+    try:
+        yield
+    finally:
+        for name, ema in emas.items():
+            ema.restore(params[name])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (one with its state file; temp folders are ignored)."""
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def _save_checkpoint(accelerator: Accelerator, root: Path, step: int, config: TrainConfig) -> None:
+    """Models, optimiser, LR schedule, EMA and RNG states via accelerate, into a temp dir renamed when done."""
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "examples_seen": step * config.batch_size * config.grad_accum * accelerator.num_processes,
+            "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum,
+            "num_processes": accelerator.num_processes,
+            "recipe": config.recipe,
+            "seed": config.seed,
+        }
+        write_json(state, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(
+            (p for p in root.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name.split("_")[1])
+        )
+        for old in done[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator: Accelerator, path: Path, config: TrainConfig) -> int:
+    """Restore a checkpoint; refuse one whose data layout (batch, accumulation, processes, recipe) differs."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(
+            f"checkpoint '{path}' is unreadable ({exc.__class__.__name__}); delete it to resume earlier"
+        ) from None
+    expect = {
+        "recipe": config.recipe,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "num_processes": accelerator.num_processes,
+    }
+    for key, value in expect.items():
+        if state.get(key) != value:
+            raise InputError(
+                f"checkpoint '{path}' was written with {key}={state.get(key)}, this run has {key}={value}; "
+                "exact resume needs the same value"
+            )
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # corrupt files: one clear line
+        raise InputError(
+            f"checkpoint '{path}' is corrupt or incomplete ({exc.__class__.__name__}); delete it to resume earlier"
+        ) from None
+    return step
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On (re)start, drop log rows beyond the resumed step so the CSV has each step once."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+        fieldnames = list(rows[0].keys()) if rows else []
+    keep = [r for r in rows if int(r["step"]) <= step]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(keep)
+    os.replace(tmp, path)
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    if not new:
+        with open(path, newline="", encoding="utf-8") as f:
+            fieldnames = next(csv.reader(f), list(row))
+    else:
+        fieldnames = list(row)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -1,0 +1,164 @@
+"""Model bundle format, Shapes tokenizer and zoo configs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mmsynth.data.captions import captions
+from mmsynth.data.scene import sample_scene
+from mmsynth.errors import InputError
+from mmsynth.models.bundle import Bundle
+from mmsynth.models.tokenizer import build_shapes_tokenizer, unknown_words, warn_unknown_words
+from mmsynth.models.zoo import SHAPES_V1, TINY, count_parameters, random_bundle, tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundles") / "tiny"
+    bundle = tiny_bundle(seed=3)
+    bundle.save_pretrained(path)
+    return bundle, path
+
+
+def test_tokenizer_knows_every_caption_word_and_special_ids():
+    tok = build_shapes_tokenizer()
+    for i in range(300):
+        for text in captions(sample_scene("train", i)):
+            ids = tok(text).input_ids
+            assert tok.unk_token_id not in ids, text
+            assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+            assert len(ids) <= tok.model_max_length
+    assert tok.pad_token_id == tok.eos_token_id == len(tok) - 1
+
+
+def test_unknown_words_are_named_in_a_warning(caplog):
+    tok = build_shapes_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="mmsynth.models.tokenizer"):
+        found = warn_unknown_words(tok, "Two RED zebras left of a blue square, and a dog")
+    assert found == ["zebras", "dog"]
+    assert "zebras" in caplog.text and "dog" in caplog.text
+    assert unknown_words(tok, "two red circles left of a blue square") == []
+    ids = tok("a red zebra").input_ids
+    assert ids.count(tok.unk_token_id) == 1
+
+
+def test_clip_text_config_uses_tokenizer_special_ids():
+    b = tiny_bundle()
+    cfg = b.text_encoder.config
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+        b.tokenizer.bos_token_id,
+        b.tokenizer.eos_token_id,
+        b.tokenizer.pad_token_id,
+    )
+    assert cfg.vocab_size == len(b.tokenizer)
+    # pooled output is taken at the end-of-text token, not at a padding position
+    enc = b.tokenizer(
+        ["a red circle"], padding="max_length", max_length=cfg.max_position_embeddings, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = b.text_encoder(enc.input_ids)
+    eos_pos = int((enc.input_ids[0] == cfg.eos_token_id).nonzero()[0])
+    assert torch.allclose(out.pooler_output[0], out.last_hidden_state[0, eos_pos])
+
+
+def test_zoo_geometry_and_sizes():
+    b = tiny_bundle()
+    assert b.vae_scale_factor == 4 and b.latent_channels == 4
+    assert b.resolution == TINY.resolution
+    assert count_parameters(b.unet) < 1_000_000
+    x = torch.randn(2, 3, TINY.resolution, TINY.resolution)
+    with torch.no_grad():
+        z = b.vae.encode(x).latent_dist.mean
+    assert z.shape == (2, 4, TINY.resolution // 4, TINY.resolution // 4)
+    assert SHAPES_V1.latent_size == 16 and SHAPES_V1.vae_scale_factor == 4
+
+
+def test_bundle_round_trip_is_exact(saved):
+    bundle, path = saved
+    loaded = Bundle.from_pretrained(path)
+    for name, module in bundle.modules().items():
+        a, b = module.state_dict(), loaded.modules()[name].state_dict()
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert loaded.tokenizer("a red circle").input_ids == bundle.tokenizer("a red circle").input_ids
+    assert type(loaded.scheduler) is type(bundle.scheduler)
+    assert loaded.scheduler.config.beta_schedule == bundle.scheduler.config.beta_schedule
+
+
+def test_diffusers_stable_diffusion_pipeline_loads_and_runs_our_bundle(saved):
+    from diffusers import StableDiffusionPipeline
+
+    _bundle, path = saved
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "two red circles left of a blue square",
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    img = out.images[0]
+    assert img.shape == (TINY.resolution, TINY.resolution, 3)
+    assert np.isfinite(img).all()
+
+
+def test_save_in_fp16_halves_weights_and_keeps_memory_models(tmp_path):
+    b = tiny_bundle()
+    b.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    assert b.dtype == torch.float32
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {torch.float16}
+    loaded = Bundle.from_pretrained(tmp_path / "half", torch_dtype=torch.float16)
+    assert loaded.dtype == torch.float16 and next(loaded.text_encoder.parameters()).dtype == torch.float16
+    loaded = Bundle.from_pretrained(tmp_path / "half")  # float32 by default, whatever is stored
+    assert {next(m.parameters()).dtype for m in loaded.modules().values()} == {torch.float32}
+    assert torch.equal(next(loaded.unet.parameters()), next(b.unet.parameters()).half().float())
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    dest = tmp_path / "b"
+    tiny_bundle(seed=0).save_pretrained(dest)
+    tiny_bundle(seed=1).save_pretrained(dest)
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp or backup dirs left behind
+    loaded = Bundle.from_pretrained(dest)
+    fresh = tiny_bundle(seed=1)
+    assert torch.equal(next(loaded.unet.parameters()), next(fresh.unet.parameters()))
+
+
+def test_loading_errors_name_the_problem(saved, tmp_path):
+    _bundle, path = saved
+    with pytest.raises(InputError, match="does not exist"):
+        Bundle.from_pretrained(tmp_path / "nowhere")
+    broken = tmp_path / "no_unet"
+    shutil.copytree(path, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(InputError, match=r"no unet/ component: train it with `mmsynth train t2i`"):
+        Bundle.from_pretrained(broken)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(path, corrupt)
+    weights = corrupt / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InputError, match="cannot load its vae"):
+        Bundle.from_pretrained(corrupt)
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(path, bad_config)
+    (bad_config / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot load its unet"):
+        Bundle.from_pretrained(bad_config)
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_random_bundle_is_seeded():
+    a, b = random_bundle(TINY, seed=5), random_bundle(TINY, seed=5)
+    for x, y in zip(a.unet.parameters(), b.unet.parameters()):
+        assert torch.equal(x, y)
