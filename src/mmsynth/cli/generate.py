@@ -20,11 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mmsynth.errors import InputError
+from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
+from mmsynth.viz import grid
 
-DEFAULT_MODEL = "models/shapes-v1"
 # Options that describe the generation itself; --replay takes all of them from the file.
 _REQUEST_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "scheduler", "height", "width", "eta",
                     "init_image", "strength")
@@ -103,37 +102,11 @@ def build_request(args: argparse.Namespace) -> Any:
     return request.validate()
 
 
-def resolve_model(model: str) -> Path:
-    """The bundle directory; the default zoo is looked up in the working directory, then in the source checkout."""
-    path = Path(model)
-    if model == DEFAULT_MODEL and not path.exists():
-        checkout = Path(__file__).resolve().parents[3] / DEFAULT_MODEL
-        if checkout.exists():
-            return checkout
-        raise InputError(
-            f"the shipped Shapes zoo '{DEFAULT_MODEL}' is missing: train it with `mmsynth train clip`, "
-            f"`mmsynth train vae` and `mmsynth train t2i` (see README), or pass --model DIR"
-        )
-    return path
-
-
 def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; expected a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"--out '{out}' already exists and is not empty (pass --overwrite to replace it)")
-
-
-def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """N x H x W x 3 uint8 -> one picture, near-square, white gaps."""
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    return grid
 
 
 def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None:
@@ -152,7 +125,8 @@ def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None
             (tmp / "requests" / f"{name}.json").write_text(req.to_json() + "\n", encoding="utf-8")
             rows.append({"file_name": f"images/{name}.png", "prompt": req.prompt, "seed": req.seed,
                          "request": req.to_dict()})
-        Image.fromarray(image_grid(result.images)).save(tmp / "grid.png")
+        cols = math.ceil(math.sqrt(len(result.images)))
+        Image.fromarray(grid(list(result.images), cols=cols)).save(tmp / "grid.png")
         (tmp / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         check_out(out, overwrite)  # again, just before replacing: the folder may have appeared meanwhile
