@@ -43,6 +43,9 @@ from mmsynth.errors import InputError
 # --- colour: a pixel is "core" when it is this close (CIELab distance) to a class centre. Classes are
 # >= 39 apart, shade jitter reaches ~9, sensor-like noise (10/255) adds ~5.
 CORE_LAB_DIST = 24.0
+# --- core masks are median-filtered with a kernel of 1 + 2 * (width // CORE_MEDIAN_PER_PX) pixels (none
+# below 128 px): per-pixel noise makes holes in saturated colours that would thin out the core.
+CORE_MEDIAN_PER_PX = 128
 # --- a core component must be at least this thick (max distance to its border, fraction of width) and
 # this large (fraction of the image area); blend seams between two objects are ~1 px thin.
 MIN_CORE_THICKNESS = 0.022
@@ -57,6 +60,10 @@ OCCLUDER_COST = 0.15
 # --- fitting happens on a crop rescaled so that the object's radius is FIT_RADIUS_PX pixels.
 FIT_RADIUS_PX = 10.0
 FIT_SUPERSAMPLE = 4
+# --- a fitted circumradius below MIN_RADIUS (fraction of width; the small band starts at 0.11) costs
+# RADIUS_PENALTY x the relative shortfall.
+MIN_RADIUS = 0.10
+RADIUS_PENALTY = 1.0
 # --- small/large split of the circumradius (fraction of width), midway between the two bands.
 SIZE_SPLIT = (max(vocab.SIZE_RADIUS["small"]) + min(vocab.SIZE_RADIUS["large"])) / 2.0
 # --- rotational symmetry period of each shape in degrees (a fit searches one period).
@@ -124,8 +131,11 @@ def _core_labels(lab: np.ndarray, width: int) -> tuple[np.ndarray, list[int], np
     classes: list[int] = []
     min_thick = MIN_CORE_THICKNESS * width
     min_area = MIN_CORE_AREA * core.size
+    k_median = 1 + 2 * (width // CORE_MEDIAN_PER_PX)
     for c in np.unique(nearest[core]):
         m = (core & (nearest == c)).astype(np.uint8)
+        if k_median > 1:  # sensor-like noise punches holes into saturated colours (blue) at high resolution
+            m = cv2.medianBlur(m * 255, min(k_median, 255)) // 255
         n, comp, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
         if n <= 1:
             continue
@@ -170,14 +180,21 @@ def _fit_loss(t: np.ndarray, obs: np.ndarray, other: np.ndarray, norm: float) ->
     return float(err.sum()) / norm
 
 
+def _radius_penalty(r: float, r_min: float) -> float:
+    """Shapes objects are never smaller than the small band: a fit that shrinks below it (a blurred star
+    read as the small circle inside it) pays for the shortfall."""
+    return RADIUS_PENALTY * max(0.0, r_min - r) / r_min
+
+
 def _nelder_mead(
-    shape: str, obs: np.ndarray, other: np.ndarray, x0: np.ndarray, norm: float
+    shape: str, obs: np.ndarray, other: np.ndarray, x0: np.ndarray, norm: float, r_min: float
 ) -> tuple[float, np.ndarray]:
     period = SYMMETRY_DEG[shape]
     if period == 0:  # rotation does not matter for a circle: optimise (cx, cy, r)
 
         def f3(p: np.ndarray) -> float:
-            return _fit_loss(_render_template(shape, np.array([*p, 0.0]), obs.shape), obs, other, norm)
+            t = _render_template(shape, np.array([*p, 0.0]), obs.shape)
+            return _fit_loss(t, obs, other, norm) + _radius_penalty(p[2], r_min)
 
         simplex = x0[:3] + np.vstack([np.zeros(3), np.eye(3)])
         opts = {"initial_simplex": simplex, "maxfev": NM_MAXFEV, "xatol": 0.05, "fatol": 1e-4}
@@ -185,7 +202,7 @@ def _nelder_mead(
         return float(res.fun), np.array([*res.x, 0.0])
 
     def f(p: np.ndarray) -> float:
-        return _fit_loss(_render_template(shape, p, obs.shape), obs, other, norm)
+        return _fit_loss(_render_template(shape, p, obs.shape), obs, other, norm) + _radius_penalty(p[2], r_min)
 
     simplex = x0 + np.vstack([np.zeros(4), np.diag([1.0, 1.0, 1.0, 4.0])])
     res = minimize(f, x0, method="Nelder-Mead",
@@ -196,7 +213,7 @@ def _nelder_mead(
 
 
 def _fit_shape(
-    shape: str, obs: np.ndarray, other: np.ndarray, init: tuple[float, float, float], occluded: bool
+    shape: str, obs: np.ndarray, other: np.ndarray, init: tuple[float, float, float], occluded: bool, r_min: float
 ) -> tuple[float, np.ndarray]:
     """Best (loss, [cx, cy, r, rot]) of one shape template: coarse search, then Nelder-Mead refinement.
 
@@ -214,12 +231,13 @@ def _fit_shape(
         starts = [(cx + OCCLUDED_SHIFT * r * dx, cy + OCCLUDED_SHIFT * r * dy, r * g)
                   for dx, dy in offsets for g in (1.0, OCCLUDED_GROWTH)]  # fmt: skip
     cands = sorted(
-        (_fit_loss(_render_template(shape, np.array([*st, a]), obs.shape), obs, other, norm), i, a)
+        (_fit_loss(_render_template(shape, np.array([*st, a]), obs.shape), obs, other, norm)
+         + _radius_penalty(st[2], r_min), i, a)
         for i, st in enumerate(starts)
         for a in rots
     )
     n_refine = OCCLUDED_REFINE if occluded else 1
-    fits = [_nelder_mead(shape, obs, other, np.array([*starts[i], a]), norm) for _, i, a in cands[:n_refine]]
+    fits = [_nelder_mead(shape, obs, other, np.array([*starts[i], a]), norm, r_min) for _, i, a in cands[:n_refine]]
     return min(fits, key=lambda x: x[0])
 
 
@@ -305,7 +323,8 @@ def _detect_one(
     # crop coordinates: continuous pixel coordinate X maps to (X - x0) * sx (pixel i spans [i, i+1))
     init = ((mcx + 0.5 - x0) * sx, (mcy + 0.5 - y0) * sy, mr * (sx + sy) / 2)
     occluded = bool((cv2.dilate((obs > OCCLUDER_ALPHA).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)[other].any())
-    fits = {shape: _fit_shape(shape, obs, other, init, occluded) for shape in vocab.SHAPES}
+    r_min = MIN_RADIUS * w * (sx + sy) / 2  # in crop pixels
+    fits = {shape: _fit_shape(shape, obs, other, init, occluded, r_min) for shape in vocab.SHAPES}
     shape = min(fits, key=lambda s_: fits[s_][0])
     cx, cy, r, rot = fits[shape][1]
     t = _render_template(shape, fits[shape][1], obs.shape)
