@@ -72,28 +72,33 @@ def export_split(
 
 
 def read_metadata(folder: str | Path) -> list[dict]:
-    """Read DIR/metadata.jsonl; errors name the line and what is wrong."""
+    """Read DIR/metadata.jsonl: every line a JSON object with a string `file_name`.
+
+    Errors name the file, the line and the field. Each row gets `_line` (its line number) so later
+    checks can name it too.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"folder '{folder}' does not exist or is not a directory")
+        raise InputError(f"'{folder}' is not a directory (expected a folder with {METADATA})")
     path = folder / METADATA
-    if not path.exists():
-        raise InputError(f"'{folder}' has no {METADATA} (expected the imagefolder exchange format)")
+    if not path.is_file():
+        raise InputError(f"'{path}' does not exist (expected one JSON object per line with 'file_name')")
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            where = f"{path} line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("file_name"), str):
-                raise InputError(f"{path}:{lineno}: missing or non-string field 'file_name'")
+                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if not isinstance(row.get("file_name"), str) or not row["file_name"]:
+                raise InputError(f"{where}: field 'file_name' is missing or not a string (image path relative to DIR)")
             row["_line"] = lineno
             rows.append(row)
     if not rows:
-        raise InputError(f"{path} has no entries")
+        raise InputError(f"'{path}' has no entries")
     return rows

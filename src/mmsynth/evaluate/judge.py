@@ -11,7 +11,6 @@ layout-conditioned model was given) is the expectation even when a prompt is pre
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from mmsynth.data.export import METADATA
+from mmsynth.data.export import read_metadata as read_folder_metadata
 from mmsynth.data.render import check_resolution, render
 from mmsynth.data.scene import Scene, sample_scene
 from mmsynth.errors import InputError
@@ -37,7 +38,6 @@ from mmsynth.evaluate.scoring import (
 )
 from mmsynth.io import load_image
 
-METADATA = "metadata.jsonl"
 DEGRADE_NOISE = 10.0 / 255.0  # Gaussian noise sigma (fraction of the range)
 DEGRADE_BLUR = 1.0  # Gaussian blur sigma in pixels
 
@@ -99,59 +99,43 @@ def read_metadata(directory: str | Path, layout: bool = False) -> list[JudgeItem
     """Parse and validate every line of DIR/metadata.jsonl before any scoring (no partial results)."""
     root = Path(directory)
     meta = root / METADATA
-    if not root.is_dir():
-        raise InputError(f"judge: '{root}' is not a directory (expected a folder with {METADATA}) or an image")
-    if not meta.is_file():
-        raise InputError(f"judge: '{meta}' does not exist (expected one JSON object per line with 'file_name')")
     items: list[JudgeItem] = []
-    with meta.open(encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            where = f"{meta} line {n}"
-            try:
-                d = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise _field_error(where, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(d, dict):
-                raise _field_error(where, f"expected a JSON object, got {type(d).__name__}")
-            fname = d.get("file_name")
-            if not isinstance(fname, str) or not fname:
-                raise _field_error(where, "field 'file_name' is missing or not a string (image path relative to DIR)")
-            path = root / fname
-            if not path.is_file():
-                raise _field_error(where, f"field 'file_name': image '{path}' does not exist")
-            line_layout = d.get("layout", False)
-            if not isinstance(line_layout, bool):
-                raise _field_error(where, f"field 'layout' must be true or false, got {line_layout!r}")
-            prompt = d.get("prompt")
-            if prompt is not None and not isinstance(prompt, str):
-                raise _field_error(where, f"field 'prompt' must be a string, got {type(prompt).__name__}")
-            try:
-                if (layout or line_layout) and "scene" in d:  # a layout-conditioned sample: the scene's boxes
-                    spec = Scene.from_dict(d["scene"], where=f"{where}: field 'scene'")
-                    exp, source = expectation_for(scene=spec, layout=True), "scene+layout"
-                elif prompt is not None:
-                    exp, source = expectation_from_prompt(prompt), "prompt"
-                elif "scene" in d:
-                    exp = expectation_for(scene=Scene.from_dict(d["scene"], where=f"{where}: field 'scene'"),
-                                          layout=layout or line_layout)  # fmt: skip
-                    source = "scene"
-                elif "caption" in d or "captions" in d:
-                    cap = d.get("caption", d.get("captions"))
-                    if isinstance(cap, list) and cap:
-                        cap = cap[0]
-                    if not isinstance(cap, str):
-                        raise _field_error(where, "field 'caption(s)' must be a string or a non-empty list of strings")
-                    exp, source = expectation_from_prompt(cap), "caption"
-                else:
-                    raise _field_error(where, "needs a 'prompt', a 'scene' or a 'caption' to judge against")
-            except InputError as exc:
-                msg = str(exc)
-                raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-            items.append(JudgeItem(n, fname, path, exp, source))
-    if not items:
-        raise InputError(f"judge: '{meta}' has no lines to judge")
+    for d in read_folder_metadata(root):
+        n = d["_line"]
+        where = f"{meta} line {n}"
+        fname = d["file_name"]
+        path = root / fname
+        if not path.is_file():
+            raise _field_error(where, f"field 'file_name': image '{path}' does not exist")
+        line_layout = d.get("layout", False)
+        if not isinstance(line_layout, bool):
+            raise _field_error(where, f"field 'layout' must be true or false, got {line_layout!r}")
+        prompt = d.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise _field_error(where, f"field 'prompt' must be a string, got {type(prompt).__name__}")
+        try:
+            if (layout or line_layout) and "scene" in d:  # a layout-conditioned sample: the scene's boxes
+                spec = Scene.from_dict(d["scene"], where=f"{where}: field 'scene'")
+                exp, source = expectation_for(scene=spec, layout=True), "scene+layout"
+            elif prompt is not None:
+                exp, source = expectation_from_prompt(prompt), "prompt"
+            elif "scene" in d:
+                exp = expectation_for(scene=Scene.from_dict(d["scene"], where=f"{where}: field 'scene'"),
+                                      layout=layout or line_layout)  # fmt: skip
+                source = "scene"
+            elif "caption" in d or "captions" in d:
+                cap = d.get("caption", d.get("captions"))
+                if isinstance(cap, list) and cap:
+                    cap = cap[0]
+                if not isinstance(cap, str):
+                    raise _field_error(where, "field 'caption(s)' must be a string or a non-empty list of strings")
+                exp, source = expectation_from_prompt(cap), "caption"
+            else:
+                raise _field_error(where, "needs a 'prompt', a 'scene' or a 'caption' to judge against")
+        except InputError as exc:
+            msg = str(exc)
+            raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        items.append(JudgeItem(n, fname, path, exp, source))
     return items
 
 
