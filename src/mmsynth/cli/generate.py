@@ -20,13 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mmsynth.cli import guidance_options
 from mmsynth.errors import InputError
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
 from mmsynth.viz import grid
 
 # Options that describe the generation itself; --replay takes all of them from the file.
 _REQUEST_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "scheduler", "height", "width", "eta",
-                    "init_image", "strength")
+                    "init_image", "strength", *guidance_options.OPTION_NAMES)
 
 
 def register(subparsers: Any) -> None:
@@ -50,6 +51,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default 0: deterministic)")
     p.add_argument("--init-image", default=None, help="image-to-image (SDEdit): start from this image")
     p.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.8)")
+    guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
     p.add_argument("--replay", default=None, help="a request.json written by a previous run: regenerate it exactly")
     p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL}, the shipped zoo)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
@@ -79,12 +81,15 @@ def build_request(args: argparse.Namespace) -> Any:
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image (it is the image-to-image strength)")
     controls = []
+    image = None
     if args.init_image is not None:
         from mmsynth.io import load_image
 
         image = load_image(args.init_image, "--init-image")
         strength = 0.8 if args.strength is None else args.strength
-        controls.append(Img2Img(image=image, strength=strength).to_dict())
+        if args.mask is None or args.strength is not None:  # with --mask the image is the inpainting source
+            controls.append(Img2Img(image=image, strength=strength).to_dict())
+    controls += guidance_options.controls_from_args(args, image)
     request = GenerationRequest(
         prompt=args.prompt or "",
         negative_prompt=args.negative_prompt or "",

@@ -353,7 +353,11 @@ def register_control(cls: type[Control]) -> type[Control]:
 
 
 def _load_builtin_controls() -> None:
-    import mmsynth.sample.img2img  # noqa: F401  (registers itself)
+    # each module registers its controls on import
+    import mmsynth.sample.img2img
+    import mmsynth.sample.inpaint
+    import mmsynth.sample.inversion
+    import mmsynth.sample.universal  # noqa: F401
 
 
 def control_names() -> list[str]:

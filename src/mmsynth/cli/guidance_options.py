@@ -1,0 +1,103 @@
+"""Options that `mmsynth generate` (and `mmsynth edit`) share for inpainting, universal guidance and x_T latents.
+
+Not a command: generate.py adds these arguments with `add_arguments` and turns them into control dicts
+with `controls_from_args`, so a guided, masked or inverted-latent generation is one replayable request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from mmsynth.errors import InputError
+
+# argparse destinations these options fill (generate's --replay refuses them, like the other request options)
+OPTION_NAMES = ("latents", "mask", "feather", "guide", "guide_target", "guide_text", "guide_params", "s0", "k", "m",
+                "guide_lr", "guide_start", "guide_end")
+
+
+def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
+    from mmsynth.sample.guides import guide_names
+
+    if latents:
+        p.add_argument("--latents", default=None,
+                       help="start from these latents (an x_T .safetensors written by `mmsynth invert`): "
+                       "reconstruction")
+    p.add_argument("--mask", default=None, help="inpaint: binary PNG, white = repaint, the size of --init-image (the "
+                   "source); img2img is then used only if --strength is given")
+    p.add_argument("--feather", type=float, default=None,
+                   help="inpaint seam width in pixels, inside the mask (default 2)")
+    p.add_argument("--guide", default=None, help=f"universal guidance with a shipped guide: {', '.join(guide_names())}")
+    p.add_argument("--guide-target", default=None, help="target image of the guide (palette: its colours; clip: "
+                   "image-image similarity)")
+    p.add_argument("--guide-text", default=None, help="clip guide: the text to move towards")
+    p.add_argument("--guide-params", default=None,
+                   help='more guide parameters as JSON, e.g. \'{"boxes": [[0.1, 0.1, 0.5, 0.5]], "phrases": '
+                   '["a red circle"]}\' (box) or \'{"mask": "m.png", "color": "red"}\' (region)')
+    p.add_argument("--s0", type=float, default=None, help="forward guidance strength >= 0 (default 1)")
+    p.add_argument("--k", type=int, default=None, help="self-recurrence: passes per step >= 1 (default 1)")
+    p.add_argument("--m", type=int, default=None, help="backward guidance steps per step >= 0 (default 0)")
+    p.add_argument("--guide-lr", type=float, default=None, help="backward guidance Adam step (default 0.05)")
+    p.add_argument("--guide-start", type=float, default=None, help="guidance from this fraction of the steps (0)")
+    p.add_argument("--guide-end", type=float, default=None, help="guidance until this fraction of the steps (1)")
+
+
+def guide_control(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The universal-guidance control dict the options describe (None without --guide)."""
+    from mmsynth.io import load_image
+    from mmsynth.sample.controls import Schedule
+    from mmsynth.sample.universal import UniversalGuidance
+
+    given = [o for o in OPTION_NAMES[4:] if o != "guide" and getattr(args, o, None) is not None]
+    if args.guide is None:
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} needs --guide (the loss to guide with)")
+        return None
+    params: dict[str, Any] = {}
+    if args.guide_params is not None:
+        try:
+            params = json.loads(args.guide_params)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--guide-params is not valid JSON ({exc.msg})") from None
+        if not isinstance(params, dict):
+            raise InputError("--guide-params must be a JSON object of the guide's parameters")
+    for key in ("mask", "target", "image"):  # image paths inside the JSON: embed them, so the request replays
+        if isinstance(params.get(key), str):
+            params[key] = load_image(params[key], f"--guide-params {key}")
+    if args.guide_target is not None:
+        params["image" if args.guide == "clip" else "target"] = load_image(args.guide_target, "--guide-target")
+    if args.guide_text is not None:
+        params["text"] = args.guide_text
+    options = {"s0": args.s0, "k": args.k, "m": args.m, "lr": args.guide_lr}
+    schedule = Schedule(start=0.0 if args.guide_start is None else args.guide_start,
+                        end=1.0 if args.guide_end is None else args.guide_end)
+    control = UniversalGuidance(guide=args.guide, params=params, schedule=schedule,
+                                **{k: v for k, v in options.items() if v is not None})
+    return control.to_dict()
+
+
+def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) -> list[dict[str, Any]]:
+    """Control dicts for --latents, --mask (with the init image as the source) and --guide."""
+    from mmsynth.io import load_image
+    from mmsynth.sample.inpaint import BlendedInpaint
+    from mmsynth.sample.inversion import InitialLatents, load_latents
+
+    controls: list[dict[str, Any]] = []
+    if getattr(args, "latents", None) is not None:
+        x, _ = load_latents(args.latents)
+        controls.append(InitialLatents(latents=x.numpy()).to_dict())
+    if args.feather is not None and args.mask is None:
+        raise InputError("--feather needs --mask (it is the inpainting seam width)")
+    if args.mask is not None:
+        if init_image is None:
+            raise InputError("--mask needs --init-image: the image whose masked (white) region is repainted")
+        mask = load_image(args.mask, "--mask")
+        kwargs = {} if args.feather is None else {"feather": args.feather}
+        controls.append(BlendedInpaint(image=init_image, mask=mask, **kwargs).to_dict())
+    guide = guide_control(args)
+    if guide is not None:
+        controls.append(guide)
+    return controls

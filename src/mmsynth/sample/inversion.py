@@ -1,0 +1,352 @@
+"""DDIM inversion through the one loop run backwards, reconstruction from x_T, and prompt-swap editing.
+
+Inversion is not a second sampler: `DDIMInversion` is a control whose `start` hook encodes the image
+(the VAE posterior mean: deterministic, seed-free), swaps the loop's scheduler for diffusers'
+`DDIMInverseScheduler` on the same noise schedule and hands the loop its ascending timesteps; the loop
+then runs exactly as when sampling (same branches, same CFG sum, same controls' model inputs), from x0
+to x_T. CFG 1 by default (DDIM inversion drifts at high CFG). Controls that repeat steps cannot run
+backwards (re-noising goes the wrong way) and are refused. During inversion a Step's alpha_bar is that
+of the timestep the model is evaluated at (DDIMInverseScheduler's target level), alpha_bar_prev the next one.
+
+- `InitialLatents`  start sampling from given latents (an x_T), like diffusers' `latents=` argument;
+- `InvertedLatents` start from the inversion of an image (inverts in `start`): a self-contained,
+  replayable edit request (the image is embedded as PNG);
+- `SourceAttention` keep the SOURCE's self-attention structure for the first `until` fraction of the
+  steps: a nested reconstruction with the source prompt records every self-attention layer's queries
+  and keys (forward hooks on `attn1.to_q` / `attn1.to_k` of diffusers' `Attention` modules, so the
+  attention processors themselves are untouched), and the edit pass replays them; the maps
+  softmax(q k^T) are then the source's while the values (content) come from the edited prompt.
+  This is the Plug-and-Play / MasaCtrl-style "inject self-attention queries and keys" variant.
+- Negative-prompt inversion (Miyake et al. 2023): reconstruct or edit with the SOURCE prompt as the
+  negative prompt, so CFG > 1 does not amplify the inversion's drift (`negative_prompt_inversion=True`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from mmsynth.errors import InputError
+from mmsynth.sample.controls import Control, Step, decode_array, register_control
+from mmsynth.sample.img2img import _as_rgb
+from mmsynth.sample.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from mmsynth.models.bundle import Bundle
+    from mmsynth.sample.sampler import Context, SampleResult
+
+LATENTS_FORMAT = "mmsynth.latents/1"
+
+
+def image_pixels(image: Any, height: int, width: int, what: str) -> torch.Tensor:
+    """An image option as 1 x 3 x H x W in [-1, 1]; it must already be height x width (no silent resize)."""
+    arr = _as_rgb(np.asarray(decode_array(image, what)))
+    if arr.shape[:2] != (height, width):
+        raise InputError(f"{what} is {arr.shape[1]}x{arr.shape[0]} but the request generates {width}x{height}; "
+                         "resize the image or set --width/--height to its size")
+    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def encode_mean(ctx: Context, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of the VAE posterior MEAN (deterministic: inversion and blending must not draw noise)."""
+    vae = ctx.bundle.vae
+    pixels = pixels.to(device=ctx.device, dtype=ctx.dtype)
+    return vae.config.scaling_factor * vae.encode(pixels).latent_dist.mode()
+
+
+# ---------------------------------------------------------------------------------------------- controls
+@register_control
+@dataclass(kw_only=True)
+class DDIMInversion(Control):
+    """Run the loop backwards from `image` (HxWx3 uint8, path or PNG data URI) to x_T with DDIMInverseScheduler."""
+
+    name: ClassVar[str] = "ddim-inversion"
+
+    image: Any = None
+
+    def __post_init__(self) -> None:
+        if self.image is None:
+            raise InputError("ddim-inversion needs the image to invert")
+        if isinstance(self.image, (np.ndarray, torch.Tensor)):
+            self.image = _as_rgb(np.asarray(decode_array(self.image, "image to invert")))
+
+    def start(self, ctx: Context) -> bool:
+        from diffusers import DDIMInverseScheduler
+
+        if ctx.request.scheduler != "ddim":
+            raise InputError(f"inversion is DDIM inversion: use scheduler 'ddim' (got {ctx.request.scheduler!r}); "
+                             "the reconstruction may use any scheduler")
+        if ctx.request.eta != 0:
+            raise InputError(f"DDIM inversion is deterministic: eta must be 0, got {ctx.request.eta}")
+        rewinders = [c.name for c in ctx.controls if c.needs_rewind and getattr(c, "k", 1) > 1]
+        if rewinders:
+            raise InputError(f"self-recurrence (k > 1 in {', '.join(rewinders)}) cannot run during inversion: "
+                             "re-noising a step only makes sense going from noise to image")
+        inverse = DDIMInverseScheduler.from_config(ctx.scheduler.config)
+        inverse.set_timesteps(len(ctx.timesteps), device=ctx.device)
+        ctx.scheduler, ctx.timesteps = inverse, inverse.timesteps
+        x0 = encode_mean(ctx, image_pixels(self.image, ctx.height, ctx.width, "image to invert"))
+        ctx.latents = x0.repeat(ctx.request.n, 1, 1, 1)
+        return True
+
+
+@register_control
+@dataclass(kw_only=True)
+class InitialLatents(Control):
+    """Start from given latents (1 or n x C x h x w array/tensor, or an x_T .safetensors path) instead of noise.
+
+    Like diffusers' `latents=` argument, they are multiplied by the scheduler's init_noise_sigma (1 for
+    DDIM, DPM-Solver, UniPC), so an x_T from DDIM inversion also starts Euler at the right scale.
+    """
+
+    name: ClassVar[str] = "latents"
+
+    latents: Any = None
+
+    def __post_init__(self) -> None:
+        if self.latents is None:
+            raise InputError("latents: give an array of initial latents or an x_T .safetensors file")
+        if isinstance(self.latents, str):
+            self.latents = load_latents(self.latents)[0].numpy()
+        arr = np.asarray(self.latents.detach().cpu() if isinstance(self.latents, torch.Tensor) else self.latents)
+        if arr.ndim != 4 or not np.issubdtype(arr.dtype, np.floating):
+            raise InputError(f"latents must be a float array n x C x h x w, got shape {arr.shape} ({arr.dtype})")
+        self.latents = arr.astype(np.float32)
+
+    def start(self, ctx: Context) -> bool:
+        x = torch.from_numpy(self.latents)
+        check_latent_shape(x, ctx.latent_shape, "latents")
+        if x.shape[0] == 1 and ctx.request.n > 1:
+            x = x.repeat(ctx.request.n, 1, 1, 1)
+        ctx.latents = x.to(device=ctx.device, dtype=ctx.dtype) * ctx.scheduler.init_noise_sigma
+        return True
+
+
+def check_latent_shape(x: torch.Tensor, shape: tuple[int, int, int, int], what: str) -> None:
+    n, c, h, w = shape
+    if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w) or x.shape[0] not in (1, n):
+        raise InputError(f"{what} have shape {tuple(x.shape)}; this model and size need (1 or {n}) x {c} x {h} x {w} "
+                         f"(an x_T inverted with another model or image size?)")
+
+
+@register_control
+@dataclass(kw_only=True)
+class InvertedLatents(Control):
+    """Start from the DDIM inversion of `image` under `source_prompt` (inverts once, in `start`).
+
+    inversion_cfg: the guidance scale of the inversion (1 = plain DDIM inversion, the default).
+    The inversion uses the run's own step count, so the two grids of timesteps match.
+    """
+
+    name: ClassVar[str] = "inverted-latents"
+
+    image: Any = None
+    source_prompt: str = ""
+    inversion_cfg: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.image is None:
+            raise InputError("inverted-latents needs the source image")
+        if isinstance(self.image, (np.ndarray, torch.Tensor)):
+            self.image = _as_rgb(np.asarray(decode_array(self.image, "source image")))
+        if not isinstance(self.source_prompt, str):
+            raise InputError("source_prompt must be a string (the source image's caption)")
+        self._cache: dict[Any, torch.Tensor] = {}
+
+    def start(self, ctx: Context) -> bool:
+        key = (ctx.request.steps, ctx.height, ctx.width, id(ctx.bundle))
+        if key not in self._cache:
+            self._cache[key] = invert(ctx.bundle, self.image, self.source_prompt, steps=ctx.request.steps,
+                                      cfg=self.inversion_cfg, height=ctx.height, width=ctx.width).latents
+        x = self._cache[key]
+        ctx.latents = x.repeat(ctx.request.n, 1, 1, 1).to(ctx.device, ctx.dtype) * ctx.scheduler.init_noise_sigma
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- self-attention
+def self_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The UNet's self-attention modules (diffusers names them `...attn1` in every transformer block)."""
+    return {name: m for name, m in unet.named_modules() if name.endswith("attn1") and hasattr(m, "to_q")}
+
+
+@dataclass(kw_only=True)
+class _AttentionRecorder(Control):
+    """Internal: records attn1 queries/keys per (step, layer) for steps before `until` (not registered)."""
+
+    name: ClassVar[str] = "attention-recorder"
+    until: float = 0.5
+
+    def prepare(self, ctx: Context) -> None:
+        self.store: dict[tuple[int, str, str], torch.Tensor] = {}
+        self._step: Step | None = None
+        self._handles = []
+        for name, mod in self_attention_modules(ctx.bundle.unet).items():
+            for proj in ("to_q", "to_k"):
+                self._handles.append(getattr(mod, proj).register_forward_hook(self._hook(name, proj)))
+
+    def _hook(self, layer: str, proj: str) -> Any:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
+            if self._step is not None and self._step.fraction < self.until:
+                self.store[(self._step.index, layer, proj)] = output.detach()
+        return hook
+
+    def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> None:
+        self._step = step
+        return None
+
+    def close(self, ctx: Context) -> None:
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+
+
+@register_control
+@dataclass(kw_only=True)
+class SourceAttention(Control):
+    """Keep the source's self-attention maps (queries and keys) for the first `until` fraction of the steps.
+
+    In `prepare` it reconstructs the source (the same request with `source_prompt`, same starting
+    latents and other controls) while recording; the edit pass then replays them. Costs one extra run.
+    """
+
+    name: ClassVar[str] = "source-attention"
+
+    source_prompt: str = ""
+    until: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.until, (int, float)) or isinstance(self.until, bool) or not 0 <= self.until <= 1:
+            raise InputError(f"source-attention until must be a fraction of the steps in [0, 1], got {self.until!r}")
+
+    def prepare(self, ctx: Context) -> None:
+        from mmsynth.sample.sampler import sample
+
+        recorder = _AttentionRecorder(until=float(self.until))
+        others = [c for c in ctx.controls if c is not self]
+        source = dataclasses.replace(ctx.request, prompt=self.source_prompt, controls=[])
+        sample(ctx.bundle, source, [*others, recorder], progress=False, decode=False)
+        self._store, self._step, self._handles = recorder.store, None, []
+        for name, mod in self_attention_modules(ctx.bundle.unet).items():
+            for proj in ("to_q", "to_k"):
+                self._handles.append(getattr(mod, proj).register_forward_hook(self._hook(name, proj)))
+
+    def _hook(self, layer: str, proj: str) -> Any:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if self._step is None:
+                return None
+            kept = self._store.get((self._step.index, layer, proj))
+            return kept if kept is not None and kept.shape == output.shape else None
+        return hook
+
+    def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> None:
+        self._step = step
+        return None
+
+    def close(self, ctx: Context) -> None:
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles, self._store = [], {}
+
+
+# ---------------------------------------------------------------------------------------------- functions
+@dataclass
+class InversionResult:
+    """latents: x_T (n x C x h x w); request: the request that reproduces them (`sample(..., decode=False)`)."""
+
+    latents: torch.Tensor
+    request: GenerationRequest
+
+
+def invert(bundle: Bundle, image: Any, prompt: str, steps: int = 50, cfg: float = 1.0, negative_prompt: str = "",
+           controls: list[Control] | None = None, height: int | None = None, width: int | None = None,
+           progress: bool = False) -> InversionResult:
+    """DDIM-invert `image` under `prompt` through the one loop; other controls add their inputs as when sampling."""
+    from mmsynth.sample.sampler import sample
+
+    if isinstance(image, (str, Path)):
+        from mmsynth.io import load_image
+
+        image = load_image(image, "image to invert")
+    image = _as_rgb(np.asarray(image))
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, scheduler="ddim", steps=steps,
+                                cfg=cfg, n=1, height=height or image.shape[0], width=width or image.shape[1])
+    result = sample(bundle, request, [DDIMInversion(image=image), *(controls or [])], progress=progress,
+                    decode=False)
+    return InversionResult(result.latents, result.requests[0])
+
+
+def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str, steps: int = 50, cfg: float = 1.0,
+                scheduler: str = "ddim", negative_prompt_inversion: bool = False,
+                controls: list[Control] | None = None, progress: bool = False) -> SampleResult:
+    """Sample from x_T with the source prompt (negative_prompt_inversion: the prompt is also the negative)."""
+    from mmsynth.sample.sampler import sample
+
+    f = bundle.vae_scale_factor
+    request = GenerationRequest(prompt=prompt, negative_prompt=prompt if negative_prompt_inversion else "",
+                                scheduler=scheduler, steps=steps, cfg=cfg, n=latents.shape[0],
+                                height=latents.shape[-2] * f, width=latents.shape[-1] * f)
+    return sample(bundle, request, [InitialLatents(latents=latents), *(controls or [])], progress=progress)
+
+
+def edit_request(image: Any, source_prompt: str, prompt: str, steps: int = 50, cfg: float = 5.0, seed: int = 0,
+                 scheduler: str = "ddim", keep_attention: float = 0.0, negative_prompt_inversion: bool = True,
+                 inversion_cfg: float = 1.0, model: str | None = None) -> GenerationRequest:
+    """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt)."""
+    image = _as_rgb(np.asarray(image))
+    controls: list[Control] = [InvertedLatents(image=image, source_prompt=source_prompt, inversion_cfg=inversion_cfg)]
+    if keep_attention > 0:
+        controls.append(SourceAttention(source_prompt=source_prompt, until=keep_attention))
+    request = GenerationRequest(prompt=prompt, negative_prompt=source_prompt if negative_prompt_inversion else "",
+                                controls=[c.to_dict() for c in controls], scheduler=scheduler, steps=steps, cfg=cfg,
+                                seed=seed, n=1, height=image.shape[0], width=image.shape[1], model=model)
+    return request.validate()
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB between two uint8 images (over the pixels where mask is true, if given); inf when equal."""
+    d = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    if mask is not None:
+        d = d[np.asarray(mask, bool)]
+    mse = float(d.mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# ---------------------------------------------------------------------------------------------- x_T files
+def save_latents(latents: torch.Tensor, path: str | Path, request: GenerationRequest, model: str | None = None) -> None:
+    """Write x_T and the request that produced it (JSON, in the safetensors metadata) atomically."""
+    from safetensors.torch import save_file
+
+    from mmsynth.io import atomic_path
+
+    meta = {"format": LATENTS_FORMAT, "request": request.to_json(), "model": model or request.model or ""}
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.detach().cpu().float().contiguous()}, str(tmp), metadata=meta)
+
+
+def load_latents(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(x_T, metadata with the inversion request decoded) from a file written by `save_latents`."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"latents file '{p}' does not exist (expected an x_T .safetensors from `mmsynth invert`)")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if "latents" not in set(f.keys()):
+                raise InputError(f"latents file '{p}' has no 'latents' tensor (not written by `mmsynth invert`)")
+            x = f.get_tensor("latents")
+    except InputError:
+        raise
+    except Exception:
+        raise InputError(f"latents file '{p}' is not a readable safetensors file") from None
+    if "request" in meta:
+        meta["request"] = json.loads(meta["request"])
+    return x, meta

@@ -1,0 +1,132 @@
+"""Universal guidance (Bansal et al. 2023) as one control of the one sampler.
+
+Any differentiable loss on the decoded image (a guide, guides.py) steers sampling without training:
+
+- forward guidance   eps_hat = eps + s0 * sqrt(1 - abar_t) * grad_z loss(guide(decode(x0_hat(z)))),
+  where x0_hat comes from the loop's CFG-combined prediction WITH every other active control's inputs
+  (ctx.predict) and is decoded through the VAE with gradients, so the gradient flows through the UNet
+  and the decoder and guidance composes with img2img, inpainting and any later control;
+- backward guidance  m gradient steps (Adam, `lr`) on a correction Delta to x0_hat (through the decoder
+  only), mapped back into the noise prediction as eps_tilde = eps_hat - sqrt(abar_t / (1 - abar_t)) * Delta;
+- self-recurrence    k passes per step: the loop re-noises z_{t-1} back to t
+  (z_t = sqrt(abar_t / abar_{t-1}) z_{t-1} + sqrt(1 - abar_t / abar_{t-1}) noise) and rewinds the
+  scheduler by snapshot/restore, so DDIM and the multistep solvers (DPM-Solver++, UniPC) both work.
+
+Hooks used: `after` (the eps terms; it calls ctx.predict itself with gradients) and `repeats` (k).
+The cost per guided step is one extra UNet forward + backward and a decoder forward + backward
+(plus m decoder passes for backward guidance), times k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from mmsynth.errors import InputError
+from mmsynth.sample.controls import Control, Step, decode_value, encode_value, register_control
+from mmsynth.sample.guides import build_guide, check_guide_name, guide_loss
+
+if TYPE_CHECKING:
+    from mmsynth.sample.sampler import Context
+
+_PYTHON_GUIDE = "python:"
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@register_control
+@dataclass(kw_only=True)
+class UniversalGuidance(Control):
+    """guide: a shipped guide's name (guides.GUIDES) with `params`, or any nn.Module / callable from Python.
+
+    s0 >= 0: forward guidance strength (0 = off); m >= 0: backward steps (0 = off), `lr` their Adam step;
+    k >= 1: passes per step (self-recurrence). The schedule's start/end limit the steps it acts on.
+    """
+
+    name: ClassVar[str] = "universal-guidance"
+    needs_rewind: ClassVar[bool] = True
+
+    guide: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    s0: float = 1.0
+    k: int = 1
+    m: int = 0
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not _number(self.s0) or self.s0 < 0:
+            raise InputError(f"s0 (forward guidance strength) must be a number >= 0, got {self.s0!r}")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise InputError(f"k (self-recurrence passes per step) must be an integer >= 1, got {self.k!r}")
+        if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 0:
+            raise InputError(f"m (backward guidance steps) must be an integer >= 0, got {self.m!r}")
+        if not _number(self.lr) or self.lr <= 0:
+            raise InputError(f"lr (backward guidance step size) must be a number > 0, got {self.lr!r}")
+        if not isinstance(self.params, dict):
+            raise InputError(f"params (the guide's parameters) must be an object, got {type(self.params).__name__}")
+        self.params = {k: decode_value(v) for k, v in self.params.items()}
+        if self.guide is None:
+            raise InputError("universal guidance needs a guide: a shipped name or an nn.Module from Python")
+        if isinstance(self.guide, str):
+            if self.guide.startswith(_PYTHON_GUIDE):
+                raise InputError(f"guide {self.guide!r} was a Python module when this request was made; it cannot be "
+                                 "rebuilt from JSON: pass the module again from Python")
+            check_guide_name(self.guide)
+        elif not callable(self.guide):
+            raise InputError("guide must be a shipped guide's name or a callable module, "
+                             f"got {type(self.guide).__name__}")
+
+    # ---- hooks
+    def prepare(self, ctx: Context) -> None:
+        self._guide = (build_guide(self.guide, self.params, ctx.bundle) if isinstance(self.guide, str)
+                       else self.guide)
+        self._label = f"guide {self.guide!r}" if isinstance(self.guide, str) else f"guide {type(self.guide).__name__}"
+
+    def repeats(self, ctx: Context, step: Step) -> int:
+        return self.k
+
+    def after(self, ctx: Context, step: Step, latents: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        pt = ctx.prediction_type
+        eps = step.to_eps(latents, out, pt)
+        if self.s0 > 0:
+            eps = eps + self.s0 * math.sqrt(1.0 - step.alpha_bar) * self.forward_gradient(ctx, step, latents)
+        if self.m > 0:
+            a = step.alpha_bar
+            x0 = (latents * step.input_scale - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            eps = eps - math.sqrt(a / (1 - a)) * self.backward_delta(ctx, x0)
+        return step.from_eps(latents, eps, pt)
+
+    # ---- the two guidance terms
+    def forward_gradient(self, ctx: Context, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        """grad of the guide's loss w.r.t. the variance-preserving latent, through the guided UNet and the decoder."""
+        with torch.enable_grad():
+            z = latents.detach().requires_grad_(True)
+            x0 = step.to_x0(z, ctx.predict(z, step, controls=ctx.active(step)), ctx.prediction_type)
+            loss = guide_loss(self._guide, ctx.decode(x0), self._label)
+            (grad,) = torch.autograd.grad(loss, z)
+        return grad / step.input_scale  # d/dz_vp = d/dz / input_scale (1 except in sigma space)
+
+    def backward_delta(self, ctx: Context, x0: torch.Tensor) -> torch.Tensor:
+        """Delta minimising the guide's loss at decode(x0 + Delta), by m Adam steps (decoder gradients only)."""
+        x0 = x0.detach()
+        delta = torch.zeros_like(x0, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=self.lr)
+        with torch.enable_grad():
+            for _ in range(self.m):
+                opt.zero_grad()
+                guide_loss(self._guide, ctx.decode(x0 + delta), self._label).backward(inputs=[delta])
+                opt.step()
+        return delta.detach()
+
+    # ---- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if not isinstance(self.guide, str):
+            d["guide"] = _PYTHON_GUIDE + type(self.guide).__name__
+        d["params"] = {k: encode_value(v) for k, v in self.params.items()}
+        return d

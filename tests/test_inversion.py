@@ -1,0 +1,284 @@
+"""DDIM inversion through the one loop, reconstruction, prompt-swap editing, blended inpainting and their CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler
+from PIL import Image
+
+from mmsynth.errors import InputError
+from mmsynth.models.zoo import tiny_bundle
+from mmsynth.sample import (
+    BlendedInpaint,
+    GenerationRequest,
+    InitialLatents,
+    UniversalGuidance,
+    edit_request,
+    invert,
+    load_latents,
+    reconstruct,
+    sample,
+    save_latents,
+)
+from mmsynth.sample.inversion import encode_mean, image_pixels, psnr, self_attention_modules
+from mmsynth.sample.sampler import Context, encode_text, to_uint8
+
+SOURCE, EDITED = "a red circle", "a blue circle"
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_bundle(seed=0)
+
+
+@pytest.fixture(scope="module")
+def image(bundle):
+    r = bundle.resolution
+    yy, xx = np.mgrid[0:r, 0:r]
+    img = np.stack([xx * 255 // (r - 1), yy * 255 // (r - 1), (xx + yy) * 127 // (r - 1)], axis=-1)
+    return img.astype(np.uint8)
+
+
+def _x0(bundle, image):
+    ctx = Context.create(bundle, GenerationRequest(cfg=1.0), [])
+    with torch.no_grad():
+        return encode_mean(ctx, image_pixels(image, bundle.resolution, bundle.resolution, "image"))
+
+
+# ---------------------------------------------------------------------------------------------- inversion
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_inversion_matches_the_ddim_inverse_scheduler_loop(bundle, image, cfg):
+    steps = 8
+    ours = invert(bundle, image, SOURCE, steps=steps, cfg=cfg).latents
+    inverse = DDIMInverseScheduler.from_config(bundle.scheduler.config)
+    inverse.set_timesteps(steps)
+    cond, uncond = encode_text(bundle, [SOURCE]), encode_text(bundle, [""])
+    z = _x0(bundle, image)
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            if cfg == 1.0:
+                eps = bundle.unet(z, t, encoder_hidden_states=cond).sample
+            else:
+                out = bundle.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                u, c = out.chunk(2)
+                eps = u + cfg * (c - u)
+            z = inverse.step(eps, t, z).prev_sample
+    torch.testing.assert_close(ours, z, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ours, _x0(bundle, image))  # it went somewhere
+
+
+def test_round_trip_converges_with_steps_and_reports_psnr(bundle, image, capsys):
+    x0 = _x0(bundle, image)
+    with torch.no_grad():
+        vae_only = to_uint8(Context.create(bundle, GenerationRequest(), []).decode(x0))[0]
+    errors, psnrs = {}, {}
+    for steps in (10, 40, 120):
+        x_t = invert(bundle, image, SOURCE, steps=steps).latents
+        rec = reconstruct(bundle, x_t, SOURCE, steps=steps)
+        errors[steps] = ((rec.latents - x0).norm() / x0.norm()).item()
+        psnrs[steps] = psnr(rec.images[0], vae_only)
+    with capsys.disabled():
+        print("\n[tiny random model] round trip vs the VAE's own reconstruction: "
+              + ", ".join(f"{s} steps {psnrs[s]:.1f} dB (latent rel. err {errors[s]:.2f})" for s in errors))
+    # a random UNet's eps changes fast with t, so DDIM's one-step approximation needs many steps; it must converge
+    assert errors[120] < 0.7 * errors[40] < 0.9 * errors[10]
+    assert psnrs[120] > psnrs[10]
+
+
+def test_negative_prompt_inversion_makes_cfg_exact(bundle, image):
+    x_t = invert(bundle, image, SOURCE, steps=6).latents
+    plain = reconstruct(bundle, x_t, SOURCE, steps=6, cfg=1.0)
+    npi = reconstruct(bundle, x_t, SOURCE, steps=6, cfg=4.0, negative_prompt_inversion=True)
+    null = reconstruct(bundle, x_t, SOURCE, steps=6, cfg=4.0)
+    torch.testing.assert_close(npi.latents, plain.latents, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(null.latents, plain.latents, atol=1e-3)
+
+
+def test_x_t_file_round_trip_and_inversion_replays_from_its_request(bundle, image, tmp_path):
+    inv = invert(bundle, image, SOURCE, steps=4)
+    save_latents(inv.latents, tmp_path / "x.safetensors", inv.request)
+    x, meta = load_latents(tmp_path / "x.safetensors")
+    assert torch.equal(x, inv.latents) and meta["format"] == "mmsynth.latents/1"
+    replay = sample(bundle, GenerationRequest.from_dict(meta["request"]), progress=False, decode=False)
+    assert torch.equal(replay.latents, inv.latents)
+    from_file = sample(bundle, GenerationRequest(prompt=SOURCE, steps=4, cfg=1.0),
+                       [InitialLatents(latents=str(tmp_path / "x.safetensors"))], progress=False)
+    assert torch.equal(from_file.latents, reconstruct(bundle, x, SOURCE, steps=4).latents)
+
+
+def test_inversion_refuses_what_cannot_run_backwards(bundle, image):
+    with pytest.raises(InputError, match="use scheduler 'ddim'"):
+        sample(bundle, GenerationRequest(prompt=SOURCE, steps=2, cfg=1.0, scheduler="unipc"),
+               [_inversion(image)], progress=False, decode=False)
+    with pytest.raises(InputError, match="self-recurrence"):
+        sample(bundle, GenerationRequest(prompt=SOURCE, steps=2, cfg=1.0),
+               [_inversion(image), UniversalGuidance(guide="palette", params={"target": image}, k=2)],
+               progress=False, decode=False)
+    with pytest.raises(InputError, match="1 or 1\\) x 4 x 8 x 8"):
+        sample(bundle, GenerationRequest(prompt=SOURCE, steps=2), [InitialLatents(latents=np.zeros((1, 4, 4, 4)))],
+               progress=False)
+
+
+def _inversion(image):
+    from mmsynth.sample import DDIMInversion
+
+    return DDIMInversion(image=image)
+
+
+# ---------------------------------------------------------------------------------------------- editing
+def test_prompt_swap_edit_is_a_replayable_request(bundle, image):
+    req = edit_request(image, SOURCE, EDITED, steps=6, cfg=3.0)
+    first = sample(bundle, req, progress=False)
+    again = sample(bundle, GenerationRequest.from_json(first.requests[0].to_json()), progress=False)
+    assert torch.equal(first.latents, again.latents)
+    x_t = invert(bundle, image, SOURCE, steps=6).latents
+    source = reconstruct(bundle, x_t, SOURCE, steps=6, cfg=3.0, negative_prompt_inversion=True)
+    assert not torch.allclose(first.latents, source.latents, atol=1e-3)  # the prompt changed the result
+
+
+def test_keeping_source_attention_replays_its_queries_and_keys(bundle, image):
+    plain = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0), progress=False)
+    kept = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0, keep_attention=1.0), progress=False)
+    assert not torch.allclose(plain.latents, kept.latents, atol=1e-4)
+    # with the source prompt on both sides, replaying its own q/k changes nothing
+    same = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0, keep_attention=1.0), progress=False)
+    base = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0), progress=False)
+    torch.testing.assert_close(same.latents, base.latents, atol=1e-5, rtol=1e-4)
+    for m in self_attention_modules(bundle.unet).values():  # hooks removed afterwards
+        assert not m.to_q._forward_hooks and not m.to_k._forward_hooks
+
+
+# ---------------------------------------------------------------------------------------------- inpainting
+def test_inpainting_keeps_the_outside_and_repaints_the_inside(bundle, image):
+    r = bundle.resolution
+    mask = np.zeros((r, r), np.uint8)
+    mask[8:24, 10:22] = 255
+    out = sample(bundle, GenerationRequest(prompt=SOURCE, steps=4, seed=0, n=2),
+                 [BlendedInpaint(image=image, mask=mask)], progress=False)
+    for img in out.images:
+        assert psnr(img, image, mask == 0) >= 35
+        assert psnr(img, image, mask > 0) < 25
+
+
+def test_inpainting_blends_the_known_latents_at_every_step(bundle, image):
+    r = bundle.resolution
+    mask = np.zeros((r, r), np.uint8)
+    mask[:, : r // 2] = 255
+    out = sample(bundle, GenerationRequest(prompt=SOURCE, steps=3, seed=0),
+                 [BlendedInpaint(image=image, mask=mask, feather=0)], progress=False)
+    x0 = _x0(bundle, image)
+    torch.testing.assert_close(out.latents[..., r // 8:], x0[..., r // 8:])  # known half of the latent: the source
+
+
+@pytest.mark.parametrize("mask,message", [
+    (np.full((32, 32), 128, np.uint8), "binary"),
+    (np.zeros((16, 16), np.uint8) + np.eye(16, dtype=np.uint8) * 255, "same size"),
+    (np.zeros((32, 32), np.uint8), "all black"),
+])
+def test_bad_masks_raise_input_error(bundle, image, mask, message):
+    with pytest.raises(InputError, match=message):
+        sample(bundle, GenerationRequest(prompt=SOURCE, steps=1), [BlendedInpaint(image=image, mask=mask)],
+               progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def model_dir(bundle, tmp_path_factory):
+    return bundle.save_pretrained(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def _cli(argv):
+    from mmsynth.cli.main import main
+
+    return main(argv)
+
+
+def test_cli_invert_reconstruct_and_edit(model_dir, image, tmp_path, capsys):
+    Image.fromarray(image).save(tmp_path / "in.png")
+    x_t = tmp_path / "x_T.safetensors"
+    assert _cli(["invert", str(tmp_path / "in.png"), "--prompt", SOURCE, "--out", str(x_t), "--steps", "5",
+                 "--model", str(model_dir), "--reconstruct", str(tmp_path / "rec.png"), "--quiet"]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    assert _cli(["generate", "--latents", str(x_t), "--prompt", SOURCE, "--cfg", "1", "--steps", "5", "-n", "1",
+                 "--model", str(model_dir), "--out", str(tmp_path / "gen"), "--quiet"]) == 0
+    rec = np.asarray(Image.open(tmp_path / "rec.png"))
+    assert np.array_equal(rec, np.asarray(Image.open(tmp_path / "gen" / "images" / "0000.png")))
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[4:20, 4:20] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert _cli(["edit", str(tmp_path / "in.png"), "--source-prompt", SOURCE, "--prompt", EDITED, "--steps", "4",
+                 "--mask", str(tmp_path / "mask.png"), "--keep-attention", "0.5", "--model", str(model_dir),
+                 "--out", str(tmp_path / "edit"), "--quiet"]) == 0
+    edited = np.asarray(Image.open(tmp_path / "edit" / "images" / "0000.png"))
+    assert psnr(edited, image, mask == 0) >= 35
+    names = [c["name"] for c in json.loads((tmp_path / "edit" / "request.json").read_text())["controls"]]
+    assert names == ["inverted-latents", "source-attention", "inpaint"]
+    assert _cli(["generate", "--replay", str(tmp_path / "edit" / "requests" / "0000.json"), "--model", str(model_dir),
+                 "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert np.array_equal(edited, np.asarray(Image.open(tmp_path / "again" / "images" / "0000.png")))
+
+
+def test_cli_guided_generation_replays(model_dir, image, tmp_path):
+    Image.fromarray(image).save(tmp_path / "target.png")
+    argv = ["generate", "--prompt", SOURCE, "--steps", "3", "-n", "1", "--guide", "palette", "--guide-target",
+            str(tmp_path / "target.png"), "--s0", "5", "--k", "2", "--m", "1", "--model", str(model_dir), "--quiet"]
+    assert _cli([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert _cli(["generate", "--replay", str(tmp_path / "a" / "request.json"), "--out", str(tmp_path / "b"),
+                 "--quiet"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "images" / "0000.png")) for d in "ab")
+    assert np.array_equal(a, b)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """The CLI's error lines (stderr may also carry transformers' weight-loading progress bar)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("mmsynth")]
+
+
+def _bad_latents(path):
+    save_latents(torch.zeros(1, 4, 4, 4), path, GenerationRequest())
+    return path
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--latents", "BAD"], "this model and size need"),
+    (["--latents", "missing.safetensors"], "does not exist"),
+    (["--guide", "sharpness"], "valid: box, clip, palette, region"),
+    (["--guide", "palette", "--guide-target", "IMG", "--s0", "-1"], "s0"),
+    (["--guide", "palette", "--guide-target", "IMG", "--k", "0"], "k (self-recurrence"),
+    (["--s0", "3"], "needs --guide"),
+    (["--init-image", "IMG", "--mask", "SMALLMASK"], "same size"),
+    (["--init-image", "IMG", "--mask", "GREYMASK"], "binary"),
+    (["--mask", "GREYMASK"], "needs --init-image"),
+])
+def test_cli_bad_input_exits_2_with_one_line_and_no_output(model_dir, image, tmp_path, capsys, extra, message):
+    Image.fromarray(image).save(tmp_path / "img.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.full(image.shape[:2], 100, np.uint8)).save(tmp_path / "grey.png")
+    subst = {"BAD": str(_bad_latents(tmp_path / "bad.safetensors")), "IMG": str(tmp_path / "img.png"),
+             "SMALLMASK": str(tmp_path / "small.png"), "GREYMASK": str(tmp_path / "grey.png")}
+    extra = [subst.get(a, a) for a in extra]
+    argv = ["generate", "--prompt", SOURCE, "--steps", "1", "--model", str(model_dir), "--out", str(tmp_path / "out"),
+            "--quiet", *extra]
+    assert _cli(argv) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_invert_bad_input(model_dir, image, tmp_path, capsys):
+    Image.fromarray(image).save(tmp_path / "in.png")
+    out = tmp_path / "x.safetensors"
+    for extra, message in ((["--out", str(tmp_path / "x.pt")], "must end with .safetensors"),
+                           (["--out", str(out), "--steps", "0"], "steps"),
+                           (["--out", str(out), "--reconstruct", str(tmp_path / "r.png"),
+                             "--reconstruct-scheduler", "plms"], "valid")):
+        assert _cli(["invert", str(tmp_path / "in.png"), "--prompt", SOURCE, "--model", str(model_dir), "--quiet",
+                     *extra]) == 2
+        err = _error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and message in err[0]
+        assert not out.exists() and not (tmp_path / "r.png").exists()
