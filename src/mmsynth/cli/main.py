@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from mmsynth.errors import InputError
 
 # Command modules under mmsynth.cli, in the order `mmsynth --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "annotate", "generate", "judge", "train")
+COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "annotate", "generate", "invert", "edit", "judge", "train", "bench")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,142 @@
+"""What produces a benchmark image: the run context (model, sampler settings, feature extractor) and the
+standard row generators every suite reuses (ground-truth render, unconditioned base model, text-to-image).
+
+A model's capabilities (`text`, `control:<kind>`, `layout`, `inpaint`, `img2img`) are looked up in a registry of
+checks, so a control module declares what a bundle must carry for it (`register_capability`) and the runner can
+skip, with a reason, the cases a model cannot honour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mmsynth.errors import InputError
+
+if TYPE_CHECKING:
+    from mmsynth.evaluate.bench.cases import Case
+    from mmsynth.evaluate.fidelity import ImageFeatures
+    from mmsynth.models.bundle import Bundle
+
+EXTRACTORS = ("shapesclip", "inception")
+
+# capability -> does this bundle have it
+CAPABILITIES: dict[str, Callable[[Any], bool]] = {
+    "text": lambda bundle: True,
+    "img2img": lambda bundle: True,  # SDEdit works with any text-to-image bundle
+}
+
+
+def register_capability(name: str, check: Callable[[Any], bool]) -> None:
+    """Declare how to tell whether a bundle can honour `name` (e.g. 'control:canny': it carries a canny ControlNet)."""
+    CAPABILITIES[name] = check
+
+
+def model_capabilities(bundle: Any) -> set[str]:
+    return {name for name, check in CAPABILITIES.items() if check(bundle)}
+
+
+@dataclass
+class SamplerSettings:
+    """Sampler settings shared by every model row of a run (a sweep row overrides some of them)."""
+
+    steps: int = 25
+    cfg: float = 5.0
+    scheduler: str = "ddim"
+    eta: float = 0.0
+
+    def with_overrides(self, overrides: dict[str, float]) -> SamplerSettings:
+        cast = {k: (int(v) if k == "steps" else float(v)) for k, v in overrides.items()}
+        return dataclasses.replace(self, **cast)
+
+
+@dataclass
+class RunContext:
+    """Per process: where the model is, how to sample, which feature extractor fidelity uses. Loads lazily."""
+
+    model: str | Path | None = None
+    device: str = "cpu"
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    extractor: str = "shapesclip"
+    weights: str | Path | None = None
+    progress: bool = False
+    bundle_obj: Any = None  # a loaded Bundle may be given directly (tests, notebooks)
+    _features: Any = None
+
+    def bundle(self) -> Bundle:
+        if self.bundle_obj is None:
+            from mmsynth.models import Bundle
+            from mmsynth.models.shipped import resolve_model
+
+            self.bundle_obj = Bundle.from_pretrained(resolve_model(str(self.model) if self.model else None))
+            self.bundle_obj.to(self.device)
+        return self.bundle_obj
+
+    def capabilities(self) -> set[str]:
+        return model_capabilities(self.bundle())
+
+    def request(self, case: Case, prompt: str | None = None) -> Any:
+        """The generation request of a case under this run's sampler settings (the case's own seed, one image)."""
+        from mmsynth.sample import GenerationRequest
+
+        s = self.sampler
+        return GenerationRequest(
+            prompt=case.prompt if prompt is None else prompt,
+            negative_prompt=case.negative_prompt,
+            scheduler=s.scheduler,
+            steps=s.steps,
+            cfg=s.cfg,
+            eta=s.eta,
+            seed=case.seed,
+            n=1,
+        ).validate()
+
+    def features(self) -> ImageFeatures:
+        """The fidelity feature network: the bundle's CLIP vision tower, or Inception from local weights."""
+        if self._features is None:
+            if self.extractor == "inception":
+                from mmsynth.evaluate.bench.extractors import inception_features
+
+                self._features = inception_features(self.weights)
+            else:
+                from mmsynth.evaluate.bench.extractors import shapesclip_features
+
+                self._features = shapesclip_features(self.bundle())
+        return self._features
+
+
+def check_extractor(extractor: str, weights: str | Path | None) -> None:
+    if extractor not in EXTRACTORS:
+        raise InputError(f"--extractor '{extractor}' is not one of {', '.join(EXTRACTORS)}")
+    if extractor == "inception" and weights is None:
+        raise InputError("--extractor inception needs --weights PATH (a local FID Inception weights file; "
+                         "nothing is downloaded)")  # fmt: skip
+    if weights is not None and not Path(weights).is_file():
+        raise InputError(f"--weights '{weights}' does not exist or is not a file")
+
+
+# ---------------------------------------------------------------- standard row generators
+
+
+def ground_truth(ctx: RunContext, case: Case) -> np.ndarray:
+    """The exact render of the case's scene: what a perfect model would produce (the ceiling)."""
+    return case.render()
+
+
+def base_unconditioned(ctx: RunContext, case: Case) -> np.ndarray:
+    """The base model with an empty prompt and no controls: the chance level every method should beat."""
+    from mmsynth.sample import sample
+
+    return sample(ctx.bundle(), ctx.request(case, prompt=""), controls=[], progress=False).images[0]
+
+
+def text_to_image(ctx: RunContext, case: Case) -> np.ndarray:
+    """The base model with the case's prompt."""
+    from mmsynth.sample import sample
+
+    return sample(ctx.bundle(), ctx.request(case), controls=[], progress=False).images[0]

@@ -1,0 +1,23 @@
+"""Suites whose methods are not built yet. They are listed in every report as "no rows yet" rather than
+scored with made-up numbers; the issue that ships a method registers its rows (and the suite's case
+generator and scorer) here, without touching the runner.
+"""
+
+from __future__ import annotations
+
+from mmsynth.evaluate.bench.registry import Suite, register_suite
+
+PENDING: dict[str, tuple[str, str]] = {
+    "control": ("one row per shipped control: edge F1 (both ControlNet++ thresholds), SSIM, mIoU, depth-order "
+                "accuracy, palette error, text alignment under control",
+                "no rows yet: no spatial control (ControlNet, T2I-Adapter, Composer) is shipped"),
+    "layout": ("layout methods: AP50, mean box IoU, phrase accuracy per method",
+               "no rows yet: no layout method (GLIGEN, layout guidance) is shipped"),
+    "edit": ("inpainting (outside-mask PSNR, inside accuracy) and image-to-image (accuracy vs strength)",
+             "no rows yet: editing rows arrive with the inversion/inpainting controls"),
+    "guidance": ("universal guidance and classifier-free guidance variants",
+                 "no rows yet: guidance controls are not shipped"),
+}  # fmt: skip
+
+for _name, (_description, _note) in PENDING.items():
+    register_suite(Suite(name=_name, description=_description, pending=_note))

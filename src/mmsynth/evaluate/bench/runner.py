@@ -1,0 +1,219 @@
+"""The benchmark runner: cases in, a BenchResult out, for any suite and row in the registry.
+
+Two phases, so that bad input fails before any work: planning (validate every case, pick rows and sweep
+variants, decide which cases each row must skip, load the feature extractor) and execution (generate each
+row's images, split across processes when launched with accelerate, merge in case order, score on the main
+process). The runner never names a suite or a row: everything comes from the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mmsynth.errors import InputError
+from mmsynth.evaluate.bench.cases import Case
+from mmsynth.evaluate.bench.distributed import Distributed, merge_shards, shard
+from mmsynth.evaluate.bench.generation import RunContext
+from mmsynth.evaluate.bench.registry import Row, RowScore, Suite, get_suite, suite_names
+from mmsynth.evaluate.bench.results import BenchResult, Panel, RowResult, environment
+
+SWEEP_PARAMS = ("cfg", "steps", "eta")
+
+
+@dataclass
+class RunOptions:
+    """What to run beyond the cases: a row filter, sweeps of sampler settings, strictness, report panels."""
+
+    rows: list[str] | None = None  # row names to run (every suite); None = all
+    sweeps: dict[str, list[float]] = field(default_factory=dict)  # e.g. {"cfg": [1, 3, 7]}
+    strict: bool = False  # a case a row cannot honour is an error instead of a skip
+    panels: int = 4  # cases drawn per row in the report
+    include_pending: bool = False  # list every pending suite (the --quick overview), not only those with cases
+
+
+@dataclass
+class PlannedRow:
+    suite: Suite
+    row: Row
+    todo: list[Case]
+    skipped: list[dict[str, str]]
+    references: list[Case]
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """'cfg=1,3,5' -> ('cfg', [1.0, 3.0, 5.0]), with errors naming what is valid."""
+    name, sep, values = text.partition("=")
+    if not sep or name not in SWEEP_PARAMS:
+        raise InputError(f"--sweep '{text}': expected PARAM=V1,V2,... with PARAM one of {', '.join(SWEEP_PARAMS)}")
+    try:
+        vals = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--sweep '{text}': values must be numbers separated by commas") from None
+    if not vals:
+        raise InputError(f"--sweep '{text}': give at least one value")
+    if name == "steps" and any(v < 1 or v != int(v) for v in vals):
+        raise InputError(f"--sweep '{text}': steps must be whole numbers >= 1")
+    if name == "cfg" and any(v < 0 for v in vals):
+        raise InputError(f"--sweep '{text}': cfg must be >= 0")
+    if name == "eta" and any(not 0 <= v <= 1 for v in vals):
+        raise InputError(f"--sweep '{text}': eta must be in [0, 1]")
+    return name, vals
+
+
+def sweep_rows(row: Row, sweeps: dict[str, list[float]]) -> list[Row]:
+    """Variants of a sweepable row, one per sweep value, named 'row[param=value]'."""
+    if not row.sweepable:
+        return []
+    return [dataclasses.replace(row, name=f"{row.name}[{p}={v:g}]", overrides={p: v}, base=row.name)
+            for p, vals in sweeps.items() for v in vals]  # fmt: skip
+
+
+def group_by_suite(cases: list[Case]) -> dict[str, list[Case]]:
+    """Cases per suite, in registry order."""
+    order = suite_names()
+    out: dict[str, list[Case]] = {}
+    for name in order:
+        sel = [c for c in cases if c.suite == name]
+        if sel:
+            out[name] = sel
+    return out
+
+
+def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[PlannedRow], dict[str, str]]:
+    """Validate and decide everything before any generation; returns the rows to run and the pending suites."""
+    by_suite = group_by_suite(cases)
+    pending: dict[str, str] = {}
+    planned: list[PlannedRow] = []
+    all_rows = sorted({r for s in suite_names() for r in get_suite(s).rows})
+    for name in options.rows or []:
+        if name not in all_rows:
+            raise InputError(f"--rows: unknown row '{name}'; valid: {', '.join(all_rows)}")
+    caps: set[str] | None = None
+    for name in suite_names():
+        suite = get_suite(name)
+        if suite.score is None or not suite.rows:
+            if name in by_suite or options.include_pending:
+                pending[name] = suite.pending or "no rows yet"
+            continue
+        if name not in by_suite:
+            continue
+        sel = by_suite[name]
+        if suite.check is not None:
+            for c in sel:
+                suite.check(c)
+        references = [c for c in sel if c.reference]
+        gen = [c for c in sel if not c.reference]
+        rows = [r for r in suite.rows.values() if options.rows is None or r.name in options.rows]
+        rows += [v for r in rows for v in sweep_rows(r, options.sweeps)]
+        if rows and suite.needs_model_to_score:
+            ctx.features()  # a missing extractor is an error now, not after an hour of generation
+        for row in rows:
+            todo, skipped = [], []
+            for c in gen:
+                needs = row.requirements(c)
+                if needs and caps is None:
+                    caps = ctx.capabilities()
+                missing = [n for n in needs if n not in (caps or set())]
+                if missing:
+                    reason = f"the model lacks {', '.join(missing)}"
+                    if options.strict:
+                        raise InputError(f"--strict: case '{c.id}' ({name}/{row.name}): {reason}")
+                    skipped.append({"case": c.id, "reason": reason})
+                else:
+                    todo.append(c)
+            planned.append(PlannedRow(suite, row, todo, skipped, references))
+    return planned, pending
+
+
+def generate_shard(ctx: RunContext, row: Row, cases: list[Case], rank: int = 0, world: int = 1,
+                   progress: bool = False) -> list[tuple[int, np.ndarray]]:  # fmt: skip
+    """This process's share of a row's images, as (case position, image) pairs."""
+    saved = ctx.sampler
+    ctx.sampler = saved.with_overrides(row.overrides)
+    try:
+        mine = shard(cases, rank, world)
+        return [(i, row.generate(ctx, c)) for i, c in tqdm(mine, desc=row.name, disable=not progress, leave=False)]
+    finally:
+        ctx.sampler = saved
+
+
+def run_bench(
+    cases: list[Case],
+    ctx: RunContext,
+    options: RunOptions | None = None,
+    dist: Distributed | None = None,
+    on_row: Callable[[RowResult], None] | None = None,
+) -> BenchResult | None:
+    """Run every planned row; returns the result on the main process (None on the others)."""
+    options = options or RunOptions()
+    dist = dist or Distributed()
+    t0 = time.perf_counter()
+    planned, pending = plan(cases, ctx, options)
+    results: list[RowResult] = []
+    for p in planned:
+        t = time.perf_counter()
+        part = generate_shard(ctx, p.row, p.todo, dist.rank, dist.world, progress=ctx.progress and dist.is_main)
+        images = merge_shards(dist.gather(part), len(p.todo))
+        if not dist.is_main:
+            continue
+        if p.todo:
+            assert p.suite.score is not None
+            scored = p.suite.score(ctx, p.todo, images, p.references)
+        else:
+            scored = RowScore({}, {"*": "every case was skipped"})
+        settings = dataclasses.asdict(ctx.sampler.with_overrides(p.row.overrides)) if p.row.uses_model else {}
+        rr = RowResult(
+            suite=p.suite.name,
+            row=p.row.name,
+            kind=p.row.kind,
+            description=p.row.description,
+            metrics=scored.metrics,
+            unavailable=scored.unavailable,
+            n_cases=len(p.todo),
+            skipped=p.skipped,
+            wall_s=time.perf_counter() - t,
+            settings=settings,
+            sweep=_sweep_info(p.row),
+            panels=_panels(p, images, scored, options.panels),
+        )
+        results.append(rr)
+        if on_row is not None:
+            on_row(rr)
+    if not dist.is_main:
+        return None
+    env = environment(ctx.device, dist.world)
+    env["sampler"] = dataclasses.asdict(ctx.sampler)
+    env["extractor"] = ctx.extractor
+    env["seeds"] = {
+        "make_cases": sorted({c.extra["make_seed"] for c in cases if "make_seed" in c.extra}),
+        "generation": "per case: field 'seed' (image i of a case is generated alone with that seed)",
+    }
+    env["sample_counts"] = {s: {"cases": len(cs), "reference": sum(c.reference for c in cs)}
+                            for s, cs in group_by_suite(cases).items()}  # fmt: skip
+    return BenchResult(results, pending, env, time.perf_counter() - t0)
+
+
+def _sweep_info(row: Row) -> dict[str, Any] | None:
+    if row.base is None:
+        return None
+    (param, value), = row.overrides.items()
+    return {"row": row.base, "param": param, "value": value}
+
+
+def _panels(p: PlannedRow, images: list[np.ndarray], scored: RowScore, k: int) -> list[Panel]:
+    """Up to k cases spread evenly over the row (so every category of a suite shows up)."""
+    if p.suite.panel is None or k <= 0 or not p.todo:
+        return []
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(p.todo) - 1, min(k, len(p.todo)))})
+    out = []
+    for i in picks:
+        verdict: Any = scored.verdicts[i] if i < len(scored.verdicts) else None
+        out.append(Panel(p.todo[i].id, p.todo[i].prompt, p.suite.panel(p.todo[i], images[i], verdict)))
+    return out
