@@ -10,6 +10,7 @@ import numpy as np
 
 from mmsynth.annotate import from_scene, get_annotator, list_annotators
 from mmsynth.annotate.color import histogram_plot
+from mmsynth.data.scene import load_scene_file
 from mmsynth.errors import InputError
 from mmsynth.io import atomic_path, load_image, save_image, write_json
 
@@ -60,22 +61,6 @@ def parse_params(items: list[str]) -> dict[str, str]:
     return out
 
 
-def load_scene(path: str):  # -> Scene (imported lazily to keep `mmsynth --help` light)
-    """A scene spec from a JSON file: the spec itself or a record holding it under "scene"."""
-    from mmsynth.data.scene import Scene
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"scene file '{p}' does not exist")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"scene file '{p}' is not valid JSON ({exc})") from None
-    if isinstance(d, dict) and "scene" in d and "objects" not in d:
-        d = d["scene"]
-    return Scene.from_dict(d, where=f"scene file '{p}'")
-
-
 def run(args: argparse.Namespace) -> int:
     spec = get_annotator(args.kind) if args.scene is None else None
     out = Path(args.out)
@@ -88,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scene is not None:
         if args.image is not None:
             raise InputError("give either IMAGE or --scene, not both")
-        result = from_scene(args.kind, load_scene(args.scene), args.resolution, **params)
+        result = from_scene(args.kind, load_scene_file(args.scene), args.resolution, **params)
     else:
         if args.image is None:
             raise InputError(f"'{args.kind}' needs an IMAGE (or --scene SCENE.json)")

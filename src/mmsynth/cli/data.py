@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from mmsynth.data import vocab
 
@@ -86,17 +85,9 @@ def _spec(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from mmsynth.data.render import render
-    from mmsynth.data.scene import Scene
-    from mmsynth.errors import InputError
+    from mmsynth.data.scene import load_scene_file
     from mmsynth.io import save_image
 
-    path = Path(args.spec)
-    if not path.is_file():
-        raise InputError(f"spec file '{path}' does not exist")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"spec file '{path}' is not valid JSON ({exc})") from None
-    save_image(render(Scene.from_dict(spec, where=str(path)), args.resolution), args.out)
+    save_image(render(load_scene_file(args.spec), args.resolution), args.out)
     print(f"wrote {args.out}")
     return 0

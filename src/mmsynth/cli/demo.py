@@ -8,15 +8,13 @@ verdicts. Each later capability adds its section here.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mmsynth.data.scene import Scene
-from mmsynth.io import save_image, write_text
+from mmsynth.io import atomic_dir, save_image, write_text
 from mmsynth.viz import colorize_labels, grid, label
 
 DEMO_PROMPTS = (
@@ -130,9 +128,7 @@ def _t2i_section(out: Path, args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         parts = ["# mmsynth demo\n"]
         for name, fn in (("dataset", _dataset_section), ("annotators", _annotator_section), ("judge", _judge_section)):
             t = time.perf_counter()
@@ -142,11 +138,5 @@ def run(args: argparse.Namespace) -> int:
         parts.append(_t2i_section(tmp, args))
         print(f"demo: text to image ({time.perf_counter() - t:.1f} s)")
         write_text("\n".join(parts), tmp / "summary.md")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"wrote {out}/ (summary.md and PNG grids)")
     return 0

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mmsynth.cli import guidance_options
 from mmsynth.errors import InputError
+from mmsynth.io import atomic_dir
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
 from mmsynth.viz import grid
 
@@ -118,9 +117,7 @@ def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None
     """Write every file into a temp folder beside `out`, then rename it into place (nothing half-written)."""
     from PIL import Image
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "requests").mkdir()
         rows = []
@@ -135,12 +132,6 @@ def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None
         (tmp / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         check_out(out, overwrite)  # again, just before replacing: the folder may have appeared meanwhile
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def run_eval(out: Path) -> None:

@@ -10,8 +10,6 @@ The same layout, with `prompt` instead of captions, is what `mmsynth generate` w
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -21,6 +19,7 @@ from mmsynth.data.annotations import MAP_NAMES, annotate_scene
 from mmsynth.data.render import check_resolution
 from mmsynth.data.scene import sample_scene
 from mmsynth.errors import InputError
+from mmsynth.io import atomic_dir, read_jsonl
 
 METADATA = "metadata.jsonl"
 
@@ -43,9 +42,7 @@ def export_split(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"output '{out}' already exists and is not empty (pass --overwrite to replace it)")
     sample_scene(split, start, seed)  # validate the split before writing anything
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         for name in MAP_NAMES:
             (tmp / "conditions" / name).mkdir(parents=True)
@@ -62,12 +59,6 @@ def export_split(
                 caps = ann.records["captions"]
                 row.update(caption=caps[0], captions=caps, scene=scene.to_dict(), annotations=ann.records)
                 meta.write(json.dumps(row) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -84,21 +75,13 @@ def read_metadata(folder: str | Path) -> list[dict]:
     if not path.is_file():
         raise InputError(f"'{path}' does not exist (expected one JSON object per line with 'file_name')")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("file_name"), str) or not row["file_name"]:
-                raise InputError(f"{where}: field 'file_name' is missing or not a string (image path relative to DIR)")
-            row["_line"] = lineno
-            rows.append(row)
+    for lineno, row, where in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if not isinstance(row.get("file_name"), str) or not row["file_name"]:
+            raise InputError(f"{where}: field 'file_name' is missing or not a string (image path relative to DIR)")
+        row["_line"] = lineno
+        rows.append(row)
     if not rows:
         raise InputError(f"'{path}' has no entries")
     return rows

@@ -7,8 +7,10 @@ are pure functions of the returned `Scene`. Objects are stored back to front (li
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -162,6 +164,20 @@ def _scene_from_dict(d: Any, where: str) -> Scene:
         version=int(d.get("version", SPEC_VERSION)),
         extra=dict(d.get("extra", {})),
     )
+
+
+def load_scene_file(path: str | Path) -> Scene:
+    """A scene spec from a JSON file: the spec itself, or a record holding it under "scene" (a metadata line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"scene file '{p}' does not exist")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"scene file '{p}' is not valid JSON ({exc})") from None
+    if isinstance(d, dict) and "scene" in d and "objects" not in d:
+        d = d["scene"]
+    return Scene.from_dict(d, where=f"scene file '{p}'")
 
 
 # ---------------------------------------------------------------- relations and groups

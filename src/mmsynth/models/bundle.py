@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 
 from mmsynth.errors import InputError
+from mmsynth.io import atomic_dir
 
 # Component folder -> (how to obtain it when it is missing)
 COMPONENTS: dict[str, str] = {
@@ -100,9 +99,7 @@ class Bundle:
         from diffusers import StableDiffusionPipeline
 
         dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
+        with atomic_dir(dest) as tmp:
             modules = self._copies_in(dtype) if dtype is not None else self
             pipe = StableDiffusionPipeline(
                 vae=modules.vae,
@@ -118,10 +115,6 @@ class Bundle:
             _portable_tokenizer_class(tmp)
             if modules.clip is not None:
                 save_clip(modules.clip, tmp / CLIP_FOLDER)
-            _replace_dir(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     def _copies_in(self, dtype: torch.dtype) -> Bundle:
@@ -222,9 +215,7 @@ def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, *
     partial bundle names what is missing, and `load_component` reads the parts it has.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         for name, component in components.items():
             if component is None:
                 continue
@@ -237,10 +228,6 @@ def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, *
             else:  # tokenizer, scheduler
                 component.save_pretrained(tmp / name)
         _portable_tokenizer_class(tmp)
-        _replace_dir(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -311,19 +298,3 @@ def _portable_tokenizer_class(root: Path) -> None:
         elif key is None and data.get("tokenizer_class") == "TokenizersBackend":
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
         file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Put directory `src` at `dest`, replacing an existing one with the shortest possible gap."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    old.rmdir()
-    os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except OSError:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -19,7 +19,7 @@ import numpy as np
 from mmsynth.data.render import check_resolution, render
 from mmsynth.data.scene import Scene
 from mmsynth.errors import InputError
-from mmsynth.io import write_text
+from mmsynth.io import read_jsonl, write_text
 
 CASE_FORMAT = "mmsynth.case/1"
 DEFAULT_RESOLUTION = 64
@@ -246,20 +246,12 @@ def read_cases(path: str | Path) -> list[Case]:
         raise InputError(f"case file '{p}' does not exist or is not a file (write one with `mmsynth bench make-cases`)")
     cases: list[Case] = []
     seen: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{p} line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            case = Case.from_dict(obj, where, base_dir=p.parent)
-            if case.id in seen:
-                raise _bad(where, "id", f"'{case.id}' already used on line {seen[case.id]}; ids must be unique")
-            seen[case.id] = n
-            cases.append(case)
+    for n, obj, where in read_jsonl(p):
+        case = Case.from_dict(obj, where, base_dir=p.parent)
+        if case.id in seen:
+            raise _bad(where, "id", f"'{case.id}' already used on line {seen[case.id]}; ids must be unique")
+        seen[case.id] = n
+        cases.append(case)
     if not cases:
         raise InputError(f"case file '{p}' has no cases")
     return cases

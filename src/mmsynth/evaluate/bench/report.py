@@ -11,15 +11,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mmsynth.evaluate.bench.results import BenchResult, RowResult
-from mmsynth.io import write_json, write_text
+from mmsynth.io import atomic_dir, write_json, write_text
 from mmsynth.viz import grid, label
 
 TILE = 128  # every report tile is scaled (nearest neighbour) to this height
@@ -164,9 +161,7 @@ def write_html(result: BenchResult, folder: str | Path) -> Path:
     from PIL import Image
 
     dest = Path(folder)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         (tmp / "images").mkdir()
         (tmp / "plots").mkdir()
         grids = {}
@@ -178,16 +173,6 @@ def write_html(result: BenchResult, folder: str | Path) -> Path:
                 grids[(r.suite, r.row)] = name
         plots = sweep_plots(result, tmp / "plots")
         (tmp / "index.html").write_text(_html(result, grids, plots), encoding="utf-8")
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
