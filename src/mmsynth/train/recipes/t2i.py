@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from mmsynth.errors import InputError
@@ -180,28 +180,19 @@ class TextToImageRecipe(Recipe):
 
     @torch.no_grad()
     def sample_grid(self, step: int) -> np.ndarray:
-        """The sample prompts through diffusers' own pipeline (DDIM, fixed seeds), one labelled tile each."""
+        """The sample prompts through mmsynth's one sampler (DDIM, seed i for prompt i), one labelled tile each."""
+        from mmsynth.sample import GenerationRequest, sample
+
         b = self.bundle()
-        pipe = StableDiffusionPipeline(
-            vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
         unet_was_training = b.unet.training
         b.unet.eval()
-        prompts = list(self.options.sample_prompts)
-        images = pipe(
-            prompts,
-            num_inference_steps=self.options.sample_steps,
-            guidance_scale=self.options.sample_cfg,
-            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
-            output_type="np",
-        ).images
+        tiles = []
+        for i, prompt in enumerate(self.options.sample_prompts):
+            request = GenerationRequest(prompt=prompt, n=1, seed=i, steps=self.options.sample_steps,
+                                        cfg=self.options.sample_cfg, scheduler="ddim")  # fmt: skip
+            image = sample(b, request, progress=False).images[0]
+            tiles.append(label(image, prompt or "(empty)", height=10))
         b.unet.train(unet_was_training)
-        tiles = [
-            label((im * 255).round().astype(np.uint8), p or "(empty)", height=10) for im, p in zip(images, prompts)
-        ]
         return grid(tiles, cols=min(4, len(tiles)))
 
     def export(self, out: Path) -> Path:
