@@ -1,0 +1,50 @@
+"""Component scores: the caption-truth rule behind retrieval, and both scores on tiny models."""
+
+from mmsynth.data import captions, sample_scene
+from mmsynth.data.scene import Background, Scene, ShapeObject
+from mmsynth.evaluate.components import caption_true_of, clip_retrieval, vae_psnr
+from mmsynth.models.zoo import tiny_bundle
+
+
+def _scene(*objs):
+    return Scene(objects=list(objs), background=Background("light", [(230, 230, 230)]))
+
+
+def test_caption_truth_rule():
+    a = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
+    b = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    s = _scene(a, b)
+    assert caption_true_of("a red circle left of a blue square", s)
+    assert not caption_true_of("a red circle right of a blue square", s)
+    assert not caption_true_of("a red circle", s)  # the caption must name every object
+    assert not caption_true_of("a large red circle and a blue square", s)  # stated size is wrong
+    assert not caption_true_of("two red circles and a blue square", s)
+    for i in range(100):  # every dataset caption is true of its own scene
+        sc = sample_scene("test", i)
+        assert all(caption_true_of(c, sc) for c in captions(sc))
+
+
+def test_component_scores_run_on_tiny_models():
+    b = tiny_bundle(0)
+    r = vae_psnr(b.vae, n=4, resolution=32)
+    assert 0 < r["psnr_db"]["value"] < 60 and r["psnr_db"]["n"] == 4
+    ret = clip_retrieval(b.clip, b.tokenizer, n=6, resolution=32)
+    for key in ("top1_exact", "top1_consistent"):
+        assert 0.0 <= ret[key]["value"] <= 1.0 and ret[key]["n"] == 6
+    assert ret["top1_consistent"]["value"] >= ret["top1_exact"]["value"]  # its own image always makes it true
+
+
+def test_bench_components_cli(tmp_path, capsys):
+    import json
+
+    from mmsynth.cli.main import main
+
+    tiny_bundle(0).save_pretrained(tmp_path / "m")
+    assert (
+        main(["bench", "components", "--model", str(tmp_path / "m"), "--n", "4", "--json", str(tmp_path / "c.json")])
+        == 0
+    )
+    scores = json.loads((tmp_path / "c.json").read_text())
+    assert {"vae", "clip"} <= set(scores)
+    assert main(["bench", "components", "--model", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
