@@ -176,26 +176,19 @@ def self_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in unet.named_modules() if name.endswith("attn1") and hasattr(m, "to_q")}
 
 
-@dataclass(kw_only=True)
-class _AttentionRecorder(Control):
-    """Internal: records attn1 queries/keys per (step, layer) for steps before `until` (not registered)."""
+class _AttentionHooks(Control):
+    """Shared by the recorder and SourceAttention: forward hooks on every attn1 to_q/to_k, told the current step."""
 
-    name: ClassVar[str] = "attention-recorder"
-    until: float = 0.5
-
-    def prepare(self, ctx: Context) -> None:
-        self.store: dict[tuple[int, str, str], torch.Tensor] = {}
+    def _install(self, ctx: Context) -> None:
         self._step: Step | None = None
-        self._handles = []
-        for name, mod in self_attention_modules(ctx.bundle.unet).items():
-            for proj in ("to_q", "to_k"):
-                self._handles.append(getattr(mod, proj).register_forward_hook(self._hook(name, proj)))
+        self._handles = [
+            getattr(mod, proj).register_forward_hook(self._hook(name, proj))
+            for name, mod in self_attention_modules(ctx.bundle.unet).items()
+            for proj in ("to_q", "to_k")
+        ]
 
     def _hook(self, layer: str, proj: str) -> Any:
-        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
-            if self._step is not None and self._step.fraction < self.until:
-                self.store[(self._step.index, layer, proj)] = output.detach()
-        return hook
+        raise NotImplementedError
 
     def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> None:
         self._step = step
@@ -207,9 +200,27 @@ class _AttentionRecorder(Control):
         self._handles = []
 
 
+@dataclass(kw_only=True)
+class _AttentionRecorder(_AttentionHooks):
+    """Internal: records attn1 queries/keys per (step, layer) for steps before `until` (not registered)."""
+
+    name: ClassVar[str] = "attention-recorder"
+    until: float = 0.5
+
+    def prepare(self, ctx: Context) -> None:
+        self.store: dict[tuple[int, str, str], torch.Tensor] = {}
+        self._install(ctx)
+
+    def _hook(self, layer: str, proj: str) -> Any:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
+            if self._step is not None and self._step.fraction < self.until:
+                self.store[(self._step.index, layer, proj)] = output.detach()
+        return hook
+
+
 @register_control
 @dataclass(kw_only=True)
-class SourceAttention(Control):
+class SourceAttention(_AttentionHooks):
     """Keep the source's self-attention maps (queries and keys) for the first `until` fraction of the steps.
 
     In `prepare` it reconstructs the source (the same request with `source_prompt`, same starting
@@ -232,10 +243,8 @@ class SourceAttention(Control):
         others = [c for c in ctx.controls if c is not self]
         source = dataclasses.replace(ctx.request, prompt=self.source_prompt, controls=[])
         sample(ctx.bundle, source, [*others, recorder], progress=False, decode=False)
-        self._store, self._step, self._handles = recorder.store, None, []
-        for name, mod in self_attention_modules(ctx.bundle.unet).items():
-            for proj in ("to_q", "to_k"):
-                self._handles.append(getattr(mod, proj).register_forward_hook(self._hook(name, proj)))
+        self._store = recorder.store
+        self._install(ctx)
 
     def _hook(self, layer: str, proj: str) -> Any:
         def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
@@ -245,14 +254,9 @@ class SourceAttention(Control):
             return kept if kept is not None and kept.shape == output.shape else None
         return hook
 
-    def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> None:
-        self._step = step
-        return None
-
     def close(self, ctx: Context) -> None:
-        for h in getattr(self, "_handles", []):
-            h.remove()
-        self._handles, self._store = [], {}
+        super().close(ctx)
+        self._store = {}
 
 
 # ---------------------------------------------------------------------------------------------- functions
