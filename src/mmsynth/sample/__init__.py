@@ -1,65 +1,48 @@
-"""The one sampler: a single loop over a diffusers scheduler that every control plugs into."""
+"""The one sampler: a single loop over a diffusers scheduler that every control plugs into.
 
-from mmsynth.sample.controls import (
-    CONTROLS,
-    Branch,
-    Control,
-    ModelInputs,
-    Schedule,
-    Step,
-    control_from_dict,
-    control_names,
-    register_control,
-)
-from mmsynth.sample.guides import GUIDES, build_guide, guide_names
-from mmsynth.sample.img2img import Img2Img
-from mmsynth.sample.inpaint import BlendedInpaint
-from mmsynth.sample.inversion import (
-    DDIMInversion,
-    InitialLatents,
-    InvertedLatents,
-    SourceAttention,
-    edit_request,
-    invert,
-    load_latents,
-    reconstruct,
-    save_latents,
-)
-from mmsynth.sample.request import GenerationRequest
-from mmsynth.sample.sampler import Context, SampleResult, sample
-from mmsynth.sample.schedulers import SCHEDULERS, make_scheduler, scheduler_names
-from mmsynth.sample.universal import UniversalGuidance
+Names are imported lazily (PEP 562), so `mmsynth --help` and light users do not load diffusers.
+"""
 
-__all__ = [
-    "CONTROLS",
-    "GUIDES",
-    "SCHEDULERS",
-    "BlendedInpaint",
-    "Branch",
-    "Context",
-    "Control",
-    "DDIMInversion",
-    "GenerationRequest",
-    "Img2Img",
-    "InitialLatents",
-    "InvertedLatents",
-    "ModelInputs",
-    "SampleResult",
-    "Schedule",
-    "SourceAttention",
-    "Step",
-    "UniversalGuidance",
-    "build_guide",
-    "control_from_dict",
-    "control_names",
-    "edit_request",
-    "guide_names",
-    "invert",
-    "load_latents",
-    "make_scheduler",
-    "reconstruct",
-    "register_control",
-    "sample",
-    "save_latents",
-    "scheduler_names",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "BlendedInpaint": "mmsynth.sample.inpaint",
+    "Branch": "mmsynth.sample.controls",
+    "CONTROLS": "mmsynth.sample.controls",
+    "Context": "mmsynth.sample.sampler",
+    "Control": "mmsynth.sample.controls",
+    "DDIMInversion": "mmsynth.sample.inversion",
+    "GUIDES": "mmsynth.sample.guides",
+    "GenerationRequest": "mmsynth.sample.request",
+    "Img2Img": "mmsynth.sample.img2img",
+    "InitialLatents": "mmsynth.sample.inversion",
+    "InvertedLatents": "mmsynth.sample.inversion",
+    "ModelInputs": "mmsynth.sample.controls",
+    "SCHEDULERS": "mmsynth.sample.schedulers",
+    "SampleResult": "mmsynth.sample.sampler",
+    "Schedule": "mmsynth.sample.controls",
+    "SourceAttention": "mmsynth.sample.inversion",
+    "Step": "mmsynth.sample.controls",
+    "UniversalGuidance": "mmsynth.sample.universal",
+    "build_guide": "mmsynth.sample.guides",
+    "control_from_dict": "mmsynth.sample.controls",
+    "control_names": "mmsynth.sample.controls",
+    "edit_request": "mmsynth.sample.inversion",
+    "guide_names": "mmsynth.sample.guides",
+    "invert": "mmsynth.sample.inversion",
+    "load_latents": "mmsynth.sample.inversion",
+    "make_scheduler": "mmsynth.sample.schedulers",
+    "reconstruct": "mmsynth.sample.inversion",
+    "register_control": "mmsynth.sample.controls",
+    "sample": "mmsynth.sample.sampler",
+    "save_latents": "mmsynth.sample.inversion",
+    "scheduler_names": "mmsynth.sample.schedulers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -10,13 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
-
 from mmsynth.errors import InputError
 
 
@@ -33,15 +26,29 @@ class SchedulerSpec:
     description: str
 
 
+def _diffusers(name: str) -> Any:
+    import diffusers  # lazily: listing scheduler names (CLI help) must not load diffusers
+
+    return getattr(diffusers, name)
+
+
 SCHEDULERS: dict[str, SchedulerSpec] = {
-    "ddim": SchedulerSpec(lambda cfg: DDIMScheduler.from_config(cfg), True, "DDIM (eta from the request)"),
+    "ddim": SchedulerSpec(
+        lambda cfg: _diffusers("DDIMScheduler").from_config(cfg), True, "DDIM (eta from the request)"
+    ),
     "dpmpp-2m": SchedulerSpec(
-        lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
+        lambda cfg: _diffusers("DPMSolverMultistepScheduler").from_config(
+            cfg, algorithm_type="dpmsolver++", solver_order=2
+        ),
         False,
         "DPM-Solver++ 2M (multistep)",
     ),
-    "unipc": SchedulerSpec(lambda cfg: UniPCMultistepScheduler.from_config(cfg), False, "UniPC (multistep)"),
-    "euler": SchedulerSpec(lambda cfg: EulerDiscreteScheduler.from_config(cfg), False, "Euler (sigma space)"),
+    "unipc": SchedulerSpec(
+        lambda cfg: _diffusers("UniPCMultistepScheduler").from_config(cfg), False, "UniPC (multistep)"
+    ),
+    "euler": SchedulerSpec(
+        lambda cfg: _diffusers("EulerDiscreteScheduler").from_config(cfg), False, "Euler (sigma space)"
+    ),
 }
 
 
