@@ -30,11 +30,6 @@ PROMPT = "a red circle"
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle(seed=0)
-
-
-@pytest.fixture(scope="module")
 def target(bundle):
     """A red target picture: the palette guide pulls towards it."""
     r = bundle.resolution

@@ -11,7 +11,6 @@ from diffusers import DDIMInverseScheduler
 from PIL import Image
 
 from mmsynth.errors import InputError
-from mmsynth.models.zoo import tiny_bundle
 from mmsynth.sample import (
     BlendedInpaint,
     GenerationRequest,
@@ -31,16 +30,8 @@ SOURCE, EDITED = "a red circle", "a blue circle"
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle(seed=0)
-
-
-@pytest.fixture(scope="module")
-def image(bundle):
-    r = bundle.resolution
-    yy, xx = np.mgrid[0:r, 0:r]
-    img = np.stack([xx * 255 // (r - 1), yy * 255 // (r - 1), (xx + yy) * 127 // (r - 1)], axis=-1)
-    return img.astype(np.uint8)
+def image(gradient_image):
+    return gradient_image
 
 
 def _x0(bundle, image):

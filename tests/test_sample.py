@@ -19,7 +19,6 @@ from diffusers import (
 from PIL import Image
 
 from mmsynth.errors import InputError
-from mmsynth.models.zoo import tiny_bundle
 from mmsynth.sample import (
     Control,
     GenerationRequest,
@@ -37,17 +36,8 @@ PROMPT = "two red circles left of a blue square"
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle(seed=0)
-
-
-@pytest.fixture(scope="module")
-def init_image(bundle):
-    """A smooth, non-constant RGB picture at the bundle's resolution."""
-    r = bundle.resolution
-    yy, xx = np.mgrid[0:r, 0:r]
-    img = np.stack([xx * 255 // (r - 1), yy * 255 // (r - 1), (xx + yy) * 127 // (r - 1)], axis=-1)
-    return img.astype(np.uint8)
+def init_image(gradient_image):
+    return gradient_image
 
 
 def _pipe(cls, bundle, scheduler_name, **extra):

@@ -3,14 +3,8 @@
 `Bundle` is imported lazily, so light users (the CLI's help, `shipped`) do not load diffusers.
 """
 
-from typing import Any
+from mmsynth.lazy import lazy_exports
 
-__all__ = ["Bundle"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Bundle":
-        from mmsynth.models.bundle import Bundle
-
-        return Bundle
-    raise AttributeError(f"module 'mmsynth.models' has no attribute {name!r}")
+_EXPORTS: dict[str, str] = {"Bundle": "mmsynth.models.bundle"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

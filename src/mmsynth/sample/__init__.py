@@ -3,8 +3,7 @@
 Names are imported lazily (PEP 562), so `mmsynth --help` and light users do not load diffusers.
 """
 
-import importlib
-from typing import Any
+from mmsynth.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "BlendedInpaint": "mmsynth.sample.inpaint",
@@ -41,8 +40,4 @@ _EXPORTS: dict[str, str] = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -3,8 +3,7 @@
 Names are imported lazily (PEP 562), so listing recipes does not load the trainer.
 """
 
-import importlib
-from typing import Any
+from mmsynth.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "RECIPES": "mmsynth.train.recipes",
@@ -18,8 +17,4 @@ _EXPORTS: dict[str, str] = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
