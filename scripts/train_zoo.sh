@@ -4,6 +4,8 @@
 # a finished step leaves runs/RECIPE/DONE and is skipped. Extra arguments go to every `mmsynth train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Use the project virtual environment when there is one (a background shell does not inherit activation).
+if [ -f .venv/bin/activate ] && ! command -v mmsynth >/dev/null; then . .venv/bin/activate; fi
 for recipe in clip vae t2i; do
     if [ -f "runs/$recipe/DONE" ]; then
         echo "== $recipe: done, skipping"

@@ -205,7 +205,7 @@ def test_sweep_rows_and_pending_suites(bundle):
     assert set(d["results"]["t2i"]) == {"t2i", "t2i[cfg=1]"}
     assert d["rows"]["t2i"]["t2i[cfg=1]"]["sweep"] == {"row": "t2i", "param": "cfg", "value": 1.0}
     assert d["rows"]["t2i"]["t2i[cfg=1]"]["settings"]["cfg"] == 1.0
-    assert set(d["pending"]) == {"control", "layout", "edit", "guidance"} and d["results"]["control"] == {}
+    assert set(d["pending"]) == {"control", "layout"} and d["results"]["control"] == {}
     assert "no rows yet" in d["pending"]["control"] and "no rows yet" in res.markdown()
 
 

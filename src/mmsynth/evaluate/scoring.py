@@ -283,9 +283,22 @@ class Metric:
         return {"value": r(self.value), "n": self.n, "ci95": [r(self.low), r(self.high)]}
 
 
-def _rate(k: int, n: int) -> Metric:
+def rate(k: int, n: int) -> Metric:
+    """k successes of n trials, with its Wilson 95% interval."""
     lo, hi = wilson(k, n)
     return Metric(k / n if n else float("nan"), n, lo, hi)
+
+
+def mean_ci(values: list[float]) -> Metric:
+    """The mean of per-image values with a normal-approximation 95% interval (NaN interval below 2 values)."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return Metric(float("nan"), 0)
+    mean = float(v.mean())
+    if v.size < 2:
+        return Metric(mean, 1)
+    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return Metric(mean, int(v.size), mean - half, mean + half)
 
 
 def average_precision(scores: list[ImageScore], iou: float = AP_IOU) -> Metric:
@@ -332,20 +345,20 @@ def aggregate(scores: list[ImageScore]) -> dict[str, Metric]:
     f1 = 2 * tp / (n_exp + n_det) if n_exp + n_det else float("nan")
     out = {
         "object_f1": Metric(f1, n_exp),
-        "precision": _rate(tp, n_det),
-        "recall": _rate(tp, n_exp),
-        "attribute_acc": _rate(tp, n_exp),
-        "color_acc": _rate(sum(sum(s.color_ok) for s in scores), n_exp),
-        "shape_acc": _rate(sum(sum(s.shape_ok) for s in scores), n_exp),
-        "count_acc": _rate(sum(s.count_ok for s in scores), len(scores)),
+        "precision": rate(tp, n_det),
+        "recall": rate(tp, n_exp),
+        "attribute_acc": rate(tp, n_exp),
+        "color_acc": rate(sum(sum(s.color_ok) for s in scores), n_exp),
+        "shape_acc": rate(sum(sum(s.shape_ok) for s in scores), n_exp),
+        "count_acc": rate(sum(s.count_ok for s in scores), len(scores)),
     }
     bind = [s.binding_ok for s in scores if s.binding_ok is not None]
-    out["binding_acc"] = _rate(sum(bind), len(bind))
+    out["binding_acc"] = rate(sum(bind), len(bind))
     rels = [ok for s in scores for ok in s.relation_ok]
-    out["relation_acc"] = _rate(sum(rels), len(rels))
+    out["relation_acc"] = rate(sum(rels), len(rels))
     sizes = [ok for s in scores for ok in s.size_ok if ok is not None]
-    out["size_acc"] = _rate(sum(sizes), len(sizes))
-    out["image_acc"] = _rate(sum(s.passed for s in scores), len(scores))
+    out["size_acc"] = rate(sum(sizes), len(sizes))
+    out["image_acc"] = rate(sum(s.passed for s in scores), len(scores))
     with_boxes = [s for s in scores if s.box_ious is not None]
     if with_boxes:
         ious = [v for s in with_boxes for v in s.box_ious]  # type: ignore[union-attr]

@@ -55,13 +55,15 @@ def binary_mask(value: Any, what: str = "mask") -> np.ndarray:
 @register_control
 @dataclass(kw_only=True)
 class BlendedInpaint(Control):
-    """image: the source (HxWx3); mask: HxW binary, white = repaint; feather: seam width in pixels (0 = hard)."""
+    """image: the source (HxWx3); mask: HxW binary, white = repaint; feather: seam width in pixels (0 = hard);
+    paste: paste the known pixels back after decoding (False shows what latent blending alone keeps)."""
 
     name: ClassVar[str] = "inpaint"
 
     image: Any = None
     mask: Any = None
     feather: float = 2.0
+    paste: bool = True
 
     def __post_init__(self) -> None:
         if self.image is None or self.mask is None:
@@ -76,6 +78,8 @@ class BlendedInpaint(Control):
         if not isinstance(self.feather, (int, float)) or isinstance(self.feather, bool) or not (
                 math.isfinite(self.feather) and self.feather >= 0):
             raise InputError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
+        if not isinstance(self.paste, bool):
+            raise InputError(f"paste must be true or false, got {self.paste!r}")
 
     def prepare(self, ctx: Context) -> None:
         mask = binary_mask(self.mask, "mask")
@@ -103,6 +107,8 @@ class BlendedInpaint(Control):
         return self._latent_mask * latents + (1 - self._latent_mask) * known
 
     def decoded(self, ctx: Context, images: torch.Tensor) -> torch.Tensor:
+        if not self.paste:
+            return images
         w = self._paste.to(images)
         return self._pixels.to(images) * (1 - w) + images * w
 

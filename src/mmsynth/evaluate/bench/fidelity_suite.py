@@ -21,7 +21,13 @@ from mmsynth.data.captions import captions
 from mmsynth.data.scene import sample_scene
 from mmsynth.errors import InputError
 from mmsynth.evaluate.bench.cases import Case
-from mmsynth.evaluate.bench.generation import RunContext, base_unconditioned, ground_truth, text_to_image
+from mmsynth.evaluate.bench.generation import (
+    SAMPLER_SETTINGS,
+    RunContext,
+    base_unconditioned,
+    ground_truth,
+    text_to_image,
+)
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.scoring import Metric
 
@@ -157,7 +163,8 @@ SUITE = register_suite(
                                 ground_truth, needs=_gt_needs, uses_model=False),
             "base_uncond": Row("base_uncond", "reference", "base model, empty prompt", base_unconditioned,
                                needs=_gt_needs),
-            "t2i": Row("t2i", "method", "base model with the prompt", text_to_image, sweepable=True),
+            "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
+                       sweepable=SAMPLER_SETTINGS),
         },
     )
 )

@@ -29,6 +29,7 @@ EXTRACTORS = ("shapesclip", "inception")
 CAPABILITIES: dict[str, Callable[[Any], bool]] = {
     "text": lambda bundle: True,
     "img2img": lambda bundle: True,  # SDEdit works with any text-to-image bundle
+    "inpaint": lambda bundle: True,  # blended-latent inpainting works with any text-to-image bundle
 }
 
 
@@ -51,8 +52,14 @@ class SamplerSettings:
     eta: float = 0.0
 
     def with_overrides(self, overrides: dict[str, float]) -> SamplerSettings:
-        cast = {k: (int(v) if k == "steps" else float(v)) for k, v in overrides.items()}
+        """These settings with a row's sampler settings applied (settings that are not the sampler's are ignored)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        cast = {k: (int(v) if k == "steps" else v if k == "scheduler" else float(v))
+                for k, v in overrides.items() if k in names}  # fmt: skip
         return dataclasses.replace(self, **cast)
+
+
+SAMPLER_SETTINGS = ("cfg", "steps", "eta")  # the numeric sampler settings every model row can be swept over
 
 
 @dataclass
@@ -66,6 +73,7 @@ class RunContext:
     weights: str | Path | None = None
     progress: bool = False
     bundle_obj: Any = None  # a loaded Bundle may be given directly (tests, notebooks)
+    params: dict[str, Any] = field(default_factory=dict)  # the running row's own settings (Row.settings())
     _features: Any = None
 
     def bundle(self) -> Bundle:
@@ -94,7 +102,16 @@ class RunContext:
             eta=s.eta,
             seed=case.seed,
             n=1,
+            height=case.resolution,
+            width=case.resolution,
         ).validate()
+
+    def generate(self, case: Case, controls: list[Any] | None = None, prompt: str | None = None) -> np.ndarray:
+        """One image of a case through the one sampler, with these control objects."""
+        from mmsynth.sample import sample
+
+        return sample(self.bundle(), self.request(case, prompt), controls=list(controls or []),
+                      progress=False).images[0]
 
     def features(self) -> ImageFeatures:
         """The fidelity feature network: the bundle's CLIP vision tower, or Inception from local weights."""
@@ -130,13 +147,9 @@ def ground_truth(ctx: RunContext, case: Case) -> np.ndarray:
 
 def base_unconditioned(ctx: RunContext, case: Case) -> np.ndarray:
     """The base model with an empty prompt and no controls: the chance level every method should beat."""
-    from mmsynth.sample import sample
-
-    return sample(ctx.bundle(), ctx.request(case, prompt=""), controls=[], progress=False).images[0]
+    return ctx.generate(case, prompt="")
 
 
 def text_to_image(ctx: RunContext, case: Case) -> np.ndarray:
     """The base model with the case's prompt."""
-    from mmsynth.sample import sample
-
-    return sample(ctx.bundle(), ctx.request(case), controls=[], progress=False).images[0]
+    return ctx.generate(case)

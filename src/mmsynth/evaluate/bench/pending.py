@@ -13,10 +13,6 @@ PENDING: dict[str, tuple[str, str]] = {
                 "no rows yet: no spatial control (ControlNet, T2I-Adapter, Composer) is shipped"),
     "layout": ("layout methods: AP50, mean box IoU, phrase accuracy per method",
                "no rows yet: no layout method (GLIGEN, layout guidance) is shipped"),
-    "edit": ("inpainting (outside-mask PSNR, inside accuracy) and image-to-image (accuracy vs strength)",
-             "no rows yet: editing rows arrive with the inversion/inpainting controls"),
-    "guidance": ("universal guidance and classifier-free guidance variants",
-                 "no rows yet: guidance controls are not shipped"),
 }  # fmt: skip
 
 for _name, (_description, _note) in PENDING.items():

@@ -40,8 +40,11 @@ class Row:
 
     `needs(case)` lists the capabilities the row must have for that case (default: the case's own requirements,
     see Case.requirements); a case whose needs the model lacks is skipped with a reason (or fails with --strict).
-    `uses_model`: generation loads the model bundle. `sweepable`: sampler settings (cfg, steps) apply, so
-    `--sweep` makes variants of it. `overrides`: sampler settings of this row (set by sweeps).
+    `categories`: the case categories the row applies to (None: all); other cases are simply not its cases.
+    `uses_model`: generation loads the model bundle. `params`: the row's own settings (sampler settings such as
+    cfg and steps, or method settings such as a guidance strength `s0`), read by `generate` from `ctx.params`.
+    `sweepable`: the settings `--sweep` may vary (it adds one variant row per value). `overrides`: the settings a
+    sweep variant changes.
     """
 
     name: str
@@ -49,14 +52,23 @@ class Row:
     description: str
     generate: Callable[[RunContext, Case], np.ndarray]
     needs: Callable[[Case], list[str]] | None = None
+    categories: tuple[str, ...] | None = None
     uses_model: bool = True
-    sweepable: bool = False
+    params: dict[str, float] = field(default_factory=dict)
+    sweepable: tuple[str, ...] = ()
     overrides: dict[str, float] = field(default_factory=dict)
     base: str | None = None  # for a sweep variant: the row it varies
 
     def __post_init__(self) -> None:
         if self.kind not in ROW_KINDS:
             raise ValueError(f"row {self.name}: kind must be one of {ROW_KINDS}, got {self.kind!r}")
+
+    def settings(self) -> dict[str, float]:
+        """The row's settings with a sweep's overrides applied."""
+        return {**self.params, **self.overrides}
+
+    def applies_to(self, case: Case) -> bool:
+        return self.categories is None or case.category in self.categories
 
     def requirements(self, case: Case) -> list[str]:
         return list(self.needs(case)) if self.needs is not None else case.requirements()
@@ -74,6 +86,8 @@ class Suite:
     check: Callable[[Case], None] | None = None  # validate a case before anything runs
     rows: dict[str, Row] = field(default_factory=dict)
     headline: str | None = None  # the metric plotted in sweeps
+    sweep_metrics: tuple[str, ...] = ()  # more metrics plotted in sweeps (beside the headline)
+    cost_baseline: str | None = None  # a row: every row also gets `cost_ratio`, its s/image over this row's
     higher_is_better: bool = True
     default_n: int = 500
     quick_n: int = 8
@@ -106,6 +120,8 @@ def _load_builtin() -> None:
     # isort: off
     from mmsynth.evaluate.bench import t2i  # noqa: F401
     from mmsynth.evaluate.bench import pending  # noqa: F401
+    from mmsynth.evaluate.bench import edit_suite  # noqa: F401
+    from mmsynth.evaluate.bench import guidance_suite  # noqa: F401
     from mmsynth.evaluate.bench import fidelity_suite  # noqa: F401
     # isort: on
 

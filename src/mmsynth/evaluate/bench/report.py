@@ -55,13 +55,8 @@ def row_grid(row: RowResult) -> np.ndarray | None:
 
 
 def sweep_plots(result: BenchResult, folder: Path) -> list[tuple[str, str]]:
-    """Per suite and swept setting: the suite's headline (or first) metric vs the setting, one line per base row.
-    Returns (file name, caption) pairs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per suite, swept setting and plotted metric (the suite's headline, or its first metric, and its
+    sweep_metrics): the metric vs the setting, one line per base row. Returns (file name, caption) pairs."""
     from mmsynth.evaluate.bench.registry import get_suite
 
     out = []
@@ -70,37 +65,49 @@ def sweep_plots(result: BenchResult, folder: Path) -> list[tuple[str, str]]:
         srows = [r for r in sweeps if r.suite == suite]
         if not srows:
             continue
-        headline = get_suite(suite).headline or next(iter(srows[0].metrics), None)
-        if headline is None:
-            continue
+        s = get_suite(suite)
+        metrics = [m for m in (s.headline or next(iter(srows[0].metrics), None), *s.sweep_metrics) if m]
         for param in sorted({r.sweep["param"] for r in srows}):  # type: ignore[index]
-            fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
-            on_param = [r for r in srows if r.sweep and r.sweep["param"] == param and headline in r.metrics]
-            for base in sorted({r.sweep["row"] for r in on_param if r.sweep}):
-                mine = [(r.sweep["value"], r.metrics[headline]) for r in on_param if r.sweep and r.sweep["row"] == base]
-                plain = [r for r in result.rows if r.suite == suite and r.row == base and headline in r.metrics]
-                if plain and param in plain[0].settings:  # the row at the run's own setting is a point too
-                    mine.append((float(plain[0].settings[param]), plain[0].metrics[headline]))
-                pts = sorted(mine, key=lambda x: x[0])
-                if not pts:
-                    continue
-                xs = [x for x, _ in pts]
-                ys = [m.value for _, m in pts]
-                err = None
-                if all(not math.isnan(m.low) for _, m in pts):
-                    err = [[m.value - m.low for _, m in pts], [m.high - m.value for _, m in pts]]
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=base)
-            ax.set_xlabel(param)
-            ax.set_ylabel(headline)
-            ax.set_title(f"{suite}: {headline} vs {param}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            name = f"{suite}_{headline}_vs_{param}.png"
-            fig.savefig(folder / name)
-            plt.close(fig)
-            out.append((name, f"{suite}: {headline} vs {param} (95% intervals)"))
+            for metric in metrics:
+                plotted = _sweep_plot(result, suite, param, metric, srows, folder)
+                if plotted:
+                    out.append(plotted)
     return out
+
+
+def _sweep_plot(result: BenchResult, suite: str, param: str, metric: str, srows: list[RowResult],
+                folder: Path) -> tuple[str, str] | None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    on_param = [r for r in srows if r.sweep and r.sweep["param"] == param and metric in r.metrics]
+    if not on_param:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    for base in sorted({r.sweep["row"] for r in on_param if r.sweep}):
+        mine = [(r.sweep["value"], r.metrics[metric]) for r in on_param if r.sweep and r.sweep["row"] == base]
+        plain = [r for r in result.rows if r.suite == suite and r.row == base and metric in r.metrics]
+        if plain and param in plain[0].settings:  # the row at its own setting is a point too
+            mine.append((float(plain[0].settings[param]), plain[0].metrics[metric]))
+        pts = sorted(mine, key=lambda x: x[0])
+        xs = [x for x, _ in pts]
+        ys = [m.value for _, m in pts]
+        err = None
+        if all(not math.isnan(m.low) for _, m in pts):
+            err = [[m.value - m.low for _, m in pts], [m.high - m.value for _, m in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=base)
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{suite}: {metric} vs {param}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = f"{suite}_{metric}_vs_{param}.png"
+    fig.savefig(folder / name)
+    plt.close(fig)
+    return name, f"{suite}: {metric} vs {param} (95% intervals)"
 
 
 def _html(result: BenchResult, grids: dict[tuple[str, str], str], plots: list[tuple[str, str]]) -> str:

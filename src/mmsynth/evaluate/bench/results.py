@@ -53,6 +53,7 @@ class RowResult:
     n_cases: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     wall_s: float = 0.0
+    gen_s: float = 0.0  # of wall_s, the seconds spent generating (on the main process)
     settings: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, Any] | None = None  # {"row": base row, "param": name, "value": v}
     panels: list[Panel] = field(default_factory=list)

@@ -20,11 +20,30 @@ from tqdm import tqdm
 from mmsynth.errors import InputError
 from mmsynth.evaluate.bench.cases import Case
 from mmsynth.evaluate.bench.distributed import Distributed, merge_shards, shard
-from mmsynth.evaluate.bench.generation import RunContext
+from mmsynth.evaluate.bench.generation import SAMPLER_SETTINGS, RunContext
 from mmsynth.evaluate.bench.registry import Row, RowScore, Suite, get_suite, suite_names
 from mmsynth.evaluate.bench.results import BenchResult, Panel, RowResult, environment
+from mmsynth.evaluate.scoring import Metric
 
-SWEEP_PARAMS = ("cfg", "steps", "eta")
+# setting -> (valid when, what is valid): every setting a row may declare sweepable must be listed here
+SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "cfg": (lambda v: v >= 0, "a number >= 0"),
+    "steps": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1"),
+    "eta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "s0": (lambda v: v >= 0, "a number >= 0 (forward guidance strength)"),
+    "k": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (self-recurrence passes)"),
+    "m": (lambda v: v >= 0 and v == int(v), "whole numbers >= 0 (backward guidance steps)"),
+    "strength": (lambda v: 0 < v <= 1, "in (0, 1] (image-to-image strength)"),
+}
+
+
+def sweep_params() -> list[str]:
+    """Settings `--sweep` accepts: the sampler's, and every setting a registered row declares sweepable."""
+    names = list(SAMPLER_SETTINGS)
+    for suite in suite_names():
+        for row in get_suite(suite).rows.values():
+            names += [p for p in row.sweepable if p not in names]
+    return names
 
 
 @dataclass
@@ -50,29 +69,25 @@ class PlannedRow:
 def parse_sweep(text: str) -> tuple[str, list[float]]:
     """'cfg=1,3,5' -> ('cfg', [1.0, 3.0, 5.0]), with errors naming what is valid."""
     name, sep, values = text.partition("=")
-    if not sep or name not in SWEEP_PARAMS:
-        raise InputError(f"--sweep '{text}': expected PARAM=V1,V2,... with PARAM one of {', '.join(SWEEP_PARAMS)}")
+    valid = sweep_params()
+    if not sep or name not in valid:
+        raise InputError(f"--sweep '{text}': expected PARAM=V1,V2,... with PARAM one of {', '.join(valid)}")
     try:
         vals = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"--sweep '{text}': values must be numbers separated by commas") from None
     if not vals:
         raise InputError(f"--sweep '{text}': give at least one value")
-    if name == "steps" and any(v < 1 or v != int(v) for v in vals):
-        raise InputError(f"--sweep '{text}': steps must be whole numbers >= 1")
-    if name == "cfg" and any(v < 0 for v in vals):
-        raise InputError(f"--sweep '{text}': cfg must be >= 0")
-    if name == "eta" and any(not 0 <= v <= 1 for v in vals):
-        raise InputError(f"--sweep '{text}': eta must be in [0, 1]")
+    ok, what = SETTING_RANGES.get(name, (lambda v: True, ""))
+    if not all(ok(v) for v in vals):
+        raise InputError(f"--sweep '{text}': {name} must be {what}")
     return name, vals
 
 
 def sweep_rows(row: Row, sweeps: dict[str, list[float]]) -> list[Row]:
-    """Variants of a sweepable row, one per sweep value, named 'row[param=value]'."""
-    if not row.sweepable:
-        return []
+    """Variants of a row for the sweeps over settings it declares sweepable, one per value, 'row[param=value]'."""
     return [dataclasses.replace(row, name=f"{row.name}[{p}={v:g}]", overrides={p: v}, base=row.name)
-            for p, vals in sweeps.items() for v in vals]  # fmt: skip
+            for p, vals in sweeps.items() if p in row.sweepable for v in vals]  # fmt: skip
 
 
 def group_by_suite(cases: list[Case]) -> dict[str, list[Case]]:
@@ -116,7 +131,10 @@ def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[
             ctx.features()  # a missing extractor is an error now, not after an hour of generation
         for row in rows:
             todo, skipped = [], []
-            for c in gen:
+            mine = [c for c in gen if row.applies_to(c)]
+            if not mine:
+                continue  # none of this row's categories are in the case set
+            for c in mine:
                 needs = row.requirements(c)
                 if needs and caps is None:
                     caps = ctx.capabilities()
@@ -135,13 +153,14 @@ def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[
 def generate_shard(ctx: RunContext, row: Row, cases: list[Case], rank: int = 0, world: int = 1,
                    progress: bool = False) -> list[tuple[int, np.ndarray]]:  # fmt: skip
     """This process's share of a row's images, as (case position, image) pairs."""
-    saved = ctx.sampler
-    ctx.sampler = saved.with_overrides(row.overrides)
+    saved, saved_params = ctx.sampler, ctx.params
+    ctx.sampler = saved.with_overrides(row.settings())
+    ctx.params = row.settings()
     try:
         mine = shard(cases, rank, world)
         return [(i, row.generate(ctx, c)) for i, c in tqdm(mine, desc=row.name, disable=not progress, leave=False)]
     finally:
-        ctx.sampler = saved
+        ctx.sampler, ctx.params = saved, saved_params
 
 
 def run_bench(
@@ -160,6 +179,7 @@ def run_bench(
     for p in planned:
         t = time.perf_counter()
         part = generate_shard(ctx, p.row, p.todo, dist.rank, dist.world, progress=ctx.progress and dist.is_main)
+        gen_s = time.perf_counter() - t
         images = merge_shards(dist.gather(part), len(p.todo))
         if not dist.is_main:
             continue
@@ -168,7 +188,8 @@ def run_bench(
             scored = p.suite.score(ctx, p.todo, images, p.references)
         else:
             scored = RowScore({}, {"*": "every case was skipped"})
-        settings = dataclasses.asdict(ctx.sampler.with_overrides(p.row.overrides)) if p.row.uses_model else {}
+        settings = dataclasses.asdict(ctx.sampler.with_overrides(p.row.settings())) if p.row.uses_model else {}
+        settings.update({k: v for k, v in p.row.settings().items() if k not in settings})
         rr = RowResult(
             suite=p.suite.name,
             row=p.row.name,
@@ -179,6 +200,7 @@ def run_bench(
             n_cases=len(p.todo),
             skipped=p.skipped,
             wall_s=time.perf_counter() - t,
+            gen_s=gen_s,
             settings=settings,
             sweep=_sweep_info(p.row),
             panels=_panels(p, images, scored, options.panels),
@@ -188,6 +210,7 @@ def run_bench(
             on_row(rr)
     if not dist.is_main:
         return None
+    add_cost_ratios(results)
     env = environment(ctx.device, dist.world)
     env["sampler"] = dataclasses.asdict(ctx.sampler)
     env["extractor"] = ctx.extractor
@@ -198,6 +221,20 @@ def run_bench(
     env["sample_counts"] = {s: {"cases": len(cs), "reference": sum(c.reference for c in cs)}
                             for s, cs in group_by_suite(cases).items()}  # fmt: skip
     return BenchResult(results, pending, env, time.perf_counter() - t0)
+
+
+def add_cost_ratios(results: list[RowResult]) -> None:
+    """`cost_ratio` of every model row of a suite with a cost baseline: its generation seconds per image over the
+    baseline row's, both measured in this run (side by side, so machine speed cancels out)."""
+    for suite in {r.suite for r in results}:
+        base_name = get_suite(suite).cost_baseline
+        base = next((r for r in results if r.suite == suite and r.row == base_name and r.n_cases), None)
+        if base is None or base.gen_s <= 0:
+            continue
+        per_image = base.gen_s / base.n_cases
+        for r in results:
+            if r.suite == suite and r.n_cases and r.settings:  # settings: the row ran the model
+                r.metrics["cost_ratio"] = Metric(r.gen_s / r.n_cases / per_image, r.n_cases)
 
 
 def _sweep_info(row: Row) -> dict[str, Any] | None:

@@ -22,10 +22,16 @@ from mmsynth.data.captions import captions, group_phrase, scene_groups
 from mmsynth.data.scene import Scene, groups, sample_scene
 from mmsynth.errors import InputError
 from mmsynth.evaluate.bench.cases import Case
-from mmsynth.evaluate.bench.generation import RunContext, base_unconditioned, ground_truth, text_to_image
+from mmsynth.evaluate.bench.generation import (
+    SAMPLER_SETTINGS,
+    RunContext,
+    base_unconditioned,
+    ground_truth,
+    text_to_image,
+)
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.judge import expectation_for
-from mmsynth.evaluate.scoring import ImageScore, Metric, aggregate, score_image, wilson
+from mmsynth.evaluate.scoring import ImageScore, Metric, aggregate, rate, score_image
 
 CATEGORIES: tuple[str, ...] = ("single_object", "binding", "count", "relation", "heldout")
 _STREAM = 1_000_000  # index stride between categories, so their scenes never coincide
@@ -100,18 +106,13 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
         rule = RULES.get(category, lambda s: s.passed)
         oks = [v for c, s in zip(cases, verdicts) if c.category == category and (v := rule(s)) is not None]
         pooled += oks
-        metrics[category] = _rate(sum(oks), len(oks))
-    metrics["overall"] = _rate(sum(pooled), len(pooled))
+        metrics[category] = rate(sum(oks), len(oks))
+    metrics["overall"] = rate(sum(pooled), len(pooled))
     agg = aggregate(verdicts) if verdicts else {}
     for name in ("object_f1", "attribute_acc"):
         if name in agg:
             metrics[name] = agg[name]
     return RowScore(metrics, {}, verdicts)
-
-
-def _rate(k: int, n: int) -> Metric:
-    lo, hi = wilson(k, n)
-    return Metric(k / n if n else float("nan"), n, lo, hi)
 
 
 def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
@@ -139,7 +140,8 @@ SUITE = register_suite(
                                 needs=lambda c: [], uses_model=False),
             "base_uncond": Row("base_uncond", "reference", "base model, empty prompt (chance level)",
                                base_unconditioned, needs=lambda c: []),
-            "t2i": Row("t2i", "method", "base model with the prompt", text_to_image, sweepable=True),
+            "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
+                       sweepable=SAMPLER_SETTINGS),
         },
     )
 )

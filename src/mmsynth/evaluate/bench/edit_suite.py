@@ -1,0 +1,323 @@
+"""The `edit` suite: DDIM inversion, prompt-swap editing, image-to-image and blended-latent inpainting.
+
+Every case edits a source image: the render of `extra.source` (a scene spec; for inversion, the case's own scene).
+The case's `scene` is what the edited image should show, so the judge checks it like any other spec.
+Categories:
+- inversion: DDIM-invert the render under its caption, reconstruct. inversion_psnr (dB, mean; identical images
+  count as PSNR_CAP).
+- swap: one object changes colour ("a red circle" -> "a blue circle"). edit_success: the judge finds exactly the
+  edited scene (right colour and shape) AND the object stays where it was (box IoU >= KEEP_IOU with the source's
+  box); kept_psnr: PSNR outside the object's box against the source (how much of the rest survives).
+- inpaint: one object of a two-object scene is replaced by another colour and shape inside a box mask.
+  inpaint_outside_psnr (pixels outside the mask vs the source), inpaint_inside_acc (a detection of the new colour
+  and shape centred inside the mask).
+Rows: ground_truth (renders of the edited specs: the ceiling), regenerate (the target prompt from fresh noise: what
+an edit must beat on keeping things), inversion rows per reconstruction scheduler, swap (invert with the source
+caption, sample with the edited one, negative-prompt inversion), swap_attention (also replaying the source's
+self-attention for the first half of the steps), img2img (SDEdit at a strength), inpaint and inpaint_latent_only
+(without pasting the known pixels back). Every model row gets cost_ratio against `regenerate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from mmsynth.data.captions import captions, group_phrase, scene_groups
+from mmsynth.data.render import render
+from mmsynth.data.scene import Scene, ShapeObject, groups, sample_scene
+from mmsynth.data.vocab import COLOR_NAMES, COLORS, HELDOUT_COMBOS, SHAPES
+from mmsynth.errors import InputError
+from mmsynth.evaluate.bench.cases import Case
+from mmsynth.evaluate.bench.generation import SAMPLER_SETTINGS, RunContext, ground_truth, text_to_image
+from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
+from mmsynth.evaluate.scoring import ImageScore, Metric, mean_ci, rate, score_image
+
+CATEGORIES: tuple[str, ...] = ("inversion", "swap", "inpaint")
+INVERSION_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp-2m", "unipc", "euler")
+INVERSION_STEPS = 50
+EDIT_STEPS = 50
+KEEP_IOU = 0.5
+PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
+MASK_MARGIN = 0.03  # the inpainting box mask is the union of the old and new boxes grown by this (normalised)
+_STREAM = 7_000_000
+
+
+# ---------------------------------------------------------------- cases
+def _allowed(color: str, shape: str) -> bool:
+    return (color, shape) not in HELDOUT_COMBOS
+
+
+def _recolour(o: ShapeObject, color: str, shape: str | None = None) -> ShapeObject:
+    return dataclasses.replace(o, color=color, shape=shape or o.shape, rgb=COLORS[color])
+
+
+def _phrases(scene: Scene) -> str:
+    return " and ".join(group_phrase(g) for g in scene_groups(scene))
+
+
+def _case(category: str, j: int, seed: int, rng: np.random.Generator) -> dict:
+    base = _STREAM + (CATEGORIES.index(category) + 1) * 100_000
+    k = 0
+    while True:
+        index = base + j * 64 + k
+        k += 1
+        if category == "inversion":
+            s = sample_scene("test", index, seed, n_objects=1 + (j + k) % 3)
+            return {"scene": s, "prompt": captions(s, 1)[0]}
+        if category == "swap":
+            s = sample_scene("test", index, seed, n_objects=1)
+            o = s.objects[0]
+            new = [c for c in COLOR_NAMES if c != o.color and _allowed(c, o.shape)]
+            edited = dataclasses.replace(s, objects=[_recolour(o, str(rng.choice(new)))])
+            return {"scene": edited, "prompt": _phrases(edited),
+                    "extra": {"source": s.to_dict(), "source_prompt": _phrases(s)}}  # fmt: skip
+        s = sample_scene("test", index, seed, n_objects=2)
+        if len(groups(s)) != 2:
+            continue
+        t = int(rng.integers(2))
+        o, other = s.objects[t], s.objects[1 - t]
+        combos = [(c, sh) for c in COLOR_NAMES for sh in SHAPES
+                  if c not in (o.color, other.color) and sh != o.shape and _allowed(c, sh)]  # fmt: skip
+        color, shape = combos[int(rng.integers(len(combos)))]
+        objs = list(s.objects)
+        objs[t] = _recolour(o, color, shape)
+        edited = dataclasses.replace(s, objects=objs)
+        a, b = o.box(), objs[t].box()
+        m = MASK_MARGIN
+        box = [max(0.0, min(a[0], b[0]) - m), max(0.0, min(a[1], b[1]) - m),
+               min(1.0, max(a[2], b[2]) + m), min(1.0, max(a[3], b[3]) + m)]  # fmt: skip
+        return {"scene": edited, "prompt": _phrases(edited), "mask": {"box": box},
+                "extra": {"source": s.to_dict(), "target_object": t}}  # fmt: skip
+
+
+def make_cases(n: int, seed: int) -> list[Case]:
+    """`n` cases per category, each with its own generation seed."""
+    rng = np.random.default_rng([seed, 0xED17])
+    out = []
+    for category in CATEGORIES:
+        for j in range(n):
+            d = _case(category, j, seed, rng)
+            extra = {"make_seed": seed, **d.get("extra", {})}
+            out.append(Case(id=f"edit/{category}/{j:04d}", suite="edit", scene=d["scene"], category=category,
+                            prompt=d["prompt"], mask=d.get("mask"), seed=seed * 1_000_003 + 700_000 + len(out),
+                            extra=extra))  # fmt: skip
+    return out
+
+
+def source_scene(case: Case) -> Scene:
+    """The scene of the image being edited: `extra.source`, or the case's own scene (inversion)."""
+    src = case.extra.get("source")
+    return case.scene if src is None else Scene.from_dict(src, where=f"case '{case.id}': field 'extra.source'")
+
+
+def source_image(case: Case) -> np.ndarray:
+    return render(source_scene(case), case.resolution)
+
+
+def mask_array(case: Case) -> np.ndarray:
+    """The case's inpainting mask as an HxW bool array (True = repaint)."""
+    if case.mask is None:
+        raise InputError(f"case '{case.id}': an inpainting case needs a 'mask'")
+    r = case.resolution
+    if "object" in case.mask:
+        x0, y0, x1, y1 = source_scene(case).objects[case.mask["object"]].box()
+    else:
+        x0, y0, x1, y1 = case.mask["box"]
+    out = np.zeros((r, r), bool)
+    out[int(np.floor(y0 * r)): int(np.ceil(y1 * r)), int(np.floor(x0 * r)): int(np.ceil(x1 * r))] = True
+    return out
+
+
+def check(case: Case) -> None:
+    if case.category in ("swap", "inpaint") and "source" not in case.extra:
+        raise InputError(f"case '{case.id}': field 'extra.source': a {case.category} case needs its source scene")
+    if case.category == "swap" and not isinstance(case.extra.get("source_prompt"), str):
+        raise InputError(f"case '{case.id}': field 'extra.source_prompt': a swap case needs the source caption")
+    if case.category == "swap" and len(source_scene(case).objects) != len(case.scene.objects):
+        raise InputError(f"case '{case.id}': a swap case's source and scene must have the same objects")
+    if case.category == "inpaint":
+        mask_array(case)
+
+
+# ---------------------------------------------------------------- rows
+def inversion(scheduler: str) -> Callable[[RunContext, Case], np.ndarray]:
+    """DDIM inversion of the render under its caption, reconstructed with `scheduler` at the row's steps and cfg."""
+
+    def generate(ctx: RunContext, case: Case) -> np.ndarray:
+        from mmsynth.sample import invert, reconstruct
+
+        s = ctx.sampler
+        x_t = invert(ctx.bundle(), source_image(case), case.prompt, steps=s.steps, cfg=s.cfg).latents
+        return reconstruct(ctx.bundle(), x_t, case.prompt, steps=s.steps, cfg=s.cfg, scheduler=scheduler).images[0]
+
+    return generate
+
+
+def swap(ctx: RunContext, case: Case) -> np.ndarray:
+    """Invert with the source caption, sample with the edited one (negative-prompt inversion: the source caption
+    is the negative prompt), optionally replaying the source's self-attention (`keep_attention`)."""
+    from mmsynth.sample import edit_request, sample
+
+    s = ctx.sampler
+    request = edit_request(source_image(case), case.extra["source_prompt"], case.prompt, steps=s.steps, cfg=s.cfg,
+                           seed=case.seed, scheduler=s.scheduler,
+                           keep_attention=float(ctx.params.get("keep_attention", 0.0)))  # fmt: skip
+    return sample(ctx.bundle(), request, progress=False).images[0]
+
+
+def img2img(ctx: RunContext, case: Case) -> np.ndarray:
+    """SDEdit: the source noised to the row's strength, denoised under the edited prompt."""
+    from mmsynth.sample import Img2Img
+
+    return ctx.generate(case, [Img2Img(image=source_image(case), strength=float(ctx.params["strength"]))])
+
+
+def inpaint(ctx: RunContext, case: Case) -> np.ndarray:
+    """Blended-latent inpainting of the mask under the edited scene's prompt (paste-back per the row)."""
+    from mmsynth.sample import BlendedInpaint
+
+    mask = mask_array(case).astype(np.uint8) * 255
+    paste = bool(ctx.params.get("paste", 1))
+    return ctx.generate(case, [BlendedInpaint(image=source_image(case), mask=mask, paste=paste)])
+
+
+# ---------------------------------------------------------------- scoring
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB (over `mask` if given), capped at PSNR_CAP for identical pixels."""
+    from mmsynth.sample.inversion import psnr as exact_psnr
+
+    return min(PSNR_CAP, exact_psnr(a, b, mask))
+
+
+def _box_mask(box: tuple[float, ...], r: int) -> np.ndarray:
+    out = np.zeros((r, r), bool)
+    out[int(np.floor(box[1] * r)): int(np.ceil(box[3] * r)), int(np.floor(box[0] * r)): int(np.ceil(box[2] * r))] = 1
+    return out
+
+
+def _swap_verdict(case: Case, image: np.ndarray) -> tuple[ImageScore, bool, float]:
+    """(judge verdict against the edited spec with boxes, edit success, PSNR outside the objects' boxes)."""
+    from mmsynth.evaluate.detect import detect_objects
+    from mmsynth.evaluate.judge import expectation_for
+
+    v = score_image(expectation_for(scene=case.scene, layout=True), detect_objects(image))
+    kept = v.box_ious is not None and all(iou >= KEEP_IOU for iou in v.box_ious)
+    ok = v.passed and kept
+    r = case.resolution
+    objects = np.zeros((r, r), bool)
+    for o in source_scene(case).objects:
+        objects |= _box_mask(o.box(), r)
+    return v, ok, psnr(image, source_image(case), ~objects)
+
+
+def _inpaint_verdict(case: Case, image: np.ndarray) -> tuple[ImageScore, bool, float]:
+    """(judge verdict against the edited spec, the new object found inside the mask, PSNR outside the mask)."""
+    from mmsynth.evaluate.detect import detect_objects
+    from mmsynth.evaluate.judge import expectation_for
+
+    dets = detect_objects(image)
+    v = score_image(expectation_for(scene=case.scene), dets)
+    mask = mask_array(case)
+    new = case.scene.objects[int(case.extra.get("target_object", 0))]
+    r = case.resolution
+
+    def inside(d) -> bool:
+        x0, y0, x1, y1 = d.box_norm
+        cx, cy = min(int((x0 + x1) / 2 * r), r - 1), min(int((y0 + y1) / 2 * r), r - 1)
+        return bool(mask[cy, cx])
+
+    ok = any(d.color == new.color and d.shape == new.shape and inside(d) for d in dets)
+    return v, ok, psnr(image, source_image(case), ~mask)
+
+
+def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], references: list[Case]) -> RowScore:
+    from mmsynth.evaluate.detect import detect_objects
+    from mmsynth.evaluate.judge import expectation_for
+
+    metrics: dict[str, Metric] = {}
+    verdicts: list[ImageScore] = []
+    psnrs: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    oks: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
+    for c, img in zip(cases, images):
+        if c.category == "swap":
+            v, ok, p = _swap_verdict(c, img)
+            oks["swap"].append(ok)
+            psnrs["swap"].append(p)
+        elif c.category == "inpaint":
+            v, ok, p = _inpaint_verdict(c, img)
+            oks["inpaint"].append(ok)
+            psnrs["inpaint"].append(p)
+        else:
+            v = score_image(expectation_for(scene=c.scene), detect_objects(img))
+            psnrs["inversion"].append(psnr(img, source_image(c)))
+        verdicts.append(v)
+    if psnrs["inversion"]:
+        metrics["inversion_psnr"] = mean_ci(psnrs["inversion"])
+    if oks["swap"]:
+        metrics["edit_success"] = rate(sum(oks["swap"]), len(oks["swap"]))
+        metrics["kept_psnr"] = mean_ci(psnrs["swap"])
+    if oks["inpaint"]:
+        metrics["inpaint_outside_psnr"] = mean_ci(psnrs["inpaint"])
+        metrics["inpaint_inside_acc"] = rate(sum(oks["inpaint"]), len(oks["inpaint"]))
+    return RowScore(metrics, {}, verdicts)
+
+
+def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
+    """source | (mask) | output | target spec | judge overlay."""
+    from mmsynth.evaluate.overlay import draw_verdict
+
+    zoom = max(1, 128 // image.shape[0])
+    overlay = draw_verdict(image, verdict, zoom=zoom)
+    overlay = overlay[overlay.shape[0] - image.shape[0] * zoom:]
+    tiles: Panel = [("source", source_image(case))]
+    if case.mask is not None:
+        tiles.append(("mask", mask_array(case).astype(np.uint8) * 255))
+    tiles += [("output", image), ("target", case.render()), ("judge", overlay)]
+    return tiles
+
+
+def _rows() -> dict[str, Row]:
+    gt = Row("ground_truth", "reference", "renders of the edited scene specs (the ceiling)", ground_truth,
+             needs=lambda c: [], categories=("swap", "inpaint"), uses_model=False)  # inversion: source == target
+    rows = [gt, Row("regenerate", "reference", "the target prompt from fresh noise (keeps nothing of the source)",
+                    text_to_image, needs=lambda c: ["text"], sweepable=SAMPLER_SETTINGS)]  # fmt: skip
+    for sched in INVERSION_SCHEDULERS:
+        name = "inversion" if sched == "ddim" else f"inversion_{sched}"
+        rows.append(Row(name, "method", f"DDIM inversion ({INVERSION_STEPS} steps), reconstructed with {sched}",
+                        inversion(sched), categories=("inversion",), params={"steps": INVERSION_STEPS, "cfg": 1.0},
+                        sweepable=("cfg", "steps")))  # fmt: skip
+    rows += [
+        Row("swap", "method", "prompt-swap edit of the inverted source (negative-prompt inversion)", swap,
+            categories=("swap",), params={"steps": EDIT_STEPS}, sweepable=SAMPLER_SETTINGS),
+        Row("swap_attention", "method", "prompt-swap edit replaying the source's self-attention for half the steps",
+            swap, categories=("swap",), params={"steps": EDIT_STEPS, "keep_attention": 0.5},
+            sweepable=SAMPLER_SETTINGS),
+        Row("img2img", "method", "SDEdit of the source under the edited prompt", img2img, categories=("swap",),
+            needs=lambda c: ["img2img"], params={"strength": 0.6}, sweepable=("strength", *SAMPLER_SETTINGS)),
+        Row("inpaint", "method", "blended-latent inpainting of the mask, known pixels pasted back", inpaint,
+            categories=("inpaint",), sweepable=SAMPLER_SETTINGS),
+        Row("inpaint_latent_only", "method", "blended-latent inpainting without the pixel paste-back", inpaint,
+            categories=("inpaint",), params={"paste": 0}, sweepable=SAMPLER_SETTINGS),
+    ]  # fmt: skip
+    return {r.name: r for r in rows}
+
+
+SUITE = register_suite(
+    Suite(
+        name="edit",
+        description="inversion, prompt-swap editing, image-to-image and inpainting of test renders",
+        make_cases=make_cases,
+        score=score,
+        panel=panel,
+        check=check,
+        headline="edit_success",
+        sweep_metrics=("inversion_psnr", "kept_psnr", "inpaint_inside_acc"),
+        cost_baseline="regenerate",
+        default_n=200,
+        quick_n=3,
+        rows=_rows(),
+    )
+)

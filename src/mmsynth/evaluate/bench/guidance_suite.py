@@ -1,0 +1,146 @@
+"""The `guidance` suite: universal guidance (forward, backward, self-recurrence) against unguided sampling.
+
+Categories, every prompt a true caption of a test-split scene:
+- palette: the palette guide steers towards the scene's own render (its 8x8 CIELab palette map). Metrics:
+  palette_error (mean deltaE of the 8x8 palettes, output vs target; lower is better) and
+  palette_attribute_acc (the judge's colour+shape accuracy on the prompt: guidance must not break the text).
+- box: the box guide pulls each object's colour into the object's box. Metrics: box_ap50 (AP at IoU 0.5 against
+  the boxes), box_iou (mean IoU of matched objects), box_attribute_acc.
+Rows: ground_truth (the renders: the ceiling), unguided (the prompt alone, same seeds: the baseline and the cost
+reference), palette (k=1), palette_k3 (self-recurrence k=3), palette_backward (forward + m backward steps) and box.
+Every model row also gets cost_ratio: seconds per image over the unguided row's, measured in the same run.
+`--sweep s0=...` and `--sweep k=...` vary the guided rows and plot palette error / AP50 against the setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mmsynth.data.captions import captions, group_phrase, scene_groups
+from mmsynth.data.scene import Scene, groups, sample_scene
+from mmsynth.evaluate.bench.cases import Case
+from mmsynth.evaluate.bench.generation import SAMPLER_SETTINGS, RunContext, ground_truth, text_to_image
+from mmsynth.evaluate.bench.registry import Row, RowScore, Suite, register_suite
+from mmsynth.evaluate.bench.t2i import panel
+from mmsynth.evaluate.scoring import ImageScore, Metric, aggregate, average_precision, mean_ci, score_image
+
+CATEGORIES: tuple[str, ...] = ("palette", "box")
+_STREAM = 6_000_000
+# Defaults (see docs/bench.md, "guidance"): forward strength s0 per guide, backward steps and their Adam step.
+DEFAULTS: dict[str, dict[str, float]] = {
+    "palette": {"s0": 1.0, "k": 1, "m": 0},
+    "box": {"s0": 1.0, "k": 1, "m": 0},
+}
+BACKWARD_STEPS = 3
+BACKWARD_LR = 0.05
+
+
+def _scene_for(category: str, j: int, seed: int) -> tuple[Scene, str]:
+    """Palette: 1-2 objects, any caption. Box: 1-2 objects of distinct colours (the box guide knows a phrase by its
+    colour), prompted by their phrases joined with 'and'."""
+    base = _STREAM + (CATEGORIES.index(category) + 1) * 100_000
+    k = 0
+    while True:
+        s = sample_scene("test", base + j * 64 + k, seed, n_objects=1 + (j + k) % 2)
+        k += 1
+        if category == "palette":
+            return s, captions(s, 1)[0]
+        if len({o.color for o in s.objects}) == len(s.objects) and len(groups(s)) == len(s.objects):
+            return s, " and ".join(group_phrase(g) for g in scene_groups(s))
+
+
+def make_cases(n: int, seed: int) -> list[Case]:
+    """`n` cases per category; the generation seed of each case is distinct and never a training seed."""
+    out = []
+    for category in CATEGORIES:
+        for j in range(n):
+            scene, prompt = _scene_for(category, j, seed)
+            out.append(Case(id=f"guidance/{category}/{j:04d}", suite="guidance", scene=scene, category=category,
+                            prompt=prompt, seed=seed * 1_000_003 + 500_000 + len(out),
+                            extra={"make_seed": seed}))  # fmt: skip
+    return out
+
+
+def guide_params(case: Case) -> dict[str, Any]:
+    """The guide's parameters for a case: the target palette image, or one box and phrase per object."""
+    if case.category == "palette":
+        return {"target": case.render()}
+    objs = case.scene.objects
+    return {"boxes": [list(o.box()) for o in objs], "phrases": [f"a {o.color} {o.shape}" for o in objs]}
+
+
+def guided(guide: str) -> Callable[[RunContext, Case], np.ndarray]:
+    """A row generator: the prompt plus universal guidance with `guide`, at the row's s0 / k / m."""
+
+    def generate(ctx: RunContext, case: Case) -> np.ndarray:
+        from mmsynth.sample import UniversalGuidance
+
+        p = ctx.params
+        control = UniversalGuidance(guide=guide, params=guide_params(case), s0=float(p["s0"]), k=int(p["k"]),
+                                    m=int(p.get("m", 0)), lr=BACKWARD_LR)  # fmt: skip
+        return ctx.generate(case, [control])
+
+    return generate
+
+
+def _verdict(case: Case, image: np.ndarray) -> ImageScore:
+    from mmsynth.evaluate.detect import detect_objects
+    from mmsynth.evaluate.judge import expectation_for
+
+    if case.category == "box":
+        return score_image(expectation_for(scene=case.scene, layout=True), detect_objects(image))
+    return score_image(expectation_for(prompt=case.prompt), detect_objects(image))
+
+
+def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], references: list[Case]) -> RowScore:
+    from mmsynth.evaluate.control_metrics import palette_error
+
+    verdicts = [_verdict(c, img) for c, img in zip(cases, images)]
+    metrics: dict[str, Metric] = {}
+    palette = [i for i, c in enumerate(cases) if c.category == "palette"]
+    if palette:
+        metrics["palette_error"] = mean_ci([palette_error(images[i], cases[i].render()) for i in palette])
+        metrics["palette_attribute_acc"] = aggregate([verdicts[i] for i in palette])["attribute_acc"]
+    box = [i for i, c in enumerate(cases) if c.category == "box"]
+    if box:
+        agg = aggregate([verdicts[i] for i in box])
+        metrics["box_ap50"] = average_precision([verdicts[i] for i in box])
+        metrics["box_iou"] = agg["box_iou"]
+        metrics["box_attribute_acc"] = agg["attribute_acc"]
+    return RowScore(metrics, {}, verdicts)
+
+
+def _row(name: str, guide: str, description: str, **settings: float) -> Row:
+    return Row(name, "method", description, guided(guide), categories=(guide,),
+               params={**DEFAULTS[guide], **settings}, sweepable=("s0", "k", "m", *SAMPLER_SETTINGS))  # fmt: skip
+
+
+SUITE = register_suite(
+    Suite(
+        name="guidance",
+        description="universal guidance (palette and box guides; forward, backward, self-recurrence) vs unguided",
+        make_cases=make_cases,
+        score=score,
+        panel=panel,
+        headline="palette_error",
+        sweep_metrics=("palette_attribute_acc", "box_ap50"),
+        higher_is_better=False,
+        cost_baseline="unguided",
+        default_n=200,
+        quick_n=3,
+        rows={
+            "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
+                                needs=lambda c: [], uses_model=False),
+            "unguided": Row("unguided", "reference", "the prompt alone, same seeds (the baseline)", text_to_image,
+                            sweepable=SAMPLER_SETTINGS),
+            "palette": _row("palette", "palette", "forward guidance towards the target's palette map"),
+            "palette_k3": _row("palette_k3", "palette", "palette guidance with self-recurrence k=3", k=3),
+            "palette_backward": _row("palette_backward", "palette",
+                                     f"palette guidance, forward + {BACKWARD_STEPS} backward steps", m=BACKWARD_STEPS),
+            "box": _row("box", "box", "forward guidance of each object's colour into its box"),
+        },
+    )
+)

@@ -1,0 +1,146 @@
+"""The `guidance` and `edit` bench suites: cases, metrics on constructed images, row categories, sweeps, cost."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mmsynth.data import render
+from mmsynth.data.vocab import HELDOUT_COMBOS
+from mmsynth.errors import InputError
+from mmsynth.evaluate.bench import (
+    Case,
+    RunContext,
+    RunOptions,
+    SamplerSettings,
+    get_suite,
+    make_cases,
+    parse_sweep,
+    read_cases,
+    run_bench,
+    write_cases,
+)
+from mmsynth.evaluate.bench.edit_suite import mask_array, source_image
+
+
+@pytest.fixture(scope="module")
+def edit_cases():
+    return make_cases("edit", 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def guidance_cases():
+    return make_cases("guidance", 3, seed=0)
+
+
+def _ctx(bundle, steps=2):
+    return RunContext(bundle_obj=bundle, sampler=SamplerSettings(steps=steps))
+
+
+def test_edit_cases_round_trip_and_describe_real_edits(tmp_path, edit_cases):
+    write_cases(edit_cases, tmp_path / "c.jsonl")
+    back = read_cases(tmp_path / "c.jsonl")
+    assert [c.to_dict() for c in back] == [c.to_dict() for c in edit_cases]
+    for c in back:
+        src = c.extra.get("source")
+        if c.category == "swap":
+            a, b = source_image(c), c.render()
+            (o,), (n,) = c.scene.objects, [*src_objects(c)]
+            assert o.color != n.color and o.shape == n.shape and (o.color, o.shape) not in HELDOUT_COMBOS
+            assert c.extra["source_prompt"] != c.prompt and not np.array_equal(a, b)
+        elif c.category == "inpaint":
+            m = mask_array(c)
+            outside = ~m
+            assert 0 < m.mean() < 0.6
+            assert np.array_equal(source_image(c)[outside], c.render()[outside])  # the edit stays inside the mask
+        else:
+            assert src is None and np.array_equal(source_image(c), c.render())
+
+
+def src_objects(case: Case):
+    from mmsynth.evaluate.bench.edit_suite import source_scene
+
+    return source_scene(case).objects
+
+
+def test_edit_metrics_on_constructed_outputs(bundle, edit_cases):
+    suite = get_suite("edit")
+    ctx = _ctx(bundle)
+    edits = [c for c in edit_cases if c.category != "inversion"]
+    perfect = suite.score(ctx, edits, [c.render() for c in edits], [])
+    assert perfect.metrics["edit_success"].value == 1.0
+    assert perfect.metrics["inpaint_inside_acc"].value == 1.0
+    assert perfect.metrics["inpaint_outside_psnr"].value == 100.0  # pixel-identical outside the mask (capped)
+    unchanged = suite.score(ctx, edits, [source_image(c) for c in edits], [])
+    assert unchanged.metrics["edit_success"].value == 0.0  # the colour did not change
+    assert unchanged.metrics["inpaint_inside_acc"].value == 0.0
+    assert unchanged.metrics["kept_psnr"].value == 100.0
+    shifted = [np.roll(c.render(), 16, axis=1) for c in edits]  # right colour and shape, wrong place
+    moved = suite.score(ctx, edits, shifted, [])
+    assert moved.metrics["edit_success"].value == 0.0 and moved.metrics["kept_psnr"].value < 30
+    inv = [c for c in edit_cases if c.category == "inversion"]
+    noisy = [np.clip(c.render().astype(int) + np.random.default_rng(0).integers(-8, 9, (64, 64, 3)), 0, 255)
+             .astype(np.uint8) for c in inv]  # fmt: skip
+    m = suite.score(ctx, inv, noisy, []).metrics["inversion_psnr"]
+    assert 30 < m.value < 35 and m.n == len(inv) and m.low < m.value < m.high  # 8-level uniform noise: ~31.9 dB
+
+
+def test_guidance_metrics_on_constructed_outputs(bundle, guidance_cases):
+    suite = get_suite("guidance")
+    ctx = _ctx(bundle)
+    gt = suite.score(ctx, guidance_cases, [c.render() for c in guidance_cases], [])
+    assert gt.metrics["palette_error"].value == 0.0 and gt.metrics["palette_attribute_acc"].value == 1.0
+    assert gt.metrics["box_ap50"].value == 1.0 and gt.metrics["box_attribute_acc"].value == 1.0
+    flipped = suite.score(ctx, guidance_cases, [c.render()[:, ::-1].copy() for c in guidance_cases], [])
+    assert flipped.metrics["palette_error"].value > 5
+    assert flipped.metrics["box_ap50"].value < 1.0
+    for c in guidance_cases:
+        if c.category == "box":
+            assert len({o.color for o in c.scene.objects}) == len(c.scene.objects)
+
+
+def test_rows_run_only_their_categories_with_cost_ratios_and_sweeps(bundle, guidance_cases, edit_cases):
+    cases = [c for c in guidance_cases if c.id.endswith("0000")] + [
+        c for c in edit_cases if c.category in ("swap", "inpaint") and c.id.endswith("0000")]
+    opts = RunOptions(rows=["unguided", "palette", "box", "regenerate", "img2img", "inpaint", "inpaint_latent_only"],
+                      sweeps=dict([parse_sweep("s0=2"), parse_sweep("strength=0.5")]))
+    res = run_bench(cases, _ctx(bundle), opts).to_dict()
+    g, e = res["results"]["guidance"], res["results"]["edit"]
+    assert res["rows"]["guidance"]["palette"]["n_cases"] == 1 and res["rows"]["guidance"]["unguided"]["n_cases"] == 2
+    assert "box_ap50" not in g["palette"] and "palette_error" not in g["box"]
+    assert g["unguided"]["cost_ratio"] == 1.0 and g["palette"]["cost_ratio"] > 0
+    assert res["rows"]["guidance"]["palette[s0=2]"]["settings"]["s0"] == 2.0
+    assert res["rows"]["edit"]["img2img[strength=0.5]"]["settings"]["strength"] == 0.5
+    assert "box[s0=2]" in g and "regenerate[s0=2]" not in e
+    assert e["inpaint"]["inpaint_outside_psnr"] == 100.0  # known pixels pasted back exactly
+    assert e["inpaint_latent_only"]["inpaint_outside_psnr"] < 100.0  # latent blending alone does not keep them
+
+
+def test_inversion_rows_reconstruct_and_cases_are_checked(bundle, edit_cases):
+    inv = [c for c in edit_cases if c.category == "inversion"][:1]
+    res = run_bench(inv, _ctx(bundle), RunOptions(rows=["inversion", "ground_truth"], sweeps={"steps": [3]}))
+    d = res.to_dict()
+    assert set(d["results"]["edit"]) == {"inversion", "inversion[steps=3]"}  # no ground truth: source == target
+    assert d["rows"]["edit"]["inversion"]["settings"]["steps"] == 50 and d["rows"]["edit"]["inversion"]["settings"][
+        "cfg"] == 1.0
+    bad = dataclasses.replace(next(c for c in edit_cases if c.category == "swap"), extra={"make_seed": 0})
+    with pytest.raises(InputError, match=r"extra\.source"):
+        get_suite("edit").check(bad)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("k=1.5", "whole numbers >= 1"), ("strength=0", "in \\(0, 1\\]"), ("s0=-1", ">= 0"), ("bogus=1", "one of cfg"),
+])  # fmt: skip
+def test_bad_sweeps_name_what_is_valid(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_sweep(text)
+
+
+def test_inpaint_cases_render_the_new_object_inside_the_mask(edit_cases):
+    for c in edit_cases:
+        if c.category == "inpaint":
+            new = c.scene.objects[c.extra["target_object"]]
+            x0, y0, x1, y1 = new.box()
+            m = mask_array(c)
+            assert m[int(y0 * 64) + 1, int(x0 * 64) + 1] and m[int(y1 * 64) - 2, int(x1 * 64) - 2]
+            assert render(c.scene, 64).shape == (64, 64, 3)
