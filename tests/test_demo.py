@@ -19,5 +19,6 @@ def test_demo_with_a_bundle_generates_and_judges(tmp_path):
     tiny_bundle(0).save_pretrained(model)
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--model", str(model), "--seeds", "1", "--steps", "2"]) == 0
-    assert (out / "t2i.png").exists()
-    assert "images pass the judge" in (out / "summary.md").read_text()
+    assert (out / "t2i.png").exists() and (out / "guidance_edit.png").exists()
+    summary = (out / "summary.md").read_text()
+    assert "images pass the judge" in summary and "## Guidance and editing" in summary

@@ -2,7 +2,9 @@
 
 Sections: the dataset and its exact conditions, every annotator on one scene, the judge's verdicts on
 clean and degraded renders, and (when the zoo is present) text-to-image samples next to the judge's
-verdicts. Each later capability adds its section here.
+verdicts, then guidance and editing (unguided | guided | target; source | inverted reconstruction | edit;
+source | mask | inpainted), made by the benchmark's own rows on its cases. Each later capability adds its
+section here.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mmsynth.data.scene import Scene
 from mmsynth.io import atomic_dir, save_image, write_text
-from mmsynth.viz import colorize_labels, grid, label
+from mmsynth.viz import colorize_labels, grid, label, upscale
 
 DEMO_PROMPTS = (
     "a red circle",
@@ -96,18 +99,11 @@ def _judge_section(out: Path) -> str:
     )
 
 
-def _t2i_section(out: Path, args: argparse.Namespace) -> str:
-    from mmsynth.errors import InputError
+def _t2i_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
     from mmsynth.evaluate import judge_image
     from mmsynth.evaluate.overlay import draw_verdict
-    from mmsynth.models.bundle import Bundle
-    from mmsynth.models.shipped import resolve_model
     from mmsynth.sample import GenerationRequest, sample
 
-    try:
-        bundle = Bundle.from_pretrained(resolve_model(args.model))
-    except InputError as exc:
-        return f"## Text to image\nSkipped: {exc}\n"
     rows, n_pass, n_all = [], 0, 0
     for p_i, prompt in enumerate(DEMO_PROMPTS):
         req = GenerationRequest(prompt=prompt, n=args.seeds, seed=1000 * p_i, steps=args.steps, cfg=args.cfg)
@@ -126,7 +122,56 @@ def _t2i_section(out: Path, args: argparse.Namespace) -> str:
     )
 
 
+GUIDANCE_EDIT_ROWS = (  # (suite, case category, [(title, row)]): one line of the section per case
+    ("guidance", "palette", [("unguided", "unguided"), ("palette guide", "palette"), ("target", "ground_truth")]),
+    ("guidance", "box", [("unguided", "unguided"), ("box guide", "box"), ("target", "ground_truth")]),
+    ("edit", "inversion", [("source", "ground_truth"), ("inverted + rebuilt", "inversion")]),
+    ("edit", "swap", [("source", None), ("prompt-swap edit", "swap"), ("target", "ground_truth")]),
+    ("edit", "inpaint", [("source", None), ("mask", "mask"), ("inpainted", "inpaint"), ("target", "ground_truth")]),
+)
+
+
+def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
+    """Two cases per line of GUIDANCE_EDIT_ROWS, each drawn by the bench row that scores that method."""
+    import dataclasses
+
+    from mmsynth.evaluate.bench import RunContext, SamplerSettings, generate_shard, get_suite, make_cases
+    from mmsynth.evaluate.bench.edit_suite import mask_array, source_image
+
+    ctx = RunContext(bundle_obj=bundle, sampler=SamplerSettings(steps=args.steps, cfg=args.cfg))
+    lines = []
+    for suite_name, category, columns in GUIDANCE_EDIT_ROWS:
+        suite = get_suite(suite_name)
+        cases = [c for c in make_cases(suite_name, 2, seed=1) if c.category == category]
+        for case in cases:
+            tiles = []
+            for title, row_name in columns:
+                if row_name is None:
+                    img = source_image(case)
+                elif row_name == "mask":
+                    img = np.repeat(mask_array(case)[..., None].astype(np.uint8) * 255, 3, axis=2)
+                elif row_name == "ground_truth":
+                    img = case.render()
+                else:  # the demo's step count for every row (the bench runs inversion and edits at 50)
+                    row = dataclasses.replace(suite.rows[row_name], overrides={"steps": args.steps})
+                    img = generate_shard(ctx, row, [case])[0][1]
+                tiles.append(label(upscale(img, 2), title, 14))
+            lines.append(label(grid(tiles, cols=len(tiles)), case.prompt, 14))
+    save_image(grid(lines, cols=1), out / "guidance_edit.png")
+    return (
+        "## Guidance and editing\n![guidance and editing](guidance_edit.png)\n\n"
+        "Universal guidance towards a target palette and boxes (same prompt and seed as the unguided image), "
+        "DDIM inversion and reconstruction, prompt-swap editing of an inverted render, and blended-latent "
+        f"inpainting, all through the one sampler at {args.steps} steps. Measured: `mmsynth bench run --suite "
+        "guidance,edit` (docs/bench.md).\n"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from mmsynth.errors import InputError
+    from mmsynth.models.bundle import Bundle
+    from mmsynth.models.shipped import resolve_model
+
     out = Path(args.out)
     with atomic_dir(out) as tmp:
         parts = ["# mmsynth demo\n"]
@@ -134,9 +179,16 @@ def run(args: argparse.Namespace) -> int:
             t = time.perf_counter()
             parts.append(fn(tmp))
             print(f"demo: {name} ({time.perf_counter() - t:.1f} s)")
-        t = time.perf_counter()
-        parts.append(_t2i_section(tmp, args))
-        print(f"demo: text to image ({time.perf_counter() - t:.1f} s)")
+        try:
+            bundle = Bundle.from_pretrained(resolve_model(args.model))
+        except InputError as exc:
+            bundle = None
+            parts.append(f"## Text to image, guidance and editing\nSkipped: {exc}\n")
+        if bundle is not None:
+            for name, section in (("text to image", _t2i_section), ("guidance and editing", _guidance_edit_section)):
+                t = time.perf_counter()
+                parts.append(section(tmp, args, bundle))
+                print(f"demo: {name} ({time.perf_counter() - t:.1f} s)")
         write_text("\n".join(parts), tmp / "summary.md")
     print(f"wrote {out}/ (summary.md and PNG grids)")
     return 0
