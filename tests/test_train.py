@@ -84,6 +84,20 @@ def test_clip_recipe_trains_and_exports_text_encoder_and_tokenizer(tmp_path):
         assert torch.allclose(text_encoder(ids).pooler_output, clip.text_model(ids).pooler_output)
 
 
+def test_clip_freeze_text_trains_only_the_vision_side(tmp_path):
+    first = run("clip", tmp_path / "a", max_steps="1", batch_size="8")
+    second = run("clip", tmp_path / "b", max_steps="2", batch_size="8",
+                 **{"options.init": str(first.export), "options.freeze_text": "true"})  # fmt: skip
+    from mmsynth.models.bundle import load_component
+
+    a, b = load_component(first.export, "clip"), load_component(second.export, "clip")
+    same = lambda m, n: all(torch.equal(x, y) for x, y in zip(m.parameters(), n.parameters()))  # noqa: E731
+    assert same(a.text_model, b.text_model) and same(a.text_projection, b.text_projection)
+    assert not same(a.vision_model, b.vision_model)
+    with pytest.raises(InputError, match=r"needs 'options\.init'"):
+        run("clip", tmp_path / "c", max_steps="1", batch_size="8", **{"options.freeze_text": "true"})
+
+
 def test_vae_recipe_records_latent_scaling_factor(tmp_path):
     result = run(
         "vae", tmp_path / "vae", max_steps="2", batch_size="4", sample_every="2", **{"options.scale_examples": "8"}

@@ -23,10 +23,16 @@ from mmsynth.train.recipe import Recipe
 class ClipOptions:
     zoo: str = "shapes-v1"  # size of a fresh model (mmsynth.models.zoo.ZOO_SPECS)
     init: str | None = None  # continue from a folder with clip/ + tokenizer/ (e.g. an earlier run's final/)
+    # Keep the text tower (and its projection) fixed and train only the vision side and the temperature: the
+    # text tower is the diffusion UNet's text encoder, so this improves retrieval without invalidating a
+    # UNet already trained on it (LiT, Zhai et al. 2022, with the roles swapped).
+    freeze_text: bool = False
 
     def validate(self) -> None:
         if self.zoo not in ZOO_SPECS:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
+        if self.freeze_text and not self.init:
+            raise InputError("config key 'options.freeze_text' needs 'options.init' (a trained text tower to keep)")
 
 
 class ClipRecipe(Recipe):
@@ -52,6 +58,14 @@ class ClipRecipe(Recipe):
             clip = build_clip(spec, self.tokenizer)
         self.models = {"clip": clip}
         self.trainable = ("clip",)
+
+    def place(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        super().place(device, weight_dtype)
+        if self.options.freeze_text:
+            clip = self.models["clip"]
+            for part in (clip.text_model, clip.text_projection):
+                part.requires_grad_(False)
+            clip.text_model.eval()
 
     @property
     def resolution(self) -> int:
