@@ -1,0 +1,205 @@
+"""Assemble the shipped zoo bundle, measure it, and write its model card.
+
+    python scripts/ship_zoo.py --bundle runs/t2i/final [--clip runs/clip_vision/final] --out models/shapes-v1
+
+Steps (all in a temporary folder beside --out, renamed into place at the end; nothing half-written remains):
+1. copy the text-to-image bundle (StableDiffusionPipeline layout, fp16 weights); with --clip, replace its clip/
+   by that CLIP, after checking that its text tower is exactly the bundle's text encoder;
+2. `mmsynth bench components` (VAE PSNR, CLIP retrieval on --components-n test pairs);
+3. `mmsynth bench run --suite t2i --n N` (the judge's bars, >= 500 per category) and a smaller CFG sweep;
+4. README.md (the model card): configs, data, steps, hardware, wall time, every metric with its command, and
+   the CFG sweep plot (cfg_sweep.png). Bench reports (HTML, grids) go to --reports, not into the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from mmsynth.cli.main import main as mmsynth
+from mmsynth.io import replace_dir
+
+RECIPES = ("clip", "vae", "t2i")
+
+
+def _run(args: list[str]) -> None:
+    print("$ mmsynth " + " ".join(args), flush=True)
+    code = mmsynth(args)
+    if code != 0:
+        sys.exit(f"ship_zoo: `mmsynth {' '.join(args)}` failed with exit code {code}")
+
+
+def _check_same_text_tower(bundle: Path, clip_dir: Path) -> None:
+    from mmsynth.models.bundle import load_component
+
+    text_encoder = load_component(bundle, "text_encoder")
+    clip = load_component(clip_dir, "clip")
+    a = text_encoder.text_model.state_dict()
+    b = clip.text_model.state_dict()
+    same = a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    if not same:
+        sys.exit(f"ship_zoo: the text tower of {clip_dir}/clip is not the bundle's text encoder; train it with "
+                 "options.freeze_text=true from the CLIP the UNet was trained on")
+
+
+def training_record(runs: Path, recipe: str) -> dict:
+    """Steps, batch, examples seen, logged wall time and last metrics of one training run (runs/RECIPE)."""
+    folder = runs / recipe
+    rec: dict = {"recipe": recipe, "folder": str(folder)}
+    if (folder / "config.yaml").exists():
+        rec["config"] = (folder / "config.yaml").read_text()
+    if (folder / "summary.json").exists():
+        rec.update(json.loads((folder / "summary.json").read_text()))
+    log = folder / "log.csv"
+    if log.exists():
+        rows = list(csv.DictReader(log.open()))
+        if rows:
+            prev, wall = 0, 0.0
+            for r in rows:  # each row covers the steps since the previous one
+                step = int(r["step"])
+                wall += (step - prev) * float(r["sec_per_step"])
+                prev = step
+            rec["logged_wall_h"] = wall / 3600
+            rec["last_log"] = rows[-1]
+    return rec
+
+
+def _metric(d: dict, suite: str, row: str, name: str) -> str:
+    v = d["results"][suite][row].get(name)
+    if v is None:
+        return "n/a"
+    ci = d["intervals"][suite][row].get(name)
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def model_card(out: Path, records: list[dict], components: dict, t2i: dict, sweep: dict | None, cmds: dict) -> str:
+    from safetensors import safe_open
+
+    weights = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    dtypes = set()
+    for f in out.rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            dtypes |= {str(st.get_slice(k).get_dtype()) for k in st}
+    lines = ["# shapes-v1: the mmsynth Shapes zoo", "",
+             "A miniature Stable Diffusion stack trained from scratch on the procedural Shapes dataset: a word-level "
+             "tokenizer, a CLIP (its text tower is the UNet's text encoder), an f=4 AutoencoderKL (64x64x3 <-> "
+             "16x16x4) and a latent UNet2DConditionModel. diffusers' `StableDiffusionPipeline.from_pretrained` "
+             "loads this folder.", "",
+             f"Weights: {weights / 2**20:.1f} MiB of safetensors ({', '.join(sorted(dtypes))}).", "",
+             "## Quality (the judge on test-split prompts; 95% Wilson intervals)", "",
+             f"`{cmds['t2i']}`", "",
+             "| row | single object | binding | count | relation | held-out combos | overall |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in ("ground_truth", "base_uncond", "t2i"):
+        if row in t2i["results"]["t2i"]:
+            cells = [_metric(t2i, "t2i", row, c) for c in
+                     ("single_object", "binding", "count", "relation", "heldout", "overall")]  # fmt: skip
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "Bars: single object >= 0.95, binding >= 0.85, count >= 0.85, relation >= 0.80.", ""]
+    if sweep is not None:
+        lines += ["## Classifier-free guidance scale", "", f"`{cmds['sweep']}`", "", "![cfg sweep](cfg_sweep.png)", "",
+                  "| cfg | overall | binding | count | relation |", "|---|---|---|---|---|"]  # fmt: skip
+        rows = sweep["rows"]["t2i"]
+        pts = sorted((rows[r]["settings"]["cfg"], r) for r in rows if r.startswith("t2i"))
+        for cfg, r in pts:
+            lines.append(f"| {cfg:g} | " + " | ".join(_metric(sweep, "t2i", r, c) for c in
+                                                     ("overall", "binding", "count", "relation")) + " |")  # fmt: skip
+        lines.append("")
+    v, c = components.get("vae", {}).get("psnr_db"), components.get("clip", {})
+    lines += ["## Components", "", f"`{cmds['components']}`", ""]
+    if v:
+        lines.append(f"- VAE reconstruction PSNR: {v['value']:.2f} dB (95% CI {v['ci95'][0]:.2f}..{v['ci95'][1]:.2f}, "
+                     f"n={v['n']} test renders; bar >= 30 dB)")  # fmt: skip
+    for key in ("top1_exact", "top1_consistent"):
+        if key in c:
+            r = c[key]
+            lines.append(f"- CLIP text->image retrieval {key}: {r['value']:.3f} "
+                         f"(95% CI {r['ci95'][0]:.3f}..{r['ci95'][1]:.3f}, n={r['n']}; bar >= 0.90)")  # fmt: skip
+    lines += ["", "## Training", "",
+              f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, no GPU; "
+              f"torch {torch.__version__}, fp32 training. Data: on-the-fly Shapes `train` split scenes (each index "
+              "seen once), captions drawn from 4 true captions per scene; the held-out colour-shape combinations "
+              "never appear.", "",
+              "| model | steps | batch | examples seen | wall time (logged) | last logged |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for rec in records:
+        cfg = rec.get("config", "")
+        batch = next((ln.split(":")[1].split("#")[0].strip() for ln in cfg.splitlines() if ln.startswith("batch_size")),
+                     "?")  # fmt: skip
+        steps = rec.get("step", "?")
+        seen = int(steps) * int(batch) if str(steps).isdigit() and batch.isdigit() else "?"
+        last = ", ".join(f"{k} {float(v):.4g}" for k, v in rec.get("last_log", {}).items()
+                         if k not in ("step", "lr", "sec_per_step", "examples_per_sec"))  # fmt: skip
+        lines.append(f"| {rec['recipe']} | {steps} | {batch} | {seen} | {rec.get('logged_wall_h', 0):.2f} h | {last} |")
+    lines += ["", "Reproduce: `bash scripts/train_zoo.sh` (CLIP, VAE, then the UNet, each resumable), then "
+              "`python scripts/ship_zoo.py --bundle runs/t2i/final --out models/shapes-v1`.", ""]  # fmt: skip
+    for rec in records:
+        if rec.get("config"):
+            lines += [f"### configs/{rec['recipe']}.yaml as run", "", "```yaml", rec["config"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default="runs/t2i/final", help="the t2i export (default runs/t2i/final)")
+    p.add_argument("--clip", default=None, help="a CLIP export to ship instead (same text tower, checked)")
+    p.add_argument("--out", default="models/shapes-v1", help="the shipped folder (replaced)")
+    p.add_argument("--runs", default="runs", help="training runs folder (configs, logs, wall times)")
+    p.add_argument("--reports", default="runs/ship", help="where bench JSON/HTML reports go")
+    p.add_argument("--n", type=int, default=500, help="t2i cases per category (default 500)")
+    p.add_argument("--sweep-n", type=int, default=100, help="t2i cases per category per CFG value (default 100)")
+    p.add_argument("--cfg", default="1,3,5,7", help="CFG values of the sweep (the run itself uses 5)")
+    p.add_argument("--components-n", type=int, default=1000, help="test pairs for VAE PSNR / CLIP retrieval")
+    p.add_argument("--seed", type=int, default=1, help="case seed of the bench runs")
+    a = p.parse_args(argv)
+
+    src, out, reports = Path(a.bundle), Path(a.out), Path(a.reports)
+    if not (src / "model_index.json").exists():
+        sys.exit(f"ship_zoo: {src} is not a t2i bundle (no model_index.json); train it with scripts/train_zoo.sh")
+    reports.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.shipping")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if a.clip:
+        _check_same_text_tower(tmp, Path(a.clip))
+        shutil.rmtree(tmp / "clip")
+        shutil.copytree(Path(a.clip) / "clip", tmp / "clip")
+    name = str(out)
+    cmds = {
+        "components": f"mmsynth bench components --model {name} --n {a.components_n}",
+        "t2i": f"mmsynth bench run --suite t2i --n {a.n} --seed {a.seed} --model {name}",
+        "sweep": f"mmsynth bench run --suite t2i --n {a.sweep_n} --seed {a.seed + 1} --model {name} --rows t2i "
+                 f"--sweep cfg={a.cfg}",
+    }  # fmt: skip
+    _run(["bench", "components", "--model", str(tmp), "--n", str(a.components_n),
+          "--json", str(reports / "components.json")])  # fmt: skip
+    _run(["bench", "run", "--suite", "t2i", "--n", str(a.n), "--seed", str(a.seed), "--model", str(tmp),
+          "--json", str(reports / "t2i.json"), "--quiet"])  # fmt: skip
+    sweep = None
+    if a.cfg:
+        _run(["bench", "run", "--suite", "t2i", "--n", str(a.sweep_n), "--seed", str(a.seed + 1),
+              "--model", str(tmp), "--rows", "t2i", "--sweep", f"cfg={a.cfg}",
+              "--json", str(reports / "cfg_sweep.json"), "--quiet"])  # fmt: skip
+        sweep = json.loads((reports / "cfg_sweep.json").read_text())
+        shutil.copy(reports / "cfg_sweep_report" / "plots" / "t2i_overall_vs_cfg.png", tmp / "cfg_sweep.png")
+    components = json.loads((reports / "components.json").read_text())
+    t2i = json.loads((reports / "t2i.json").read_text())
+    for f in ("components.json", "t2i.json", *(["cfg_sweep.json"] if sweep else [])):
+        shutil.copy(reports / f, tmp / f"metrics_{f}")
+    records = [training_record(Path(a.runs), r) for r in RECIPES]
+    (tmp / "README.md").write_text(model_card(tmp, records, components, t2i, sweep, cmds), encoding="utf-8")
+    replace_dir(tmp, out)
+    print(f"shipped {out} ({sum(f.stat().st_size for f in out.rglob('*.safetensors')) / 2**20:.1f} MiB of weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
