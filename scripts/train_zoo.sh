@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Train the Shapes zoo on this machine, in order: CLIP, VAE, then the text-to-image UNet.
+# Train the Shapes zoo on this machine, in order: CLIP, VAE, the text-to-image UNet, then the CLIP's
+# vision side against its fixed text tower (configs/clip_vision.yaml, run folder runs/clip_vision).
 # Each step resumes from its newest checkpoint, so rerunning this script continues where it stopped;
-# a finished step leaves runs/RECIPE/DONE and is skipped. Extra arguments go to every `mmsynth train`.
+# a finished step leaves runs/STAGE/DONE and is skipped. Extra arguments go to every `mmsynth train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Use the project virtual environment when there is one (a background shell does not inherit activation).
 if [ -f .venv/bin/activate ] && ! command -v mmsynth >/dev/null; then . .venv/bin/activate; fi
-for recipe in clip vae t2i; do
-    if [ -f "runs/$recipe/DONE" ]; then
-        echo "== $recipe: done, skipping"
+for stage in clip vae t2i clip_vision; do
+    recipe=${stage%%_*}
+    if [ -f "runs/$stage/DONE" ]; then
+        echo "== $stage: done, skipping"
         continue
     fi
-    echo "== training $recipe"
-    mmsynth train "$recipe" --config "configs/$recipe.yaml" --resume "$@"
-    touch "runs/$recipe/DONE"
+    echo "== training $stage"
+    mmsynth train "$recipe" --config "configs/$stage.yaml" --resume "$@"
+    touch "runs/$stage/DONE"
 done
