@@ -9,7 +9,6 @@ relation holds by the dataset's own rule). The zoo's bar is stated on `top1_cons
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -38,17 +37,16 @@ def caption_true_of(caption: str, scene: Scene) -> bool:
     return True
 
 
-def _mean_ci(values: np.ndarray) -> dict[str, float]:
-    mean = float(values.mean())
-    half = 1.96 * float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return {"value": mean, "n": len(values), "ci95": [mean - half, mean + half]}
+def _mean_ci(values: np.ndarray) -> dict[str, Any]:
+    from mmsynth.evaluate.scoring import mean_ci
+
+    return mean_ci(list(values)).to_dict()
 
 
-def _rate(hits: np.ndarray) -> dict[str, float]:
-    from mmsynth.evaluate.scoring import wilson
+def _rate(hits: np.ndarray) -> dict[str, Any]:
+    from mmsynth.evaluate.scoring import rate
 
-    lo, hi = wilson(float(hits.sum()), len(hits))
-    return {"value": float(hits.mean()), "n": len(hits), "ci95": [lo, hi]}
+    return rate(int(hits.sum()), len(hits)).to_dict()
 
 
 def _scenes(n: int, split: str, seed: int) -> list[Scene]:
