@@ -121,13 +121,15 @@ def mask_array(case: Case) -> np.ndarray:
     """The case's inpainting mask as an HxW bool array (True = repaint)."""
     if case.mask is None:
         raise InputError(f"case '{case.id}': an inpainting case needs a 'mask'")
-    r = case.resolution
     if "object" in case.mask:
-        x0, y0, x1, y1 = source_scene(case).objects[case.mask["object"]].box()
-    else:
-        x0, y0, x1, y1 = case.mask["box"]
+        return box_mask(source_scene(case).objects[case.mask["object"]].box(), case.resolution)
+    return box_mask(case.mask["box"], case.resolution)
+
+
+def box_mask(box: tuple[float, ...] | list[float], r: int) -> np.ndarray:
+    """An r x r bool mask of the pixels a normalised [x0, y0, x1, y1] box touches."""
     out = np.zeros((r, r), bool)
-    out[int(np.floor(y0 * r)): int(np.ceil(y1 * r)), int(np.floor(x0 * r)): int(np.ceil(x1 * r))] = True
+    out[int(np.floor(box[1] * r)): int(np.ceil(box[3] * r)), int(np.floor(box[0] * r)): int(np.ceil(box[2] * r))] = 1
     return out
 
 
@@ -192,12 +194,6 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return min(PSNR_CAP, exact_psnr(a, b, mask))
 
 
-def _box_mask(box: tuple[float, ...], r: int) -> np.ndarray:
-    out = np.zeros((r, r), bool)
-    out[int(np.floor(box[1] * r)): int(np.ceil(box[3] * r)), int(np.floor(box[0] * r)): int(np.ceil(box[2] * r))] = 1
-    return out
-
-
 def _swap_verdict(case: Case, image: np.ndarray) -> tuple[ImageScore, bool, float]:
     """(judge verdict against the edited spec with boxes, edit success, PSNR outside the objects' boxes)."""
     from mmsynth.evaluate.detect import detect_objects
@@ -209,7 +205,7 @@ def _swap_verdict(case: Case, image: np.ndarray) -> tuple[ImageScore, bool, floa
     r = case.resolution
     objects = np.zeros((r, r), bool)
     for o in source_scene(case).objects:
-        objects |= _box_mask(o.box(), r)
+        objects |= box_mask(o.box(), r)
     return v, ok, psnr(image, source_image(case), ~objects)
 
 
