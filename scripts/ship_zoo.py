@@ -27,7 +27,8 @@ import torch
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.io import replace_dir
 
-RECIPES = ("clip", "vae", "t2i")
+RECIPES = ("clip", "vae", "t2i", "clip_vision")
+T2I_COLUMNS = ("single_object", "binding", "count", "relation", "heldout", "heldout_binding", "overall")
 
 
 def _run(args: list[str]) -> None:
@@ -96,12 +97,11 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
              f"Weights: {weights / 2**20:.1f} MiB of safetensors ({', '.join(sorted(dtypes))}).", "",
              "## Quality (the judge on test-split prompts; 95% Wilson intervals)", "",
              f"`{cmds['t2i']}`", "",
-             "| row | single object | binding | count | relation | held-out combos | overall |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| row | single object | binding | count | relation | held-out object | held-out binding | overall |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in ("ground_truth", "base_uncond", "t2i"):
         if row in t2i["results"]["t2i"]:
-            cells = [_metric(t2i, "t2i", row, c) for c in
-                     ("single_object", "binding", "count", "relation", "heldout", "overall")]  # fmt: skip
+            cells = [_metric(t2i, "t2i", row, c) for c in T2I_COLUMNS]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "Bars: single object >= 0.95, binding >= 0.85, count >= 0.85, relation >= 0.80.", ""]
     if sweep is not None:

@@ -7,6 +7,8 @@ Categories (one table column each), every prompt a true caption of a test-split 
 - count: one group of 2-4 objects ("three green stars"); the image passes (right objects, right count).
 - relation: two groups with a relation ("a red circle left of a blue square"); every relation holds (relation_acc).
 - heldout: one object of a colour-shape combination never seen in training (the `heldout` split); passes.
+- heldout_binding: binding (as above) where one of the two groups is a held-out combination: the held-out
+  figure beside the in-distribution `binding`.
 `overall` pools every case's category verdict (equal n per category: the mean of the columns); object_f1 and
 attribute_acc aggregate all cases. Rates carry Wilson 95% intervals.
 Rows: ground_truth (the scene's render: the ceiling), base_uncond (empty prompt: chance), t2i (the prompt).
@@ -33,7 +35,7 @@ from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, registe
 from mmsynth.evaluate.judge import expectation_for
 from mmsynth.evaluate.scoring import ImageScore, Metric, aggregate, rate, score_image
 
-CATEGORIES: tuple[str, ...] = ("single_object", "binding", "count", "relation", "heldout")
+CATEGORIES: tuple[str, ...] = ("single_object", "binding", "count", "relation", "heldout", "heldout_binding")
 _STREAM = 1_000_000  # index stride between categories, so their scenes never coincide
 
 # category -> the verdict of one image (None: the rule does not apply to it)
@@ -43,6 +45,7 @@ RULES: dict[str, Callable[[ImageScore], bool | None]] = {
     "count": lambda s: s.passed,
     "relation": lambda s: all(s.relation_ok) if s.relation_ok else None,
     "heldout": lambda s: s.passed,
+    "heldout_binding": lambda s: s.binding_ok,
 }
 
 
@@ -64,16 +67,16 @@ def _scene_for(category: str, j: int, seed: int) -> tuple[Scene, str]:
             if len(groups(s)) == 1:
                 return s, captions(s, 1)[0]
             continue
-        s = sample_scene("test", index, seed, n_objects=2)
+        s = sample_scene("heldout" if category == "heldout_binding" else "test", index, seed, n_objects=2)
         if len(groups(s)) != 2:
             continue
-        if category == "binding":
+        if category in ("binding", "heldout_binding"):
             return s, " and ".join(group_phrase(g) for g in scene_groups(s))
         return s, captions(s, 1)[0]  # relation: a two-group caption always states one
 
 
 def make_cases(n: int, seed: int) -> list[Case]:
-    """`n` cases per category (5n in all); generation seeds are distinct per case."""
+    """`n` cases per category (6n in all); generation seeds are distinct per case."""
     out = []
     for category in CATEGORIES:
         for j in range(n):
