@@ -1,5 +1,6 @@
 """`mmsynth bench`: case format, suites, metrics on constructed examples, determinism, shard merging, CLI errors."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -182,12 +183,23 @@ def test_same_cases_and_seed_give_the_same_numbers(bundle, cases, result):
     assert again.to_dict()["results"] == result.to_dict()["results"]
 
 
-def test_two_shards_merge_to_the_single_process_images(bundle, cases):
-    ctx, row = _ctx(bundle), get_suite("t2i").rows["t2i"]
+def test_batches_give_the_images_of_cases_generated_alone(bundle, cases):
+    row = get_suite("t2i").rows["t2i"]
+    todo = [c for c in cases if c.suite == "t2i"]
+    alone = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=1), row, todo)]
+    batch = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=4), row, todo)]
+    for a, b in zip(alone, batch):  # same noise and prompt per image; batched kernels may round differently
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    assert len({a.tobytes() for a in batch}) == len(batch)
+
+
+@pytest.mark.parametrize("batch_size,first", [(1, [0, 2, 4]), (2, [0, 1, 4])])
+def test_two_shards_merge_to_the_single_process_images(bundle, cases, batch_size, first):
+    ctx, row = dataclasses.replace(_ctx(bundle), batch_size=batch_size), get_suite("t2i").rows["t2i"]
     todo = [c for c in cases if c.suite == "t2i"][:5]  # an odd count: uneven shards
     whole = merge_shards([generate_shard(ctx, row, todo)], len(todo))
     parts = [generate_shard(ctx, row, todo, rank, 2) for rank in (0, 1)]
-    assert [i for i, _ in parts[0]] == [0, 2, 4] and [i for i, _ in parts[1]] == [1, 3]
+    assert [i for i, _ in parts[0]] == first and sorted(i for i, _ in parts[1]) == sorted({0, 1, 2, 3, 4} - set(first))
     merged = merge_shards(parts[::-1], len(todo))  # gather order does not matter
     assert all(np.array_equal(a, b) for a, b in zip(merged, whole))
     assert len({a.tobytes() for a in whole}) == len(whole)  # distinct seeds, distinct images

@@ -326,3 +326,18 @@ def test_cli_bad_input_exits_2_without_output(model_dir, tmp_path, capsys, args,
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_batch_of_prompts_gives_each_image_its_own_prompt_and_seed(bundle):
+    from mmsynth.sample import GenerationRequest, sample
+
+    prompts = ["a red circle", "two blue squares", ""]
+    batch = sample(bundle, GenerationRequest(prompt=prompts, n=3, seed=7, steps=2), progress=False)
+    assert [r.prompt for r in batch.requests] == prompts and [r.seed for r in batch.requests] == [7, 8, 9]
+    for img, req in zip(batch.images, batch.requests):  # each replayable alone
+        alone = sample(bundle, req, progress=False).images[0]
+        assert np.abs(alone.astype(int) - img.astype(int)).max() <= 2
+    with pytest.raises(InputError, match="list of 2 prompts but n is 3"):
+        GenerationRequest(prompt=prompts[:2], n=3).validate()
+    with pytest.raises(InputError, match="list of strings"):
+        GenerationRequest(prompt=["a", 3], n=2).validate()

@@ -63,6 +63,8 @@ def register(sub: Any) -> None:
     r.add_argument("--json", dest="json_out", default=None, help="write OUT.json, OUT.md and an HTML report")
     r.add_argument("--html", default=None, help="HTML report folder (default: OUT_report/ beside --json)")
     r.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    r.add_argument("--batch", type=int, default=8, metavar="B",
+                   help="images per sampler call for rows without controls (default 8; 1: each case alone)")
     r.add_argument("--panels", type=int, default=4, help="cases drawn per row in the HTML report (default 4)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -223,6 +225,8 @@ def _run(args: argparse.Namespace) -> int:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     if args.panels < 0:
         raise InputError(f"--panels must be >= 0, got {args.panels}")
+    if args.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
 
     if args.cases:
         cases = [c for path in args.cases for c in read_cases(path)]
@@ -245,6 +249,7 @@ def _run(args: argparse.Namespace) -> int:
         extractor=args.extractor,
         weights=args.weights,
         progress=not args.quiet,
+        batch_size=args.batch,
     )
     options = RunOptions(rows=rows, sweeps=sweeps, strict=args.strict, panels=args.panels,
                          include_pending=args.quick or (args.suite is not None and "all" in args.suite))  # fmt: skip

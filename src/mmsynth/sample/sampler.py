@@ -60,7 +60,10 @@ def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
 def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch]:
     """The condition sets of the guidance sum: [uncond (negative prompt), cond(weight=cfg)], or [cond] at cfg 1."""
     n = request.n
-    cond = encode_text(bundle, [request.prompt]).repeat(n, 1, 1)
+    if isinstance(request.prompt, list):
+        cond = encode_text(bundle, request.prompts())
+    else:
+        cond = encode_text(bundle, [request.prompt]).repeat(n, 1, 1)
     if request.cfg == 1.0:
         return [Branch("cond", 1.0, cond)]
     uncond = encode_text(bundle, [request.negative_prompt]).repeat(n, 1, 1)
@@ -90,7 +93,7 @@ class Context:
         height, width = request.height or bundle.resolution, request.width or bundle.resolution
         if height % f or width % f:
             raise InputError(f"height/width must be multiples of the model's VAE factor {f}, got {height}x{width}")
-        for text in (request.prompt, request.negative_prompt):
+        for text in dict.fromkeys([*request.prompts(), request.negative_prompt]):
             warn_about_prompt(bundle, text)
         scheduler = make_scheduler(request.scheduler, bundle.scheduler)
         scheduler.set_timesteps(request.steps, device=bundle.device)

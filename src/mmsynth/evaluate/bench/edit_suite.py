@@ -31,7 +31,13 @@ from mmsynth.data.scene import Scene, ShapeObject, groups, sample_scene
 from mmsynth.data.vocab import COLOR_NAMES, COLORS, HELDOUT_COMBOS, SHAPES
 from mmsynth.errors import InputError
 from mmsynth.evaluate.bench.cases import Case
-from mmsynth.evaluate.bench.generation import SAMPLER_SETTINGS, RunContext, ground_truth, text_to_image
+from mmsynth.evaluate.bench.generation import (
+    SAMPLER_SETTINGS,
+    RunContext,
+    ground_truth,
+    text_to_image,
+    text_to_image_batch,
+)
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.scoring import ImageScore, Metric, mean_ci, rate, score_image
 
@@ -279,7 +285,8 @@ def _rows() -> dict[str, Row]:
     gt = Row("ground_truth", "reference", "renders of the edited scene specs (the ceiling)", ground_truth,
              needs=lambda c: [], categories=("swap", "inpaint"), uses_model=False)  # inversion: source == target
     rows = [gt, Row("regenerate", "reference", "the target prompt from fresh noise (keeps nothing of the source)",
-                    text_to_image, needs=lambda c: ["text"], sweepable=SAMPLER_SETTINGS)]  # fmt: skip
+                    text_to_image, generate_batch=text_to_image_batch, needs=lambda c: ["text"],
+                    sweepable=SAMPLER_SETTINGS)]  # fmt: skip
     for sched in INVERSION_SCHEDULERS:
         name = "inversion" if sched == "ddim" else f"inversion_{sched}"
         rows.append(Row(name, "method", f"DDIM inversion ({INVERSION_STEPS} steps), reconstructed with {sched}",

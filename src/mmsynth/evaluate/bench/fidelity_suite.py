@@ -25,8 +25,10 @@ from mmsynth.evaluate.bench.generation import (
     SAMPLER_SETTINGS,
     RunContext,
     base_unconditioned,
+    base_unconditioned_batch,
     ground_truth,
     text_to_image,
+    text_to_image_batch,
 )
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.scoring import Metric
@@ -162,8 +164,10 @@ SUITE = register_suite(
             "ground_truth": Row("ground_truth", "reference", "renders of the generated cases' scenes (the floor)",
                                 ground_truth, needs=_gt_needs, uses_model=False),
             "base_uncond": Row("base_uncond", "reference", "base model, empty prompt", base_unconditioned,
+                               generate_batch=base_unconditioned_batch,
                                needs=_gt_needs),
             "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
+                       generate_batch=text_to_image_batch,
                        sweepable=SAMPLER_SETTINGS),
         },
     )

@@ -73,6 +73,7 @@ class RunContext:
     weights: str | Path | None = None
     progress: bool = False
     bundle_obj: Any = None  # a loaded Bundle may be given directly (tests, notebooks)
+    batch_size: int = 8  # images per sampler call for rows that batch (1: every case alone)
     params: dict[str, Any] = field(default_factory=dict)  # the running row's own settings (Row.settings())
     _features: Any = None
 
@@ -153,3 +154,27 @@ def base_unconditioned(ctx: RunContext, case: Case) -> np.ndarray:
 def text_to_image(ctx: RunContext, case: Case) -> np.ndarray:
     """The base model with the case's prompt."""
     return ctx.generate(case)
+
+
+def batched(prompt_of: Callable[[Case], str]) -> Callable[[RunContext, list[Case]], list[np.ndarray]]:
+    """A batch generator for a row without controls: cases whose seeds run on consecutively (as generated
+    cases' do) and that share a size and negative prompt go through the sampler as one batch of prompts
+    (image i gets seed + i, exactly as alone); any other case is generated alone."""
+
+    def generate(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
+        from mmsynth.sample import sample
+
+        first = cases[0]
+        same = all(c.seed == first.seed + i and c.resolution == first.resolution
+                   and c.negative_prompt == first.negative_prompt for i, c in enumerate(cases))  # fmt: skip
+        if not same:
+            return [ctx.generate(c, prompt=prompt_of(c)) for c in cases]
+        request = dataclasses.replace(ctx.request(first, prompt=""), prompt=[prompt_of(c) for c in cases],
+                                      n=len(cases))  # fmt: skip
+        return list(sample(ctx.bundle(), request.validate(), controls=[], progress=False).images)
+
+    return generate
+
+
+text_to_image_batch = batched(lambda c: c.prompt)
+base_unconditioned_batch = batched(lambda c: "")

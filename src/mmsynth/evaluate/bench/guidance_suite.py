@@ -22,7 +22,13 @@ import numpy as np
 from mmsynth.data.captions import captions, group_phrase, scene_groups
 from mmsynth.data.scene import Scene, groups, sample_scene
 from mmsynth.evaluate.bench.cases import Case
-from mmsynth.evaluate.bench.generation import SAMPLER_SETTINGS, RunContext, ground_truth, text_to_image
+from mmsynth.evaluate.bench.generation import (
+    SAMPLER_SETTINGS,
+    RunContext,
+    ground_truth,
+    text_to_image,
+    text_to_image_batch,
+)
 from mmsynth.evaluate.bench.registry import Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.bench.t2i import panel
 from mmsynth.evaluate.scoring import ImageScore, Metric, aggregate, average_precision, mean_ci, score_image
@@ -135,7 +141,7 @@ SUITE = register_suite(
             "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
                                 needs=lambda c: [], uses_model=False),
             "unguided": Row("unguided", "reference", "the prompt alone, same seeds (the baseline)", text_to_image,
-                            sweepable=SAMPLER_SETTINGS),
+                            generate_batch=text_to_image_batch, sweepable=SAMPLER_SETTINGS),
             "palette": _row("palette", "palette", "forward guidance towards the target's palette map"),
             "palette_k3": _row("palette_k3", "palette", "palette guidance with self-recurrence k=3", k=3),
             "palette_backward": _row("palette_backward", "palette",

@@ -40,6 +40,9 @@ class Row:
 
     `needs(case)` lists the capabilities the row must have for that case (default: the case's own requirements,
     see Case.requirements); a case whose needs the model lacks is skipped with a reason (or fails with --strict).
+    `generate_batch` (optional): images of several cases in one sampler call (ctx.batch_size at most), used
+    instead of `generate` when given; batches are fixed blocks of the row's cases, so any split across
+    processes gives the same images.
     `categories`: the case categories the row applies to (None: all); other cases are simply not its cases.
     `uses_model`: generation loads the model bundle. `params`: the row's own settings (sampler settings such as
     cfg and steps, or method settings such as a guidance strength `s0`), read by `generate` from `ctx.params`.
@@ -51,6 +54,7 @@ class Row:
     kind: str
     description: str
     generate: Callable[[RunContext, Case], np.ndarray]
+    generate_batch: Callable[[RunContext, list[Case]], list[np.ndarray]] | None = None  # several cases at once
     needs: Callable[[Case], list[str]] | None = None
     categories: tuple[str, ...] | None = None
     uses_model: bool = True

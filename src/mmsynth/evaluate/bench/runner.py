@@ -152,13 +152,27 @@ def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[
 
 def generate_shard(ctx: RunContext, row: Row, cases: list[Case], rank: int = 0, world: int = 1,
                    progress: bool = False) -> list[tuple[int, np.ndarray]]:  # fmt: skip
-    """This process's share of a row's images, as (case position, image) pairs."""
+    """This process's share of a row's images, as (case position, image) pairs.
+
+    A batching row's cases are cut into fixed blocks of ctx.batch_size and the blocks are shared out, so
+    every image comes from the same batch whatever the number of processes."""
     saved, saved_params = ctx.sampler, ctx.params
     ctx.sampler = saved.with_overrides(row.settings())
     ctx.params = row.settings()
     try:
-        mine = shard(cases, rank, world)
-        return [(i, row.generate(ctx, c)) for i, c in tqdm(mine, desc=row.name, disable=not progress, leave=False)]
+        if row.generate_batch is None or ctx.batch_size <= 1:
+            mine = shard(cases, rank, world)
+            return [(i, row.generate(ctx, c)) for i, c in tqdm(mine, desc=row.name, disable=not progress,
+                                                               leave=False)]  # fmt: skip
+        b = ctx.batch_size
+        blocks = [list(range(k, min(k + b, len(cases)))) for k in range(0, len(cases), b)][rank::world]
+        out = []
+        with tqdm(total=sum(map(len, blocks)), desc=row.name, disable=not progress, leave=False) as bar:
+            for block in blocks:
+                images = row.generate_batch(ctx, [cases[i] for i in block])
+                out += list(zip(block, images))
+                bar.update(len(block))
+        return out
     finally:
         ctx.sampler, ctx.params = saved, saved_params
 

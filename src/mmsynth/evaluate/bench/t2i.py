@@ -28,8 +28,10 @@ from mmsynth.evaluate.bench.generation import (
     SAMPLER_SETTINGS,
     RunContext,
     base_unconditioned,
+    base_unconditioned_batch,
     ground_truth,
     text_to_image,
+    text_to_image_batch,
 )
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.judge import expectation_for
@@ -142,8 +144,9 @@ SUITE = register_suite(
             "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
                                 needs=lambda c: [], uses_model=False),
             "base_uncond": Row("base_uncond", "reference", "base model, empty prompt (chance level)",
-                               base_unconditioned, needs=lambda c: []),
+                               base_unconditioned, generate_batch=base_unconditioned_batch, needs=lambda c: []),
             "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
+                       generate_batch=text_to_image_batch,
                        sweepable=SAMPLER_SETTINGS),
         },
     )
