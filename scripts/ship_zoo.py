@@ -88,7 +88,7 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
     dtypes = set()
     for f in out.rglob("*.safetensors"):
         with safe_open(str(f), framework="pt") as st:
-            dtypes |= {str(st.get_slice(k).get_dtype()) for k in st}
+            dtypes |= {str(st.get_slice(k).get_dtype()) for k in st.keys()}  # noqa: SIM118 (safe_open is not iterable)
     lines = ["# shapes-v1: the mmsynth Shapes zoo", "",
              "A miniature Stable Diffusion stack trained from scratch on the procedural Shapes dataset: a word-level "
              "tokenizer, a CLIP (its text tower is the UNet's text encoder), an f=4 AutoencoderKL (64x64x3 <-> "
@@ -99,16 +99,18 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
              f"`{cmds['t2i']}`", "",
              "| row | single object | binding | count | relation | held-out object | held-out binding | overall |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in ("ground_truth", "base_uncond", "t2i"):
-        if row in t2i["results"]["t2i"]:
-            cells = [_metric(t2i, "t2i", row, c) for c in T2I_COLUMNS]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "Bars: single object >= 0.95, binding >= 0.85, count >= 0.85, relation >= 0.80.", ""]
+    for d, row in ((t2i, "ground_truth"), (sweep, "base_uncond"), (t2i, "t2i")):
+        if d is not None and row in d["results"]["t2i"]:
+            cells = [_metric(d, "t2i", row, c) for c in T2I_COLUMNS]
+            n = d["rows"]["t2i"][row]["n_cases"]
+            lines.append(f"| {row} (n={n}) | " + " | ".join(cells) + " |")
+    lines += ["", "Bars: single object >= 0.95, binding >= 0.85, count >= 0.85, relation >= 0.80. base_uncond (the "
+              "empty prompt: chance level) comes from the CFG-sweep run below.", ""]  # fmt: skip
     if sweep is not None:
         lines += ["## Classifier-free guidance scale", "", f"`{cmds['sweep']}`", "", "![cfg sweep](cfg_sweep.png)", "",
                   "| cfg | overall | binding | count | relation |", "|---|---|---|---|---|"]  # fmt: skip
         rows = sweep["rows"]["t2i"]
-        pts = sorted((rows[r]["settings"]["cfg"], r) for r in rows if r.startswith("t2i"))
+        pts = sorted((rows[r]["settings"]["cfg"], r) for r in rows if r == "t2i" or r.startswith("t2i["))
         for cfg, r in pts:
             lines.append(f"| {cfg:g} | " + " | ".join(_metric(sweep, "t2i", r, c) for c in
                                                      ("overall", "binding", "count", "relation")) + " |")  # fmt: skip
@@ -175,18 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     name = str(out)
     cmds = {
         "components": f"mmsynth bench components --model {name} --n {a.components_n}",
-        "t2i": f"mmsynth bench run --suite t2i --n {a.n} --seed {a.seed} --model {name}",
-        "sweep": f"mmsynth bench run --suite t2i --n {a.sweep_n} --seed {a.seed + 1} --model {name} --rows t2i "
-                 f"--sweep cfg={a.cfg}",
+        "t2i": f"mmsynth bench run --suite t2i --n {a.n} --seed {a.seed} --model {name} --rows ground_truth,t2i",
+        "sweep": f"mmsynth bench run --suite t2i --n {a.sweep_n} --seed {a.seed + 1} --model {name} "
+                 f"--rows t2i,base_uncond --sweep cfg={a.cfg}",
     }  # fmt: skip
     _run(["bench", "components", "--model", str(tmp), "--n", str(a.components_n),
           "--json", str(reports / "components.json")])  # fmt: skip
     _run(["bench", "run", "--suite", "t2i", "--n", str(a.n), "--seed", str(a.seed), "--model", str(tmp),
-          "--json", str(reports / "t2i.json"), "--quiet"])  # fmt: skip
+          "--rows", "ground_truth,t2i", "--json", str(reports / "t2i.json"), "--quiet"])  # fmt: skip
     sweep = None
     if a.cfg:
         _run(["bench", "run", "--suite", "t2i", "--n", str(a.sweep_n), "--seed", str(a.seed + 1),
-              "--model", str(tmp), "--rows", "t2i", "--sweep", f"cfg={a.cfg}",
+              "--model", str(tmp), "--rows", "t2i,base_uncond", "--sweep", f"cfg={a.cfg}",
               "--json", str(reports / "cfg_sweep.json"), "--quiet"])  # fmt: skip
         sweep = json.loads((reports / "cfg_sweep.json").read_text())
         shutil.copy(reports / "cfg_sweep_report" / "plots" / "t2i_overall_vs_cfg.png", tmp / "cfg_sweep.png")
