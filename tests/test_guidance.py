@@ -265,3 +265,15 @@ def test_bad_guides_raise_input_error(bundle, target):
         BoxGuide(boxes=[[0, 0, 1, 1]], phrases=[])
     with pytest.raises(InputError, match="x0 < x1"):
         BoxGuide(boxes=[[0.5, 0, 0.2, 1]], phrases=["a red circle"])
+
+
+def test_the_loops_differentiable_prediction_gives_the_recomputed_gradient(bundle, target):
+    class Recomputing(UniversalGuidance):  # the loop predicts without gradients; `after` runs the UNet again
+        def wants_gradient(self, ctx, step):
+            return False
+
+    req = GenerationRequest(prompt=PROMPT, steps=4, cfg=3.0, seed=2, n=2)
+    shared = sample(bundle, req, [_palette(target, s0=30.0, k=2)], progress=False)
+    again = sample(bundle, req, [Recomputing(guide="palette", params={"target": target}, s0=30.0, k=2)],
+                   progress=False)  # fmt: skip
+    assert torch.allclose(shared.latents, again.latents, atol=1e-5)

@@ -325,6 +325,12 @@ class Control:
         """How many times to run this step (self-recurrence); the loop re-noises between passes."""
         return 1
 
+    def wants_gradient(self, ctx: Context, step: Step) -> bool:
+        """True: the loop computes this step's guided prediction with gradients, from latents that require them,
+        and `after` receives both (guidance then differentiates the prediction the loop uses, with no second
+        UNet pass); the loop detaches the output before the scheduler step."""
+        return False
+
     def decoded(self, ctx: Context, images: torch.Tensor) -> torch.Tensor:
         """Change the decoded images (n x 3 x H x W in [-1, 1])."""
         return images

@@ -311,12 +311,16 @@ def _denoise_step(ctx: Context, step: Step) -> torch.Tensor:
     k = max([c.repeats(ctx, step) for c in active], default=1)
     predict = partial(ctx.predict, step=step, controls=active)
     latents = ctx.latents
+    differentiable = any(c.wants_gradient(ctx, step) for c in active)
     for r in range(k):
         for c in active:
             latents = c.before(ctx, step, latents, predict)
-        out = ctx.predict(latents, step, controls=active)
-        for c in active:
-            out = c.after(ctx, step, latents, out)
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            z = latents.detach().requires_grad_(True) if differentiable else latents
+            out = ctx.predict(z, step, controls=active)
+            for c in active:
+                out = c.after(ctx, step, z, out)
+        out = out.detach()
         snapshot = copy.deepcopy(ctx.scheduler) if r < k - 1 else None
         prev = ctx.scheduler.step(out, step.t, latents, **ctx.step_kwargs(), return_dict=False)[0]
         if snapshot is not None:  # rewind the scheduler (multistep solvers keep history) and re-noise to t

@@ -12,9 +12,10 @@ Any differentiable loss on the decoded image (a guide, guides.py) steers samplin
   (z_t = sqrt(abar_t / abar_{t-1}) z_{t-1} + sqrt(1 - abar_t / abar_{t-1}) noise) and rewinds the
   scheduler by snapshot/restore, so DDIM and the multistep solvers (DPM-Solver++, UniPC) both work.
 
-Hooks used: `after` (the eps terms; it calls ctx.predict itself with gradients) and `repeats` (k).
-The cost per guided step is one extra UNet forward + backward and a decoder forward + backward
-(plus m decoder passes for backward guidance), times k.
+Hooks used: `wants_gradient` (the loop then computes its guided prediction with gradients), `after` (the eps
+terms, differentiating that very prediction) and `repeats` (k). The cost per guided step is one UNet backward
+and a decoder forward + backward on top of plain sampling (plus m decoder passes for backward guidance),
+times k.
 """
 
 from __future__ import annotations
@@ -90,11 +91,20 @@ class UniversalGuidance(Control):
     def repeats(self, ctx: Context, step: Step) -> int:
         return self.k
 
+    def wants_gradient(self, ctx: Context, step: Step) -> bool:
+        return self.s0 > 0
+
     def after(self, ctx: Context, step: Step, latents: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         pt = ctx.prediction_type
-        eps = step.to_eps(latents, out, pt)
         if self.s0 > 0:
-            eps = eps + self.s0 * math.sqrt(1.0 - step.alpha_bar) * self.forward_gradient(ctx, step, latents)
+            if out.requires_grad and latents.requires_grad:  # the loop's own prediction, differentiable
+                grad = self.gradient_of(ctx, step, latents, out)
+            else:
+                grad = self.forward_gradient(ctx, step, latents.detach())
+            latents, out = latents.detach(), out.detach()
+            eps = step.to_eps(latents, out, pt) + self.s0 * math.sqrt(1.0 - step.alpha_bar) * grad
+        else:
+            eps = step.to_eps(latents, out, pt)
         if self.m > 0:
             a = step.alpha_bar
             x0 = (latents * step.input_scale - math.sqrt(1 - a) * eps) / math.sqrt(a)
@@ -106,9 +116,14 @@ class UniversalGuidance(Control):
         """grad of the guide's loss w.r.t. the variance-preserving latent, through the guided UNet and the decoder."""
         with torch.enable_grad():
             z = latents.detach().requires_grad_(True)
-            x0 = step.to_x0(z, ctx.predict(z, step, controls=ctx.active(step)), ctx.prediction_type)
+            return self.gradient_of(ctx, step, z, ctx.predict(z, step, controls=ctx.active(step)))
+
+    def gradient_of(self, ctx: Context, step: Step, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The guide's gradient w.r.t. z, given the guided prediction `out` computed from z with gradients."""
+        with torch.enable_grad():
+            x0 = step.to_x0(z, out, ctx.prediction_type)
             loss = guide_loss(self._guide, ctx.decode(x0), self._label)
-            (grad,) = torch.autograd.grad(loss, z)
+            (grad,) = torch.autograd.grad(loss, z, retain_graph=False)
         return grad / step.input_scale  # d/dz_vp = d/dz / input_scale (1 except in sigma space)
 
     def backward_delta(self, ctx: Context, x0: torch.Tensor) -> torch.Tensor:
