@@ -28,6 +28,7 @@ def test_component_scores_run_on_tiny_models():
     b = tiny_bundle(0)
     r = vae_psnr(b.vae, n=4, resolution=32)
     assert 0 < r["psnr_db"]["value"] < 60 and r["psnr_db"]["n"] == 4
+    assert r["judge_pass"]["n"] == 4 and 0 <= r["judge_pass"]["value"] <= 1
     ret = clip_retrieval(b.clip, b.tokenizer, n=6, resolution=32)
     for key in ("top1_exact", "top1_consistent"):
         assert 0.0 <= ret[key]["value"] <= 1.0 and ret[key]["n"] == 6
@@ -48,3 +49,29 @@ def test_bench_components_cli(tmp_path, capsys):
     assert {"vae", "clip"} <= set(scores)
     assert main(["bench", "components", "--model", str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_a_lossless_autoencoder_scores_the_ceiling_and_a_blurring_one_does_not():
+    from types import SimpleNamespace
+
+    import torch
+
+    class Lossless(torch.nn.Module):  # encode/decode are the identity (or a heavy blur)
+        def __init__(self, blur: bool = False):
+            super().__init__()
+            self.blur, self.p = blur, torch.nn.Parameter(torch.zeros(1))
+
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+        def decode(self, z):
+            if self.blur:
+                z = torch.nn.functional.avg_pool2d(z, 9, stride=1, padding=4, count_include_pad=False)
+            return SimpleNamespace(sample=z)
+
+    exact = vae_psnr(Lossless(), n=6)
+    assert exact["psnr_db"]["value"] > 90 and exact["judge_pass"]["value"] == 1.0
+    blurred = vae_psnr(Lossless(blur=True), n=6)
+    assert blurred["psnr_db"]["value"] < 30 and blurred["judge_pass"]["value"] < 1.0

@@ -113,6 +113,9 @@ def _components(args: argparse.Namespace) -> int:
         p = scores["vae"]["psnr_db"]
         print(f"VAE reconstruction PSNR: {p['value']:.2f} dB (95% CI {p['ci95'][0]:.2f}..{p['ci95'][1]:.2f}, "
               f"n={p['n']} {args.split} renders)")  # fmt: skip
+        j = scores["vae"]["judge_pass"]
+        print(f"judge pass rate on the reconstructions: {j['value']:.4f} "
+              f"(95% CI {j['ci95'][0]:.4f}..{j['ci95'][1]:.4f}; the ceiling of a model drawing through this VAE)")
     else:
         print(f"no vae/ in {model}: VAE PSNR skipped")
     if (model / "clip").is_dir() and (model / "tokenizer").is_dir():

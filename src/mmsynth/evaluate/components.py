@@ -58,10 +58,15 @@ def _scenes(n: int, split: str, seed: int) -> list[Scene]:
 @torch.no_grad()
 def vae_psnr(vae: Any, n: int = 1000, split: str = "test", seed: int = 0, resolution: int = 64,
              batch_size: int = 64) -> dict[str, Any]:  # fmt: skip
-    """Mean PSNR (dB, on uint8 pixels) of encode -> decode (the latent mean) over `n` renders of `split`."""
+    """Mean PSNR (dB, on uint8 pixels) of encode -> decode (the latent mean) over `n` renders of `split`, and
+    the judge's verdict on each reconstruction against its scene (`judge_pass`): the ceiling of any model that
+    draws through this VAE, since a shape the decoder blurs is a shape no latent can bring back."""
+    from mmsynth.evaluate.judge import judge_image
+
     vae.eval()
-    renders = np.stack([render(s, resolution) for s in _scenes(n, split, seed)])
-    psnrs = []
+    scenes = _scenes(n, split, seed)
+    renders = np.stack([render(s, resolution) for s in scenes])
+    psnrs, passes = [], []
     for k in range(0, n, batch_size):
         x = torch.from_numpy(renders[k : k + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x = x.to(vae.device, vae.dtype)
@@ -69,7 +74,9 @@ def vae_psnr(vae: Any, n: int = 1000, split: str = "test", seed: int = 0, resolu
         y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy()
         mse = ((y - renders[k : k + batch_size].astype(np.float64)) ** 2).reshape(len(y), -1).mean(axis=1)
         psnrs.append(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
-    return {"psnr_db": _mean_ci(np.concatenate(psnrs)), "split": split, "resolution": resolution}
+        passes += [judge_image(img.astype(np.uint8), scene=sc).passed for img, sc in zip(y, scenes[k: k + batch_size])]
+    return {"psnr_db": _mean_ci(np.concatenate(psnrs)), "judge_pass": _rate(np.array(passes)), "split": split,
+            "resolution": resolution}
 
 
 @torch.no_grad()
