@@ -98,10 +98,19 @@ def test_clip_freeze_text_trains_only_the_vision_side(tmp_path):
         run("clip", tmp_path / "c", max_steps="1", batch_size="8", **{"options.freeze_text": "true"})
 
 
+def test_vae_edge_weights_favour_edges_and_keep_the_mean():
+    from mmsynth.data import render, sample_scene
+    from mmsynth.train.recipes.vae import edge_weights
+
+    x = torch.from_numpy(render(sample_scene("test", 1), 64)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    w = edge_weights(x, 10.0)
+    assert torch.allclose(w.mean(), torch.tensor(1.0)) and w.max() > 5 * w.min()
+    assert torch.equal(edge_weights(x, 0.0), torch.ones_like(w))
+
+
 def test_vae_recipe_records_latent_scaling_factor(tmp_path):
-    result = run(
-        "vae", tmp_path / "vae", max_steps="2", batch_size="4", sample_every="2", **{"options.scale_examples": "8"}
-    )
+    result = run("vae", tmp_path / "vae", max_steps="2", batch_size="4", sample_every="2",
+                 **{"options.scale_examples": "8", "options.edge_weight": "5"})  # fmt: skip
     from mmsynth.models.bundle import load_component
 
     vae = load_component(result.export, "vae")

@@ -1,5 +1,10 @@
 """AutoencoderKL for the zoo: reconstruction (L1 and/or L2) plus a small KL term.
 
+`edge_weight` > 0 weighs every pixel's reconstruction error by 1 + edge_weight * (its edge strength in the
+target, from Sobel gradients, saturating at EDGE_SATURATION), normalised by the mean weight: small crosses
+and stars, whose arms are a few pixels wide, otherwise come back as blobs that the judge reads as squares
+(measured: `mmsynth bench components` reports the judge's pass rate on reconstructions).
+
 At export the latent scaling factor is measured like Stable Diffusion's 0.18215: 1 / std of the
 latents of training images, so the UNet sees latents of unit variance.
 """
@@ -22,6 +27,7 @@ from mmsynth.train.recipe import Recipe
 from mmsynth.viz import grid
 
 RECONSTRUCTION = ("l1", "l2", "l1+l2")
+EDGE_SATURATION = 0.5  # Sobel magnitude (images in [-1, 1]) at which a pixel counts as a full edge
 
 
 @dataclass
@@ -30,6 +36,7 @@ class VaeOptions:
     init: str | None = None  # continue from a folder with vae/
     reconstruction: str = "l1+l2"
     kl_weight: float = 1e-6  # same meaning as in Stable Diffusion's autoencoder configs
+    edge_weight: float = 0.0  # extra reconstruction weight on the target's edges (0: plain per-pixel mean)
     scale_examples: int = 1024  # images used to measure the latent scaling factor at export
     grid_examples: int = 8
 
@@ -38,6 +45,8 @@ class VaeOptions:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
         if self.reconstruction not in RECONSTRUCTION:
             raise InputError(f"config key 'options.reconstruction' must be one of {', '.join(RECONSTRUCTION)}")
+        if self.edge_weight < 0:
+            raise InputError(f"config key 'options.edge_weight' must be >= 0, got {self.edge_weight}")
         if self.kl_weight < 0 or self.scale_examples <= 0:
             raise InputError("config keys 'options.kl_weight' must be >= 0 and 'options.scale_examples' > 0")
 
@@ -56,6 +65,17 @@ class Autoencode(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         posterior = self.vae.encode(x).latent_dist
         return self.vae.decode(posterior.sample()).sample, posterior
+
+
+def edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (n x 1 x H x W) with mean 1 per image: 1 + edge_weight * edge strength."""
+    if edge_weight == 0:
+        return torch.ones_like(x[:, :1])
+    import kornia
+
+    magnitude = kornia.filters.spatial_gradient(x).pow(2).sum(2).sqrt().amax(1, keepdim=True)
+    w = 1.0 + edge_weight * (magnitude / EDGE_SATURATION).clamp(0, 1)
+    return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
 class VaeRecipe(Recipe):
@@ -81,10 +101,9 @@ class VaeRecipe(Recipe):
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch["pixel_values"]
         recon, posterior = self.models["autoencoder"](x)
-        rec = {
-            "l1": F.l1_loss(recon.float(), x.float()),
-            "l2": F.mse_loss(recon.float(), x.float()),
-        }
+        weight = edge_weights(x.float(), self.options.edge_weight)
+        diff = recon.float() - x.float()
+        rec = {"l1": (weight * diff.abs()).mean(), "l2": (weight * diff.pow(2)).mean()}
         parts = self.options.reconstruction.split("+")
         rec_loss = sum(rec[p] for p in parts)
         # SD's loss is sum-over-pixels NLL + kl_weight * KL (sum over latent); dividing both by the pixel
