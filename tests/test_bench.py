@@ -300,3 +300,10 @@ def test_two_cpu_processes_through_accelerate_match_one(tmp_path, model_dir):
     mp, sp = (json.loads((tmp_path / f).read_text()) for f in ("mp.json", "sp.json"))
     assert mp["environment"]["world_size"] == 2 and sp["environment"]["world_size"] == 1
     assert mp["results"] == sp["results"]
+
+
+def test_vae_ceiling_row_round_trips_the_render_through_the_vae(bundle):
+    case = make_cases("t2i", 1, seed=0)[0]
+    img = get_suite("t2i").rows["vae_ceiling"].generate(_ctx(bundle), case)
+    assert img.shape == case.render().shape and img.dtype == np.uint8
+    assert not np.array_equal(img, case.render())  # a random tiny VAE is far from lossless

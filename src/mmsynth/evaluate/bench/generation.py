@@ -146,6 +146,19 @@ def ground_truth(ctx: RunContext, case: Case) -> np.ndarray:
     return case.render()
 
 
+def vae_round_trip(ctx: RunContext, case: Case) -> np.ndarray:
+    """The render encoded and decoded by the model's VAE (latent mean): the best any model drawing through this
+    VAE can do, so a method's gap to the ground truth splits into what the VAE loses and what the UNet does."""
+    import torch
+
+    bundle = ctx.bundle()
+    vae = bundle.vae
+    x = torch.from_numpy(case.render()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x.to(bundle.device, vae.dtype)).latent_dist.mode()).sample
+    return ((y[0].float().clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+
+
 def base_unconditioned(ctx: RunContext, case: Case) -> np.ndarray:
     """The base model with an empty prompt and no controls: the chance level every method should beat."""
     return ctx.generate(case, prompt="")

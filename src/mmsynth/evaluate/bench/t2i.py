@@ -11,7 +11,8 @@ Categories (one table column each), every prompt a true caption of a test-split 
   figure beside the in-distribution `binding`.
 `overall` pools every case's category verdict (equal n per category: the mean of the columns); object_f1 and
 attribute_acc aggregate all cases. Rates carry Wilson 95% intervals.
-Rows: ground_truth (the scene's render: the ceiling), base_uncond (empty prompt: chance), t2i (the prompt).
+Rows: ground_truth (the scene's render: the ceiling), vae_ceiling (that render through the model's VAE: the
+ceiling of a latent model), base_uncond (empty prompt: chance), t2i (the prompt).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mmsynth.evaluate.bench.generation import (
     ground_truth,
     text_to_image,
     text_to_image_batch,
+    vae_round_trip,
 )
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.judge import expectation_for
@@ -143,6 +145,8 @@ SUITE = register_suite(
         rows={
             "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
                                 needs=lambda c: [], uses_model=False),
+            "vae_ceiling": Row("vae_ceiling", "reference", "the render through the model's VAE (a latent model's "
+                               "ceiling)", vae_round_trip, needs=lambda c: []),
             "base_uncond": Row("base_uncond", "reference", "base model, empty prompt (chance level)",
                                base_unconditioned, generate_batch=base_unconditioned_batch, needs=lambda c: []),
             "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
