@@ -151,12 +151,14 @@ def vae_round_trip(ctx: RunContext, case: Case) -> np.ndarray:
     VAE can do, so a method's gap to the ground truth splits into what the VAE loses and what the UNet does."""
     import torch
 
+    from mmsynth.sample.sampler import to_uint8
+
     bundle = ctx.bundle()
     vae = bundle.vae
     x = torch.from_numpy(case.render()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     with torch.no_grad():
         y = vae.decode(vae.encode(x.to(bundle.device, vae.dtype)).latent_dist.mode()).sample
-    return ((y[0].float().clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+    return to_uint8(y.float())[0]  # pixels exactly as the sampler makes them
 
 
 def base_unconditioned(ctx: RunContext, case: Case) -> np.ndarray:
