@@ -27,9 +27,9 @@ def parts(tmp_path_factory):
     return path
 
 
-def run(recipe, out, resume=False, stop_after=None, **overrides):
+def run(recipe, out, resume=False, stop_after=None, export_only=False, **overrides):
     config, options = load_config(get_recipe(recipe), overrides={**FAST, "out": str(out), **overrides})
-    return train(config, options, resume=resume, progress=False, stop_after=stop_after)
+    return train(config, options, resume=resume, progress=False, stop_after=stop_after, export_only=export_only)
 
 
 def read_log(path):
@@ -159,6 +159,15 @@ def test_resume_continues_exactly(tmp_path, parts):
     eb = Bundle.from_pretrained(tmp_path / "split" / "final").unet.state_dict()
     for k in ea:
         torch.testing.assert_close(ea[k], eb[k], rtol=1e-5, atol=1e-6)
+    # --export-only rewrites final/ from the newest checkpoint's EMA weights, and leaves the log alone
+    log = (tmp_path / "once" / "log.csv").read_text()
+    shutil.rmtree(tmp_path / "once" / "final")
+    result = run("t2i", tmp_path / "once", max_steps="4", export_only=True, **common)
+    assert result.step == 4 and (tmp_path / "once" / "log.csv").read_text() == log
+    again = Bundle.from_pretrained(tmp_path / "once" / "final").unet.state_dict()
+    assert all(torch.equal(ea[k], again[k]) for k in ea)
+    with pytest.raises(InputError, match="no complete checkpoint to export"):
+        run("t2i", tmp_path / "empty", max_steps="4", export_only=True, **common)
     # and the check can fail: a different seed gives different weights
     run("t2i", tmp_path / "other", max_steps="4", seed="1", **common)
     assert any(not torch.allclose(pa[k], _params(tmp_path / "other")[k]) for k in pa)

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR/checkpoints")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is still written)")
+    p.add_argument("--export-only", action="store_true",
+                   help="write DIR/final from the newest checkpoint (EMA weights) and train nothing; "
+                        "safe while the run is still training")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -47,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     config, options = load_config(recipe_cls, args.config, overrides)
-    result = train(config, options, resume=args.resume, progress=not args.no_progress)
+    result = train(config, options, resume=args.resume, progress=not args.no_progress, export_only=args.export_only)
+    if args.export_only:
+        print(f"exported {config.recipe} at step {result.step} to {result.export}")
+        return 0
     print(
         f"trained {config.recipe} to step {result.step} (last loss {result.last_loss:.4f}, "
         f"{result.seconds_per_step:.2f} s/step); exported to {result.export}"

@@ -54,12 +54,20 @@ class TrainResult:
 
 
 def train(
-    config: TrainConfig, options: Any, resume: bool = False, progress: bool = True, stop_after: int | None = None
+    config: TrainConfig,
+    options: Any,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    export_only: bool = False,
 ) -> TrainResult:
     """Train `config.recipe` to `config.max_steps` and export the result to OUT/final.
 
     `stop_after` ends the run early at that step without exporting, as if it were killed there
     (the LR schedule still spans `max_steps`): tests and time-sliced runs use it.
+    `export_only` exports the newest checkpoint's (EMA) weights to OUT/final and trains nothing, so a
+    long run can be used, or stopped, at any checkpoint; it leaves the run folder's log and config alone,
+    so it is safe beside a run that is still training.
     """
     # ---------------------------------------------------------------- set-up
     accelerator = Accelerator(
@@ -103,6 +111,12 @@ def train(
 
     # ---------------------------------------------------------------- resume
     step = 0
+    if export_only:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is None:
+            raise InputError(f"'{ckpt_root}' has no complete checkpoint to export")
+        step = _load_checkpoint(accelerator, latest, config)
+        return _export(accelerator, recipe, names, emas, out, config, step, math.nan, math.nan, str(latest))
     if resume:
         latest = latest_checkpoint(ckpt_root)
         if latest is None:
@@ -201,6 +215,22 @@ def train(
         return TrainResult(out, out / "final", step, last_loss, seconds_per_step)
 
     # ---------------------------------------------------------------- export
+    return _export(accelerator, recipe, names, emas, out, config, step, last_loss, seconds_per_step, None)
+
+
+def _export(
+    accelerator: Accelerator,
+    recipe: Any,
+    names: list[str],
+    emas: dict[str, EMAModel],
+    out: Path,
+    config: TrainConfig,
+    step: int,
+    last_loss: float,
+    seconds_per_step: float,
+    checkpoint: str | None,
+) -> TrainResult:
+    """Write the (EMA) weights to OUT/final in the owning libraries' formats, and OUT/summary.json."""
     final = out / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -208,10 +238,12 @@ def train(
             recipe.models[name] = accelerator.unwrap_model(recipe.models[name])
         with _ema_weights(emas, recipe, accelerator):
             recipe.export(final)
-        write_json(
-            {"recipe": config.recipe, "step": step, "last_loss": last_loss, "seconds_per_step": seconds_per_step},
-            out / "summary.json",
-        )
+        summary: dict[str, Any] = {"recipe": config.recipe, "step": step}
+        if checkpoint is None:
+            summary.update(last_loss=last_loss, seconds_per_step=seconds_per_step)
+        else:
+            summary["exported_from"] = checkpoint
+        write_json(summary, out / "summary.json")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, final, step, last_loss, seconds_per_step)
