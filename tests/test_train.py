@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from mmsynth.cli.main import main
@@ -25,6 +26,13 @@ def parts(tmp_path_factory):
     path = tmp_path_factory.mktemp("zoo") / "tiny"
     tiny_bundle(seed=1).save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process; tests that change mixed precision need a fresh one."""
+    yield
+    AcceleratorState._reset_state()
 
 
 def run(recipe, out, resume=False, stop_after=None, export_only=False, **overrides):
@@ -119,10 +127,11 @@ def test_vae_recipe_records_latent_scaling_factor(tmp_path):
     assert {"psnr", "kl", "l1"} <= set(read_log(tmp_path / "vae" / "log.csv")[0])
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_t2i_recipe_exports_a_bundle_diffusers_runs(tmp_path, parts, prediction_type):
+@pytest.mark.parametrize(("prediction_type", "precision"), [("epsilon", "no"), ("v_prediction", "bf16")])
+def test_t2i_recipe_exports_a_bundle_diffusers_runs(tmp_path, parts, prediction_type, precision):
+    # bf16 on a CPU: autocast, with the frozen VAE and text encoder kept exact for the export
     result = run(
-        "t2i", tmp_path / "t2i", max_steps="2", batch_size="4", sample_every="2",
+        "t2i", tmp_path / "t2i", max_steps="2", batch_size="4", sample_every="2", mixed_precision=precision,
         **{"options.clip": str(parts), "options.vae": str(parts), "options.prediction_type": prediction_type,
            "options.sample_steps": "2", "options.sample_prompts": "a red circle,"},
     )  # fmt: skip

@@ -232,15 +232,20 @@ class Context:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Latents of images in [-1, 1] (n x 3 x H x W), sampled with image i's generator (diffusers' img2img)."""
         vae = self.bundle.vae
-        images = images.to(device=self.device, dtype=self.dtype)
+        images = images.to(device=self.device, dtype=vae.dtype)  # the VAE may be kept in another dtype
         lat = [vae.encode(images[i: i + 1]).latent_dist.sample(generator=self.generators[i])
                for i in range(images.shape[0])]
-        return vae.config.scaling_factor * torch.cat(lat)
+        return (vae.config.scaling_factor * torch.cat(lat)).to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from latents (the inverse of the VAE's scaling factor, as SD does)."""
+        """Images in [-1, 1] from latents (the inverse of the VAE's scaling factor, as SD does).
+
+        The VAE may be kept in another dtype than the UNet (a bf16-trained recipe's frozen VAE, SD's
+        fp32 VAE beside an fp16 UNet): latents go in its dtype, images come back in the UNet's.
+        """
         vae = self.bundle.vae
-        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        latents = (latents / vae.config.scaling_factor).to(vae.dtype)
+        return vae.decode(latents, return_dict=False)[0].to(self.dtype)
 
     def renoise(self, latents: torch.Tensor, step: Step) -> torch.Tensor:
         """Take the latent at step.t-1 back to step.t with fresh noise (universal guidance's self-recurrence)."""

@@ -73,7 +73,11 @@ def train(
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum
     )
+    # Frozen modules are stored in the half type on a GPU (memory, as diffusers' scripts do); on a CPU autocast
+    # alone gives the speed, and float32 storage keeps them exact for the export.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if accelerator.device.type == "cpu":
+        weight_dtype = torch.float32
     out = Path(config.out)
     ckpt_root = out / "checkpoints"
     recipe = get_recipe(config.recipe)(config, options)
