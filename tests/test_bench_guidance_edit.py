@@ -13,6 +13,7 @@ from mmsynth.evaluate.bench import (
     RunContext,
     RunOptions,
     SamplerSettings,
+    generate_shard,
     get_suite,
     make_cases,
     parse_sweep,
@@ -144,3 +145,16 @@ def test_inpaint_cases_render_the_new_object_inside_the_mask(edit_cases):
             m = mask_array(c)
             assert m[int(y0 * 64) + 1, int(x0 * 64) + 1] and m[int(y1 * 64) - 2, int(x1 * 64) - 2]
             assert render(c.scene, 64).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(("row_name", "category"), [("palette_backward", "palette"), ("box", "box")])
+def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_cases, row_name, category):
+    row = get_suite("guidance").rows[row_name]
+    row = dataclasses.replace(row, overrides={"s0": 200.0, "k": 2})  # strong, with recurrence: guidance must act
+    todo = [c for c in guidance_cases if c.category == category]
+    alone = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=1), row, todo)]
+    batch = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=3), row, todo)]
+    plain = [img for _, img in generate_shard(_ctx(bundle), get_suite("guidance").rows["unguided"], todo)]
+    for a, b, u in zip(alone, batch, plain):  # each image guided by its own case's guide only
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+        assert np.abs(a.astype(int) - u.astype(int)).max() > 10

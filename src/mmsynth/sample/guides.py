@@ -262,6 +262,22 @@ class BoxGuide(nn.Module):
         return loss
 
 
+class PerImageGuides(nn.Module):
+    """One guide per image of a batch (each image its own target, boxes, ...): image i is scored by guide i
+    alone, so a batch guided this way gives the images of its members guided one at a time."""
+
+    def __init__(self, guides: list[nn.Module]):
+        super().__init__()
+        if not guides:
+            raise InputError("PerImageGuides needs one guide per image (got none)")
+        self.guides = nn.ModuleList(guides)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[0] != len(self.guides):
+            raise InputError(f"PerImageGuides has {len(self.guides)} guides for a batch of {images.shape[0]} images")
+        return torch.stack([guide_loss(g, images[i: i + 1], f"guide {i}") for i, g in enumerate(self.guides)])
+
+
 # ---------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class GuideSpec:

@@ -171,10 +171,17 @@ def text_to_image(ctx: RunContext, case: Case) -> np.ndarray:
     return ctx.generate(case)
 
 
-def batched(prompt_of: Callable[[Case], str]) -> Callable[[RunContext, list[Case]], list[np.ndarray]]:
-    """A batch generator for a row without controls: cases whose seeds run on consecutively (as generated
-    cases' do) and that share a size and negative prompt go through the sampler as one batch of prompts
-    (image i gets seed + i, exactly as alone); any other case is generated alone."""
+def batched(
+    prompt_of: Callable[[Case], str],
+    controls_of: Callable[[RunContext, list[Case]], list[Any]] | None = None,
+) -> Callable[[RunContext, list[Case]], list[np.ndarray]]:
+    """A batch generator: cases whose seeds run on consecutively (as generated cases' do) and that share a
+    size and negative prompt go through the sampler as one batch of prompts (image i gets seed + i, exactly
+    as alone); any other case is generated alone. `controls_of` gives the controls of a list of cases (one
+    case alone, or the whole batch); they must treat image i as case i (e.g. guides.PerImageGuides)."""
+
+    def controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+        return controls_of(ctx, cases) if controls_of is not None else []
 
     def generate(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
         from mmsynth.sample import sample
@@ -183,10 +190,10 @@ def batched(prompt_of: Callable[[Case], str]) -> Callable[[RunContext, list[Case
         same = all(c.seed == first.seed + i and c.resolution == first.resolution
                    and c.negative_prompt == first.negative_prompt for i, c in enumerate(cases))  # fmt: skip
         if not same:
-            return [ctx.generate(c, prompt=prompt_of(c)) for c in cases]
+            return [ctx.generate(c, controls(ctx, [c]), prompt=prompt_of(c)) for c in cases]
         request = dataclasses.replace(ctx.request(first, prompt=""), prompt=[prompt_of(c) for c in cases],
                                       n=len(cases))  # fmt: skip
-        return list(sample(ctx.bundle(), request.validate(), controls=[], progress=False).images)
+        return list(sample(ctx.bundle(), request.validate(), controls=controls(ctx, cases), progress=False).images)
 
     return generate
 

@@ -25,6 +25,7 @@ from mmsynth.evaluate.bench.cases import Case
 from mmsynth.evaluate.bench.generation import (
     SAMPLER_SETTINGS,
     RunContext,
+    batched,
     ground_truth,
     text_to_image,
     text_to_image_batch,
@@ -78,16 +79,27 @@ def guide_params(case: Case) -> dict[str, Any]:
     return {"boxes": [list(o.box()) for o in objs], "phrases": [f"a {o.color} {o.shape}" for o in objs]}
 
 
+def guidance_controls(guide: str) -> Callable[[RunContext, list[Case]], list[Any]]:
+    """The row's universal guidance for a batch of cases at its s0 / k / m: image i guided by case i's guide."""
+
+    def controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+        from mmsynth.sample import UniversalGuidance
+        from mmsynth.sample.guides import PerImageGuides, build_guide
+
+        p, bundle = ctx.params, ctx.bundle()
+        guides = PerImageGuides([build_guide(guide, guide_params(c), bundle) for c in cases])
+        return [UniversalGuidance(guide=guides, s0=float(p["s0"]), k=int(p["k"]), m=int(p.get("m", 0)),
+                                  lr=BACKWARD_LR)]  # fmt: skip
+
+    return controls
+
+
 def guided(guide: str) -> Callable[[RunContext, Case], np.ndarray]:
     """A row generator: the prompt plus universal guidance with `guide`, at the row's s0 / k / m."""
+    controls = guidance_controls(guide)
 
     def generate(ctx: RunContext, case: Case) -> np.ndarray:
-        from mmsynth.sample import UniversalGuidance
-
-        p = ctx.params
-        control = UniversalGuidance(guide=guide, params=guide_params(case), s0=float(p["s0"]), k=int(p["k"]),
-                                    m=int(p.get("m", 0)), lr=BACKWARD_LR)  # fmt: skip
-        return ctx.generate(case, [control])
+        return ctx.generate(case, controls(ctx, [case]))
 
     return generate
 
@@ -120,7 +132,8 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
 
 
 def _row(name: str, guide: str, description: str, **settings: float) -> Row:
-    return Row(name, "method", description, guided(guide), categories=(guide,),
+    return Row(name, "method", description, guided(guide), generate_batch=batched(lambda c: c.prompt,
+               guidance_controls(guide)), categories=(guide,),
                params={**DEFAULTS[guide], **settings}, sweepable=("s0", "k", "m", *SAMPLER_SETTINGS))  # fmt: skip
 
 
