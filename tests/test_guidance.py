@@ -277,3 +277,18 @@ def test_the_loops_differentiable_prediction_gives_the_recomputed_gradient(bundl
     again = sample(bundle, req, [Recomputing(guide="palette", params={"target": target}, s0=30.0, k=2)],
                    progress=False)  # fmt: skip
     assert torch.allclose(shared.latents, again.latents, atol=1e-5)
+
+
+def test_cli_help_lists_the_shipped_guides_without_importing_torch():
+    import subprocess
+    import sys
+
+    from mmsynth.cli.guidance_options import GUIDE_NAMES
+    from mmsynth.sample.guides import guide_names
+
+    assert tuple(guide_names()) == GUIDE_NAMES
+    code = ("import sys\nfrom mmsynth.cli.main import main\ntry:\n    main(['generate', '--help'])\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'help imported torch'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "palette" in out.stdout

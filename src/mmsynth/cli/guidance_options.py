@@ -17,11 +17,12 @@ from mmsynth.errors import InputError
 # argparse destinations these options fill (generate's --replay refuses them, like the other request options)
 OPTION_NAMES = ("latents", "mask", "feather", "guide", "guide_target", "guide_text", "guide_params", "s0", "k", "m",
                 "guide_lr", "guide_start", "guide_end")
+# the shipped guides (mmsynth.sample.guides.GUIDES, checked equal in the tests), named here so that `--help`
+# does not import torch
+GUIDE_NAMES = ("box", "clip", "palette", "region")
 
 
 def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
-    from mmsynth.sample.guides import guide_names
-
     if latents:
         p.add_argument("--latents", default=None,
                        help="start from these latents (an x_T .safetensors written by `mmsynth invert`): "
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
                    "source); img2img is then used only if --strength is given")
     p.add_argument("--feather", type=float, default=None,
                    help="inpaint seam width in pixels, inside the mask (default 2)")
-    p.add_argument("--guide", default=None, help=f"universal guidance with a shipped guide: {', '.join(guide_names())}")
+    p.add_argument("--guide", default=None, help=f"universal guidance with a shipped guide: {', '.join(GUIDE_NAMES)}")
     p.add_argument("--guide-target", default=None, help="target image of the guide (palette: its colours; clip: "
                    "image-image similarity)")
     p.add_argument("--guide-text", default=None, help="clip guide: the text to move towards")
