@@ -158,3 +158,13 @@ def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_
     for a, b, u in zip(alone, batch, plain):  # each image guided by its own case's guide only
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
         assert np.abs(a.astype(int) - u.astype(int)).max() > 10
+
+
+def test_inversion_rows_batch_to_the_images_of_cases_inverted_alone(bundle, edit_cases):
+    row = dataclasses.replace(get_suite("edit").rows["inversion_dpmpp-2m"], overrides={"steps": 3})
+    todo = [c for c in edit_cases if c.category == "inversion"]
+    alone = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=1), row, todo)]
+    batch = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=3), row, todo)]
+    for a, b in zip(alone, batch):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    assert len({a.tobytes() for a in batch}) == len(batch)

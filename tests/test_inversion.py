@@ -101,6 +101,25 @@ def test_x_t_file_round_trip_and_inversion_replays_from_its_request(bundle, imag
     assert torch.equal(from_file.latents, reconstruct(bundle, x, SOURCE, steps=4).latents)
 
 
+def test_a_batch_of_images_inverts_each_as_alone_and_each_replays(bundle, image):
+    other = np.ascontiguousarray(image[::-1])
+    batch = invert(bundle, [image, other], [SOURCE, EDITED], steps=4)
+    for i, (img, prompt) in enumerate([(image, SOURCE), (other, EDITED)]):
+        alone = invert(bundle, img, prompt, steps=4).latents[0]
+        torch.testing.assert_close(batch.latents[i], alone, rtol=1e-4, atol=1e-4)
+        replay = sample(bundle, GenerationRequest.from_dict(batch.requests[i].to_dict()), progress=False, decode=False)
+        torch.testing.assert_close(replay.latents[0], alone, rtol=1e-4, atol=1e-4)  # its own image and prompt
+    assert not torch.allclose(batch.latents[0], batch.latents[1])
+    both = reconstruct(bundle, batch.latents, [SOURCE, EDITED], steps=4)
+    torch.testing.assert_close(both.latents[1], reconstruct(bundle, batch.latents[1:], EDITED, steps=4).latents[0],
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="needs a list of 2 prompts"):
+        invert(bundle, [image, other], SOURCE, steps=4)
+    with pytest.raises(InputError, match="2 images for a batch of 3"):
+        sample(bundle, GenerationRequest(prompt=SOURCE, steps=2, cfg=1.0, n=3),
+               [_inversion([image, other])], progress=False, decode=False)
+
+
 def test_inversion_refuses_what_cannot_run_backwards(bundle, image):
     with pytest.raises(InputError, match="use scheduler 'ddim'"):
         sample(bundle, GenerationRequest(prompt=SOURCE, steps=2, cfg=1.0, scheduler="unipc"),

@@ -292,6 +292,8 @@ class Control:
 
     name: ClassVar[str] = ""
     needs_rewind: ClassVar[bool] = False  # True when `repeats` may return > 1 (self-recurrence)
+    # options that may be a list with one value per image of the batch (request.for_image keeps image i's)
+    per_image: ClassVar[tuple[str, ...]] = ()
 
     schedule: Schedule = field(default_factory=Schedule)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -65,16 +65,23 @@ def encode_mean(ctx: Context, pixels: torch.Tensor) -> torch.Tensor:
 @register_control
 @dataclass(kw_only=True)
 class DDIMInversion(Control):
-    """Run the loop backwards from `image` (HxWx3 uint8, path or PNG data URI) to x_T with DDIMInverseScheduler."""
+    """Run the loop backwards from `image` (HxWx3 uint8, path or PNG data URI) to x_T with DDIMInverseScheduler.
+
+    `image` may also be a list of n images: image i of the batch inverts image i (with prompt i).
+    """
 
     name: ClassVar[str] = "ddim-inversion"
+    per_image: ClassVar[tuple[str, ...]] = ("image",)
 
     image: Any = None
 
     def __post_init__(self) -> None:
-        if self.image is None:
+        if self.image is None or (isinstance(self.image, list) and not self.image):
             raise InputError("ddim-inversion needs the image to invert")
-        if isinstance(self.image, (np.ndarray, torch.Tensor)):
+        if isinstance(self.image, list):
+            self.image = [_as_rgb(np.asarray(decode_array(im, f"image {i} to invert"))) for i, im in
+                          enumerate(self.image)]  # fmt: skip
+        elif isinstance(self.image, (np.ndarray, torch.Tensor)):
             self.image = _as_rgb(np.asarray(decode_array(self.image, "image to invert")))
 
     def start(self, ctx: Context) -> bool:
@@ -92,8 +99,16 @@ class DDIMInversion(Control):
         inverse = DDIMInverseScheduler.from_config(ctx.scheduler.config)
         inverse.set_timesteps(len(ctx.timesteps), device=ctx.device)
         ctx.scheduler, ctx.timesteps = inverse, inverse.timesteps
-        x0 = encode_mean(ctx, image_pixels(self.image, ctx.height, ctx.width, "image to invert"))
-        ctx.latents = x0.repeat(ctx.request.n, 1, 1, 1)
+        n = ctx.request.n
+        if isinstance(self.image, list):
+            if len(self.image) != n:
+                raise InputError(f"ddim-inversion has {len(self.image)} images for a batch of {n}; give one per image")
+            pixels = torch.cat([image_pixels(im, ctx.height, ctx.width, f"image {i} to invert")
+                                for i, im in enumerate(self.image)])  # fmt: skip
+            ctx.latents = torch.cat([encode_mean(ctx, pixels[i: i + 1]) for i in range(n)])  # as alone
+        else:
+            x0 = encode_mean(ctx, image_pixels(self.image, ctx.height, ctx.width, "image to invert"))
+            ctx.latents = x0.repeat(n, 1, 1, 1)
         return True
 
 
@@ -262,35 +277,50 @@ class SourceAttention(_AttentionHooks):
 # ---------------------------------------------------------------------------------------------- functions
 @dataclass
 class InversionResult:
-    """latents: x_T (n x C x h x w); request: the request that reproduces them (`sample(..., decode=False)`)."""
+    """latents: x_T (n x C x h x w); request: the request that reproduces image 0's (`sample(..., decode=False)`),
+    requests: each image's."""
 
     latents: torch.Tensor
     request: GenerationRequest
+    requests: list[GenerationRequest] = field(default_factory=list)
 
 
-def invert(bundle: Bundle, image: Any, prompt: str, steps: int = 50, cfg: float = 1.0, negative_prompt: str = "",
-           controls: list[Control] | None = None, height: int | None = None, width: int | None = None,
-           progress: bool = False) -> InversionResult:
-    """DDIM-invert `image` under `prompt` through the one loop; other controls add their inputs as when sampling."""
+def invert(bundle: Bundle, image: Any, prompt: str | list[str], steps: int = 50, cfg: float = 1.0,
+           negative_prompt: str = "", controls: list[Control] | None = None, height: int | None = None,
+           width: int | None = None, progress: bool = False) -> InversionResult:
+    """DDIM-invert `image` under `prompt` through the one loop; other controls add their inputs as when sampling.
+
+    A list of n images with a list of n prompts inverts them as one batch (image i under prompt i, as alone).
+    """
     from mmsynth.sample.sampler import sample
 
-    if isinstance(image, (str, Path)):
-        from mmsynth.io import load_image
+    images = image if isinstance(image, list) else [image]
+    for i, im in enumerate(images):
+        if isinstance(im, (str, Path)):
+            from mmsynth.io import load_image
 
-        image = load_image(image, "image to invert")
-    image = _as_rgb(np.asarray(image))
+            im = load_image(im, "image to invert")
+        images[i] = _as_rgb(np.asarray(im))
+    if isinstance(image, list) and (not isinstance(prompt, list) or len(prompt) != len(images)):
+        raise InputError(f"inverting {len(images)} images needs a list of {len(images)} prompts, one per image")
+    first = images[0]
     request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, scheduler="ddim", steps=steps,
-                                cfg=cfg, n=1, height=height or image.shape[0], width=width or image.shape[1])
-    result = sample(bundle, request, [DDIMInversion(image=image), *(controls or [])], progress=progress,
-                    decode=False)
-    return InversionResult(result.latents, result.requests[0])
+                                cfg=cfg, n=len(images), height=height or first.shape[0], width=width or first.shape[1])
+    inversion = DDIMInversion(image=images if isinstance(image, list) else first)
+    result = sample(bundle, request, [inversion, *(controls or [])], progress=progress, decode=False)
+    return InversionResult(result.latents, result.requests[0], result.requests)
 
 
-def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str, steps: int = 50, cfg: float = 1.0,
+def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str | list[str], steps: int = 50, cfg: float = 1.0,
                 scheduler: str = "ddim", negative_prompt_inversion: bool = False,
                 controls: list[Control] | None = None, progress: bool = False) -> SampleResult:
-    """Sample from x_T with the source prompt (negative_prompt_inversion: the prompt is also the negative)."""
+    """Sample from x_T with the source prompt (negative_prompt_inversion: the prompt is also the negative).
+
+    n latents may come with a list of n prompts (latent i under prompt i)."""
     from mmsynth.sample.sampler import sample
+
+    if negative_prompt_inversion and isinstance(prompt, list):
+        raise InputError("negative-prompt inversion takes one prompt (it is also the negative prompt), not a list")
 
     f = bundle.vae_scale_factor
     request = GenerationRequest(prompt=prompt, negative_prompt=prompt if negative_prompt_inversion else "",

@@ -75,8 +75,16 @@ class GenerationRequest:
 
     def for_image(self, i: int) -> GenerationRequest:
         """The request that reproduces image i of this batch on its own (its seed, n = 1)."""
+        from mmsynth.sample.controls import CONTROLS
+
         prompt = self.prompt[i] if isinstance(self.prompt, list) else self.prompt
-        controls = [dict(c) for c in self.controls]
+        controls = []
+        for c in self.controls:
+            c = dict(c)
+            for key in getattr(CONTROLS.get(c.get("name")), "per_image", ()):
+                if isinstance(c.get(key), list):
+                    c[key] = c[key][i]
+            controls.append(c)
         return dataclasses.replace(self, prompt=prompt, seed=self.seed + i, n=1, controls=controls)
 
     def prompts(self) -> list[str]:

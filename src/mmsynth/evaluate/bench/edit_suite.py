@@ -164,6 +164,20 @@ def inversion(scheduler: str) -> Callable[[RunContext, Case], np.ndarray]:
     return generate
 
 
+def inversion_batch(scheduler: str) -> Callable[[RunContext, list[Case]], list[np.ndarray]]:
+    """The inversion row for several cases at once: one batched inversion, one batched reconstruction (each
+    image as alone: inversion draws no noise)."""
+
+    def generate(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
+        from mmsynth.sample import invert, reconstruct
+
+        s, prompts = ctx.sampler, [c.prompt for c in cases]
+        x_t = invert(ctx.bundle(), [source_image(c) for c in cases], prompts, steps=s.steps, cfg=s.cfg).latents
+        return list(reconstruct(ctx.bundle(), x_t, prompts, steps=s.steps, cfg=s.cfg, scheduler=scheduler).images)
+
+    return generate
+
+
 def swap(ctx: RunContext, case: Case) -> np.ndarray:
     """Invert with the source caption, sample with the edited one (negative-prompt inversion: the source caption
     is the negative prompt), optionally replaying the source's self-attention (`keep_attention`)."""
@@ -290,7 +304,8 @@ def _rows() -> dict[str, Row]:
     for sched in INVERSION_SCHEDULERS:
         name = "inversion" if sched == "ddim" else f"inversion_{sched}"
         rows.append(Row(name, "method", f"DDIM inversion ({INVERSION_STEPS} steps), reconstructed with {sched}",
-                        inversion(sched), categories=("inversion",), params={"steps": INVERSION_STEPS, "cfg": 1.0},
+                        inversion(sched), generate_batch=inversion_batch(sched), categories=("inversion",),
+                        params={"steps": INVERSION_STEPS, "cfg": 1.0},
                         sweepable=("cfg", "steps")))  # fmt: skip
     rows += [
         Row("swap", "method", "prompt-swap edit of the inverted source (negative-prompt inversion)", swap,
