@@ -180,11 +180,14 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
         raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
     if not local.exists() and not _looks_like_hub_id(source):
         raise InputError(f"model directory '{source}' does not exist ({_HOW})")
+    # float32 unless asked otherwise (diffusers loads straight into it; transformers 5 keeps the stored dtype,
+    # "auto", so it is cast below): a bundle saved in float16 to halve its size must still run on a CPU
+    target = torch_dtype or torch.float32
     loaders = {
         "tokenizer": lambda: AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype),
+        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=target),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=target),
         "scheduler": lambda: _load_scheduler(source),
         CLIP_FOLDER: lambda: CLIPModel.from_pretrained(source, subfolder=CLIP_FOLDER),
     }
@@ -200,9 +203,6 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
             f"model '{source}': cannot load its {name} ({exc.__class__.__name__}: {first}); "
             f"the files may be corrupt or incomplete: {how}, {_HOW}"
         ) from None
-    # float32 unless asked otherwise: transformers 5 keeps the stored dtype ("auto"), diffusers upcasts;
-    # a bundle saved in float16 to halve its size must still run on a CPU
-    target = torch_dtype or torch.float32
     if isinstance(component, torch.nn.Module) and next(component.parameters()).dtype != target:
         component.to(dtype=target)
     return component
