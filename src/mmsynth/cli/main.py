@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # the libraries' per-file loading/saving bars drown mmsynth's own output (HF_HUB_DISABLE_PROGRESS_BARS=0
+    # brings them back)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

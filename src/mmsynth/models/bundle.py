@@ -82,7 +82,10 @@ class Bundle:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Bundle:
         """Move every module (in place); returns self for chaining."""
         for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
+            if device is not None:
+                m.to(device)
+            if dtype is not None and next(m.parameters()).dtype != dtype:  # diffusers warns on any dtype cast
+                m.to(dtype=dtype)
         return self
 
     def eval(self) -> Bundle:
