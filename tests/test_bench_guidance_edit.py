@@ -160,9 +160,11 @@ def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_
         assert np.abs(a.astype(int) - u.astype(int)).max() > 10
 
 
-def test_inversion_rows_batch_to_the_images_of_cases_inverted_alone(bundle, edit_cases):
-    row = dataclasses.replace(get_suite("edit").rows["inversion_dpmpp-2m"], overrides={"steps": 3})
-    todo = [c for c in edit_cases if c.category == "inversion"]
+@pytest.mark.parametrize(("row_name", "category"), [("inversion_dpmpp-2m", "inversion"), ("img2img", "swap"),
+                                                    ("inpaint", "inpaint"), ("inpaint_latent_only", "inpaint")])
+def test_edit_rows_batch_to_the_images_of_cases_edited_alone(bundle, edit_cases, row_name, category):
+    row = dataclasses.replace(get_suite("edit").rows[row_name], overrides={"steps": 3})
+    todo = [c for c in edit_cases if c.category == category]
     alone = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=1), row, todo)]
     batch = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=3), row, todo)]
     for a, b in zip(alone, batch):

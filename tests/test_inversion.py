@@ -174,6 +174,24 @@ def test_inpainting_keeps_the_outside_and_repaints_the_inside(bundle, image):
         assert psnr(img, image, mask > 0) < 25
 
 
+def test_a_batch_inpaints_each_source_under_its_own_mask_and_each_replays(bundle, image):
+    other = np.ascontiguousarray(image[::-1])
+    r = image.shape[0]
+    m1, m2 = np.zeros((r, r), np.uint8), np.zeros((r, r), np.uint8)
+    m1[: r // 2], m2[:, r // 2:] = 255, 255
+    request = GenerationRequest(prompt=[SOURCE, EDITED], n=2, steps=3, seed=5)
+    batch = sample(bundle, request, [BlendedInpaint(image=[image, other], mask=[m1, m2])], progress=False)
+    for i, (src, m) in enumerate([(image, m1), (other, m2)]):
+        assert np.array_equal(batch.images[i][m == 0], src[m == 0])  # each keeps its own outside exactly
+        replay = sample(bundle, GenerationRequest.from_dict(batch.requests[i].to_dict()), progress=False)
+        assert np.abs(replay.images[0].astype(int) - batch.images[i].astype(int)).max() <= 2
+    with pytest.raises(InputError, match="lists of equally many"):
+        BlendedInpaint(image=[image, other], mask=m1)
+    with pytest.raises(InputError, match="2 images for a batch of 3"):
+        sample(bundle, GenerationRequest(prompt=SOURCE, n=3, steps=2), [BlendedInpaint(image=[image, other],
+               mask=[m1, m2])], progress=False)  # fmt: skip
+
+
 def test_inpainting_blends_the_known_latents_at_every_step(bundle, image):
     r = bundle.resolution
     mask = np.zeros((r, r), np.uint8)

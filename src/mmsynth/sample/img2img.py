@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 @register_control
 @dataclass(kw_only=True)
 class Img2Img(Control):
-    """image: HxWx3 uint8 array, image path or PNG data URI; strength in (0, 1]."""
+    """image: HxWx3 uint8 array, image path or PNG data URI, or a list of n of them (image i of the batch starts
+    from image i); strength in (0, 1]."""
 
     name: ClassVar[str] = "img2img"
+    per_image: ClassVar[tuple[str, ...]] = ("image",)
 
     image: Any = None
     strength: float = 0.8
@@ -37,14 +39,25 @@ class Img2Img(Control):
         s = self.strength
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 < s <= 1:
             raise InputError(f"strength must be a number in (0, 1] (1 = ignore the image's structure), got {s!r}")
-        if self.image is None:
+        if self.image is None or (isinstance(self.image, list) and not self.image):
             raise InputError("img2img needs an init image (an image file path or an HxWx3 array)")
-        if isinstance(self.image, (np.ndarray, torch.Tensor)):
+        if isinstance(self.image, list):
+            self.image = [_as_rgb(decode_array(im, f"init image {i}")) if isinstance(im, (np.ndarray, torch.Tensor))
+                          else im for i, im in enumerate(self.image)]  # fmt: skip
+        elif isinstance(self.image, (np.ndarray, torch.Tensor)):
             self.image = _as_rgb(decode_array(self.image, "init image"))
 
-    def pixels(self, height: int, width: int) -> torch.Tensor:
-        """The init image as 1 x 3 x height x width in [-1, 1] (resized with Lanczos, like diffusers, if needed)."""
-        arr = _as_rgb(decode_array(self.image, "init image"))
+    def pixels(self, height: int, width: int, n: int = 1) -> torch.Tensor:
+        """The init image(s) as n x 3 x height x width in [-1, 1] (resized with Lanczos, like diffusers, if needed)."""
+        if not isinstance(self.image, list):
+            return self._pixels(self.image, height, width, "init image").repeat(n, 1, 1, 1)
+        if len(self.image) != n:
+            raise InputError(f"img2img has {len(self.image)} init images for a batch of {n}; give one per image")
+        return torch.cat([self._pixels(im, height, width, f"init image {i}") for i, im in enumerate(self.image)])
+
+    @staticmethod
+    def _pixels(image: Any, height: int, width: int, what: str) -> torch.Tensor:
+        arr = _as_rgb(decode_array(image, what))
         if arr.shape[:2] != (height, width):
             arr = np.asarray(Image.fromarray(arr).resize((width, height), Image.LANCZOS))
         x = torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
@@ -63,7 +76,7 @@ class Img2Img(Control):
         if hasattr(ctx.scheduler, "set_begin_index"):
             ctx.scheduler.set_begin_index(skip)
         n = ctx.request.n
-        init = ctx.encode(self.pixels(ctx.height, ctx.width).repeat(n, 1, 1, 1))
+        init = ctx.encode(self.pixels(ctx.height, ctx.width, n))
         t0 = ctx.timesteps[:1].repeat(n)
         ctx.latents = ctx.scheduler.add_noise(init, ctx.noise(init.shape), t0)
         return True

@@ -56,9 +56,11 @@ def binary_mask(value: Any, what: str = "mask") -> np.ndarray:
 @dataclass(kw_only=True)
 class BlendedInpaint(Control):
     """image: the source (HxWx3); mask: HxW binary, white = repaint; feather: seam width in pixels (0 = hard);
-    paste: paste the known pixels back after decoding (False shows what latent blending alone keeps)."""
+    paste: paste the known pixels back after decoding (False shows what latent blending alone keeps).
+    image and mask may also be lists of n (image i of the batch inpaints source i under mask i)."""
 
     name: ClassVar[str] = "inpaint"
+    per_image: ClassVar[tuple[str, ...]] = ("image", "mask")
 
     image: Any = None
     mask: Any = None
@@ -66,15 +68,23 @@ class BlendedInpaint(Control):
     paste: bool = True
 
     def __post_init__(self) -> None:
-        if self.image is None or self.mask is None:
+        empty = [v is None or (isinstance(v, list) and not v) for v in (self.image, self.mask)]
+        if any(empty):
             raise InputError("inpainting needs a source image and a mask (white = repaint)")
-        if isinstance(self.image, (np.ndarray, torch.Tensor)):
-            self.image = _as_rgb(np.asarray(decode_array(self.image, "inpaint image")))
-        if isinstance(self.mask, (np.ndarray, torch.Tensor)):
-            self.mask = (binary_mask(self.mask).astype(np.uint8) * 255)
-            if isinstance(self.image, np.ndarray) and self.mask.shape != self.image.shape[:2]:
-                raise InputError(f"mask is {self.mask.shape[1]}x{self.mask.shape[0]} but the image is "
-                                 f"{self.image.shape[1]}x{self.image.shape[0]}; they must have the same size")
+        if isinstance(self.image, list) != isinstance(self.mask, list) or (
+                isinstance(self.image, list) and len(self.image) != len(self.mask)):
+            raise InputError("inpainting: give one image and one mask, or lists of equally many (one per image)")
+        images = list(self.image) if isinstance(self.image, list) else [self.image]
+        masks = list(self.mask) if isinstance(self.mask, list) else [self.mask]
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            if isinstance(image, (np.ndarray, torch.Tensor)):
+                images[i] = image = _as_rgb(np.asarray(decode_array(image, "inpaint image")))
+            if isinstance(mask, (np.ndarray, torch.Tensor)):
+                masks[i] = mask = binary_mask(mask).astype(np.uint8) * 255
+                if isinstance(image, np.ndarray) and mask.shape != image.shape[:2]:
+                    raise InputError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                                     f"{image.shape[1]}x{image.shape[0]}; they must have the same size")
+        self.image, self.mask = (images, masks) if isinstance(self.image, list) else (images[0], masks[0])
         if not isinstance(self.feather, (int, float)) or isinstance(self.feather, bool) or not (
                 math.isfinite(self.feather) and self.feather >= 0):
             raise InputError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
@@ -82,19 +92,28 @@ class BlendedInpaint(Control):
             raise InputError(f"paste must be true or false, got {self.paste!r}")
 
     def prepare(self, ctx: Context) -> None:
-        mask = binary_mask(self.mask, "mask")
-        image = _as_rgb(np.asarray(decode_array(self.image, "inpaint image")))
-        if mask.shape != image.shape[:2]:
-            raise InputError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                             f"{image.shape[1]}x{image.shape[0]}; they must have the same size")
-        if not mask.any():
-            raise InputError("mask is all black: nothing to repaint (white = repaint)")
-        self._pixels = image_pixels(image, ctx.height, ctx.width, "inpaint image").to(ctx.device, ctx.dtype)
-        self._source = encode_mean(ctx, self._pixels)
-        m = torch.from_numpy(mask.astype(np.float32))[None, None].to(ctx.device, ctx.dtype)
+        images = self.image if isinstance(self.image, list) else [self.image]
+        masks = self.mask if isinstance(self.mask, list) else [self.mask]
+        if isinstance(self.image, list) and len(images) != ctx.request.n:
+            raise InputError(f"inpainting has {len(images)} images for a batch of {ctx.request.n}; give one per image")
+        pixels, sources, latent_masks, pastes = [], [], [], []
         h, w = ctx.latent_shape[-2:]
-        self._latent_mask = (F.interpolate(m, size=(h, w), mode="area") > 0).to(ctx.dtype)  # any repainted pixel
-        self._paste = feathered(m, float(self.feather))
+        for raw_image, raw_mask in zip(images, masks):
+            mask = binary_mask(raw_mask, "mask")
+            image = _as_rgb(np.asarray(decode_array(raw_image, "inpaint image")))
+            if mask.shape != image.shape[:2]:
+                raise InputError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                                 f"{image.shape[1]}x{image.shape[0]}; they must have the same size")
+            if not mask.any():
+                raise InputError("mask is all black: nothing to repaint (white = repaint)")
+            px = image_pixels(image, ctx.height, ctx.width, "inpaint image").to(ctx.device, ctx.dtype)
+            pixels.append(px)
+            sources.append(encode_mean(ctx, px))
+            m = torch.from_numpy(mask.astype(np.float32))[None, None].to(ctx.device, ctx.dtype)
+            latent_masks.append((F.interpolate(m, size=(h, w), mode="area") > 0).to(ctx.dtype))  # any repainted px
+            pastes.append(feathered(m, float(self.feather)))
+        self._pixels, self._source = torch.cat(pixels), torch.cat(sources)  # 1 or n of each
+        self._latent_mask, self._paste = torch.cat(latent_masks), torch.cat(pastes)
 
     def after_step(self, ctx: Context, step: Step, latents: torch.Tensor) -> torch.Tensor:
         n = latents.shape[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from mmsynth.evaluate.bench.cases import Case
 from mmsynth.evaluate.bench.generation import (
     SAMPLER_SETTINGS,
     RunContext,
+    batched,
     ground_truth,
     text_to_image,
     text_to_image_batch,
@@ -190,20 +192,27 @@ def swap(ctx: RunContext, case: Case) -> np.ndarray:
     return sample(ctx.bundle(), request, progress=False).images[0]
 
 
-def img2img(ctx: RunContext, case: Case) -> np.ndarray:
-    """SDEdit: the source noised to the row's strength, denoised under the edited prompt."""
+def img2img_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+    """SDEdit: each source noised to the row's strength, denoised under its edited prompt."""
     from mmsynth.sample import Img2Img
 
-    return ctx.generate(case, [Img2Img(image=source_image(case), strength=float(ctx.params["strength"]))])
+    return [Img2Img(image=[source_image(c) for c in cases], strength=float(ctx.params["strength"]))]
+
+
+def inpaint_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+    """Blended-latent inpainting of each case's mask under the edited scene's prompt (paste-back per the row)."""
+    from mmsynth.sample import BlendedInpaint
+
+    masks = [mask_array(c).astype(np.uint8) * 255 for c in cases]
+    return [BlendedInpaint(image=[source_image(c) for c in cases], mask=masks, paste=bool(ctx.params.get("paste", 1)))]
+
+
+def img2img(ctx: RunContext, case: Case) -> np.ndarray:
+    return ctx.generate(case, img2img_controls(ctx, [case]))
 
 
 def inpaint(ctx: RunContext, case: Case) -> np.ndarray:
-    """Blended-latent inpainting of the mask under the edited scene's prompt (paste-back per the row)."""
-    from mmsynth.sample import BlendedInpaint
-
-    mask = mask_array(case).astype(np.uint8) * 255
-    paste = bool(ctx.params.get("paste", 1))
-    return ctx.generate(case, [BlendedInpaint(image=source_image(case), mask=mask, paste=paste)])
+    return ctx.generate(case, inpaint_controls(ctx, [case]))
 
 
 # ---------------------------------------------------------------- scoring
@@ -295,6 +304,9 @@ def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
     return tiles
 
 
+inpaint_batch = batched(lambda c: c.prompt, inpaint_controls)
+
+
 def _rows() -> dict[str, Row]:
     gt = Row("ground_truth", "reference", "renders of the edited scene specs (the ceiling)", ground_truth,
              needs=lambda c: [], categories=("swap", "inpaint"), uses_model=False)  # inversion: source == target
@@ -313,12 +325,13 @@ def _rows() -> dict[str, Row]:
         Row("swap_attention", "method", "prompt-swap edit replaying the source's self-attention for half the steps",
             swap, categories=("swap",), params={"steps": EDIT_STEPS, "keep_attention": 0.5},
             sweepable=SAMPLER_SETTINGS),
-        Row("img2img", "method", "SDEdit of the source under the edited prompt", img2img, categories=("swap",),
+        Row("img2img", "method", "SDEdit of the source under the edited prompt", img2img,
+            generate_batch=batched(lambda c: c.prompt, img2img_controls), categories=("swap",),
             needs=lambda c: ["img2img"], params={"strength": 0.6}, sweepable=("strength", *SAMPLER_SETTINGS)),
         Row("inpaint", "method", "blended-latent inpainting of the mask, known pixels pasted back", inpaint,
-            categories=("inpaint",), sweepable=SAMPLER_SETTINGS),
+            generate_batch=inpaint_batch, categories=("inpaint",), sweepable=SAMPLER_SETTINGS),
         Row("inpaint_latent_only", "method", "blended-latent inpainting without the pixel paste-back", inpaint,
-            categories=("inpaint",), params={"paste": 0}, sweepable=SAMPLER_SETTINGS),
+            generate_batch=inpaint_batch, categories=("inpaint",), params={"paste": 0}, sweepable=SAMPLER_SETTINGS),
     ]  # fmt: skip
     return {r.name: r for r in rows}
 
