@@ -150,6 +150,24 @@ def test_prompt_swap_edit_is_a_replayable_request(bundle, image):
     assert not torch.allclose(first.latents, source.latents, atol=1e-3)  # the prompt changed the result
 
 
+def test_a_batch_of_edits_gives_each_edit_as_alone_and_each_replays(bundle, image):
+    other = np.ascontiguousarray(image[::-1])
+    sources, prompts = [SOURCE, "a green square"], [EDITED, "a red square"]
+    batch_request = edit_request([image, other], sources, prompts, steps=3, seed=4, keep_attention=0.5)
+    assert batch_request.negative_prompt == sources  # negative-prompt inversion, one per image
+    batch = sample(bundle, batch_request, progress=False)
+    for i, img in enumerate([image, other]):
+        alone = sample(bundle, edit_request(img, sources[i], prompts[i], steps=3, seed=4 + i, keep_attention=0.5),
+                       progress=False)  # fmt: skip
+        assert np.abs(alone.images[0].astype(int) - batch.images[i].astype(int)).max() <= 2
+        replay = sample(bundle, GenerationRequest.from_dict(batch.requests[i].to_dict()), progress=False)
+        assert np.abs(replay.images[0].astype(int) - batch.images[i].astype(int)).max() <= 2
+    with pytest.raises(InputError, match="lists of equally many"):
+        edit_request([image, other], SOURCE, prompts)
+    with pytest.raises(InputError, match="negative_prompt is a list of 2 prompts but n is 3"):
+        GenerationRequest(prompt="x", negative_prompt=["a", "b"], n=3).validate()
+
+
 def test_keeping_source_attention_replays_its_queries_and_keys(bundle, image):
     plain = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0), progress=False)
     kept = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0, keep_attention=1.0), progress=False)

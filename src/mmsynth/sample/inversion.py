@@ -158,21 +158,27 @@ class InvertedLatents(Control):
 
     inversion_cfg: the guidance scale of the inversion (1 = plain DDIM inversion, the default).
     The inversion uses the run's own step count, so the two grids of timesteps match.
+    image and source_prompt may be lists of n (image i of the batch starts from source i's inversion).
     """
 
     name: ClassVar[str] = "inverted-latents"
+    per_image: ClassVar[tuple[str, ...]] = ("image", "source_prompt")
 
     image: Any = None
     source_prompt: str = ""
     inversion_cfg: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.image is None:
+        if self.image is None or (isinstance(self.image, list) and not self.image):
             raise InputError("inverted-latents needs the source image")
-        if isinstance(self.image, (np.ndarray, torch.Tensor)):
+        if isinstance(self.image, list):
+            if not isinstance(self.source_prompt, list) or len(self.source_prompt) != len(self.image):
+                raise InputError("inverted-latents with a list of images needs a list of as many source prompts")
+            self.image = [_as_rgb(np.asarray(decode_array(im, f"source image {i}"))) for i, im in
+                          enumerate(self.image)]  # fmt: skip
+        elif isinstance(self.image, (np.ndarray, torch.Tensor)):
             self.image = _as_rgb(np.asarray(decode_array(self.image, "source image")))
-        if not isinstance(self.source_prompt, str):
-            raise InputError("source_prompt must be a string (the source image's caption)")
+        _check_prompts(self.source_prompt, "source_prompt", "the source image's caption")
         self._cache: dict[Any, torch.Tensor] = {}
 
     def start(self, ctx: Context) -> bool:
@@ -181,8 +187,15 @@ class InvertedLatents(Control):
             self._cache[key] = invert(ctx.bundle, self.image, self.source_prompt, steps=ctx.request.steps,
                                       cfg=self.inversion_cfg, height=ctx.height, width=ctx.width).latents
         x = self._cache[key]
-        ctx.latents = x.repeat(ctx.request.n, 1, 1, 1).to(ctx.device, ctx.dtype) * ctx.scheduler.init_noise_sigma
+        check_latent_shape(x, ctx.latent_shape, "the inverted latents")
+        x = x if x.shape[0] == ctx.request.n else x.repeat(ctx.request.n, 1, 1, 1)
+        ctx.latents = x.to(ctx.device, ctx.dtype) * ctx.scheduler.init_noise_sigma
         return True
+
+
+def _check_prompts(value: Any, name: str, what: str) -> None:
+    if not (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(p, str) for p in value))):
+        raise InputError(f"{name} must be a string ({what}) or a list of them, one per image")
 
 
 # ---------------------------------------------------------------------------------------------- self-attention
@@ -243,11 +256,13 @@ class SourceAttention(_AttentionHooks):
     """
 
     name: ClassVar[str] = "source-attention"
+    per_image: ClassVar[tuple[str, ...]] = ("source_prompt",)
 
-    source_prompt: str = ""
+    source_prompt: str | list[str] = ""  # or one per image
     until: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_prompts(self.source_prompt, "source-attention source_prompt", "the source image's caption")
         if not isinstance(self.until, (int, float)) or isinstance(self.until, bool) or not 0 <= self.until <= 1:
             raise InputError(f"source-attention until must be a fraction of the steps in [0, 1], got {self.until!r}")
 
@@ -256,6 +271,9 @@ class SourceAttention(_AttentionHooks):
 
         recorder = _AttentionRecorder(until=float(self.until))
         others = [c for c in ctx.controls if c is not self]
+        if isinstance(self.source_prompt, list) and len(self.source_prompt) != ctx.request.n:
+            raise InputError(f"source-attention has {len(self.source_prompt)} source prompts for a batch of "
+                             f"{ctx.request.n}; give one per image")
         source = dataclasses.replace(ctx.request, prompt=self.source_prompt, controls=[])
         sample(ctx.bundle, source, [*others, recorder], progress=False, decode=False)
         self._store = recorder.store
@@ -329,17 +347,27 @@ def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str | list[str], 
     return sample(bundle, request, [InitialLatents(latents=latents), *(controls or [])], progress=progress)
 
 
-def edit_request(image: Any, source_prompt: str, prompt: str, steps: int = 50, cfg: float = 5.0, seed: int = 0,
-                 scheduler: str = "ddim", keep_attention: float = 0.0, negative_prompt_inversion: bool = True,
-                 inversion_cfg: float = 1.0, model: str | None = None) -> GenerationRequest:
-    """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt)."""
-    image = _as_rgb(np.asarray(image))
-    controls: list[Control] = [InvertedLatents(image=image, source_prompt=source_prompt, inversion_cfg=inversion_cfg)]
+def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[str], steps: int = 50,
+                 cfg: float = 5.0, seed: int = 0, scheduler: str = "ddim", keep_attention: float = 0.0,
+                 negative_prompt_inversion: bool = True, inversion_cfg: float = 1.0,
+                 model: str | None = None) -> GenerationRequest:
+    """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt).
+
+    Lists of n images, source prompts and prompts edit n images as one batch (image i as alone, seed + i).
+    """
+    batch = isinstance(image, list)
+    images = [_as_rgb(np.asarray(im)) for im in (image if batch else [image])]
+    n = len(images)
+    for name, value in (("source_prompt", source_prompt), ("prompt", prompt)):
+        if batch != isinstance(value, list) or (batch and len(value) != n):
+            raise InputError(f"edit: give one image and one {name}, or lists of equally many (one per image)")
+    source: Any = images if batch else images[0]
+    controls: list[Control] = [InvertedLatents(image=source, source_prompt=source_prompt, inversion_cfg=inversion_cfg)]
     if keep_attention > 0:
         controls.append(SourceAttention(source_prompt=source_prompt, until=keep_attention))
     request = GenerationRequest(prompt=prompt, negative_prompt=source_prompt if negative_prompt_inversion else "",
                                 controls=[c.to_dict() for c in controls], scheduler=scheduler, steps=steps, cfg=cfg,
-                                seed=seed, n=1, height=image.shape[0], width=image.shape[1], model=model)
+                                seed=seed, n=n, height=images[0].shape[0], width=images[0].shape[1], model=model)
     return request.validate()
 
 

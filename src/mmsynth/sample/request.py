@@ -24,12 +24,12 @@ class GenerationRequest:
     """What to generate. `controls` are dicts as written by `Control.to_dict` (name + options).
 
     `prompt` is one prompt for all n images, or a list of n prompts (image i gets prompt[i] and seed + i, so a
-    batch of different prompts gives, image by image, what n separate requests give).
+    batch of different prompts gives, image by image, what n separate requests give); `negative_prompt` likewise.
     height/width None means the model's native resolution; model None means the caller's bundle.
     """
 
     prompt: str | list[str] = ""
-    negative_prompt: str = ""
+    negative_prompt: str | list[str] = ""
     controls: list[dict[str, Any]] = field(default_factory=list)
     scheduler: str = "ddim"
     steps: int = 25
@@ -43,18 +43,20 @@ class GenerationRequest:
 
     def validate(self) -> GenerationRequest:
         """Raise InputError naming the first bad field and what is valid; returns self for chaining."""
-        if isinstance(self.prompt, list):
-            if not all(isinstance(p, str) for p in self.prompt):
-                raise InputError("prompt must be a string or a list of strings (one per image)")
-        elif not isinstance(self.prompt, str):
-            raise InputError(f"prompt must be a string or a list of n strings, got {type(self.prompt).__name__}")
-        if not isinstance(self.negative_prompt, str):
-            raise InputError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                if not all(isinstance(p, str) for p in value):
+                    raise InputError(f"{name} must be a string or a list of strings (one per image)")
+            elif not isinstance(value, str):
+                raise InputError(f"{name} must be a string or a list of n strings, got {type(value).__name__}")
         check_scheduler_name(self.scheduler)
         _int(self.steps, "steps", lo=1, hint="the number of sampling steps, e.g. 25")
         _int(self.n, "n", lo=1, hint="the number of images (batch size)")
-        if isinstance(self.prompt, list) and len(self.prompt) != self.n:
-            raise InputError(f"prompt is a list of {len(self.prompt)} prompts but n is {self.n}; give one per image")
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.n:
+                raise InputError(f"{name} is a list of {len(value)} prompts but n is {self.n}; give one per image")
         _int(self.seed, "seed", lo=0, hi=MAX_SEED, hint="a non-negative integer")
         if not _real(self.cfg) or self.cfg < 0:
             raise InputError(f"cfg must be a number >= 0 (1 = no guidance, 5-8 typical), got {self.cfg!r}")
@@ -78,6 +80,7 @@ class GenerationRequest:
         from mmsynth.sample.controls import CONTROLS
 
         prompt = self.prompt[i] if isinstance(self.prompt, list) else self.prompt
+        negative = self.negative_prompt[i] if isinstance(self.negative_prompt, list) else self.negative_prompt
         controls = []
         for c in self.controls:
             c = dict(c)
@@ -85,11 +88,17 @@ class GenerationRequest:
                 if isinstance(c.get(key), list):
                     c[key] = c[key][i]
             controls.append(c)
-        return dataclasses.replace(self, prompt=prompt, seed=self.seed + i, n=1, controls=controls)
+        return dataclasses.replace(self, prompt=prompt, negative_prompt=negative, seed=self.seed + i, n=1,
+                                   controls=controls)
 
     def prompts(self) -> list[str]:
         """The prompt of each image."""
         return list(self.prompt) if isinstance(self.prompt, list) else [self.prompt] * self.n
+
+    def negative_prompts(self) -> list[str]:
+        """The negative prompt of each image."""
+        neg = self.negative_prompt
+        return list(neg) if isinstance(neg, list) else [neg] * self.n
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **dataclasses.asdict(self)}

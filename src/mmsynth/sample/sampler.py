@@ -66,7 +66,10 @@ def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch
         cond = encode_text(bundle, [request.prompt]).repeat(n, 1, 1)
     if request.cfg == 1.0:
         return [Branch("cond", 1.0, cond)]
-    uncond = encode_text(bundle, [request.negative_prompt]).repeat(n, 1, 1)
+    if isinstance(request.negative_prompt, list):
+        uncond = encode_text(bundle, request.negative_prompts())
+    else:
+        uncond = encode_text(bundle, [request.negative_prompt]).repeat(n, 1, 1)
     return [Branch("uncond", 0.0, uncond), Branch("cond", float(request.cfg), cond)]
 
 
@@ -93,7 +96,7 @@ class Context:
         height, width = request.height or bundle.resolution, request.width or bundle.resolution
         if height % f or width % f:
             raise InputError(f"height/width must be multiples of the model's VAE factor {f}, got {height}x{width}")
-        for text in dict.fromkeys([*request.prompts(), request.negative_prompt]):
+        for text in dict.fromkeys([*request.prompts(), *request.negative_prompts()]):
             warn_about_prompt(bundle, text)
         scheduler = make_scheduler(request.scheduler, bundle.scheduler)
         scheduler.set_timesteps(request.steps, device=bundle.device)

@@ -180,16 +180,23 @@ def inversion_batch(scheduler: str) -> Callable[[RunContext, list[Case]], list[n
     return generate
 
 
-def swap(ctx: RunContext, case: Case) -> np.ndarray:
-    """Invert with the source caption, sample with the edited one (negative-prompt inversion: the source caption
-    is the negative prompt), optionally replaying the source's self-attention (`keep_attention`)."""
+def swap_batch(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
+    """Invert each source with its caption, sample with the edited one (negative-prompt inversion: the source
+    caption is the negative prompt), optionally replaying the source's self-attention (`keep_attention`); the
+    cases go as one batch when their seeds run on consecutively (image i as alone), otherwise one by one."""
     from mmsynth.sample import edit_request, sample
 
-    s = ctx.sampler
-    request = edit_request(source_image(case), case.extra["source_prompt"], case.prompt, steps=s.steps, cfg=s.cfg,
-                           seed=case.seed, scheduler=s.scheduler,
-                           keep_attention=float(ctx.params.get("keep_attention", 0.0)))  # fmt: skip
-    return sample(ctx.bundle(), request, progress=False).images[0]
+    s, first = ctx.sampler, cases[0]
+    if any(c.seed != first.seed + i for i, c in enumerate(cases)):
+        return [image for c in cases for image in swap_batch(ctx, [c])]
+    request = edit_request([source_image(c) for c in cases], [c.extra["source_prompt"] for c in cases],
+                           [c.prompt for c in cases], steps=s.steps, cfg=s.cfg, seed=first.seed,
+                           scheduler=s.scheduler, keep_attention=float(ctx.params.get("keep_attention", 0.0)))
+    return list(sample(ctx.bundle(), request, progress=False).images)
+
+
+def swap(ctx: RunContext, case: Case) -> np.ndarray:
+    return swap_batch(ctx, [case])[0]
 
 
 def img2img_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
@@ -321,9 +328,9 @@ def _rows() -> dict[str, Row]:
                         sweepable=("cfg", "steps")))  # fmt: skip
     rows += [
         Row("swap", "method", "prompt-swap edit of the inverted source (negative-prompt inversion)", swap,
-            categories=("swap",), params={"steps": EDIT_STEPS}, sweepable=SAMPLER_SETTINGS),
+            generate_batch=swap_batch, categories=("swap",), params={"steps": EDIT_STEPS}, sweepable=SAMPLER_SETTINGS),
         Row("swap_attention", "method", "prompt-swap edit replaying the source's self-attention for half the steps",
-            swap, categories=("swap",), params={"steps": EDIT_STEPS, "keep_attention": 0.5},
+            swap, generate_batch=swap_batch, categories=("swap",), params={"steps": EDIT_STEPS, "keep_attention": 0.5},
             sweepable=SAMPLER_SETTINGS),
         Row("img2img", "method", "SDEdit of the source under the edited prompt", img2img,
             generate_batch=batched(lambda c: c.prompt, img2img_controls), categories=("swap",),

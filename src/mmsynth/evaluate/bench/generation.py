@@ -176,7 +176,7 @@ def batched(
     controls_of: Callable[[RunContext, list[Case]], list[Any]] | None = None,
 ) -> Callable[[RunContext, list[Case]], list[np.ndarray]]:
     """A batch generator: cases whose seeds run on consecutively (as generated cases' do) and that share a
-    size and negative prompt go through the sampler as one batch of prompts (image i gets seed + i, exactly
+    size go through the sampler as one batch of prompts and negative prompts (image i gets seed + i, exactly
     as alone); any other case is generated alone. `controls_of` gives the controls of a list of cases (one
     case alone, or the whole batch); they must treat image i as case i (e.g. guides.PerImageGuides)."""
 
@@ -187,11 +187,12 @@ def batched(
         from mmsynth.sample import sample
 
         first = cases[0]
-        same = all(c.seed == first.seed + i and c.resolution == first.resolution
-                   and c.negative_prompt == first.negative_prompt for i, c in enumerate(cases))  # fmt: skip
+        same = all(c.seed == first.seed + i and c.resolution == first.resolution for i, c in enumerate(cases))
         if not same:
             return [ctx.generate(c, controls(ctx, [c]), prompt=prompt_of(c)) for c in cases]
+        negatives = [c.negative_prompt for c in cases]
         request = dataclasses.replace(ctx.request(first, prompt=""), prompt=[prompt_of(c) for c in cases],
+                                      negative_prompt=negatives if len(set(negatives)) > 1 else negatives[0],
                                       n=len(cases))  # fmt: skip
         return list(sample(ctx.bundle(), request.validate(), controls=controls(ctx, cases), progress=False).images)
 
