@@ -64,7 +64,8 @@ def register(sub: Any) -> None:
     r.add_argument("--html", default=None, help="HTML report folder (default: OUT_report/ beside --json)")
     r.add_argument("--no-html", action="store_true", help="skip the HTML report")
     r.add_argument("--batch", type=int, default=8, metavar="B",
-                   help="images per sampler call for rows without controls (default 8; 1: each case alone)")
+                   help="cases per sampler call, each with its own prompt, seed and control inputs "
+                        "(default 8; 1: each case alone)")
     r.add_argument("--panels", type=int, default=4, help="cases drawn per row in the HTML report (default 4)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
