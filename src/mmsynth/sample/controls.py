@@ -432,6 +432,12 @@ def decode_value(value: Any) -> Any:
     return value
 
 
+def check_batch_length(value: Any, n: int, owner: str, noun: str) -> None:
+    """An option given per image (a list) must have one entry per image of the batch."""
+    if isinstance(value, list) and len(value) != n:
+        raise InputError(f"{owner} has {len(value)} {noun} for a batch of {n}; give one per image")
+
+
 def decode_array(value: Any, what: str) -> np.ndarray:
     """An image-like option as an array: arrays/tensors as given, PNG data URIs decoded, paths loaded."""
     if isinstance(value, torch.Tensor):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, decode_array, register_control
+from mmsynth.sample.controls import Control, check_batch_length, decode_array, register_control
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -51,8 +51,7 @@ class Img2Img(Control):
         """The init image(s) as n x 3 x height x width in [-1, 1] (resized with Lanczos, like diffusers, if needed)."""
         if not isinstance(self.image, list):
             return self._pixels(self.image, height, width, "init image").repeat(n, 1, 1, 1)
-        if len(self.image) != n:
-            raise InputError(f"img2img has {len(self.image)} init images for a batch of {n}; give one per image")
+        check_batch_length(self.image, n, "img2img", "init images")
         return torch.cat([self._pixels(im, height, width, f"init image {i}") for i, im in enumerate(self.image)])
 
     @staticmethod

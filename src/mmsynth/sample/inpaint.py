@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, decode_array, register_control
+from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, register_control
 from mmsynth.sample.img2img import _as_rgb
 from mmsynth.sample.inversion import encode_mean, image_pixels
 
@@ -94,8 +94,7 @@ class BlendedInpaint(Control):
     def prepare(self, ctx: Context) -> None:
         images = self.image if isinstance(self.image, list) else [self.image]
         masks = self.mask if isinstance(self.mask, list) else [self.mask]
-        if isinstance(self.image, list) and len(images) != ctx.request.n:
-            raise InputError(f"inpainting has {len(images)} images for a batch of {ctx.request.n}; give one per image")
+        check_batch_length(self.image, ctx.request.n, "inpainting", "images")
         pixels, sources, latent_masks, pastes = [], [], [], []
         h, w = ctx.latent_shape[-2:]
         for raw_image, raw_mask in zip(images, masks):

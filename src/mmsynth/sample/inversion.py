@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, decode_array, register_control
+from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, register_control
 from mmsynth.sample.img2img import _as_rgb
 from mmsynth.sample.request import GenerationRequest
 
@@ -100,9 +100,8 @@ class DDIMInversion(Control):
         inverse.set_timesteps(len(ctx.timesteps), device=ctx.device)
         ctx.scheduler, ctx.timesteps = inverse, inverse.timesteps
         n = ctx.request.n
+        check_batch_length(self.image, n, "ddim-inversion", "images")
         if isinstance(self.image, list):
-            if len(self.image) != n:
-                raise InputError(f"ddim-inversion has {len(self.image)} images for a batch of {n}; give one per image")
             pixels = torch.cat([image_pixels(im, ctx.height, ctx.width, f"image {i} to invert")
                                 for i, im in enumerate(self.image)])  # fmt: skip
             ctx.latents = torch.cat([encode_mean(ctx, pixels[i: i + 1]) for i in range(n)])  # as alone
@@ -271,9 +270,7 @@ class SourceAttention(_AttentionHooks):
 
         recorder = _AttentionRecorder(until=float(self.until))
         others = [c for c in ctx.controls if c is not self]
-        if isinstance(self.source_prompt, list) and len(self.source_prompt) != ctx.request.n:
-            raise InputError(f"source-attention has {len(self.source_prompt)} source prompts for a batch of "
-                             f"{ctx.request.n}; give one per image")
+        check_batch_length(self.source_prompt, ctx.request.n, "source-attention", "source prompts")
         source = dataclasses.replace(ctx.request, prompt=self.source_prompt, controls=[])
         sample(ctx.bundle, source, [*others, recorder], progress=False, decode=False)
         self._store = recorder.store
@@ -312,7 +309,7 @@ def invert(bundle: Bundle, image: Any, prompt: str | list[str], steps: int = 50,
     """
     from mmsynth.sample.sampler import sample
 
-    images = image if isinstance(image, list) else [image]
+    images = list(image) if isinstance(image, list) else [image]
     for i, im in enumerate(images):
         if isinstance(im, (str, Path)):
             from mmsynth.io import load_image
@@ -336,9 +333,6 @@ def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str | list[str], 
 
     n latents may come with a list of n prompts (latent i under prompt i)."""
     from mmsynth.sample.sampler import sample
-
-    if negative_prompt_inversion and isinstance(prompt, list):
-        raise InputError("negative-prompt inversion takes one prompt (it is also the negative prompt), not a list")
 
     f = bundle.vae_scale_factor
     request = GenerationRequest(prompt=prompt, negative_prompt=prompt if negative_prompt_inversion else "",
