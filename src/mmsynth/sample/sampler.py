@@ -59,17 +59,15 @@ def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
 
 def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch]:
     """The condition sets of the guidance sum: [uncond (negative prompt), cond(weight=cfg)], or [cond] at cfg 1."""
-    n = request.n
-    if isinstance(request.prompt, list):
-        cond = encode_text(bundle, request.prompts())
-    else:
-        cond = encode_text(bundle, [request.prompt]).repeat(n, 1, 1)
+    def encode(prompt: str | list[str]) -> torch.Tensor:
+        if isinstance(prompt, list):  # one per image
+            return encode_text(bundle, prompt)
+        return encode_text(bundle, [prompt]).repeat(request.n, 1, 1)  # one prompt, encoded once for all n
+
+    cond = encode(request.prompt)
     if request.cfg == 1.0:
         return [Branch("cond", 1.0, cond)]
-    if isinstance(request.negative_prompt, list):
-        uncond = encode_text(bundle, request.negative_prompts())
-    else:
-        uncond = encode_text(bundle, [request.negative_prompt]).repeat(n, 1, 1)
+    uncond = encode(request.negative_prompt)
     return [Branch("uncond", 0.0, uncond), Branch("cond", float(request.cfg), cond)]
 
 
