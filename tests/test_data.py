@@ -205,3 +205,16 @@ def test_torch_datasets_are_seeded_and_worker_safe():
     it = iter(dl)
     seen = next(it)["index"] + next(it)["index"]
     assert sorted(seen) == list(range(10, 18))
+
+
+def test_memoised_polygons_are_read_only_and_equal_to_fresh_ones():
+    """Outlines are cached for speed; a caller writing into one must fail instead of corrupting later scenes."""
+    from mmsynth.data.geometry import _unit_polygon, polygon
+
+    pts = polygon("star", 0.4, 0.6, 0.2, 10.0)
+    assert pts is polygon("star", 0.4, 0.6, 0.2, 10.0)
+    with pytest.raises(ValueError):
+        pts[0, 0] = 0.0
+    th = np.radians(10.0)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    np.testing.assert_allclose(pts, _unit_polygon("star") @ rot.T * 0.2 + [0.4, 0.6])

@@ -6,6 +6,7 @@ means the same thing for all shapes and the judge can measure it back.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -15,8 +16,18 @@ CROSS_ARM_RATIO = 0.4  # arm width / total extent
 CIRCLE_VERTICES = 96
 
 
+def _read_only(pts: np.ndarray) -> np.ndarray:
+    pts.flags.writeable = False  # memoised: a caller that wrote into it would corrupt every later scene
+    return pts
+
+
+@functools.cache
 def unit_polygon(shape: str) -> np.ndarray:
-    """Vertices (N, 2) of `shape` with circumradius 1, centred at 0, y pointing down, unrotated."""
+    """Vertices (N, 2) of `shape` with circumradius 1, centred at 0, y pointing down, unrotated (read-only)."""
+    return _read_only(_unit_polygon(shape))
+
+
+def _unit_polygon(shape: str) -> np.ndarray:
     if shape == "circle":
         t = np.linspace(0.0, 2 * math.pi, CIRCLE_VERTICES, endpoint=False)
         return np.stack([np.cos(t), np.sin(t)], axis=1)
@@ -39,12 +50,16 @@ def unit_polygon(shape: str) -> np.ndarray:
     raise ValueError(f"unknown shape '{shape}'")
 
 
+@functools.lru_cache(maxsize=4096)
 def polygon(shape: str, cx: float, cy: float, radius: float, rotation_deg: float) -> np.ndarray:
-    """Vertices (N, 2) in normalised image coordinates (x right, y down, both in [0, 1])."""
+    """Vertices (N, 2) in normalised image coordinates (x right, y down, both in [0, 1]); read-only.
+
+    Memoised because scene sampling asks for the same object's outline many times (relations, boxes).
+    """
     pts = unit_polygon(shape)
     th = math.radians(rotation_deg)
     rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
-    return pts @ rot.T * radius + np.array([cx, cy])
+    return _read_only(pts @ rot.T * radius + np.array([cx, cy]))
 
 
 def box_of(poly: np.ndarray) -> tuple[float, float, float, float]:

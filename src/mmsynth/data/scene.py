@@ -6,6 +6,7 @@ are pure functions of the returned `Scene`. Objects are stored back to front (li
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -52,8 +53,13 @@ class ShapeObject:
 
     def box(self) -> tuple[float, float, float, float]:
         """Full (amodal) normalised xyxy box, clipped to the image."""
-        x0, y0, x1, y1 = box_of(self.polygon())
-        return max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
+        return _clipped_box(self.shape, self.cx, self.cy, self.radius, self.rotation)
+
+
+@functools.lru_cache(maxsize=4096)
+def _clipped_box(shape: str, cx: float, cy: float, radius: float, rotation: float) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box_of(polygon(shape, cx, cy, radius, rotation))
+    return max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
 
 
 @dataclass
