@@ -220,3 +220,56 @@ def test_shipped_configs_load(recipe):
 
     config, _options = load_config(get_recipe(recipe), Path(__file__).parents[1] / "configs" / f"{recipe}.yaml")
     assert config.recipe == recipe and config.out == f"runs/{recipe}"
+
+
+def test_latent_cache_builds_resumes_extends_and_feeds_t2i(tmp_path, parts):
+    """Pre-encoded latents: equal to encoding the rendered scene, resumable by shard, refused for another VAE."""
+    from mmsynth.data.torch_dataset import make_example
+    from mmsynth.models.bundle import load_component
+    from mmsynth.train.latent_cache import LatentCacheExamples, build_latent_cache
+
+    cache = tmp_path / "cache"
+    opts = {"shard_size": 4, "batch_size": 3, "num_workers": 0, "progress": False}
+    build_latent_cache(parts, cache, n=6, **opts)
+    examples = LatentCacheExamples(cache, seed=0)
+    assert examples.n == 6 and len(examples.captions) == 6
+    vae = load_component(parts, "vae")
+    for index in (0, 5, 6):  # index 6 starts epoch 2: another permutation of the same 6 scenes
+        ex = examples[index]
+        scene = examples._order(index)
+        assert ex["caption"] in ex["captions"] == make_example("train", scene, 0, 32, ())["captions"]
+        with torch.no_grad():
+            want = vae.encode(make_example("train", scene, 0, 32, ())["pixel_values"][None]).latent_dist.parameters
+        torch.testing.assert_close(ex["latent_params"], want[0], atol=2e-3, rtol=1e-2)
+
+    (cache / "shard_00001.safetensors").unlink()  # as if the build was killed while writing shard 1
+    with pytest.raises(InputError, match=r"incomplete \(1 shards missing, first shard_00001\)"):
+        LatentCacheExamples(cache)
+    kept = (cache / "shard_00000.safetensors").stat().st_mtime_ns
+    build_latent_cache(parts, cache, n=10, **opts)  # resumes shard 1 and extends by shard 2
+    assert (cache / "shard_00000.safetensors").stat().st_mtime_ns == kept
+    assert LatentCacheExamples(cache).n == 10 and (cache / "shard_00002.jsonl").exists()
+    with pytest.raises(InputError, match="seed=0, this build asks seed=1"):
+        build_latent_cache(parts, cache, n=6, seed=1, **opts)
+
+    common = {"max_steps": "2", "batch_size": "4", "options.clip": str(parts), "options.vae": str(parts)}
+    result = run("t2i", tmp_path / "t2i", data=str(cache), **common)
+    assert result.step == 2 and all(float(r["loss"]) > 0 for r in read_log(tmp_path / "t2i" / "log.csv"))
+    other = tmp_path / "other"
+    tiny_bundle(seed=2).save_pretrained(other)
+    with pytest.raises(InputError, match=r"was encoded with the VAE in .* which differs from options\.vae"):
+        run("t2i", tmp_path / "t2i_other", data=str(cache), **{**common, "options.vae": str(other)})
+    with pytest.raises(InputError, match=r"is a latent cache .* recipe 'vae' needs images"):
+        run("vae", tmp_path / "vae", data=str(cache), max_steps="1", batch_size="4")
+
+
+def test_cache_latents_cli(tmp_path, parts, capsys):
+    out = tmp_path / "cache"
+    args = ["data", "cache-latents", "--vae", str(parts), "--out", str(out), "--shard-size", "2", "--workers", "0"]
+    assert main([*args, "--n", "2"]) == 0
+    assert "latent cache of 2 'train' scenes" in capsys.readouterr().out
+    assert main([*args, "--n", "2", "--seed", "3"]) == 2
+    assert "use another --out folder" in capsys.readouterr().err
+    missing = ["data", "cache-latents", "--vae", str(tmp_path / "nope"), "--n", "2", "--out", str(tmp_path / "c2")]
+    assert main(missing) == 2
+    assert not (tmp_path / "c2").exists()

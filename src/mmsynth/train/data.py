@@ -20,7 +20,7 @@ from mmsynth.data.torch_dataset import collate, make_example
 from mmsynth.errors import InputError
 from mmsynth.io import load_image
 
-__all__ = ["ImageFolderExamples", "ShapesExamples", "StepBatches", "collate", "training_examples"]
+__all__ = ["EpochOrder", "ImageFolderExamples", "ShapesExamples", "StepBatches", "collate", "training_examples"]
 
 
 class ShapesExamples(Dataset):
@@ -39,6 +39,20 @@ class ShapesExamples(Dataset):
         return make_example(self.split, int(index), self.seed, self.resolution, self.maps)
 
 
+class EpochOrder:
+    """Global example index -> row of a finite set: epoch e visits all n rows in a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed = n, seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, index: int) -> int:
+        epoch, i = divmod(int(index), self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return int(self._perm[1][i])
+
+
 class ImageFolderExamples(Dataset):
     """An imagefolder export read endlessly: epoch e visits the rows in a permutation seeded by (seed, e)."""
 
@@ -48,17 +62,13 @@ class ImageFolderExamples(Dataset):
         for row in self.rows:
             if not (row.get("caption") or row.get("captions") or row.get("prompt")):
                 raise InputError(f"{self.folder}/metadata.jsonl:{row['_line']}: no caption, captions or prompt")
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._order = EpochOrder(len(self.rows), seed)
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self.rows)
-        epoch, i = divmod(int(index), n)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
-        row = self.rows[int(self._perm[1][i])]
+        row = self.rows[self._order(index)]
         image = load_image(self.folder / row["file_name"], what="training image")
         if image.shape[:2] != (self.resolution, self.resolution):
             raise InputError(
@@ -77,11 +87,17 @@ class ImageFolderExamples(Dataset):
 
 
 def training_examples(data: str, split: str = "train", seed: int = 0, resolution: int = 64) -> Dataset:
-    """`data` is "shapes" (rendered on the fly) or an imagefolder directory (the exchange format)."""
+    """`data` is "shapes" (rendered on the fly), an imagefolder directory (the exchange format) or a latent cache."""
+    from mmsynth.train.latent_cache import LatentCacheExamples, is_latent_cache
+
     if data == "shapes":
         return ShapesExamples(split, seed, resolution)
     if not Path(data).is_dir():
-        raise InputError(f"config key 'data' must be 'shapes' or an imagefolder directory; '{data}' is neither")
+        raise InputError(
+            f"config key 'data' must be 'shapes', an imagefolder directory or a latent cache; '{data}' is none"
+        )
+    if is_latent_cache(data):
+        return LatentCacheExamples(data, seed, resolution, split)
     return ImageFolderExamples(data, seed, resolution)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmsynth.errors import InputError
 from mmsynth.train.config import TrainConfig
 from mmsynth.train.data import collate, training_examples
 
@@ -27,6 +28,7 @@ class Recipe:
     Options: ClassVar[type] = object  # a dataclass of method-specific knobs (YAML key `options`)
     defaults: ClassVar[dict[str, Any]] = {}  # overrides of TrainConfig defaults that suit this method
     description: ClassVar[str] = ""
+    trains_on_latents: ClassVar[bool] = False  # True: a latent cache (pre-encoded VAE latents) may be its data
 
     def __init__(self, config: TrainConfig, options: Any):
         self.config = config
@@ -64,7 +66,13 @@ class Recipe:
     def dataset(self) -> Dataset:
         """Map-style dataset: global example index -> example dict (pixel_values, caption, ...)."""
         c = self.config
-        return training_examples(c.data, split=c.data_split, seed=c.data_seed, resolution=self.resolution)
+        examples = training_examples(c.data, split=c.data_split, seed=c.data_seed, resolution=self.resolution)
+        if "latent_params" in examples[0] and not self.trains_on_latents:
+            raise InputError(
+                f"config key 'data': '{c.data}' is a latent cache (VAE latents, no pixels); recipe '{self.name}' "
+                "needs images: use 'shapes' or an imagefolder export"
+            )
+        return examples
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(examples)

@@ -16,11 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
+from torch.utils.data import Dataset
 
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
 from mmsynth.models.zoo import ZOO_SPECS, build_scheduler, build_unet
+from mmsynth.train.latent_cache import LatentCacheExamples
 from mmsynth.train.recipe import Recipe
 from mmsynth.viz import grid, label
 
@@ -71,6 +74,7 @@ class TextToImageRecipe(Recipe):
     name = "t2i"
     Options = TextToImageOptions
     description = "latent diffusion UNet on frozen VAE latents and frozen CLIP text (caption dropout for CFG)"
+    trains_on_latents = True
     defaults: ClassVar[dict[str, Any]] = {"batch_size": 64, "lr": 5e-4, "warmup_steps": 200}
 
     # ---------------------------------------------------------------- set-up
@@ -126,10 +130,21 @@ class TextToImageRecipe(Recipe):
         ).input_ids.to(self.device)  # fmt: skip
         return self.models["text_encoder"](ids)[0]
 
+    def dataset(self) -> Dataset:
+        examples = super().dataset()
+        if isinstance(examples, LatentCacheExamples):
+            examples.check_vae(self.models["vae"], where=f"options.vae ('{self.options.vae}')")
+        return examples
+
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A latent draw per example: encoded now from pixels, or from a latent cache's stored posterior."""
         vae = self.models["vae"]
-        latents = vae.encode(pixel_values.to(self.weight_dtype)).latent_dist.sample()
+        if "latent_params" in batch:
+            params = batch["latent_params"].to(self.device, torch.float32)
+        else:
+            params = vae.encode(batch["pixel_values"].to(self.device, self.weight_dtype)).latent_dist.parameters
+        latents = DiagonalGaussianDistribution(params.float()).sample()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -158,7 +173,7 @@ class TextToImageRecipe(Recipe):
 
     # ---------------------------------------------------------------- the step
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        latents = self.encode_images(batch["pixel_values"]).float()
+        latents = self.latents(batch)
         text = self.encode_text(self.drop_captions(list(batch["caption"])))
         noise = torch.randn_like(latents)
         timesteps = self.draw_timesteps(latents.shape[0])
