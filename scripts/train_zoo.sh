@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the Shapes zoo on this machine, in order: CLIP, VAE (then its edge-weighted second stage,
-# configs/vae_edges.yaml), the text-to-image UNet, then the CLIP's
+# configs/vae_edges.yaml), the latent cache and the text-to-image UNet, then the CLIP's
 # vision side against its fixed text tower (configs/clip_vision.yaml, run folder runs/clip_vision).
 # Each step resumes from its newest checkpoint, so rerunning this script continues where it stopped;
 # a finished step leaves runs/STAGE/DONE and is skipped. Extra arguments go to every `mmsynth train`.
@@ -13,6 +13,11 @@ for stage in clip vae vae_edges t2i clip_vision; do
     if [ -f "runs/$stage/DONE" ]; then
         echo "== $stage: done, skipping"
         continue
+    fi
+    if [ "$stage" = t2i ]; then  # the UNet trains on pre-encoded latents (configs/t2i.yaml: data); resumable
+        echo "== latent cache for t2i"
+        mmsynth data cache-latents --vae runs/vae_edges/final --n 262144 --out runs/latents_vae_edges \
+            --mixed-precision bf16
     fi
     echo "== training $stage"
     mmsynth train "$recipe" --config "configs/$stage.yaml" --resume "$@"

@@ -154,6 +154,19 @@ def test_wilson_interval_brackets_the_rate() -> None:
     assert a.value == 0.0 and a.low == 0.0 and 0.5 < a.high < 1.0
 
 
+def test_mean_interval_stays_within_the_values_and_matches_the_normal_one_when_it_should() -> None:
+    from mmsynth.evaluate.scoring import mean_ci
+
+    capped = mean_ci([100.0, 100.0, 100.0, 30.0, 35.0])  # PSNR capped at 100 dB: a normal interval passes 115
+    assert capped.value == 73.0 and 30.0 <= capped.low < 73.0 < capped.high <= 100.0
+    assert mean_ci([100.0, 100.0, 100.0, 30.0, 35.0]) == capped  # seeded: the same numbers every run
+    v = np.random.default_rng(1).normal(30.0, 2.0, 400)
+    half = 1.96 * v.std(ddof=1) / np.sqrt(v.size)
+    m = mean_ci(list(v))
+    assert m.low == pytest.approx(v.mean() - half, abs=0.05) and m.high == pytest.approx(v.mean() + half, abs=0.05)
+    assert (mean_ci([3.0, 3.0]).low, mean_ci([3.0, 3.0]).high) == (3.0, 3.0) and mean_ci([1.0]).n == 1
+
+
 # ---------------------------------------------------------------- control metrics
 
 
