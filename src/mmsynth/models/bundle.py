@@ -32,6 +32,17 @@ CLIP_FOLDER = "clip"
 _HOW = "or point --model at a complete Stable Diffusion directory or hub id"
 
 
+def move_module(
+    module: torch.nn.Module, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """`module.to(device)`, and to `dtype` only when it differs: diffusers warns on every dtype cast, even a no-op."""
+    if device is not None:
+        module.to(device)
+    if dtype is not None and next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
 @dataclass
 class Bundle:
     """The models of one text-to-image system; any of them may be swapped by a recipe or a control."""
@@ -82,10 +93,7 @@ class Bundle:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Bundle:
         """Move every module (in place); returns self for chaining."""
         for m in self.modules().values():
-            if device is not None:
-                m.to(device)
-            if dtype is not None and next(m.parameters()).dtype != dtype:  # diffusers warns on any dtype cast
-                m.to(dtype=dtype)
+            move_module(m, device, dtype)
         return self
 
     def eval(self) -> Bundle:

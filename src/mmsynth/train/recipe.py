@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmsynth.errors import InputError
+from mmsynth.models.bundle import move_module
 from mmsynth.train.config import TrainConfig
 from mmsynth.train.data import collate, training_examples
 
@@ -52,10 +53,7 @@ class Recipe:
         """Frozen modules: eval mode, no gradients, `weight_dtype`; trainable ones: train mode, float32."""
         self.device, self.weight_dtype = device, weight_dtype
         for name, module in self.models.items():
-            dtype = torch.float32 if name in self.trainable else weight_dtype
-            module.to(device)
-            if next(module.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
-                module.to(dtype=dtype)
+            move_module(module, device, torch.float32 if name in self.trainable else weight_dtype)
             module.train(name in self.trainable)
             module.requires_grad_(name in self.trainable)
 
