@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import shutil
 
 import pytest
@@ -273,3 +274,16 @@ def test_cache_latents_cli(tmp_path, parts, capsys):
     missing = ["data", "cache-latents", "--vae", str(tmp_path / "nope"), "--n", "2", "--out", str(tmp_path / "c2")]
     assert main(missing) == 2
     assert not (tmp_path / "c2").exists()
+
+
+def test_a_constant_run_extended_with_a_warmup_stable_decay_cool_down(tmp_path):
+    """The zoo's runs train at a constant LR so they can be extended; the last stretch may decay to 0."""
+    out, common = tmp_path / "clip", {"batch_size": "4", "checkpoint_every": "2", "lr": "1e-3"}
+    run("clip", out, max_steps="4", lr_schedule="constant_with_warmup", **common)
+    run("clip", out, max_steps="8", lr_schedule="warmup_stable_decay", decay_steps="4", resume=True, **common)
+    lrs = [float(r["lr"]) for r in read_log(out / "log.csv")]
+    # the log shows the LR of the next step: a 1-step warmup, constant, then the cosine decay from step 5 to 0
+    assert lrs[:4] == [1e-3] * 4
+    assert all(a > b for a, b in itertools.pairwise(lrs[3:])) and lrs[-1] == 0.0
+    with pytest.raises(InputError, match=r"needs 0 < decay_steps <= max_steps - warmup_steps"):
+        load_config(get_recipe("clip"), overrides={"lr_schedule": "warmup_stable_decay", "max_steps": "10"})

@@ -20,7 +20,7 @@ import yaml
 from mmsynth.errors import InputError
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "warmup_stable_decay")
 
 
 @dataclass
@@ -35,6 +35,9 @@ class TrainConfig:
     lr: float = 1e-4
     lr_schedule: str = "cosine"
     warmup_steps: int = 100
+    # warmup_stable_decay: constant, then a cosine decay to 0 over the last decay_steps. A constant run
+    # extended with --max-steps can switch to it on --resume for a final cool-down.
+    decay_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -57,7 +60,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"config key '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "num_workers", "weight_decay", "max_grad_norm"):
+        for name in ("warmup_steps", "decay_steps", "sample_every", "num_workers", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise InputError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -68,6 +71,11 @@ class TrainConfig:
             raise InputError(f"config key 'mixed_precision' must be one of {', '.join(MIXED_PRECISION)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"config key 'lr_schedule' must be one of {', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule == "warmup_stable_decay" and not 0 < self.decay_steps <= self.max_steps - self.warmup_steps:
+            raise InputError(
+                "lr_schedule 'warmup_stable_decay' needs 0 < decay_steps <= max_steps - warmup_steps, got "
+                f"decay_steps={self.decay_steps}, max_steps={self.max_steps}, warmup_steps={self.warmup_steps}"
+            )
 
 
 def _type_name(tp: Any) -> str:

@@ -30,8 +30,10 @@ import yaml
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers.optimization import get_wsd_schedule
 
 from mmsynth.errors import InputError
 from mmsynth.io import save_image, write_json, write_text
@@ -91,12 +93,7 @@ def train(
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay,
     )
-    lr_scheduler = get_scheduler(
-        config.lr_schedule,
-        optimizer=optimizer,
-        num_warmup_steps=config.warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_steps * accelerator.num_processes,
-    )
+    lr_scheduler = _lr_scheduler(config, optimizer, accelerator.num_processes)
     names = list(recipe.trainable)
     prepared = accelerator.prepare(*[recipe.models[n] for n in names], optimizer, lr_scheduler)
     *modules, optimizer, lr_scheduler = prepared
@@ -367,6 +364,22 @@ def _load_checkpoint(accelerator: Accelerator, path: Path, config: TrainConfig) 
             f"checkpoint '{path}' is corrupt or incomplete ({exc.__class__.__name__}); delete it to resume earlier"
         ) from None
     return step
+
+
+def _lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, processes: int) -> LRScheduler:
+    """diffusers' schedules, and transformers' warmup-stable-decay (steps scale with processes: accelerate
+    steps a prepared scheduler once per process)."""
+    if config.lr_schedule == "warmup_stable_decay":
+        return get_wsd_schedule(
+            optimizer, num_warmup_steps=config.warmup_steps * processes, num_decay_steps=config.decay_steps * processes,
+            num_training_steps=config.max_steps * processes, decay_type="cosine",
+        )  # fmt: skip
+    return get_scheduler(
+        config.lr_schedule,
+        optimizer=optimizer,
+        num_warmup_steps=config.warmup_steps * processes,
+        num_training_steps=config.max_steps * processes,
+    )
 
 
 def _truncate_log(path: Path, step: int) -> None:
