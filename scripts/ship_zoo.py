@@ -128,20 +128,27 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
                          f"(95% CI {r['ci95'][0]:.3f}..{r['ci95'][1]:.3f}, n={r['n']}; bar >= 0.90)")  # fmt: skip
     lines += ["", "## Training", "",
               f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, no GPU; "
-              f"torch {torch.__version__}, fp32 training. Data: on-the-fly Shapes `train` split scenes (each index "
-              "seen once), captions drawn from 4 true captions per scene; the held-out colour-shape combinations "
-              "never appear.", "",
-              "| model | steps | batch | examples seen | wall time (logged) | last logged |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+              f"torch {torch.__version__}. Data: Shapes `train` split scenes, captions drawn from 4 true captions "
+              "per scene; the held-out colour-shape combinations never appear. `data: shapes` renders every "
+              "example (each index seen once); a folder is a latent cache (`mmsynth data cache-latents`: the "
+              "scenes' VAE posteriors, visited in seeded per-epoch permutations). Precision and data below are "
+              "each run's last settings: a run resumed with other settings says so in the comments of its "
+              "configs/*.yaml in the repository (the t2i UNet: float32 to step 2,640, then bf16 autocast; "
+              "rendered scenes to step 4,680, then the latent cache).", "",
+              "| model | steps | batch | examples seen | precision | data | wall time (logged) | last logged |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for rec in records:
         cfg = rec.get("config", "")
-        batch = next((ln.split(":")[1].split("#")[0].strip() for ln in cfg.splitlines() if ln.startswith("batch_size")),
-                     "?")  # fmt: skip
+        batch, precision, data = (
+            next((ln.split(":", 1)[1].split("#")[0].strip() for ln in cfg.splitlines() if ln.startswith(key)), "?")
+            for key in ("batch_size:", "mixed_precision:", "data:")
+        )
         steps = rec.get("step", "?")
         seen = int(steps) * int(batch) if str(steps).isdigit() and batch.isdigit() else "?"
         last = ", ".join(f"{k} {float(v):.4g}" for k, v in rec.get("last_log", {}).items()
                          if k not in ("step", "lr", "sec_per_step", "examples_per_sec"))  # fmt: skip
-        lines.append(f"| {rec['recipe']} | {steps} | {batch} | {seen} | {rec.get('logged_wall_h', 0):.2f} h | {last} |")
+        lines.append(f"| {rec['recipe']} | {steps} | {batch} | {seen} | {precision} | {data} | "
+                     f"{rec.get('logged_wall_h', 0):.2f} h | {last} |")  # fmt: skip
     lines += ["", "Reproduce: `bash scripts/train_zoo.sh` (CLIP, VAE, then the UNet, each resumable), then "
               "`python scripts/ship_zoo.py --bundle runs/t2i/final --out models/shapes-v1`.", ""]  # fmt: skip
     for rec in records:
