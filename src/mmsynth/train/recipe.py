@@ -20,6 +20,7 @@ from mmsynth.errors import InputError
 from mmsynth.models.bundle import move_module
 from mmsynth.train.config import TrainConfig
 from mmsynth.train.data import collate, training_examples
+from mmsynth.train.latent_cache import LatentCacheExamples
 
 
 class Recipe:
@@ -65,7 +66,7 @@ class Recipe:
         """Map-style dataset: global example index -> example dict (pixel_values, caption, ...)."""
         c = self.config
         examples = training_examples(c.data, split=c.data_split, seed=c.data_seed, resolution=self.resolution)
-        if "latent_params" in examples[0] and not self.trains_on_latents:
+        if isinstance(examples, LatentCacheExamples) and not self.trains_on_latents:
             raise InputError(
                 f"config key 'data': '{c.data}' is a latent cache (VAE latents, no pixels); recipe '{self.name}' "
                 "needs images: use 'shapes' or an imagefolder export"
