@@ -73,6 +73,20 @@ def training_record(runs: Path, recipe: str) -> dict:
     return rec
 
 
+def parts_training_table(card: Path) -> tuple[str, list[str]] | None:
+    """The 'How they were trained' section of a parts card (models/zoo-parts/README.md), to quote in the card."""
+    if not card.exists():
+        return None
+    lines, keep = [], False
+    for line in card.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            keep = line.startswith("## How they were trained")
+            continue
+        if keep:
+            lines.append(line)
+    return str(card.parent), lines
+
+
 def _metric(d: dict, suite: str, row: str, name: str) -> str:
     v = d["results"][suite][row].get(name)
     if v is None:
@@ -81,7 +95,8 @@ def _metric(d: dict, suite: str, row: str, name: str) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
-def model_card(out: Path, records: list[dict], components: dict, t2i: dict, sweep: dict | None, cmds: dict) -> str:
+def model_card(out: Path, records: list[dict], components: dict, t2i: dict, sweep: dict | None, cmds: dict,
+               parts_card: tuple[str, list[str]] | None = None) -> str:
     from safetensors import safe_open
 
     weights = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
@@ -133,11 +148,12 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
               "example (each index seen once); a folder is a latent cache (`mmsynth data cache-latents`: the "
               "scenes' VAE posteriors, visited in seeded per-epoch permutations). Precision and data below are "
               "each run's last settings: a run resumed with other settings says so in the comments of its "
-              "configs/*.yaml in the repository (the t2i UNet: float32 to step 2,640, then bf16 autocast; "
-              "rendered scenes to step 4,680, then the latent cache).", "",
+              "configs/*.yaml in the repository.", "",
               "| model | steps | batch | examples seen | precision | data | wall time (logged) | last logged |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for rec in records:
+        if "config" not in rec and "step" not in rec:
+            continue  # not trained in this runs/ folder (e.g. a part taken from models/zoo-parts, below)
         cfg = rec.get("config", "")
         batch, precision, data = (
             next((ln.split(":", 1)[1].split("#")[0].strip() for ln in cfg.splitlines() if ln.startswith(key)), "?")
@@ -149,6 +165,9 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
                          if k not in ("step", "lr", "sec_per_step", "examples_per_sec"))  # fmt: skip
         lines.append(f"| {rec['recipe']} | {steps} | {batch} | {seen} | {precision} | {data} | "
                      f"{rec.get('logged_wall_h', 0):.2f} h | {last} |")  # fmt: skip
+    if parts_card:
+        lines += ["", f"The text encoder, tokenizer, CLIP and VAE are `{parts_card[0]}` (trained earlier, kept in "
+                  "git), trained as follows:", "", *parts_card[1]]
     lines += ["", "Reproduce: `bash scripts/train_zoo.sh` (CLIP, VAE, then the UNet, each resumable), then "
               "`python scripts/ship_zoo.py --bundle runs/t2i/final --out models/shapes-v1`.", ""]  # fmt: skip
     for rec in records:
@@ -163,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", default=None, help="a CLIP export to ship instead (same text tower, checked)")
     p.add_argument("--out", default="models/shapes-v1", help="the shipped folder (replaced)")
     p.add_argument("--runs", default="runs", help="training runs folder (configs, logs, wall times)")
+    p.add_argument("--parts", default="models/zoo-parts",
+                   help="folder of the parts the UNet was trained on; its card's training table is quoted ('' = none)")
     p.add_argument("--reports", default="runs/ship", help="where bench JSON/HTML reports go")
     p.add_argument("--n", type=int, default=500, help="t2i cases per category (default 500)")
     p.add_argument("--sweep-n", type=int, default=100, help="t2i cases per category per CFG value (default 100)")
@@ -206,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("components.json", "t2i.json", *(["cfg_sweep.json"] if sweep else [])):
         shutil.copy(reports / f, tmp / f"metrics_{f}")
     records = [training_record(Path(a.runs), r) for r in RECIPES]
-    (tmp / "README.md").write_text(model_card(tmp, records, components, t2i, sweep, cmds), encoding="utf-8")
+    parts = parts_training_table(Path(a.parts) / "README.md") if a.parts else None
+    card = model_card(tmp, records, components, t2i, sweep, cmds, parts)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
     replace_dir(tmp, out)
     print(f"shipped {out} ({sum(f.stat().st_size for f in out.rglob('*.safetensors')) / 2**20:.1f} MiB of weights)")
     return 0
