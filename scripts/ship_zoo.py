@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reports", default="runs/ship", help="where bench JSON/HTML reports go")
     p.add_argument("--n", type=int, default=500, help="t2i cases per category (default 500)")
     p.add_argument("--sweep-n", type=int, default=100, help="t2i cases per category per CFG value (default 100)")
-    p.add_argument("--cfg", default="1,3,5,7", help="CFG values of the sweep (the run itself uses 5)")
+    p.add_argument("--cfg", default="1,3,7", help="CFG values of the sweep beside the run's own 5")
     p.add_argument("--components-n", type=int, default=1000, help="test pairs for VAE PSNR / CLIP retrieval")
     p.add_argument("--seed", type=int, default=1, help="case seed of the bench runs")
     a = p.parse_args(argv)
