@@ -152,8 +152,6 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
               "| model | steps | batch | examples seen | precision | data | wall time (logged) | last logged |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for rec in records:
-        if "config" not in rec and "step" not in rec:
-            continue  # not trained in this runs/ folder (e.g. a part taken from models/zoo-parts, below)
         cfg = rec.get("config", "")
         batch, precision, data = (
             next((ln.split(":", 1)[1].split("#")[0].strip() for ln in cfg.splitlines() if ln.startswith(key)), "?")
@@ -226,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     t2i = json.loads((reports / "t2i.json").read_text())
     for f in ("components.json", "t2i.json", *(["cfg_sweep.json"] if sweep else [])):
         shutil.copy(reports / f, tmp / f"metrics_{f}")
-    records = [training_record(Path(a.runs), r) for r in RECIPES]
+    # only runs this runs/ folder holds (parts taken from --parts are quoted from their own card)
+    records = [training_record(Path(a.runs), r) for r in RECIPES if (Path(a.runs) / r).is_dir()]
     parts = parts_training_table(Path(a.parts) / "README.md") if a.parts else None
     card = model_card(tmp, records, components, t2i, sweep, cmds, parts)
     (tmp / "README.md").write_text(card, encoding="utf-8")

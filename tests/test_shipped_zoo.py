@@ -23,6 +23,13 @@ SINGLE_OBJECTS = (
 )
 
 
+@pytest.fixture(scope="module")
+def zoo():
+    from mmsynth.models.bundle import Bundle
+
+    return Bundle.from_pretrained(ZOO)
+
+
 def test_all_shipped_weights_fit_the_budget_and_the_bundle_is_float16():
     from safetensors import safe_open
 
@@ -41,15 +48,14 @@ def test_model_card_gives_each_bar_with_the_command_that_measured_it():
     assert (ZOO / "cfg_sweep.png").exists()
 
 
-def test_diffusers_pipeline_and_our_sampler_draw_the_same_images_from_the_shipped_files():
+def test_diffusers_pipeline_and_our_sampler_draw_the_same_images_from_the_shipped_files(zoo):
     from diffusers import StableDiffusionPipeline
 
-    from mmsynth.models.bundle import Bundle
     from mmsynth.sample import GenerationRequest, sample
     from mmsynth.sample.schedulers import make_scheduler
 
     prompt, steps, cfg = "two red circles left of a blue square", 10, 5.0
-    ours = sample(Bundle.from_pretrained(ZOO), GenerationRequest(prompt=prompt, n=2, seed=3, steps=steps, cfg=cfg),
+    ours = sample(zoo, GenerationRequest(prompt=prompt, n=2, seed=3, steps=steps, cfg=cfg),
                   progress=False)  # fmt: skip
     pipe = StableDiffusionPipeline.from_pretrained(ZOO, torch_dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)  # fmt: skip
@@ -61,17 +67,15 @@ def test_diffusers_pipeline_and_our_sampler_draw_the_same_images_from_the_shippe
     assert np.abs(theirs.astype(int) - np.stack(ours.images).astype(int)).max() <= 2
 
 
-def test_the_shipped_zoo_draws_the_prompted_colour_and_some_whole_objects():
+def test_the_shipped_zoo_draws_the_prompted_colour_and_some_whole_objects(zoo):
     """shapes-v1 is below its bars (model card): colours follow the prompt, shapes only in part (about 0.29 of
     single objects pass in the bench); this guards what it does reach, against chance (1/8 per colour)."""
     from mmsynth.evaluate import judge_image
     from mmsynth.evaluate.detect import detect_objects
-    from mmsynth.models.bundle import Bundle
     from mmsynth.sample import GenerationRequest, sample
 
-    bundle = Bundle.from_pretrained(ZOO)
     req = GenerationRequest(prompt=list(SINGLE_OBJECTS), n=len(SINGLE_OBJECTS), seed=0, steps=25, cfg=5.0)
-    images = sample(bundle, req, progress=False).images
+    images = sample(zoo, req, progress=False).images
     colours = [any(o.color == p.split()[1] for o in detect_objects(img)) for img, p in zip(images, SINGLE_OBJECTS)]
     passed = [judge_image(img, prompt=p).passed for img, p in zip(images, SINGLE_OBJECTS)]
     assert sum(colours) >= 7, dict(zip(SINGLE_OBJECTS, colours))
