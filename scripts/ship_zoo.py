@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     components = json.loads((reports / "components.json").read_text())
     t2i = json.loads((reports / "t2i.json").read_text())
     for f in ("components.json", "t2i.json", *(["cfg_sweep.json"] if sweep else [])):
-        shutil.copy(reports / f, tmp / f"metrics_{f}")
+        # the runs measured the temporary folder; the shipped copies name the folder they ship in
+        text = (reports / f).read_text(encoding="utf-8").replace(json.dumps(str(tmp)), json.dumps(name))
+        (tmp / f"metrics_{f}").write_text(text, encoding="utf-8")
     # only runs this runs/ folder holds (parts taken from --parts are quoted from their own card)
     records = [training_record(Path(a.runs), r) for r in RECIPES if (Path(a.runs) / r).is_dir()]
     parts = parts_training_table(Path(a.parts) / "README.md") if a.parts else None
