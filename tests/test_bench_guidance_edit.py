@@ -147,7 +147,8 @@ def test_inpaint_cases_render_the_new_object_inside_the_mask(edit_cases):
             assert render(c.scene, 64).shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize(("row_name", "category"), [("palette_backward", "palette"), ("box", "box")])
+@pytest.mark.parametrize(("row_name", "category"), [("palette_backward", "palette"), ("box", "box"),
+                                                    ("box_backward", "box")])
 def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_cases, row_name, category):
     row = get_suite("guidance").rows[row_name]
     row = dataclasses.replace(row, overrides={"s0": 200.0, "k": 2})  # strong, with recurrence: guidance must act
@@ -162,6 +163,7 @@ def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_
 
 @pytest.mark.parametrize(("row_name", "category"), [("inversion_dpmpp-2m", "inversion"), ("img2img", "swap"),
                                                     ("inpaint", "inpaint"), ("inpaint_latent_only", "inpaint"),
+                                                    ("inpaint_guided", "inpaint"),
                                                     ("swap", "swap"), ("swap_attention", "swap")])
 def test_edit_rows_batch_to_the_images_of_cases_edited_alone(bundle, edit_cases, row_name, category):
     row = dataclasses.replace(get_suite("edit").rows[row_name], overrides={"steps": 3})

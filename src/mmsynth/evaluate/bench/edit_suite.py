@@ -134,6 +134,11 @@ def mask_array(case: Case) -> np.ndarray:
     return box_mask(case.mask["box"], case.resolution)
 
 
+def new_object(case: Case) -> ShapeObject:
+    """The object an inpainting case asks for (the edited scene's `extra.target_object`)."""
+    return case.scene.objects[int(case.extra.get("target_object", 0))]
+
+
 def box_mask(box: tuple[float, ...] | list[float], r: int) -> np.ndarray:
     """An r x r bool mask of the pixels a normalised [x0, y0, x1, y1] box touches."""
     out = np.zeros((r, r), bool)
@@ -214,6 +219,19 @@ def inpaint_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
     return [BlendedInpaint(image=[source_image(c) for c in cases], mask=masks, paste=bool(ctx.params.get("paste", 1)))]
 
 
+def inpaint_guided_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+    """Inpainting composed with universal guidance: the region guide draws the new object's colour (what the
+    prompt asks) into the mask, the user's two inputs; nothing of the target's exact box is used."""
+    from mmsynth.sample import UniversalGuidance
+    from mmsynth.sample.guides import PerImageGuides, build_guide
+
+    p, bundle = ctx.params, ctx.bundle()
+    guides = PerImageGuides([build_guide("region", {"mask": mask_array(c).astype(np.uint8) * 255,
+                                                    "color": new_object(c).color}, bundle) for c in cases])
+    return [*inpaint_controls(ctx, cases),
+            UniversalGuidance(guide=guides, s0=float(p["s0"]), m=int(p["m"]), lr=float(p["lr"]))]
+
+
 def img2img(ctx: RunContext, case: Case) -> np.ndarray:
     return ctx.generate(case, img2img_controls(ctx, [case]))
 
@@ -253,7 +271,7 @@ def _inpaint_verdict(case: Case, image: np.ndarray) -> tuple[ImageScore, bool, f
     dets = detect_objects(image)
     v = score_image(expectation_for(scene=case.scene), dets)
     mask = mask_array(case)
-    new = case.scene.objects[int(case.extra.get("target_object", 0))]
+    new = new_object(case)
     r = case.resolution
 
     def inside(d) -> bool:
@@ -337,6 +355,10 @@ def _rows() -> dict[str, Row]:
             needs=lambda c: ["img2img"], params={"strength": 0.6}, sweepable=("strength", *SAMPLER_SETTINGS)),
         Row("inpaint", "method", "blended-latent inpainting of the mask, known pixels pasted back", inpaint,
             generate_batch=inpaint_batch, categories=("inpaint",), sweepable=SAMPLER_SETTINGS),
+        Row("inpaint_guided", "method", "inpainting + the region guide drawing the new colour into the mask",
+            lambda ctx, case: ctx.generate(case, inpaint_guided_controls(ctx, [case])),
+            generate_batch=batched(lambda c: c.prompt, inpaint_guided_controls), categories=("inpaint",),
+            params={"s0": 0.0, "m": 10, "lr": 0.1}, sweepable=("s0", "m", "lr", *SAMPLER_SETTINGS)),
         Row("inpaint_latent_only", "method", "blended-latent inpainting without the pixel paste-back", inpaint,
             generate_batch=inpaint_batch, categories=("inpaint",), params={"paste": 0}, sweepable=SAMPLER_SETTINGS),
     ]  # fmt: skip

@@ -7,9 +7,11 @@ Categories, every prompt a true caption of a test-split scene:
 - box: the box guide pulls each object's colour into the object's box. Metrics: box_ap50 (AP at IoU 0.5 against
   the boxes), box_iou (mean IoU of matched objects), box_attribute_acc.
 Rows: ground_truth (the renders: the ceiling), unguided (the prompt alone, same seeds: the baseline and the cost
-reference), palette (k=1), palette_k3 (self-recurrence k=3), palette_backward (forward + m backward steps) and box.
+reference), palette (k=1), palette_k3 (self-recurrence k=3), palette_backward (forward + m backward steps), box
+(forward) and box_backward (backward steps alone: they move objects, forward guidance barely does on the zoo).
 Every model row also gets cost_ratio: seconds per image over the unguided row's, measured in the same run.
-`--sweep s0=...` and `--sweep k=...` vary the guided rows and plot palette error / AP50 against the setting.
+`--sweep s0=...`, `k=`, `m=`, `lr=` and `end=` (the schedule's end fraction) vary the guided rows and plot
+palette error / AP50 against the setting.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from mmsynth.evaluate.scoring import ImageScore, Metric, aggregate, average_prec
 
 CATEGORIES: tuple[str, ...] = ("palette", "box")
 _STREAM = 6_000_000
-# Defaults (see docs/bench.md, "guidance"): forward strength s0 per guide, backward steps and their Adam step.
+# Defaults (see docs/guidance.md): forward strength s0, recurrence k, backward steps m and their Adam step lr,
+# the schedule's end fraction, per guide; rows override some of them.
 DEFAULTS: dict[str, dict[str, float]] = {
-    "palette": {"s0": 1.0, "k": 1, "m": 0},
-    "box": {"s0": 1.0, "k": 1, "m": 0},
+    "palette": {"s0": 1.0, "k": 1, "m": 0, "lr": 0.05, "end": 1.0},
+    "box": {"s0": 1.0, "k": 1, "m": 0, "lr": 0.05, "end": 1.0},
 }
+GUIDANCE_SETTINGS = ("s0", "k", "m", "lr", "end", *SAMPLER_SETTINGS)  # what --sweep may vary on a guided row
 BACKWARD_STEPS = 3
-BACKWARD_LR = 0.05
+BOX_BACKWARD = {"s0": 0.0, "m": 10, "lr": 0.1}  # measured on seed-5 cases (docs/guidance.md)
 
 
 def _scene_for(category: str, j: int, seed: int) -> tuple[Scene, str]:
@@ -80,16 +84,17 @@ def guide_params(case: Case) -> dict[str, Any]:
 
 
 def guidance_controls(guide: str) -> Callable[[RunContext, list[Case]], list[Any]]:
-    """The row's universal guidance for a batch of cases at its s0 / k / m: image i guided by case i's guide."""
+    """The row's universal guidance for a batch of cases at its s0 / k / m / lr / end: image i guided by case i's
+    guide."""
 
     def controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
-        from mmsynth.sample import UniversalGuidance
+        from mmsynth.sample import Schedule, UniversalGuidance
         from mmsynth.sample.guides import PerImageGuides, build_guide
 
         p, bundle = ctx.params, ctx.bundle()
         guides = PerImageGuides([build_guide(guide, guide_params(c), bundle) for c in cases])
         return [UniversalGuidance(guide=guides, s0=float(p["s0"]), k=int(p["k"]), m=int(p.get("m", 0)),
-                                  lr=BACKWARD_LR)]  # fmt: skip
+                                  lr=float(p["lr"]), schedule=Schedule(end=float(p.get("end", 1.0))))]  # fmt: skip
 
     return controls
 
@@ -134,7 +139,7 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
 def _row(name: str, guide: str, description: str, **settings: float) -> Row:
     return Row(name, "method", description, guided(guide), generate_batch=batched(lambda c: c.prompt,
                guidance_controls(guide)), categories=(guide,),
-               params={**DEFAULTS[guide], **settings}, sweepable=("s0", "k", "m", *SAMPLER_SETTINGS))  # fmt: skip
+               params={**DEFAULTS[guide], **settings}, sweepable=GUIDANCE_SETTINGS)  # fmt: skip
 
 
 SUITE = register_suite(
@@ -160,6 +165,8 @@ SUITE = register_suite(
             "palette_backward": _row("palette_backward", "palette",
                                      f"palette guidance, forward + {BACKWARD_STEPS} backward steps", m=BACKWARD_STEPS),
             "box": _row("box", "box", "forward guidance of each object's colour into its box"),
+            "box_backward": _row("box_backward", "box", f"box guidance by {BOX_BACKWARD['m']} backward steps alone "
+                                 f"(lr {BOX_BACKWARD['lr']})", **BOX_BACKWARD),
         },
     )
 )
