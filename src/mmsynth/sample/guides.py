@@ -15,6 +15,7 @@ from JSON-able parameters, so a guided request replays from its JSON:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -188,13 +189,15 @@ def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _check_energy(what: str, fill: Any, margin: Any, repel: Any, cells: Any) -> None:
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+def is_number(x: Any) -> bool:
+    """A finite int or float (not a bool): what a numeric option of a guide or of guidance accepts."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-    if not number(fill) or not 0 < fill <= 1:
+
+def _check_energy(what: str, fill: Any, margin: Any, repel: Any, cells: Any) -> None:
+    if not is_number(fill) or not 0 < fill <= 1:
         raise InputError(f"{what} fill (share of the region the colour covers) must be in (0, 1], got {fill!r}")
-    if not number(margin) or margin <= 0 or not number(repel) or repel < 0:
+    if not is_number(margin) or margin <= 0 or not is_number(repel) or repel < 0:
         raise InputError(f"{what} margin must be > 0 and repel >= 0 (Lab units), got {margin!r}, {repel!r}")
     if not isinstance(cells, int) or isinstance(cells, bool) or cells < 0:
         raise InputError(f"{what} cells (pooling grid, 0 = full resolution) must be an integer >= 0, got {cells!r}")
@@ -250,10 +253,10 @@ class RegionGuide(ColourPlacement):
         self.register_buffer("mask", m)
 
     def regions(self, h: int, w: int, device: torch.device) -> list[tuple[int, torch.Tensor]]:
-        m = F.interpolate(self.mask, size=(h, w), mode="area")[0, 0] >= 0.5
+        cover = F.interpolate(self.mask, size=(h, w), mode="area")[0, 0]
+        m = cover >= 0.5
         if not m.any():  # a mask smaller than one pooled cell: its most covered cell
-            m = F.interpolate(self.mask, size=(h, w), mode="area")[0, 0]
-            m = m == m.max()
+            m = cover == cover.max()
         return [(self.index, m.to(device))]
 
 

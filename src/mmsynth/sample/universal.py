@@ -28,16 +28,12 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.sample.controls import Control, Step, decode_value, encode_value, register_control
-from mmsynth.sample.guides import build_guide, check_guide_name, guide_loss
+from mmsynth.sample.guides import build_guide, check_guide_name, guide_loss, is_number
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
 
 _PYTHON_GUIDE = "python:"
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @register_control
@@ -60,13 +56,13 @@ class UniversalGuidance(Control):
     lr: float = 0.05
 
     def __post_init__(self) -> None:
-        if not _number(self.s0) or self.s0 < 0:
+        if not is_number(self.s0) or self.s0 < 0:
             raise InputError(f"s0 (forward guidance strength) must be a number >= 0, got {self.s0!r}")
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise InputError(f"k (self-recurrence passes per step) must be an integer >= 1, got {self.k!r}")
         if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 0:
             raise InputError(f"m (backward guidance steps) must be an integer >= 0, got {self.m!r}")
-        if not _number(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise InputError(f"lr (backward guidance step size) must be a number > 0, got {self.lr!r}")
         if not isinstance(self.params, dict):
             raise InputError(f"params (the guide's parameters) must be an object, got {type(self.params).__name__}")
