@@ -163,8 +163,9 @@ def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_
 
 @pytest.mark.parametrize(("row_name", "category"), [("inversion_dpmpp-2m", "inversion"), ("img2img", "swap"),
                                                     ("inpaint", "inpaint"), ("inpaint_latent_only", "inpaint"),
-                                                    ("inpaint_guided", "inpaint"),
-                                                    ("swap", "swap"), ("swap_attention", "swap")])
+                                                    ("inpaint_guided", "inpaint"), ("inpaint_resample", "inpaint"),
+                                                    ("swap", "swap"), ("swap_attention", "swap"),
+                                                    ("swap_partial", "swap")])
 def test_edit_rows_batch_to_the_images_of_cases_edited_alone(bundle, edit_cases, row_name, category):
     row = dataclasses.replace(get_suite("edit").rows[row_name], overrides={"steps": 3})
     todo = [c for c in edit_cases if c.category == category]

@@ -62,6 +62,51 @@ def test_inversion_matches_the_ddim_inverse_scheduler_loop(bundle, image, cfg):
     assert not torch.allclose(ours, _x0(bundle, image))  # it went somewhere
 
 
+def test_partial_inversion_stops_where_img2img_of_that_strength_starts(bundle, image):
+    steps, strength = 8, 0.5
+    full_path, z = [], _x0(bundle, image)
+    inverse = DDIMInverseScheduler.from_config(bundle.scheduler.config)
+    inverse.set_timesteps(steps)
+    cond = encode_text(bundle, [SOURCE])
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            z = inverse.step(bundle.unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
+            full_path.append(z)
+    partial = invert(bundle, image, SOURCE, steps=steps, strength=strength)
+    torch.testing.assert_close(partial.latents, full_path[3], atol=1e-5, rtol=1e-4)  # int(8 * 0.5) inverse steps
+    # the edit samples only the remaining steps, from the level the inversion reached: at cfg 1 with the source
+    # prompt it is the forward DDIM loop over timesteps[4:] from that latent
+    calls = []
+    handle = bundle.unet.register_forward_pre_hook(lambda m, a: calls.append(int(a[1])))
+    try:
+        edit = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=steps, cfg=1.0, strength=strength,
+                                           negative_prompt_inversion=False), progress=False)
+    finally:
+        handle.remove()
+    assert calls[:4] == [int(t) for t in inverse.timesteps[:4]]  # the inversion ...
+    assert len(calls) == 8 and calls[4] == int(inverse.timesteps[3])  # ... then 4 steps down from its last level
+    reference = reconstruct(bundle, full_path[3], SOURCE, steps=steps, controls=[_start_at(steps - 4)]).latents
+    torch.testing.assert_close(edit.latents, reference, atol=1e-5, rtol=1e-4)
+    with pytest.raises(InputError, match="inversion strength must be a number in \\(0, 1\\]"):
+        edit_request(image, SOURCE, EDITED, strength=1.5)
+    with pytest.raises(InputError, match="runs no step"):
+        invert(bundle, image, SOURCE, steps=4, strength=0.1)
+
+
+def _start_at(skip):
+    """A control that starts the loop `skip` steps late from the latents it is handed (the reference above)."""
+    from mmsynth.sample.controls import Control
+
+    class SkipFirst(Control):
+        name = "skip-first"
+
+        def start(self, ctx):
+            ctx.timesteps = ctx.scheduler.timesteps[skip:]
+            return False
+
+    return SkipFirst()
+
+
 def test_round_trip_converges_with_steps_and_reports_psnr(bundle, image, capsys):
     x0 = _x0(bundle, image)
     with torch.no_grad():
@@ -220,6 +265,44 @@ def test_inpainting_blends_the_known_latents_at_every_step(bundle, image):
     torch.testing.assert_close(out.latents[..., r // 8:], x0[..., r // 8:])  # known half of the latent: the source
 
 
+def test_resampled_inpainting_repeats_the_early_steps_and_still_keeps_the_outside(bundle, image):
+    r = bundle.resolution
+    mask = np.zeros((r, r), np.uint8)
+    mask[:, : r // 2] = 255
+    request = GenerationRequest(prompt=SOURCE, steps=4, seed=0)
+    calls = []
+    handle = bundle.unet.register_forward_pre_hook(lambda m, a: calls.append(int(a[1])))
+    try:
+        out = sample(bundle, request, [BlendedInpaint(image=image, mask=mask, feather=0, resample=3,
+                                                      resample_until=0.5)], progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    t = [int(x) for x in _timesteps(bundle, 4)]
+    assert calls == [t[0]] * 3 + [t[1]] * 3 + [t[2], t[3]]  # 3 passes over the first half of the steps
+    torch.testing.assert_close(out.latents[..., r // 8:], _x0(bundle, image)[..., r // 8:])  # known half: the source
+    assert np.array_equal(out.images[0][mask == 0], image[mask == 0])
+    plain = sample(bundle, request, [BlendedInpaint(image=image, mask=mask, feather=0)], progress=False)
+    assert not np.array_equal(plain.images[0], out.images[0])  # the repeats changed the repainted half
+    one = sample(bundle, request, [BlendedInpaint(image=image, mask=mask, feather=0, resample=1)], progress=False)
+    assert torch.equal(one.latents, plain.latents)
+    replay = sample(bundle, GenerationRequest.from_dict(out.requests[0].to_dict()), progress=False)
+    assert torch.equal(replay.latents, out.latents)
+    for bad, message in (({"resample": 0}, "resample \\(passes per step"), ({"resample_until": 2}, "resample_until")):
+        with pytest.raises(InputError, match=message):
+            BlendedInpaint(image=image, mask=mask, **bad)
+    with pytest.raises(InputError, match="self-recurrence"):
+        sample(bundle, GenerationRequest(prompt=SOURCE, steps=2, cfg=1.0),
+               [_inversion(image), BlendedInpaint(image=image, mask=mask, resample=2)], progress=False, decode=False)
+
+
+def _timesteps(bundle, steps):
+    from mmsynth.sample.schedulers import make_scheduler
+
+    s = make_scheduler("ddim", bundle.scheduler)
+    s.set_timesteps(steps)
+    return s.timesteps
+
+
 @pytest.mark.parametrize("mask,message", [
     (np.full((32, 32), 128, np.uint8), "binary"),
     (np.zeros((16, 16), np.uint8) + np.eye(16, dtype=np.uint8) * 255, "same size"),
@@ -257,12 +340,15 @@ def test_cli_invert_reconstruct_and_edit(model_dir, image, tmp_path, capsys):
     mask[4:20, 4:20] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     assert _cli(["edit", str(tmp_path / "in.png"), "--source-prompt", SOURCE, "--prompt", EDITED, "--steps", "4",
-                 "--mask", str(tmp_path / "mask.png"), "--keep-attention", "0.5", "--model", str(model_dir),
+                 "--mask", str(tmp_path / "mask.png"), "--keep-attention", "0.5", "--strength", "0.5", "--resample",
+                 "2", "--model", str(model_dir),
                  "--out", str(tmp_path / "edit"), "--quiet"]) == 0
     edited = np.asarray(Image.open(tmp_path / "edit" / "images" / "0000.png"))
     assert psnr(edited, image, mask == 0) >= 35
     names = [c["name"] for c in json.loads((tmp_path / "edit" / "request.json").read_text())["controls"]]
     assert names == ["inverted-latents", "source-attention", "inpaint"]
+    controls = json.loads((tmp_path / "edit" / "request.json").read_text())["controls"]
+    assert controls[0]["strength"] == 0.5 and controls[2]["resample"] == 2
     assert _cli(["generate", "--replay", str(tmp_path / "edit" / "requests" / "0000.json"), "--model", str(model_dir),
                  "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert np.array_equal(edited, np.asarray(Image.open(tmp_path / "again" / "images" / "0000.png")))
@@ -299,13 +385,17 @@ def _bad_latents(path):
     (["--init-image", "IMG", "--mask", "SMALLMASK"], "same size"),
     (["--init-image", "IMG", "--mask", "GREYMASK"], "binary"),
     (["--mask", "GREYMASK"], "needs --init-image"),
+    (["--resample", "3"], "--resample needs --mask"),
+    (["--init-image", "IMG", "--mask", "MASK", "--resample", "0"], "resample (passes per step"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_no_output(model_dir, image, tmp_path, capsys, extra, message):
     Image.fromarray(image).save(tmp_path / "img.png")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "small.png")
     Image.fromarray(np.full(image.shape[:2], 100, np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(np.eye(image.shape[0], dtype=np.uint8) * 255).save(tmp_path / "mask.png")
     subst = {"BAD": str(_bad_latents(tmp_path / "bad.safetensors")), "IMG": str(tmp_path / "img.png"),
-             "SMALLMASK": str(tmp_path / "small.png"), "GREYMASK": str(tmp_path / "grey.png")}
+             "SMALLMASK": str(tmp_path / "small.png"), "GREYMASK": str(tmp_path / "grey.png"),
+             "MASK": str(tmp_path / "mask.png")}
     extra = [subst.get(a, a) for a in extra]
     argv = ["generate", "--prompt", SOURCE, "--steps", "1", "--model", str(model_dir), "--out", str(tmp_path / "out"),
             "--quiet", *extra]

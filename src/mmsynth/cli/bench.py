@@ -56,7 +56,8 @@ def register(sub: Any) -> None:
     r.add_argument("--scheduler", default="ddim", help="sampler scheduler (default ddim)")
     r.add_argument("--sweep", action="append", default=[], metavar="PARAM=V1,V2",
                    help="extra rows of each row that can vary PARAM, plotted: cfg, steps, eta (model rows), "
-                        "s0, k, m (guidance rows), strength (img2img)")  # fmt: skip
+                        "s0, k, m (guidance rows), strength (img2img, swap), keep_attention (swap), resample, "
+                        "resample_until (inpaint)")  # fmt: skip
     r.add_argument("--extractor", default="shapesclip", help="fidelity features: shapesclip (default) or inception")
     r.add_argument("--weights", default=None, help="local Inception weights file for --extractor inception")
     r.add_argument("--strict", action="store_true", help="fail on a case the model cannot honour (default: skip it)")

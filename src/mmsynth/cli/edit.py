@@ -3,7 +3,8 @@
 The image is inverted under --source-prompt and regenerated under --prompt from the same x_T. By default
 the source prompt is also the negative prompt (negative-prompt inversion), so CFG > 1 keeps what the
 prompts share; --keep-attention F replays the source's self-attention queries/keys for the first F of
-the steps (structure kept, content from the new prompt). --mask limits the edit to a region, --guide
+the steps (structure kept, content from the new prompt); --strength F inverts only the first F of the steps
+and edits from there (partial inversion: more of the image kept). --mask limits the edit to a region, --guide
 adds universal guidance. The output folder is `mmsynth generate`'s; its request replays the whole edit.
 """
 
@@ -36,6 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--scheduler", default="ddim", help=f"generation scheduler: {', '.join(scheduler_names())}")
     p.add_argument("--keep-attention", type=float, default=0.0,
                    help="keep the source's self-attention for this fraction of the steps (0 = off, e.g. 0.5)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="partial inversion: invert only this fraction of the steps and edit from there (default 1 = "
+                   "from x_T; 0.5 keeps more of the image and edited the zoo's test renders best, docs/guidance.md)")
     p.add_argument("--no-negative-prompt-inversion", action="store_true",
                    help="use an empty negative prompt instead of the source prompt")
     guidance_options.add_arguments(p, latents=False)
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     request = edit_request(image, args.source_prompt, args.prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
                            scheduler=args.scheduler, keep_attention=args.keep_attention,
                            negative_prompt_inversion=not args.no_negative_prompt_inversion,
-                           model=args.model or DEFAULT_MODEL)
+                           model=args.model or DEFAULT_MODEL, strength=args.strength)
     request.controls += guidance_options.controls_from_args(args, image)
     request.validate()
     bundle = load_bundle(args.model, args.device)

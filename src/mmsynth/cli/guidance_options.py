@@ -15,8 +15,10 @@ import numpy as np
 from mmsynth.errors import InputError
 
 # argparse destinations these options fill (generate's --replay refuses them, like the other request options)
-OPTION_NAMES = ("latents", "mask", "feather", "guide", "guide_target", "guide_text", "guide_params", "s0", "k", "m",
-                "guide_lr", "guide_start", "guide_end")
+INPAINT_OPTIONS = ("mask", "feather", "resample", "resample_until")
+GUIDE_OPTIONS = ("guide", "guide_target", "guide_text", "guide_params", "s0", "k", "m", "guide_lr", "guide_start",
+                 "guide_end")
+OPTION_NAMES = ("latents", *INPAINT_OPTIONS, *GUIDE_OPTIONS)
 # the shipped guides (mmsynth.sample.guides.GUIDES, checked equal in the tests), named here so that `--help`
 # does not import torch
 GUIDE_NAMES = ("box", "clip", "palette", "region")
@@ -31,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
                    "source); img2img is then used only if --strength is given")
     p.add_argument("--feather", type=float, default=None,
                    help="inpaint seam width in pixels, inside the mask (default 2)")
+    p.add_argument("--resample", type=int, default=None,
+                   help="inpaint: passes per step (RePaint-style resampling: the blended latent is re-noised and the "
+                   "step redone, so the new content fits its surroundings; default 1 = off, e.g. 5)")
+    p.add_argument("--resample-until", type=float, default=None,
+                   help="inpaint: resample only the first fraction of the steps (default 1 = all, e.g. 0.5)")
     p.add_argument("--guide", default=None, help=f"universal guidance with a shipped guide: {', '.join(GUIDE_NAMES)}")
     p.add_argument("--guide-target", default=None, help="target image of the guide (palette: its colours; clip: "
                    "image-image similarity)")
@@ -52,7 +59,7 @@ def guide_control(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmsynth.sample.controls import Schedule
     from mmsynth.sample.universal import UniversalGuidance
 
-    given = [o for o in OPTION_NAMES[4:] if o != "guide" and getattr(args, o, None) is not None]
+    given = [o for o in GUIDE_OPTIONS if o != "guide" and getattr(args, o, None) is not None]
     if args.guide is None:
         if given:
             raise InputError(f"--{given[0].replace('_', '-')} needs --guide (the loss to guide with)")
@@ -90,13 +97,14 @@ def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) 
     if getattr(args, "latents", None) is not None:
         x, _ = load_latents(args.latents)
         controls.append(InitialLatents(latents=x.numpy()).to_dict())
-    if args.feather is not None and args.mask is None:
-        raise InputError("--feather needs --mask (it is the inpainting seam width)")
+    given = [o for o in INPAINT_OPTIONS[1:] if getattr(args, o, None) is not None]
+    if given and args.mask is None:
+        raise InputError(f"--{given[0].replace('_', '-')} needs --mask (it is an inpainting option)")
     if args.mask is not None:
         if init_image is None:
             raise InputError("--mask needs --init-image: the image whose masked (white) region is repainted")
         mask = load_image(args.mask, "--mask")
-        kwargs = {} if args.feather is None else {"feather": args.feather}
+        kwargs = {o: getattr(args, o) for o in INPAINT_OPTIONS[1:] if getattr(args, o, None) is not None}
         controls.append(BlendedInpaint(image=init_image, mask=mask, **kwargs).to_dict())
     guide = guide_control(args)
     if guide is not None:

@@ -41,6 +41,11 @@ BRANCHES = ("both", "cond", "uncond")
 Predict = Callable[..., torch.Tensor]  # predict(latents, branch: str | None = None) -> model output
 
 
+def is_number(x: Any) -> bool:
+    """A finite int or float (not a bool): what a numeric option of a control or a guide accepts."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 # ---------------------------------------------------------------------------------------------- schedule
 @dataclass
 class Schedule:
@@ -291,7 +296,6 @@ class Control:
     """
 
     name: ClassVar[str] = ""
-    needs_rewind: ClassVar[bool] = False  # True when `repeats` may return > 1 (self-recurrence)
     # options that may be a list with one value per image of the batch (request.for_image keeps image i's)
     per_image: ClassVar[tuple[str, ...]] = ()
 
@@ -325,6 +329,10 @@ class Control:
 
     def repeats(self, ctx: Context, step: Step) -> int:
         """How many times to run this step (self-recurrence); the loop re-noises between passes."""
+        return 1
+
+    def recurrence(self) -> int:
+        """The most passes `repeats` may ask for in a run (> 1: the control cannot run inside an inversion)."""
         return 1
 
     def wants_gradient(self, ctx: Context, step: Step) -> bool:

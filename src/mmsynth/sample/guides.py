@@ -15,7 +15,6 @@ from JSON-able parameters, so a guided request replays from its JSON:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmsynth.errors import InputError
+from mmsynth.sample.controls import is_number
 
 Guide = Callable[[torch.Tensor], torch.Tensor]
 
@@ -187,11 +187,6 @@ class ClipGuide(nn.Module):
 
 def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def is_number(x: Any) -> bool:
-    """A finite int or float (not a bool): what a numeric option of a guide or of guidance accepts."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_energy(what: str, fill: Any, margin: Any, repel: Any, cells: Any) -> None:

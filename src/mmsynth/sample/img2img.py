@@ -64,13 +64,7 @@ class Img2Img(Control):
 
     def start(self, ctx: Context) -> bool:
         steps = len(ctx.timesteps)
-        kept = min(int(steps * self.strength), steps)
-        if kept < 1:
-            raise InputError(
-                f"strength {self.strength} with {steps} steps runs no step; raise strength or steps "
-                f"(strength * steps must be >= 1)"
-            )
-        skip = (steps - kept) * ctx.scheduler.order
+        skip = (steps - kept_steps(steps, self.strength)) * ctx.scheduler.order
         ctx.timesteps = ctx.scheduler.timesteps[skip:]
         if hasattr(ctx.scheduler, "set_begin_index"):
             ctx.scheduler.set_begin_index(skip)
@@ -79,6 +73,15 @@ class Img2Img(Control):
         t0 = ctx.timesteps[:1].repeat(n)
         ctx.latents = ctx.scheduler.add_noise(init, ctx.noise(init.shape), t0)
         return True
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """How many of `steps` a run of `strength` executes (img2img's rule: int(steps * strength), at least 1 to run)."""
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise InputError(f"strength {strength} with {steps} steps runs no step; raise strength or steps "
+                         "(strength * steps must be >= 1)")
+    return kept
 
 
 def _as_rgb(arr: np.ndarray) -> np.ndarray:

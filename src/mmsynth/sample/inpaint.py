@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, register_control
+from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, is_number, register_control
 from mmsynth.sample.img2img import _as_rgb
 from mmsynth.sample.inversion import encode_mean, image_pixels
 
@@ -66,6 +66,8 @@ class BlendedInpaint(Control):
     mask: Any = None
     feather: float = 2.0
     paste: bool = True
+    resample: int = 1
+    resample_until: float = 1.0
 
     def __post_init__(self) -> None:
         empty = [v is None or (isinstance(v, list) and not v) for v in (self.image, self.mask)]
@@ -90,6 +92,16 @@ class BlendedInpaint(Control):
             raise InputError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
         if not isinstance(self.paste, bool):
             raise InputError(f"paste must be true or false, got {self.paste!r}")
+        if not isinstance(self.resample, int) or isinstance(self.resample, bool) or self.resample < 1:
+            raise InputError(f"resample (passes per step, RePaint) must be an integer >= 1, got {self.resample!r}")
+        if not is_number(self.resample_until) or not 0 <= self.resample_until <= 1:
+            raise InputError(f"resample_until must be a fraction of the steps in [0, 1], got {self.resample_until!r}")
+
+    def repeats(self, ctx: Context, step: Step) -> int:
+        return self.resample if step.fraction < self.resample_until else 1
+
+    def recurrence(self) -> int:
+        return self.resample
 
     def prepare(self, ctx: Context) -> None:
         images = self.image if isinstance(self.image, list) else [self.image]

@@ -8,6 +8,10 @@ to x_T. CFG 1 by default (DDIM inversion drifts at high CFG). Controls that repe
 backwards (re-noising goes the wrong way) and are refused. During inversion a Step's alpha_bar is that
 of the timestep the model is evaluated at (DDIMInverseScheduler's target level), alpha_bar_prev the next one.
 
+- partial inversion (`strength` < 1): run only the first int(steps * strength) inverse steps, to the
+  noise level at which img2img of that strength starts, and edit from there; like SDEdit, but the
+  starting latent is the image's own deterministic trajectory instead of fresh noise, so what the
+  edit does not change is kept (structure survives far better than from a full x_T at CFG > 1);
 - `InitialLatents`  start sampling from given latents (an x_T), like diffusers' `latents=` argument;
 - `InvertedLatents` start from the inversion of an image (inverts in `start`): a self-contained,
   replayable edit request (the image is embedded as PNG);
@@ -35,7 +39,7 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, register_control
-from mmsynth.sample.img2img import _as_rgb
+from mmsynth.sample.img2img import _as_rgb, kept_steps
 from mmsynth.sample.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -68,14 +72,18 @@ class DDIMInversion(Control):
     """Run the loop backwards from `image` (HxWx3 uint8, path or PNG data URI) to x_T with DDIMInverseScheduler.
 
     `image` may also be a list of n images: image i of the batch inverts image i (with prompt i).
+    strength in (0, 1]: the fraction of the steps to invert (1 = all the way to x_T; 0.6 stops where img2img
+    at strength 0.6 starts).
     """
 
     name: ClassVar[str] = "ddim-inversion"
     per_image: ClassVar[tuple[str, ...]] = ("image",)
 
     image: Any = None
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
+        check_strength(self.strength)
         if self.image is None or (isinstance(self.image, list) and not self.image):
             raise InputError("ddim-inversion needs the image to invert")
         if isinstance(self.image, list):
@@ -92,13 +100,13 @@ class DDIMInversion(Control):
                              "the reconstruction may use any scheduler")
         if ctx.request.eta != 0:
             raise InputError(f"DDIM inversion is deterministic: eta must be 0, got {ctx.request.eta}")
-        rewinders = [c.name for c in ctx.controls if c.needs_rewind and getattr(c, "k", 1) > 1]
+        rewinders = [c.name for c in ctx.controls if c.recurrence() > 1]
         if rewinders:
-            raise InputError(f"self-recurrence (k > 1 in {', '.join(rewinders)}) cannot run during inversion: "
+            raise InputError(f"self-recurrence (repeated steps in {', '.join(rewinders)}) cannot run during inversion: "
                              "re-noising a step only makes sense going from noise to image")
         inverse = DDIMInverseScheduler.from_config(ctx.scheduler.config)
         inverse.set_timesteps(len(ctx.timesteps), device=ctx.device)
-        ctx.scheduler, ctx.timesteps = inverse, inverse.timesteps
+        ctx.scheduler, ctx.timesteps = inverse, inverse.timesteps[: kept_steps(len(ctx.timesteps), self.strength)]
         n = ctx.request.n
         check_batch_length(self.image, n, "ddim-inversion", "images")
         if isinstance(self.image, list):
@@ -143,6 +151,13 @@ class InitialLatents(Control):
         return True
 
 
+def check_strength(strength: Any) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
+            math.isfinite(strength) and 0 < strength <= 1):
+        raise InputError(f"inversion strength must be a number in (0, 1] (the fraction of the steps to invert; "
+                         f"1 = all the way to x_T), got {strength!r}")
+
+
 def check_latent_shape(x: torch.Tensor, shape: tuple[int, int, int, int], what: str) -> None:
     n, c, h, w = shape
     if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w) or x.shape[0] not in (1, n):
@@ -156,7 +171,8 @@ class InvertedLatents(Control):
     """Start from the DDIM inversion of `image` under `source_prompt` (inverts once, in `start`).
 
     inversion_cfg: the guidance scale of the inversion (1 = plain DDIM inversion, the default).
-    The inversion uses the run's own step count, so the two grids of timesteps match.
+    strength in (0, 1]: invert only that fraction of the steps and sample only the remaining ones (partial
+    inversion; 1 = from x_T). The inversion uses the run's own step count, so the two grids of timesteps match.
     image and source_prompt may be lists of n (image i of the batch starts from source i's inversion).
     """
 
@@ -166,8 +182,10 @@ class InvertedLatents(Control):
     image: Any = None
     source_prompt: str = ""
     inversion_cfg: float = 1.0
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
+        check_strength(self.strength)
         if self.image is None or (isinstance(self.image, list) and not self.image):
             raise InputError("inverted-latents needs the source image")
         if isinstance(self.image, list):
@@ -181,14 +199,23 @@ class InvertedLatents(Control):
         self._cache: dict[Any, torch.Tensor] = {}
 
     def start(self, ctx: Context) -> bool:
-        key = (ctx.request.steps, ctx.height, ctx.width, id(ctx.bundle))
+        steps = len(ctx.timesteps)
+        key = (steps, ctx.height, ctx.width, id(ctx.bundle))
         if key not in self._cache:
-            self._cache[key] = invert(ctx.bundle, self.image, self.source_prompt, steps=ctx.request.steps,
-                                      cfg=self.inversion_cfg, height=ctx.height, width=ctx.width).latents
+            self._cache[key] = invert(ctx.bundle, self.image, self.source_prompt, steps=steps, cfg=self.inversion_cfg,
+                                      height=ctx.height, width=ctx.width, strength=self.strength).latents
         x = self._cache[key]
         check_latent_shape(x, ctx.latent_shape, "the inverted latents")
         x = x if x.shape[0] == ctx.request.n else x.repeat(ctx.request.n, 1, 1, 1)
-        ctx.latents = x.to(ctx.device, ctx.dtype) * ctx.scheduler.init_noise_sigma
+        scale = ctx.scheduler.init_noise_sigma
+        if self.strength < 1:  # start where img2img of this strength starts, at the level the inversion reached
+            skip = (steps - kept_steps(steps, self.strength)) * ctx.scheduler.order
+            ctx.timesteps = ctx.scheduler.timesteps[skip:]
+            if hasattr(ctx.scheduler, "set_begin_index"):
+                ctx.scheduler.set_begin_index(skip)
+            if ctx.sigma_space:  # x0 + sigma * eps = x_t / sqrt(abar_t)
+                scale = 1.0 / math.sqrt(float(ctx.scheduler.alphas_cumprod[int(ctx.timesteps[0])]))
+        ctx.latents = x.to(ctx.device, ctx.dtype) * scale
         return True
 
 
@@ -302,10 +329,11 @@ class InversionResult:
 
 def invert(bundle: Bundle, image: Any, prompt: str | list[str], steps: int = 50, cfg: float = 1.0,
            negative_prompt: str = "", controls: list[Control] | None = None, height: int | None = None,
-           width: int | None = None, progress: bool = False) -> InversionResult:
+           width: int | None = None, progress: bool = False, strength: float = 1.0) -> InversionResult:
     """DDIM-invert `image` under `prompt` through the one loop; other controls add their inputs as when sampling.
 
     A list of n images with a list of n prompts inverts them as one batch (image i under prompt i, as alone).
+    strength < 1 stops after that fraction of the steps (partial inversion, see `InvertedLatents`).
     """
     from mmsynth.sample.sampler import sample
 
@@ -321,7 +349,7 @@ def invert(bundle: Bundle, image: Any, prompt: str | list[str], steps: int = 50,
     first = images[0]
     request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, scheduler="ddim", steps=steps,
                                 cfg=cfg, n=len(images), height=height or first.shape[0], width=width or first.shape[1])
-    inversion = DDIMInversion(image=images if isinstance(image, list) else first)
+    inversion = DDIMInversion(image=images if isinstance(image, list) else first, strength=strength)
     result = sample(bundle, request, [inversion, *(controls or [])], progress=progress, decode=False)
     return InversionResult(result.latents, result.requests[0], result.requests)
 
@@ -344,10 +372,11 @@ def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str | list[str], 
 def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[str], steps: int = 50,
                  cfg: float = 5.0, seed: int = 0, scheduler: str = "ddim", keep_attention: float = 0.0,
                  negative_prompt_inversion: bool = True, inversion_cfg: float = 1.0,
-                 model: str | None = None) -> GenerationRequest:
+                 model: str | None = None, strength: float = 1.0) -> GenerationRequest:
     """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt).
 
     Lists of n images, source prompts and prompts edit n images as one batch (image i as alone, seed + i).
+    strength < 1: partial inversion (invert that fraction of the steps, edit only those).
     """
     batch = isinstance(image, list)
     images = [_as_rgb(np.asarray(im)) for im in (image if batch else [image])]
@@ -356,7 +385,8 @@ def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[
         if batch != isinstance(value, list) or (batch and len(value) != n):
             raise InputError(f"edit: give one image and one {name}, or lists of equally many (one per image)")
     source: Any = images if batch else images[0]
-    controls: list[Control] = [InvertedLatents(image=source, source_prompt=source_prompt, inversion_cfg=inversion_cfg)]
+    controls: list[Control] = [InvertedLatents(image=source, source_prompt=source_prompt, inversion_cfg=inversion_cfg,
+                                               strength=strength)]
     if keep_attention > 0:
         controls.append(SourceAttention(source_prompt=source_prompt, until=keep_attention))
     request = GenerationRequest(prompt=prompt, negative_prompt=source_prompt if negative_prompt_inversion else "",

@@ -329,11 +329,11 @@ def _denoise_step(ctx: Context, step: Step) -> torch.Tensor:
         out = out.detach()
         snapshot = copy.deepcopy(ctx.scheduler) if r < k - 1 else None
         prev = ctx.scheduler.step(out, step.t, latents, **ctx.step_kwargs(), return_dict=False)[0]
+        for c in active:  # on every pass: a repeat re-noises the blended latent (RePaint), not the raw one
+            prev = c.after_step(ctx, step, prev)
         if snapshot is not None:  # rewind the scheduler (multistep solvers keep history) and re-noise to t
             ctx.scheduler = snapshot
             latents = ctx.renoise(prev, step)
-    for c in active:
-        prev = c.after_step(ctx, step, prev)
     return prev
 
 

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, decode_value, encode_value, register_control
-from mmsynth.sample.guides import build_guide, check_guide_name, guide_loss, is_number
+from mmsynth.sample.controls import Control, Step, decode_value, encode_value, is_number, register_control
+from mmsynth.sample.guides import build_guide, check_guide_name, guide_loss
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -46,8 +46,6 @@ class UniversalGuidance(Control):
     """
 
     name: ClassVar[str] = "universal-guidance"
-    needs_rewind: ClassVar[bool] = True
-
     guide: Any = None
     params: dict[str, Any] = field(default_factory=dict)
     s0: float = 1.0
@@ -85,6 +83,9 @@ class UniversalGuidance(Control):
         self._label = f"guide {self.guide!r}" if isinstance(self.guide, str) else f"guide {type(self.guide).__name__}"
 
     def repeats(self, ctx: Context, step: Step) -> int:
+        return self.k
+
+    def recurrence(self) -> int:
         return self.k
 
     def wants_gradient(self, ctx: Context, step: Step) -> bool:
