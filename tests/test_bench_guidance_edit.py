@@ -17,6 +17,7 @@ from mmsynth.evaluate.bench import (
     get_suite,
     make_cases,
     parse_sweep,
+    parse_variant,
     read_cases,
     run_bench,
     write_cases,
@@ -104,7 +105,8 @@ def test_rows_run_only_their_categories_with_cost_ratios_and_sweeps(bundle, guid
     cases = [c for c in guidance_cases if c.id.endswith("0000")] + [
         c for c in edit_cases if c.category in ("swap", "inpaint") and c.id.endswith("0000")]
     opts = RunOptions(rows=["unguided", "palette", "box", "regenerate", "img2img", "inpaint", "inpaint_latent_only"],
-                      sweeps=dict([parse_sweep("s0=2"), parse_sweep("strength=0.5")]))
+                      sweeps=dict([parse_sweep("s0=2"), parse_sweep("strength=0.5")]),
+                      variants=[parse_variant("inpaint:resample=2,cfg=3")])
     res = run_bench(cases, _ctx(bundle), opts).to_dict()
     g, e = res["results"]["guidance"], res["results"]["edit"]
     assert res["rows"]["guidance"]["palette"]["n_cases"] == 1 and res["rows"]["guidance"]["unguided"]["n_cases"] == 2
@@ -113,6 +115,9 @@ def test_rows_run_only_their_categories_with_cost_ratios_and_sweeps(bundle, guid
     assert res["rows"]["guidance"]["palette[s0=2]"]["settings"]["s0"] == 2.0
     assert res["rows"]["edit"]["img2img[strength=0.5]"]["settings"]["strength"] == 0.5
     assert "box[s0=2]" in g and "regenerate[s0=2]" not in e
+    settings = res["rows"]["edit"]["inpaint[resample=2,cfg=3]"]["settings"]
+    assert settings["resample"] == 2.0 and settings["cfg"] == 3.0  # both changed in one row
+    assert e["inpaint[resample=2,cfg=3]"]["inpaint_outside_psnr"] == 100.0
     assert e["inpaint"]["inpaint_outside_psnr"] == 100.0  # known pixels pasted back exactly
     assert e["inpaint_latent_only"]["inpaint_outside_psnr"] < 100.0  # latent blending alone does not keep them
 
@@ -135,6 +140,16 @@ def test_inversion_rows_reconstruct_and_cases_are_checked(bundle, edit_cases):
 def test_bad_sweeps_name_what_is_valid(text, message):
     with pytest.raises(InputError, match=message):
         parse_sweep(text)
+
+
+@pytest.mark.parametrize("text,rows,message", [
+    ("swap", None, "expected ROW:PARAM=V"), ("swap:strength=0.5,0.6", None, "PARAM one of cfg"),
+    ("swap:strength=1.5", None, "in \\(0, 1\\]"), ("nope:cfg=1", None, "unknown row 'nope'"),
+    ("palette:strength=0.5", None, "cannot vary strength"), ("swap:cfg=3", ["inpaint"], "not among --rows"),
+])  # fmt: skip
+def test_bad_variants_name_what_is_valid(bundle, edit_cases, text, rows, message):
+    with pytest.raises(InputError, match=message):
+        run_bench(edit_cases[:1], _ctx(bundle), RunOptions(rows=rows, variants=[parse_variant(text)]))
 
 
 def test_inpaint_cases_render_the_new_object_inside_the_mask(edit_cases):

@@ -225,6 +225,26 @@ def test_keeping_source_attention_replays_its_queries_and_keys(bundle, image):
         assert not m.to_q._forward_hooks and not m.to_k._forward_hooks
 
 
+def test_prompt_to_prompt_replays_the_source_cross_attention_and_restores_the_unet(bundle, image):
+    from mmsynth.sample.inversion import attention_modules
+
+    before = {k: type(v) for k, v in bundle.unet.attn_processors.items()}
+    plain = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0), progress=False)
+    p2p = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0, cross_attention=1.0), progress=False)
+    assert not torch.allclose(plain.latents, p2p.latents, atol=1e-4)
+    # the source's own maps replayed under the source prompt change nothing (classic processor == SDPA's)
+    same = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0, cross_attention=1.0), progress=False)
+    base = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0), progress=False)
+    torch.testing.assert_close(same.latents, base.latents, atol=1e-5, rtol=1e-4)
+    assert {k: type(v) for k, v in bundle.unet.attn_processors.items()} == before
+    assert not any("get_attention_scores" in m.__dict__ for m in attention_modules(bundle.unet, "attn2").values())
+    replay = sample(bundle, GenerationRequest.from_json(p2p.requests[0].to_json()), progress=False)
+    assert torch.equal(replay.latents, p2p.latents)
+    with pytest.raises(InputError, match="swaps words one for one"):
+        sample(bundle, edit_request(image, SOURCE, "a big blue circle", steps=2, cross_attention=0.5), progress=False)
+    assert {k: type(v) for k, v in bundle.unet.attn_processors.items()} == before
+
+
 # ---------------------------------------------------------------------------------------------- inpainting
 def test_inpainting_keeps_the_outside_and_repaints_the_inside(bundle, image):
     r = bundle.resolution

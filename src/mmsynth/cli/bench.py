@@ -58,6 +58,9 @@ def register(sub: Any) -> None:
                    help="extra rows of each row that can vary PARAM, plotted: cfg, steps, eta (model rows), "
                         "s0, k, m (guidance rows), strength (img2img, swap), keep_attention (swap), resample, "
                         "resample_until (inpaint)")  # fmt: skip
+    r.add_argument("--variant", action="append", default=[], metavar="ROW:P=V[,P=V]",
+                   help="an extra row: ROW with these settings changed together (any --sweep setting the row "
+                        "varies), named ROW[P=V,...], e.g. swap:strength=0.5,keep_attention=0.5; repeatable")
     r.add_argument("--extractor", default="shapesclip", help="fidelity features: shapesclip (default) or inception")
     r.add_argument("--weights", default=None, help="local Inception weights file for --extractor inception")
     r.add_argument("--strict", action="store_true", help="fail on a case the model cannot honour (default: skip it)")
@@ -211,7 +214,15 @@ def _device(name: str | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mmsynth.evaluate.bench import Distributed, RunContext, RunOptions, SamplerSettings, parse_sweep, read_cases
+    from mmsynth.evaluate.bench import (
+        Distributed,
+        RunContext,
+        RunOptions,
+        SamplerSettings,
+        parse_sweep,
+        parse_variant,
+        read_cases,
+    )
     from mmsynth.evaluate.bench.generation import check_extractor
     from mmsynth.evaluate.bench.report import default_html_dir, write_report
     from mmsynth.evaluate.bench.runner import run_bench
@@ -227,6 +238,7 @@ def _run(args: argparse.Namespace) -> int:
     check_extractor(args.extractor, args.weights)
     GenerationRequest(steps=args.steps, cfg=args.cfg, scheduler=args.scheduler).validate()  # same errors as generate
     sweeps = dict(parse_sweep(s) for s in args.sweep)
+    variants = [parse_variant(v) for v in args.variant]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     if args.panels < 0:
         raise InputError(f"--panels must be >= 0, got {args.panels}")
@@ -256,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         batch_size=args.batch,
     )
-    options = RunOptions(rows=rows, sweeps=sweeps, strict=args.strict, panels=args.panels,
+    options = RunOptions(rows=rows, sweeps=sweeps, variants=variants, strict=args.strict, panels=args.panels,
                          include_pending=args.quick or (args.suite is not None and "all" in args.suite))  # fmt: skip
     result = run_bench(cases, ctx, options, dist)
     if result is None:  # not the main process: it only generated

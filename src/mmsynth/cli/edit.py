@@ -37,6 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--scheduler", default="ddim", help=f"generation scheduler: {', '.join(scheduler_names())}")
     p.add_argument("--keep-attention", type=float, default=0.0,
                    help="keep the source's self-attention for this fraction of the steps (0 = off, e.g. 0.5)")
+    p.add_argument("--cross-attention", type=float, default=0.0,
+                   help="prompt-to-prompt: the edited prompt attends where the source's words did for this fraction "
+                   "of the steps (0 = off, e.g. 0.8; the prompts must differ only by swapped words)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="partial inversion: invert only this fraction of the steps and edit from there (default 1 = "
                    "from x_T; 0.5 keeps more of the image and edited the zoo's test renders best, docs/guidance.md)")
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image, "IMAGE")
     request = edit_request(image, args.source_prompt, args.prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
                            scheduler=args.scheduler, keep_attention=args.keep_attention,
+                           cross_attention=args.cross_attention,
                            negative_prompt_inversion=not args.no_negative_prompt_inversion,
                            model=args.model or DEFAULT_MODEL, strength=args.strength)
     request.controls += guidance_options.controls_from_args(args, image)

@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "SampleResult": "mmsynth.sample.sampler",
     "Schedule": "mmsynth.sample.controls",
     "SourceAttention": "mmsynth.sample.inversion",
+    "SourceCrossAttention": "mmsynth.sample.inversion",
     "Step": "mmsynth.sample.controls",
     "UniversalGuidance": "mmsynth.sample.universal",
     "build_guide": "mmsynth.sample.guides",

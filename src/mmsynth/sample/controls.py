@@ -10,8 +10,9 @@ method mmsynth must host (see DESIGN.md, "The one sampler and its controls"):
              what it gives to the unconditional branch (nothing, a learned null, its own input).
 - `before`   work on the latent before the prediction, with a differentiable `predict` (guidance).
 - `after`    work on the guided model output (eps terms, blending).
-- `after_step` work on the latent the scheduler returned (blended-latent inpainting).
-- `repeats`  self-recurrence: how many times to run this step (the loop re-noises and rewinds).
+- `after_step` work on the latent the scheduler returned (blended-latent inpainting), on every pass.
+- `repeats`  how many times to run this step (self-recurrence, RePaint resampling): the loop re-noises
+             the latent `after_step` returned and rewinds the scheduler between passes.
 - `start`    the initial latents and timesteps (img2img / SDEdit, inversion from an image).
 - `decoded`  work on the decoded images (pasting known pixels back); `close` always runs at the end.
 
@@ -324,7 +325,7 @@ class Control:
         return eps
 
     def after_step(self, ctx: Context, step: Step, latents: torch.Tensor) -> torch.Tensor:
-        """Change the latent the scheduler returned for the next step."""
+        """Change the latent the scheduler returned (after every pass of a repeated step)."""
         return latents
 
     def repeats(self, ctx: Context, step: Step) -> int:

@@ -21,6 +21,8 @@ of the timestep the model is evaluated at (DDIMInverseScheduler's target level),
   attention processors themselves are untouched), and the edit pass replays them; the maps
   softmax(q k^T) are then the source's while the values (content) come from the edited prompt.
   This is the Plug-and-Play / MasaCtrl-style "inject self-attention queries and keys" variant.
+- `SourceCrossAttention` prompt-to-prompt word swap: the same nested source run records every
+  cross-attention layer's probabilities, and the edit replays them for the first `until` of the steps.
 - Negative-prompt inversion (Miyake et al. 2023): reconstruct or edit with the SOURCE prompt as the
   negative prompt, so CFG > 1 does not amplify the inversion's drift (`negative_prompt_inversion=True`).
 """
@@ -224,25 +226,71 @@ def _check_prompts(value: Any, name: str, what: str) -> None:
         raise InputError(f"{name} must be a string ({what}) or a list of them, one per image")
 
 
-# ---------------------------------------------------------------------------------------------- self-attention
+# ---------------------------------------------------------------------------------------------- attention
+def attention_modules(unet: torch.nn.Module, which: str = "attn1") -> dict[str, torch.nn.Module]:
+    """The UNet's self- ("attn1") or cross-attention ("attn2") modules, as diffusers names them in every
+    transformer block."""
+    return {name: m for name, m in unet.named_modules() if name.endswith(which) and hasattr(m, "to_q")}
+
+
 def self_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The UNet's self-attention modules (diffusers names them `...attn1` in every transformer block)."""
-    return {name: m for name, m in unet.named_modules() if name.endswith("attn1") and hasattr(m, "to_q")}
+    return attention_modules(unet, "attn1")
 
 
-class _AttentionHooks(Control):
-    """Shared by the recorder and SourceAttention: forward hooks on every attn1 to_q/to_k, told the current step."""
+@dataclass(kw_only=True)
+class _AttentionTap(Control):
+    """Internal (not registered): sees attention tensors per (step, layer, part), told the step by `inputs`.
 
-    def _install(self, ctx: Context) -> None:
+    kind "self": the outputs of every attn1's to_q and to_k (forward hooks on diffusers' projections, the
+    processors untouched); kind "cross": every attn2's attention probabilities (diffusers' classic
+    `AttnProcessor` runs attn2 while the tap is installed, its `get_attention_scores` wrapped).
+    With `store` None it records (the tensors of the steps before `until`); given a store, it replays:
+    each stored tensor replaces the one computed at the same step and layer.
+    """
+
+    name: ClassVar[str] = "attention-tap"
+    kind: str = "self"
+    until: float = 0.5
+    store: dict[tuple[int, str, str], torch.Tensor] | None = None
+
+    def prepare(self, ctx: Context) -> None:
+        self.install(ctx)
+
+    def install(self, ctx: Context) -> None:
+        self._recording = self.store is None
+        self._kept: dict[tuple[int, str, str], torch.Tensor] = {} if self.store is None else self.store
         self._step: Step | None = None
-        self._handles = [
-            getattr(mod, proj).register_forward_hook(self._hook(name, proj))
-            for name, mod in self_attention_modules(ctx.bundle.unet).items()
-            for proj in ("to_q", "to_k")
-        ]
+        unet = ctx.bundle.unet
+        if self.kind == "self":
+            self._handles = [getattr(mod, proj).register_forward_hook(self._hook(name, proj))
+                             for name, mod in attention_modules(unet, "attn1").items()
+                             for proj in ("to_q", "to_k")]  # fmt: skip
+            return
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self._modules = attention_modules(unet, "attn2")
+        self._processors = dict(unet.attn_processors)
+        unet.set_attn_processor({key: AttnProcessor() if key.removesuffix(".processor") in self._modules else proc
+                                 for key, proc in self._processors.items()})  # fmt: skip
+        for name, mod in self._modules.items():
+            mod.get_attention_scores = self._scores(name, mod.get_attention_scores)  # instance attribute
+
+    def _tap(self, layer: str, part: str, x: torch.Tensor) -> torch.Tensor:
+        step = self._step
+        if step is None:
+            return x
+        if self._recording:
+            if step.fraction < self.until:
+                self._kept[(step.index, layer, part)] = x.detach()
+            return x
+        kept = self._kept.get((step.index, layer, part))
+        return kept if kept is not None and kept.shape == x.shape else x
 
     def _hook(self, layer: str, proj: str) -> Any:
-        raise NotImplementedError
+        return lambda module, args, output: self._tap(layer, proj, output)
+
+    def _scores(self, layer: str, scores: Any) -> Any:
+        return lambda query, key, attention_mask=None: self._tap(layer, "probs", scores(query, key, attention_mask))
 
     def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> None:
         self._step = step
@@ -252,68 +300,86 @@ class _AttentionHooks(Control):
         for h in getattr(self, "_handles", []):
             h.remove()
         self._handles = []
+        if getattr(self, "_processors", None):
+            for mod in self._modules.values():
+                mod.__dict__.pop("get_attention_scores", None)
+            ctx.bundle.unet.set_attn_processor(self._processors)
+            self._processors = {}
 
 
 @dataclass(kw_only=True)
-class _AttentionRecorder(_AttentionHooks):
-    """Internal: records attn1 queries/keys per (step, layer) for steps before `until` (not registered)."""
+class _SourceReplay(Control):
+    """Shared by SourceAttention and SourceCrossAttention: in `prepare` a nested run of the same request under
+    `source_prompt` (same starting latents and other controls) records the source's attention; the edit pass
+    then replays it for the first `until` fraction of the steps. Costs one extra run."""
 
-    name: ClassVar[str] = "attention-recorder"
-    until: float = 0.5
-
-    def prepare(self, ctx: Context) -> None:
-        self.store: dict[tuple[int, str, str], torch.Tensor] = {}
-        self._install(ctx)
-
-    def _hook(self, layer: str, proj: str) -> Any:
-        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
-            if self._step is not None and self._step.fraction < self.until:
-                self.store[(self._step.index, layer, proj)] = output.detach()
-        return hook
-
-
-@register_control
-@dataclass(kw_only=True)
-class SourceAttention(_AttentionHooks):
-    """Keep the source's self-attention maps (queries and keys) for the first `until` fraction of the steps.
-
-    In `prepare` it reconstructs the source (the same request with `source_prompt`, same starting
-    latents and other controls) while recording; the edit pass then replays them. Costs one extra run.
-    """
-
-    name: ClassVar[str] = "source-attention"
     per_image: ClassVar[tuple[str, ...]] = ("source_prompt",)
+    kind: ClassVar[str] = "self"
 
     source_prompt: str | list[str] = ""  # or one per image
     until: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_prompts(self.source_prompt, "source-attention source_prompt", "the source image's caption")
+        _check_prompts(self.source_prompt, f"{self.name} source_prompt", "the source image's caption")
         if not isinstance(self.until, (int, float)) or isinstance(self.until, bool) or not 0 <= self.until <= 1:
-            raise InputError(f"source-attention until must be a fraction of the steps in [0, 1], got {self.until!r}")
+            raise InputError(f"{self.name} until must be a fraction of the steps in [0, 1], got {self.until!r}")
 
     def prepare(self, ctx: Context) -> None:
         from mmsynth.sample.sampler import sample
 
-        recorder = _AttentionRecorder(until=float(self.until))
-        others = [c for c in ctx.controls if c is not self]
-        check_batch_length(self.source_prompt, ctx.request.n, "source-attention", "source prompts")
+        check_batch_length(self.source_prompt, ctx.request.n, self.name, "source prompts")
+        self.check_prompts(ctx)
+        recorder = _AttentionTap(kind=self.kind, until=float(self.until))
+        others = [c for c in ctx.controls if not isinstance(c, _SourceReplay)]  # each replay records alone
         source = dataclasses.replace(ctx.request, prompt=self.source_prompt, controls=[])
         sample(ctx.bundle, source, [*others, recorder], progress=False, decode=False)
-        self._store = recorder.store
-        self._install(ctx)
+        self._replay = _AttentionTap(kind=self.kind, until=float(self.until), store=recorder._kept)
+        self._replay.install(ctx)
 
-    def _hook(self, layer: str, proj: str) -> Any:
-        def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-            if self._step is None:
-                return None
-            kept = self._store.get((self._step.index, layer, proj))
-            return kept if kept is not None and kept.shape == output.shape else None
-        return hook
+    def check_prompts(self, ctx: Context) -> None:
+        """Refuse source/edit prompt pairs the replay cannot align (nothing to check for self-attention)."""
+
+    def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> None:
+        return self._replay.inputs(ctx, step, branch, latents)
 
     def close(self, ctx: Context) -> None:
-        super().close(ctx)
-        self._store = {}
+        if getattr(self, "_replay", None) is not None:
+            self._replay.close(ctx)
+            self._replay = None
+
+
+@register_control
+@dataclass(kw_only=True)
+class SourceAttention(_SourceReplay):
+    """Keep the source's self-attention maps (queries and keys of every attn1) for the first `until` fraction of
+    the steps: the structure of the source, the content of the edited prompt (Plug-and-Play / MasaCtrl-style)."""
+
+    name: ClassVar[str] = "source-attention"
+    kind: ClassVar[str] = "self"
+
+
+@register_control
+@dataclass(kw_only=True)
+class SourceCrossAttention(_SourceReplay):
+    """Prompt-to-prompt word swap (Hertz et al. 2022): for the first `until` fraction of the steps the edited
+    prompt's cross-attention maps are the source prompt's, so each swapped word attends where the word it
+    replaces did (layout kept, the new word's content written there). Prompts must have the same number of
+    tokens (words swapped one for one); attn2 runs diffusers' classic AttnProcessor meanwhile."""
+
+    name: ClassVar[str] = "source-cross-attention"
+    kind: ClassVar[str] = "cross"
+    until: float = 0.8
+
+    def check_prompts(self, ctx: Context) -> None:
+        tok = ctx.bundle.tokenizer
+        n = ctx.request.n
+        sources = self.source_prompt if isinstance(self.source_prompt, list) else [self.source_prompt] * n
+        edits = ctx.request.prompt if isinstance(ctx.request.prompt, list) else [ctx.request.prompt] * n
+        for source, edit in zip(sources, edits):
+            a, b = (len(tok(text, truncation=True).input_ids) for text in (source, edit))
+            if a != b:
+                raise InputError(f"{self.name} swaps words one for one: '{source}' has {a} tokens but '{edit}' has "
+                                 f"{b}; give prompts that differ only by swapped words")
 
 
 # ---------------------------------------------------------------------------------------------- functions
@@ -371,12 +437,14 @@ def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str | list[str], 
 
 def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[str], steps: int = 50,
                  cfg: float = 5.0, seed: int = 0, scheduler: str = "ddim", keep_attention: float = 0.0,
+                 cross_attention: float = 0.0,
                  negative_prompt_inversion: bool = True, inversion_cfg: float = 1.0,
                  model: str | None = None, strength: float = 1.0) -> GenerationRequest:
     """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt).
 
     Lists of n images, source prompts and prompts edit n images as one batch (image i as alone, seed + i).
-    strength < 1: partial inversion (invert that fraction of the steps, edit only those).
+    strength < 1: partial inversion (invert that fraction of the steps, edit only those). keep_attention /
+    cross_attention: replay the source's self- / cross-attention for that fraction of the steps (0 = off).
     """
     batch = isinstance(image, list)
     images = [_as_rgb(np.asarray(im)) for im in (image if batch else [image])]
@@ -389,6 +457,8 @@ def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[
                                                strength=strength)]
     if keep_attention > 0:
         controls.append(SourceAttention(source_prompt=source_prompt, until=keep_attention))
+    if cross_attention > 0:
+        controls.append(SourceCrossAttention(source_prompt=source_prompt, until=cross_attention))
     request = GenerationRequest(prompt=prompt, negative_prompt=source_prompt if negative_prompt_inversion else "",
                                 controls=[c.to_dict() for c in controls], scheduler=scheduler, steps=steps, cfg=cfg,
                                 seed=seed, n=n, height=images[0].shape[0], width=images[0].shape[1], model=model)

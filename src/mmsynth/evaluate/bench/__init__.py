@@ -11,7 +11,7 @@ from mmsynth.evaluate.bench.generation import RunContext, SamplerSettings, regis
 from mmsynth.evaluate.bench.registry import Row, RowScore, Suite, get_suite, register_row, register_suite, suite_names
 from mmsynth.evaluate.bench.report import write_html, write_report
 from mmsynth.evaluate.bench.results import RESULT_FORMAT, BenchResult, RowResult
-from mmsynth.evaluate.bench.runner import RunOptions, generate_shard, parse_sweep, plan, run_bench
+from mmsynth.evaluate.bench.runner import RunOptions, generate_shard, parse_sweep, parse_variant, plan, run_bench
 
 
 def make_cases(suite: str, n: int, seed: int = 0) -> list[Case]:
@@ -45,6 +45,7 @@ __all__ = [
     "make_cases",
     "merge_shards",
     "parse_sweep",
+    "parse_variant",
     "plan",
     "read_cases",
     "register_capability",

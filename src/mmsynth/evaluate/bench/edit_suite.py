@@ -52,6 +52,7 @@ EDIT_STEPS = 50
 KEEP_IOU = 0.5
 PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
 SWAP_STRENGTH = 0.5  # swap_partial: invert half the steps (seed 5, n = 60: 0.70 vs 0.63 at 0.4 and 0.62 at 0.6)
+SWAP_SETTINGS = ("strength", "keep_attention", "cross_attention", *SAMPLER_SETTINGS)
 INPAINT_RESAMPLE = 3  # inpaint_resample: passes per step (seed 5, n = 60: 0.50 vs 0.27 without; 5 passes 0.43)
 MASK_MARGIN = 0.03  # the inpainting box mask is the union of the old and new boxes grown by this (normalised)
 _STREAM = 7_000_000
@@ -201,6 +202,7 @@ def swap_batch(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
     request = edit_request([source_image(c) for c in cases], [c.extra["source_prompt"] for c in cases],
                            [c.prompt for c in cases], steps=s.steps, cfg=s.cfg, seed=first.seed,
                            scheduler=s.scheduler, keep_attention=float(ctx.params.get("keep_attention", 0.0)),
+                           cross_attention=float(ctx.params.get("cross_attention", 0.0)),
                            strength=float(ctx.params.get("strength", 1.0)))
     return list(sample(ctx.bundle(), request, progress=False).images)
 
@@ -354,14 +356,14 @@ def _rows() -> dict[str, Row]:
     rows += [
         Row("swap", "method", "prompt-swap edit of the inverted source (negative-prompt inversion)", swap,
             generate_batch=swap_batch, categories=("swap",), params={"steps": EDIT_STEPS},
-            sweepable=("strength", "keep_attention", *SAMPLER_SETTINGS)),
+            sweepable=SWAP_SETTINGS),
         Row("swap_attention", "method", "prompt-swap edit replaying the source's self-attention for half the steps",
             swap, generate_batch=swap_batch, categories=("swap",), params={"steps": EDIT_STEPS, "keep_attention": 0.5},
-            sweepable=("strength", "keep_attention", *SAMPLER_SETTINGS)),
+            sweepable=SWAP_SETTINGS),
         Row("swap_partial", "method", "prompt-swap edit from a partial inversion (half the steps inverted and "
             "edited)", swap, generate_batch=swap_batch, categories=("swap",),
             params={"steps": EDIT_STEPS, "strength": SWAP_STRENGTH},
-            sweepable=("strength", "keep_attention", *SAMPLER_SETTINGS)),
+            sweepable=SWAP_SETTINGS),
         Row("img2img", "method", "SDEdit of the source under the edited prompt", img2img,
             generate_batch=batched(lambda c: c.prompt, img2img_controls), categories=("swap",),
             needs=lambda c: ["img2img"], params={"strength": 0.6}, sweepable=("strength", *SAMPLER_SETTINGS)),

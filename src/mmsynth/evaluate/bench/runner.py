@@ -34,7 +34,8 @@ SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "k": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (self-recurrence passes)"),
     "m": (lambda v: v >= 0 and v == int(v), "whole numbers >= 0 (backward guidance steps)"),
     "strength": (lambda v: 0 < v <= 1, "in (0, 1] (image-to-image strength, or the fraction of steps inverted)"),
-    "keep_attention": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps keeping the source's attention)"),
+    "keep_attention": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps replaying its self-attention)"),
+    "cross_attention": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps replaying its cross-attention)"),
     "resample": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (inpainting passes per step)"),
     "resample_until": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps resampled)"),
 }
@@ -55,6 +56,7 @@ class RunOptions:
 
     rows: list[str] | None = None  # row names to run (every suite); None = all
     sweeps: dict[str, list[float]] = field(default_factory=dict)  # e.g. {"cfg": [1, 3, 7]}
+    variants: list[tuple[str, dict[str, float]]] = field(default_factory=list)  # e.g. [("swap", {"strength": 0.5})]
     strict: bool = False  # a case a row cannot honour is an error instead of a skip
     panels: int = 4  # cases drawn per row in the report
     include_pending: bool = False  # list every pending suite (the --quick overview), not only those with cases
@@ -72,19 +74,49 @@ class PlannedRow:
 def parse_sweep(text: str) -> tuple[str, list[float]]:
     """'cfg=1,3,5' -> ('cfg', [1.0, 3.0, 5.0]), with errors naming what is valid."""
     name, sep, values = text.partition("=")
+    return name, _setting_values(f"--sweep '{text}'", name if sep else "", values.split(","))
+
+
+def _setting_values(where: str, name: str, values: list[str]) -> list[float]:
+    """The numbers given for setting `name`, checked against its range; errors start with `where`."""
     valid = sweep_params()
-    if not sep or name not in valid:
-        raise InputError(f"--sweep '{text}': expected PARAM=V1,V2,... with PARAM one of {', '.join(valid)}")
+    if name not in valid:
+        raise InputError(f"{where}: expected PARAM=V with PARAM one of {', '.join(valid)}")
     try:
-        vals = [float(v) for v in values.split(",") if v.strip()]
+        vals = [float(v) for v in values if v.strip()]
     except ValueError:
-        raise InputError(f"--sweep '{text}': values must be numbers separated by commas") from None
+        raise InputError(f"{where}: values must be numbers") from None
     if not vals:
-        raise InputError(f"--sweep '{text}': give at least one value")
+        raise InputError(f"{where}: give a value for {name}")
     ok, what = SETTING_RANGES.get(name, (lambda v: True, ""))
     if not all(ok(v) for v in vals):
-        raise InputError(f"--sweep '{text}': {name} must be {what}")
-    return name, vals
+        raise InputError(f"{where}: {name} must be {what}")
+    return vals
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, float]]:
+    """'swap:strength=0.5,cfg=7.5' -> ('swap', {'strength': 0.5, 'cfg': 7.5}): settings changed together."""
+    row, sep, rest = text.partition(":")
+    if not sep or not row.strip() or not rest.strip():
+        raise InputError(f"--variant '{text}': expected ROW:PARAM=V[,PARAM=V...], e.g. swap:strength=0.5,cfg=7.5")
+    settings: dict[str, float] = {}
+    for item in rest.split(","):
+        name, sep, value = item.strip().partition("=")
+        settings[name] = _setting_values(f"--variant '{text}'", name if sep else "", [value])[0]
+    return row.strip(), settings
+
+
+def variant_rows(rows: list[Row], variants: list[tuple[str, dict[str, float]]]) -> list[Row]:
+    """One row per variant of a selected row, its settings changed together: 'row[p=v,q=w]' (not plotted)."""
+    by_name = {r.name: r for r in rows}
+    out = []
+    for name, settings in variants:
+        if name not in by_name:
+            continue
+        row = by_name[name]
+        label = ",".join(f"{p}={v:g}" for p, v in settings.items())
+        out.append(dataclasses.replace(row, name=f"{name}[{label}]", overrides=dict(settings)))
+    return out
 
 
 def sweep_rows(row: Row, sweeps: dict[str, list[float]]) -> list[Row]:
@@ -113,6 +145,16 @@ def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[
     for name in options.rows or []:
         if name not in all_rows:
             raise InputError(f"--rows: unknown row '{name}'; valid: {', '.join(all_rows)}")
+    for name, settings in options.variants:
+        if name not in all_rows:
+            raise InputError(f"--variant: unknown row '{name}'; valid: {', '.join(all_rows)}")
+        if options.rows is not None and name not in options.rows:
+            raise InputError(f"--variant: row '{name}' is not among --rows; add it there")
+        for row in (get_suite(s).rows[name] for s in suite_names() if name in get_suite(s).rows):
+            bad = [p for p in settings if p not in row.sweepable]
+            if bad:
+                raise InputError(f"--variant: row '{name}' cannot vary {', '.join(bad)}; it varies "
+                                 f"{', '.join(row.sweepable) or 'nothing'}")
     caps: set[str] | None = None
     for name in suite_names():
         suite = get_suite(name)
@@ -129,7 +171,7 @@ def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[
         references = [c for c in sel if c.reference]
         gen = [c for c in sel if not c.reference]
         rows = [r for r in suite.rows.values() if options.rows is None or r.name in options.rows]
-        rows += [v for r in rows for v in sweep_rows(r, options.sweeps)]
+        rows += [v for r in rows for v in sweep_rows(r, options.sweeps)] + variant_rows(rows, options.variants)
         if rows and suite.needs_model_to_score:
             ctx.features()  # a missing extractor is an error now, not after an hour of generation
         for row in rows:
