@@ -53,6 +53,7 @@ KEEP_IOU = 0.5
 PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
 SWAP_STRENGTH = 0.5  # swap_partial: invert half the steps (seed 5, n = 60: 0.70 vs 0.63 at 0.4 and 0.62 at 0.6)
 SWAP_SETTINGS = ("strength", "keep_attention", "cross_attention", *SAMPLER_SETTINGS)
+INPAINT_SETTINGS = ("resample", "resample_until", *SAMPLER_SETTINGS)
 INPAINT_RESAMPLE = 3  # inpaint_resample: passes per step (seed 5, n = 60: 0.50 vs 0.27 without; 5 passes 0.43)
 MASK_MARGIN = 0.03  # the inpainting box mask is the union of the old and new boxes grown by this (normalised)
 _STREAM = 7_000_000
@@ -368,16 +369,16 @@ def _rows() -> dict[str, Row]:
             generate_batch=batched(lambda c: c.prompt, img2img_controls), categories=("swap",),
             needs=lambda c: ["img2img"], params={"strength": 0.6}, sweepable=("strength", *SAMPLER_SETTINGS)),
         Row("inpaint", "method", "blended-latent inpainting of the mask, known pixels pasted back", inpaint,
-            generate_batch=inpaint_batch, categories=("inpaint",), sweepable=SAMPLER_SETTINGS),
+            generate_batch=inpaint_batch, categories=("inpaint",), sweepable=INPAINT_SETTINGS),
         Row("inpaint_resample", "method", f"inpainting with RePaint-style resampling ({INPAINT_RESAMPLE} passes "
             "per step)", inpaint, generate_batch=inpaint_batch, categories=("inpaint",),
-            params={"resample": INPAINT_RESAMPLE}, sweepable=("resample", "resample_until", *SAMPLER_SETTINGS)),
+            params={"resample": INPAINT_RESAMPLE}, sweepable=INPAINT_SETTINGS),
         Row("inpaint_guided", "method", "inpainting + the region guide drawing the new colour into the mask",
             lambda ctx, case: ctx.generate(case, inpaint_guided_controls(ctx, [case])),
             generate_batch=batched(lambda c: c.prompt, inpaint_guided_controls), categories=("inpaint",),
-            params={"s0": 0.0, "m": 10, "lr": 0.1}, sweepable=("s0", "m", "lr", *SAMPLER_SETTINGS)),
+            params={"s0": 0.0, "m": 10, "lr": 0.1}, sweepable=("s0", "m", "lr", *INPAINT_SETTINGS)),
         Row("inpaint_latent_only", "method", "blended-latent inpainting without the pixel paste-back", inpaint,
-            generate_batch=inpaint_batch, categories=("inpaint",), params={"paste": 0}, sweepable=SAMPLER_SETTINGS),
+            generate_batch=inpaint_batch, categories=("inpaint",), params={"paste": 0}, sweepable=INPAINT_SETTINGS),
     ]  # fmt: skip
     return {r.name: r for r in rows}
 
