@@ -213,33 +213,30 @@ def test_a_batch_of_edits_gives_each_edit_as_alone_and_each_replays(bundle, imag
         GenerationRequest(prompt="x", negative_prompt=["a", "b"], n=3).validate()
 
 
-def test_keeping_source_attention_replays_its_queries_and_keys(bundle, image):
-    plain = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0), progress=False)
-    kept = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0, keep_attention=1.0), progress=False)
-    assert not torch.allclose(plain.latents, kept.latents, atol=1e-4)
-    # with the source prompt on both sides, replaying its own q/k changes nothing
-    same = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0, keep_attention=1.0), progress=False)
-    base = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0), progress=False)
-    torch.testing.assert_close(same.latents, base.latents, atol=1e-5, rtol=1e-4)
-    for m in self_attention_modules(bundle.unet).values():  # hooks removed afterwards
-        assert not m.to_q._forward_hooks and not m.to_k._forward_hooks
-
-
-def test_prompt_to_prompt_replays_the_source_cross_attention_and_restores_the_unet(bundle, image):
+@pytest.mark.parametrize("option", ["keep_attention", "cross_attention"])
+def test_replaying_source_attention_changes_the_edit_and_leaves_the_unet_as_it_was(bundle, image, option):
+    """keep_attention: attn1 queries/keys (forward hooks); cross_attention: attn2 maps (prompt-to-prompt)."""
     from mmsynth.sample.inversion import attention_modules
 
     before = {k: type(v) for k, v in bundle.unet.attn_processors.items()}
     plain = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0), progress=False)
-    p2p = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0, cross_attention=1.0), progress=False)
-    assert not torch.allclose(plain.latents, p2p.latents, atol=1e-4)
-    # the source's own maps replayed under the source prompt change nothing (classic processor == SDPA's)
-    same = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0, cross_attention=1.0), progress=False)
+    kept = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0, **{option: 1.0}), progress=False)
+    assert not torch.allclose(plain.latents, kept.latents, atol=1e-4)
+    # with the source prompt on both sides, replaying its own attention changes nothing (for attn2 this also
+    # shows diffusers' classic processor computing what the default SDPA one does)
+    same = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0, **{option: 1.0}), progress=False)
     base = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0), progress=False)
     torch.testing.assert_close(same.latents, base.latents, atol=1e-5, rtol=1e-4)
+    for m in self_attention_modules(bundle.unet).values():  # hooks removed, processors restored afterwards
+        assert not m.to_q._forward_hooks and not m.to_k._forward_hooks
     assert {k: type(v) for k, v in bundle.unet.attn_processors.items()} == before
     assert not any("get_attention_scores" in m.__dict__ for m in attention_modules(bundle.unet, "attn2").values())
-    replay = sample(bundle, GenerationRequest.from_json(p2p.requests[0].to_json()), progress=False)
-    assert torch.equal(replay.latents, p2p.latents)
+    replay = sample(bundle, GenerationRequest.from_json(kept.requests[0].to_json()), progress=False)
+    assert torch.equal(replay.latents, kept.latents)
+
+
+def test_prompt_to_prompt_needs_prompts_of_equally_many_tokens(bundle, image):
+    before = {k: type(v) for k, v in bundle.unet.attn_processors.items()}
     with pytest.raises(InputError, match="swaps words one for one"):
         sample(bundle, edit_request(image, SOURCE, "a big blue circle", steps=2, cross_attention=0.5), progress=False)
     assert {k: type(v) for k, v in bundle.unet.attn_processors.items()} == before

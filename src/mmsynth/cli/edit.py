@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
                    "of the steps (0 = off, e.g. 0.8; the prompts must differ only by swapped words)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="partial inversion: invert only this fraction of the steps and edit from there (default 1 = "
-                   "from x_T; 0.5 keeps more of the image and edited the zoo's test renders best, docs/guidance.md)")
+                   "from x_T; 0.5 keeps more of the image and edited the zoo's test renders best: docs/editing.md)")
     p.add_argument("--no-negative-prompt-inversion", action="store_true",
                    help="use an empty negative prompt instead of the source prompt")
     guidance_options.add_arguments(p, latents=False)
