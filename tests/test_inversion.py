@@ -312,10 +312,35 @@ def test_resampled_inpainting_repeats_the_early_steps_and_still_keeps_the_outsid
                [_inversion(image), BlendedInpaint(image=image, mask=mask, resample=2)], progress=False, decode=False)
 
 
-def _timesteps(bundle, steps):
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
+def test_resampling_by_jumps_redoes_each_stretch_and_rewinds_the_scheduler(bundle, image, scheduler):
+    r = bundle.resolution
+    mask = np.zeros((r, r), np.uint8)
+    mask[:, : r // 2] = 255
+    request = GenerationRequest(prompt=SOURCE, steps=6, seed=0, scheduler=scheduler)
+    calls = []
+    handle = bundle.unet.register_forward_pre_hook(lambda m, a: calls.append(int(a[1])))
+    try:
+        out = sample(bundle, request, [BlendedInpaint(image=image, mask=mask, feather=0, resample=3, jump_length=2,
+                                                      resample_until=0.5)], progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    t = [int(x) for x in _timesteps(bundle, 6, scheduler)]
+    # stretches [0, 1] and [2, 3] start in the first half: each runs 3 times; [4, 5] once
+    assert calls == t[0:2] * 3 + t[2:4] * 3 + t[4:6]
+    torch.testing.assert_close(out.latents[..., r // 8:], _x0(bundle, image)[..., r // 8:])  # known half: the source
+    replay = sample(bundle, GenerationRequest.from_dict(out.requests[0].to_dict()), progress=False)
+    assert torch.equal(replay.latents, out.latents)
+    plain = sample(bundle, request, [BlendedInpaint(image=image, mask=mask, feather=0)], progress=False)
+    assert not torch.allclose(plain.latents, out.latents)
+    with pytest.raises(InputError, match="jump_length"):
+        BlendedInpaint(image=image, mask=mask, jump_length=0)
+
+
+def _timesteps(bundle, steps, scheduler="ddim"):
     from mmsynth.sample.schedulers import make_scheduler
 
-    s = make_scheduler("ddim", bundle.scheduler)
+    s = make_scheduler(scheduler, bundle.scheduler)
     s.set_timesteps(steps)
     return s.timesteps
 

@@ -13,6 +13,7 @@ method mmsynth must host (see DESIGN.md, "The one sampler and its controls"):
 - `after_step` work on the latent the scheduler returned (blended-latent inpainting), on every pass.
 - `repeats`  how many times to run this step (self-recurrence, RePaint resampling): the loop re-noises
              the latent `after_step` returned and rewinds the scheduler between passes.
+- `jump`     after a step, go back several steps (RePaint's jumps): re-noised to that level, redone.
 - `start`    the initial latents and timesteps (img2img / SDEdit, inversion from an image).
 - `decoded`  work on the decoded images (pasting known pixels back); `close` always runs at the end.
 
@@ -333,8 +334,13 @@ class Control:
         return 1
 
     def recurrence(self) -> int:
-        """The most passes `repeats` may ask for in a run (> 1: the control cannot run inside an inversion)."""
+        """The most passes `repeats` (or `jump`) may ask for in a run (> 1: it cannot run inside an inversion)."""
         return 1
+
+    def jump(self, ctx: Context, step: Step) -> int:
+        """After this step, go back this many steps (RePaint's jumps; 0 = go on): the loop re-noises the latent
+        to the level of the step it returns to and restores the scheduler as it was there."""
+        return 0
 
     def wants_gradient(self, ctx: Context, step: Step) -> bool:
         """True: the loop computes this step's guided prediction with gradients, from latents that require them,

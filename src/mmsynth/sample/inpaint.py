@@ -7,7 +7,8 @@ known pixels are pasted back exactly, with the seam feathered INSIDE the mask (p
 mask are the source's, bit for bit).
 
 Mask convention (diffusers'): white / 1 = repaint, black / 0 = keep. The mask must be binary and the
-source image's size. Hooks used: `prepare` (encode the source), `after_step` (blend), `decoded` (paste).
+source image's size. Hooks used: `prepare` (encode the source), `after_step` (blend), `decoded` (paste),
+and for RePaint-style resampling (Lugmayr et al. 2022) `repeats` or `jump`.
 It composes with text, img2img (start from the noised source: `Img2Img` with the same image) and
 universal guidance (its gradient sees the blended latents).
 """
@@ -56,7 +57,10 @@ def binary_mask(value: Any, what: str = "mask") -> np.ndarray:
 @dataclass(kw_only=True)
 class BlendedInpaint(Control):
     """image: the source (HxWx3); mask: HxW binary, white = repaint; feather: seam width in pixels (0 = hard);
-    paste: paste the known pixels back after decoding (False shows what latent blending alone keeps).
+    paste: paste the known pixels back after decoding (False shows what latent blending alone keeps);
+    resample r: RePaint-style resampling, every step run r times (jump_length 1: each step redone from its
+    re-noised blend) or every stretch of jump_length steps run r times (re-noised back over the stretch), over
+    the first resample_until of the steps.
     image and mask may also be lists of n (image i of the batch inpaints source i under mask i)."""
 
     name: ClassVar[str] = "inpaint"
@@ -68,6 +72,7 @@ class BlendedInpaint(Control):
     paste: bool = True
     resample: int = 1
     resample_until: float = 1.0
+    jump_length: int = 1
 
     def __post_init__(self) -> None:
         empty = [v is None or (isinstance(v, list) and not v) for v in (self.image, self.mask)]
@@ -96,14 +101,31 @@ class BlendedInpaint(Control):
             raise InputError(f"resample (passes per step, RePaint) must be an integer >= 1, got {self.resample!r}")
         if not is_number(self.resample_until) or not 0 <= self.resample_until <= 1:
             raise InputError(f"resample_until must be a fraction of the steps in [0, 1], got {self.resample_until!r}")
+        j = self.jump_length
+        if not isinstance(j, int) or isinstance(j, bool) or j < 1:
+            raise InputError(f"jump_length (steps redone at once when resampling) must be an integer >= 1, got {j!r}")
 
     def repeats(self, ctx: Context, step: Step) -> int:
-        return self.resample if step.fraction < self.resample_until else 1
+        return self.resample if self.jump_length == 1 and step.fraction < self.resample_until else 1
+
+    def jump(self, ctx: Context, step: Step) -> int:
+        """jump_length j > 1: after every j-th step go back j steps, until each stretch has run `resample` times."""
+        j = self.jump_length
+        if j == 1 or self.resample == 1 or (step.index + 1) % j:
+            return 0
+        if (step.index + 1 - j) / step.count >= self.resample_until:
+            return 0
+        done = self._jumps.get(step.index, 0)
+        if done + 1 >= self.resample:
+            return 0
+        self._jumps[step.index] = done + 1
+        return j
 
     def recurrence(self) -> int:
         return self.resample
 
     def prepare(self, ctx: Context) -> None:
+        self._jumps: dict[int, int] = {}  # step index -> jumps made back from it
         images = self.image if isinstance(self.image, list) else [self.image]
         masks = self.mask if isinstance(self.mask, list) else [self.mask]
         check_batch_length(self.image, ctx.request.n, "inpainting", "images")

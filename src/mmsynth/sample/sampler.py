@@ -248,12 +248,14 @@ class Context:
         latents = (latents / vae.config.scaling_factor).to(vae.dtype)
         return vae.decode(latents, return_dict=False)[0].to(self.dtype)
 
-    def renoise(self, latents: torch.Tensor, step: Step) -> torch.Tensor:
-        """Take the latent at step.t-1 back to step.t with fresh noise (universal guidance's self-recurrence)."""
+    def renoise(self, latents: torch.Tensor, step: Step, target: Step | None = None) -> torch.Tensor:
+        """Take the latent `step` returned (at its next level) back to the level of `target` (default: step itself)
+        with fresh noise, q(z_t | z_s): self-recurrence re-noises one step, RePaint's jumps several."""
+        target = target or step
         s_prev = math.sqrt(step.alpha_bar_prev) if self.sigma_space else 1.0
-        ratio = step.alpha_bar / step.alpha_bar_prev
+        ratio = target.alpha_bar / step.alpha_bar_prev
         z = math.sqrt(ratio) * latents * s_prev + math.sqrt(max(1.0 - ratio, 0.0)) * self.noise(latents.shape)
-        return z / step.input_scale
+        return z / target.input_scale
 
 
 # ---------------------------------------------------------------------------------------------- batching helpers
@@ -337,6 +339,30 @@ def _denoise_step(ctx: Context, step: Step) -> torch.Tensor:
     return prev
 
 
+def _run_steps(ctx: Context, progress: bool) -> None:
+    """Every step in order; a control's `jump` sends the loop back (re-noised, the scheduler as it was there)."""
+    jumpers = any(type(c).jump is not Control.jump for c in ctx.controls)
+    snapshots: dict[int, Any] = {}
+    i = 0
+    with tqdm(total=len(ctx.timesteps), desc="sampling", disable=not progress, leave=False) as bar:
+        while i < len(ctx.timesteps):
+            step = ctx.make_step(i)
+            if jumpers:
+                snapshots[i] = copy.deepcopy(ctx.scheduler)
+            ctx.latents = _denoise_step(ctx, step)
+            back = max([c.jump(ctx, step) for c in ctx.active(step)], default=0) if jumpers else 0
+            if not 0 <= back <= i + 1:
+                raise ValueError(f"a control asked to jump back {back} steps from step {i}")
+            if back:
+                target = ctx.make_step(i + 1 - back)
+                ctx.latents = ctx.renoise(ctx.latents, step, target)
+                ctx.scheduler = snapshots[target.index]
+                i = target.index
+                continue
+            bar.update(1)
+            i += 1
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] n x 3 x H x W -> n x H x W x 3 uint8, rounded like diffusers' image processor."""
     x = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
@@ -360,8 +386,7 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
         for c in controls:
             c.prepare(ctx)
         _start(ctx)
-        for i in tqdm(range(len(ctx.timesteps)), desc="sampling", disable=not progress, leave=False):
-            ctx.latents = _denoise_step(ctx, ctx.make_step(i))
+        _run_steps(ctx, progress)
         images = np.zeros((0, ctx.height, ctx.width, 3), np.uint8)
         if decode:
             pixels = ctx.decode(ctx.latents)

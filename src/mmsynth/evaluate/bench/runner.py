@@ -38,6 +38,7 @@ SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "cross_attention": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps replaying its cross-attention)"),
     "resample": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (inpainting passes per step)"),
     "resample_until": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps resampled)"),
+    "jump_length": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (steps redone at once when resampling)"),
 }
 
 
