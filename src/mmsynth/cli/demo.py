@@ -163,7 +163,8 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
         "## Guidance and editing\n![guidance and editing](guidance_edit.png)\n\n"
         "Universal guidance towards a target palette and boxes (same prompt and seed as the unguided image), "
         "DDIM inversion and reconstruction, prompt-swap editing of a render inverted half way, and blended-latent "
-        f"inpainting with RePaint-style resampling, all through the one sampler at {args.steps} steps. Measured: `mmsynth bench run --suite "
+        f"inpainting with RePaint-style resampling, all through the one sampler at {args.steps} steps. "
+        "Measured: `mmsynth bench run --suite "
         "guidance,edit` (docs/bench.md).\n"
     )
 
