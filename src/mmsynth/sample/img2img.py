@@ -8,7 +8,6 @@ strength 1 keeps nothing of the image's structure; small strengths only retouch 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, check_batch_length, decode_array, register_control
+from mmsynth.sample.controls import Control, check_batch_length, decode_array, is_number, register_control
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -37,7 +36,7 @@ class Img2Img(Control):
 
     def __post_init__(self) -> None:
         s = self.strength
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 < s <= 1:
+        if not is_number(s) or not 0 < s <= 1:
             raise InputError(f"strength must be a number in (0, 1] (1 = ignore the image's structure), got {s!r}")
         if self.image is None or (isinstance(self.image, list) and not self.image):
             raise InputError("img2img needs an init image (an image file path or an HxWx3 array)")
@@ -63,16 +62,22 @@ class Img2Img(Control):
         return 2.0 * x - 1.0
 
     def start(self, ctx: Context) -> bool:
-        steps = len(ctx.timesteps)
-        skip = (steps - kept_steps(steps, self.strength)) * ctx.scheduler.order
-        ctx.timesteps = ctx.scheduler.timesteps[skip:]
-        if hasattr(ctx.scheduler, "set_begin_index"):
-            ctx.scheduler.set_begin_index(skip)
+        skip_to_strength(ctx, self.strength)
         n = ctx.request.n
         init = ctx.encode(self.pixels(ctx.height, ctx.width, n))
         t0 = ctx.timesteps[:1].repeat(n)
         ctx.latents = ctx.scheduler.add_noise(init, ctx.noise(init.shape), t0)
         return True
+
+
+def skip_to_strength(ctx: Context, strength: float) -> None:
+    """Run only the last kept_steps of the loop's timesteps (img2img, partial inversion): the scheduler starts
+    at the first of them (`set_begin_index`, so multistep solvers index their sigmas right)."""
+    steps = len(ctx.timesteps)
+    skip = (steps - kept_steps(steps, strength)) * ctx.scheduler.order
+    ctx.timesteps = ctx.scheduler.timesteps[skip:]
+    if hasattr(ctx.scheduler, "set_begin_index"):
+        ctx.scheduler.set_begin_index(skip)
 
 
 def kept_steps(steps: int, strength: float) -> int:

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, register_control
-from mmsynth.sample.img2img import _as_rgb, kept_steps
+from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, is_number, register_control
+from mmsynth.sample.img2img import _as_rgb, kept_steps, skip_to_strength
 from mmsynth.sample.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -154,8 +154,7 @@ class InitialLatents(Control):
 
 
 def check_strength(strength: Any) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
-            math.isfinite(strength) and 0 < strength <= 1):
+    if not is_number(strength) or not 0 < strength <= 1:
         raise InputError(f"inversion strength must be a number in (0, 1] (the fraction of the steps to invert; "
                          f"1 = all the way to x_T), got {strength!r}")
 
@@ -211,10 +210,7 @@ class InvertedLatents(Control):
         x = x if x.shape[0] == ctx.request.n else x.repeat(ctx.request.n, 1, 1, 1)
         scale = ctx.scheduler.init_noise_sigma
         if self.strength < 1:  # start where img2img of this strength starts, at the level the inversion reached
-            skip = (steps - kept_steps(steps, self.strength)) * ctx.scheduler.order
-            ctx.timesteps = ctx.scheduler.timesteps[skip:]
-            if hasattr(ctx.scheduler, "set_begin_index"):
-                ctx.scheduler.set_begin_index(skip)
+            skip_to_strength(ctx, self.strength)
             if ctx.sigma_space:  # x0 + sigma * eps = x_t / sqrt(abar_t)
                 scale = 1.0 / math.sqrt(float(ctx.scheduler.alphas_cumprod[int(ctx.timesteps[0])]))
         ctx.latents = x.to(ctx.device, ctx.dtype) * scale
@@ -321,7 +317,7 @@ class _SourceReplay(Control):
 
     def __post_init__(self) -> None:
         _check_prompts(self.source_prompt, f"{self.name} source_prompt", "the source image's caption")
-        if not isinstance(self.until, (int, float)) or isinstance(self.until, bool) or not 0 <= self.until <= 1:
+        if not is_number(self.until) or not 0 <= self.until <= 1:
             raise InputError(f"{self.name} until must be a fraction of the steps in [0, 1], got {self.until!r}")
 
     def prepare(self, ctx: Context) -> None:
