@@ -22,7 +22,7 @@ from mmsynth.evaluate.bench import (
     run_bench,
     write_cases,
 )
-from mmsynth.evaluate.bench.edit_suite import mask_array, source_image
+from mmsynth.evaluate.bench.edit_suite import inpaint_prompt, mask_array, new_object, source_image
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,23 @@ def test_inpaint_cases_render_the_new_object_inside_the_mask(edit_cases):
             m = mask_array(c)
             assert m[int(y0 * 64) + 1, int(x0 * 64) + 1] and m[int(y1 * 64) - 2, int(x1 * 64) - 2]
             assert render(c.scene, 64).shape == (64, 64, 3)
+
+
+def test_the_object_prompt_setting_names_only_the_new_object(bundle, edit_cases):
+    case = next(c for c in edit_cases if c.category == "inpaint")
+    new = new_object(case)
+    scene_ctx = _ctx(bundle)
+    object_ctx = dataclasses.replace(scene_ctx, params={"object_prompt": 1})
+    assert inpaint_prompt(scene_ctx, case) == case.prompt and " and " in case.prompt  # both objects
+    assert inpaint_prompt(object_ctx, case) == f"a {new.color} {new.shape}"
+    row = dataclasses.replace(get_suite("edit").rows["inpaint"], overrides={"steps": 3, "object_prompt": 1})
+    todo = [c for c in edit_cases if c.category == "inpaint"]
+    alone = [img for _, img in generate_shard(dataclasses.replace(scene_ctx, batch_size=1), row, todo)]
+    batch = [img for _, img in generate_shard(dataclasses.replace(scene_ctx, batch_size=3), row, todo)]
+    plain = [img for _, img in generate_shard(scene_ctx, dataclasses.replace(row, overrides={"steps": 3}), todo)]
+    for a, b, p in zip(alone, batch, plain):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+        assert np.abs(a.astype(int) - p.astype(int)).max() > 2  # the prompt reached the sampler
 
 
 @pytest.mark.parametrize(("row_name", "category"), [("palette_backward", "palette"), ("box", "box"),

@@ -23,7 +23,7 @@ from mmsynth.sample import (
     sample,
     save_latents,
 )
-from mmsynth.sample.inversion import encode_mean, image_pixels, psnr, self_attention_modules
+from mmsynth.sample.inversion import InvertedLatents, encode_mean, image_pixels, psnr, self_attention_modules
 from mmsynth.sample.sampler import Context, encode_text, to_uint8
 
 SOURCE, EDITED = "a red circle", "a blue circle"
@@ -91,6 +91,18 @@ def test_partial_inversion_stops_where_img2img_of_that_strength_starts(bundle, i
         edit_request(image, SOURCE, EDITED, strength=1.5)
     with pytest.raises(InputError, match="runs no step"):
         invert(bundle, image, SOURCE, steps=4, strength=0.1)
+
+
+def test_an_inverted_latents_control_inverts_again_when_its_strength_changes(bundle, image):
+    request = GenerationRequest(prompt=EDITED, steps=6, cfg=1.0)
+    reused = InvertedLatents(image=image, source_prompt=SOURCE)
+    full = sample(bundle, request, [reused], progress=False, decode=False).latents
+    reused.strength = 0.5  # the cached x_T of the full inversion must not be reused for another strength
+    again = sample(bundle, request, [reused], progress=False, decode=False).latents
+    fresh = sample(bundle, request, [InvertedLatents(image=image, source_prompt=SOURCE, strength=0.5)],
+                   progress=False, decode=False).latents
+    torch.testing.assert_close(again, fresh)
+    assert not torch.allclose(again, full)
 
 
 def _start_at(skip):

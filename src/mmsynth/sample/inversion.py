@@ -201,7 +201,7 @@ class InvertedLatents(Control):
 
     def start(self, ctx: Context) -> bool:
         steps = len(ctx.timesteps)
-        key = (steps, ctx.height, ctx.width, id(ctx.bundle))
+        key = (steps, ctx.height, ctx.width, id(ctx.bundle), self.strength, self.inversion_cfg)  # fields may change
         if key not in self._cache:
             self._cache[key] = invert(ctx.bundle, self.image, self.source_prompt, steps=steps, cfg=self.inversion_cfg,
                                       height=ctx.height, width=ctx.width, strength=self.strength).latents

@@ -17,7 +17,8 @@ caption, sample with the edited one, negative-prompt inversion), swap_attention 
 self-attention for the first half of the steps), swap_partial (invert only half the steps and edit from there),
 img2img (SDEdit at a strength), inpaint, inpaint_resample (RePaint-style: each step redone from its re-noised
 blend), inpaint_guided (the region guide composed) and inpaint_latent_only (without pasting the known pixels
-back). Every model row gets cost_ratio against `regenerate`.
+back); inpainting rows prompt the edited scene's caption (the setting object_prompt=1: the new object alone).
+Every model row gets cost_ratio against `regenerate`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ KEEP_IOU = 0.5
 PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
 SWAP_STRENGTH = 0.5  # swap_partial: invert half the steps (seed 5, n = 60: 0.70 vs 0.63 at 0.4 and 0.62 at 0.6)
 SWAP_SETTINGS = ("strength", "keep_attention", "cross_attention", *SAMPLER_SETTINGS)
-INPAINT_SETTINGS = ("resample", "resample_until", "jump_length", *SAMPLER_SETTINGS)
+INPAINT_SETTINGS = ("resample", "resample_until", "jump_length", "object_prompt", *SAMPLER_SETTINGS)
 INPAINT_RESAMPLE = 3  # inpaint_resample: passes per step (seed 5, n = 60: 0.50 vs 0.27 without; 5 passes 0.43)
 MASK_MARGIN = 0.03  # the inpainting box mask is the union of the old and new boxes grown by this (normalised)
 _STREAM = 7_000_000
@@ -243,12 +244,32 @@ def inpaint_guided_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
             UniversalGuidance(guide=guides, s0=float(p["s0"]), m=int(p["m"]), lr=float(p["lr"]))]
 
 
+def inpaint_prompt(ctx: RunContext, case: Case) -> str:
+    """The text of an inpainting case: the edited scene's caption, or with the row setting `object_prompt` 1 the new
+    object alone (Blended Latent Diffusion's convention: the text describes what goes in the mask)."""
+    if not float(ctx.params.get("object_prompt", 0)):
+        return case.prompt
+    return _phrases(dataclasses.replace(case.scene, objects=[new_object(case)]))
+
+
 def img2img(ctx: RunContext, case: Case) -> np.ndarray:
     return ctx.generate(case, img2img_controls(ctx, [case]))
 
 
-def inpaint(ctx: RunContext, case: Case) -> np.ndarray:
-    return ctx.generate(case, inpaint_controls(ctx, [case]))
+Generator = Callable[[RunContext, Case], np.ndarray]
+BatchGenerator = Callable[[RunContext, list[Case]], list[np.ndarray]]
+
+
+def inpainter(controls_of: Callable[[RunContext, list[Case]], list[Any]]) -> tuple[Generator, BatchGenerator]:
+    """(one case, a batch of cases) generators of an inpainting row under its prompt setting."""
+
+    def one(ctx: RunContext, case: Case) -> np.ndarray:
+        return ctx.generate(case, controls_of(ctx, [case]), prompt=inpaint_prompt(ctx, case))
+
+    def batch(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
+        return batched(lambda c: inpaint_prompt(ctx, c), controls_of)(ctx, cases)
+
+    return one, batch
 
 
 # ---------------------------------------------------------------- scoring
@@ -340,7 +361,8 @@ def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
     return tiles
 
 
-inpaint_batch = batched(lambda c: c.prompt, inpaint_controls)
+inpaint, inpaint_batch = inpainter(inpaint_controls)
+inpaint_guided, inpaint_guided_batch = inpainter(inpaint_guided_controls)
 
 
 def _rows() -> dict[str, Row]:
@@ -375,8 +397,7 @@ def _rows() -> dict[str, Row]:
             "per step)", inpaint, generate_batch=inpaint_batch, categories=("inpaint",),
             params={"resample": INPAINT_RESAMPLE}, sweepable=INPAINT_SETTINGS),
         Row("inpaint_guided", "method", "inpainting + the region guide drawing the new colour into the mask",
-            lambda ctx, case: ctx.generate(case, inpaint_guided_controls(ctx, [case])),
-            generate_batch=batched(lambda c: c.prompt, inpaint_guided_controls), categories=("inpaint",),
+            inpaint_guided, generate_batch=inpaint_guided_batch, categories=("inpaint",),
             params={"s0": 0.0, "m": 10, "lr": 0.1}, sweepable=("s0", "m", "lr", *INPAINT_SETTINGS)),
         Row("inpaint_latent_only", "method", "blended-latent inpainting without the pixel paste-back", inpaint,
             generate_batch=inpaint_batch, categories=("inpaint",), params={"paste": 0}, sweepable=INPAINT_SETTINGS),
