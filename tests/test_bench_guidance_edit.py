@@ -194,6 +194,7 @@ def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_
 
 
 @pytest.mark.parametrize(("row_name", "category"), [("inversion_dpmpp-2m", "inversion"), ("img2img", "swap"),
+                                                    ("inversion_null_text", "inversion"),
                                                     ("inpaint", "inpaint"), ("inpaint_latent_only", "inpaint"),
                                                     ("inpaint_guided", "inpaint"), ("inpaint_resample", "inpaint"),
                                                     ("swap", "swap"), ("swap_attention", "swap"),

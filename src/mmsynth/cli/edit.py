@@ -4,7 +4,9 @@ The image is inverted under --source-prompt and regenerated under --prompt from 
 the source prompt is also the negative prompt (negative-prompt inversion), so CFG > 1 keeps what the
 prompts share; --keep-attention F replays the source's self-attention queries/keys for the first F of
 the steps (structure kept, content from the new prompt); --strength F inverts only the first F of the steps
-and edits from there (partial inversion: more of the image kept). --mask limits the edit to a region, --guide
+and edits from there (partial inversion: more of the image kept); --null-text N tunes the unconditional
+embedding of every step (null-text inversion, N Adam steps each) so that the cfg > 1 edit starts from an exact
+reconstruction. --mask limits the edit to a region, --guide
 adds universal guidance. The output folder is `mmsynth generate`'s; its request replays the whole edit.
 """
 
@@ -43,8 +45,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--strength", type=float, default=1.0,
                    help="partial inversion: invert only this fraction of the steps and edit from there (default 1 = "
                    "from x_T; 0.5 keeps more of the image and edited the zoo's test renders best: docs/editing.md)")
+    p.add_argument("--null-text", type=int, default=0, metavar="N",
+                   help="null-text inversion: tune the unconditional embedding of each step with N Adam steps "
+                   "(0 = off; the paper: 10; costs about 4x an edit; DDIM only, cfg > 1)")
     p.add_argument("--no-negative-prompt-inversion", action="store_true",
-                   help="use an empty negative prompt instead of the source prompt")
+                   help="use an empty negative prompt instead of the source prompt (implied by --null-text)")
     guidance_options.add_arguments(p, latents=False)
     p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                            scheduler=args.scheduler, keep_attention=args.keep_attention,
                            cross_attention=args.cross_attention,
                            negative_prompt_inversion=not args.no_negative_prompt_inversion,
-                           model=args.model or DEFAULT_MODEL, strength=args.strength)
+                           model=args.model or DEFAULT_MODEL, strength=args.strength, null_text=args.null_text)
     request.controls += guidance_options.controls_from_args(args, image)
     request.validate()
     bundle = load_bundle(args.model, args.device)

@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "InitialLatents": "mmsynth.sample.inversion",
     "InvertedLatents": "mmsynth.sample.inversion",
     "ModelInputs": "mmsynth.sample.controls",
+    "NullTextInversion": "mmsynth.sample.null_text",
     "SCHEDULERS": "mmsynth.sample.schedulers",
     "SampleResult": "mmsynth.sample.sampler",
     "Schedule": "mmsynth.sample.controls",

@@ -380,6 +380,7 @@ def _load_builtin_controls() -> None:
     import mmsynth.sample.img2img
     import mmsynth.sample.inpaint
     import mmsynth.sample.inversion
+    import mmsynth.sample.null_text
     import mmsynth.sample.universal  # noqa: F401
 
 

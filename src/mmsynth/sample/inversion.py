@@ -200,12 +200,20 @@ class InvertedLatents(Control):
         self._cache: dict[Any, torch.Tensor] = {}
 
     def start(self, ctx: Context) -> bool:
-        steps = len(ctx.timesteps)
-        key = (steps, ctx.height, ctx.width, id(ctx.bundle), self.strength, self.inversion_cfg)  # fields may change
+        key = self.cache_key(ctx)
         if key not in self._cache:
-            self._cache[key] = invert(ctx.bundle, self.image, self.source_prompt, steps=steps, cfg=self.inversion_cfg,
-                                      height=ctx.height, width=ctx.width, strength=self.strength).latents
-        x = self._cache[key]
+            self._cache[key] = invert(ctx.bundle, self.image, self.source_prompt, steps=len(ctx.timesteps),
+                                      cfg=self.inversion_cfg, height=ctx.height, width=ctx.width,
+                                      strength=self.strength).latents  # fmt: skip
+        self.begin(ctx, self._cache[key])
+        return True
+
+    def cache_key(self, ctx: Context) -> tuple:
+        """What the inversion depends on besides the image (fields may change between runs)."""
+        return len(ctx.timesteps), ctx.height, ctx.width, id(ctx.bundle), self.strength, self.inversion_cfg
+
+    def begin(self, ctx: Context, x: torch.Tensor) -> None:
+        """Start the run from the inverted latents `x` (at the level the inversion reached, for strength < 1)."""
         check_latent_shape(x, ctx.latent_shape, "the inverted latents")
         x = x if x.shape[0] == ctx.request.n else x.repeat(ctx.request.n, 1, 1, 1)
         scale = ctx.scheduler.init_noise_sigma
@@ -214,7 +222,6 @@ class InvertedLatents(Control):
             if ctx.sigma_space:  # x0 + sigma * eps = x_t / sqrt(abar_t)
                 scale = 1.0 / math.sqrt(float(ctx.scheduler.alphas_cumprod[int(ctx.timesteps[0])]))
         ctx.latents = x.to(ctx.device, ctx.dtype) * scale
-        return True
 
 
 def _check_prompts(value: Any, name: str, what: str) -> None:
@@ -435,12 +442,14 @@ def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[
                  cfg: float = 5.0, seed: int = 0, scheduler: str = "ddim", keep_attention: float = 0.0,
                  cross_attention: float = 0.0,
                  negative_prompt_inversion: bool = True, inversion_cfg: float = 1.0,
-                 model: str | None = None, strength: float = 1.0) -> GenerationRequest:
+                 model: str | None = None, strength: float = 1.0, null_text: int = 0) -> GenerationRequest:
     """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt).
 
     Lists of n images, source prompts and prompts edit n images as one batch (image i as alone, seed + i).
     strength < 1: partial inversion (invert that fraction of the steps, edit only those). keep_attention /
     cross_attention: replay the source's self- / cross-attention for that fraction of the steps (0 = off).
+    null_text N > 0: null-text inversion with N Adam steps per step (`NullTextInversion`; it tunes the
+    unconditional branch from the empty prompt, so negative_prompt_inversion does not apply).
     """
     batch = isinstance(image, list)
     images = [_as_rgb(np.asarray(im)) for im in (image if batch else [image])]
@@ -449,8 +458,19 @@ def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[
         if batch != isinstance(value, list) or (batch and len(value) != n):
             raise InputError(f"edit: give one image and one {name}, or lists of equally many (one per image)")
     source: Any = images if batch else images[0]
-    controls: list[Control] = [InvertedLatents(image=source, source_prompt=source_prompt, inversion_cfg=inversion_cfg,
-                                               strength=strength)]
+    if not isinstance(null_text, int) or isinstance(null_text, bool) or null_text < 0:
+        raise InputError(f"null_text (Adam steps per step; 0 = off) must be an integer >= 0, got {null_text!r}")
+    start: Control
+    if null_text:
+        from mmsynth.sample.null_text import NullTextInversion
+
+        start = NullTextInversion(image=source, source_prompt=source_prompt, inversion_cfg=inversion_cfg,
+                                  strength=strength, inner_steps=null_text)
+        negative_prompt_inversion = False
+    else:
+        start = InvertedLatents(image=source, source_prompt=source_prompt, inversion_cfg=inversion_cfg,
+                                strength=strength)
+    controls: list[Control] = [start]
     if keep_attention > 0:
         controls.append(SourceAttention(source_prompt=source_prompt, until=keep_attention))
     if cross_attention > 0:

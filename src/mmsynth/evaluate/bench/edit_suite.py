@@ -12,7 +12,8 @@ Categories:
   inpaint_outside_psnr (pixels outside the mask vs the source), inpaint_inside_acc (a detection of the new colour
   and shape centred inside the mask).
 Rows: ground_truth (renders of the edited specs: the ceiling), regenerate (the target prompt from fresh noise: what
-an edit must beat on keeping things), inversion rows per reconstruction scheduler, swap (invert with the source
+an edit must beat on keeping things), inversion rows per reconstruction scheduler (cfg 1), inversion_null_text
+(null-text inversion: rebuilt at cfg 5, where plain inversion drifts), swap (invert with the source
 caption, sample with the edited one, negative-prompt inversion), swap_attention (also replaying the source's
 self-attention for the first half of the steps), swap_partial (invert only half the steps and edit from there),
 img2img (SDEdit at a strength), inpaint, inpaint_resample (RePaint-style: each step redone from its re-noised
@@ -51,9 +52,10 @@ INVERSION_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp-2m", "unipc", "euler")
 INVERSION_STEPS = 50
 EDIT_STEPS = 50
 KEEP_IOU = 0.5
+NULL_TEXT_STEPS = 10  # Adam steps per sampling step of null-text inversion (Mokady et al.'s setting)
 PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
 SWAP_STRENGTH = 0.5  # swap_partial: invert half the steps (seed 5, n = 60: 0.70 vs 0.63 at 0.4 and 0.62 at 0.6)
-SWAP_SETTINGS = ("strength", "keep_attention", "cross_attention", *SAMPLER_SETTINGS)
+SWAP_SETTINGS = ("strength", "keep_attention", "cross_attention", "null_text", *SAMPLER_SETTINGS)
 INPAINT_SETTINGS = ("resample", "resample_until", "jump_length", "object_prompt", *SAMPLER_SETTINGS)
 INPAINT_RESAMPLE = 3  # inpaint_resample: passes per step (seed 5, n = 60: 0.50 vs 0.27 without; 5 passes 0.43)
 MASK_MARGIN = 0.03  # the inpainting box mask is the union of the old and new boxes grown by this (normalised)
@@ -192,6 +194,20 @@ def inversion_batch(scheduler: str) -> Callable[[RunContext, list[Case]], list[n
     return generate
 
 
+def null_text_batch(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
+    """Null-text inversion of each render under its caption, rebuilt at the row's cfg with the tuned embeddings
+    (one batch: image i as alone, the tuning is per image and draws no noise)."""
+    from mmsynth.sample import GenerationRequest, NullTextInversion, sample
+
+    s, prompts, r = ctx.sampler, [c.prompt for c in cases], cases[0].resolution
+    if any(c.resolution != r for c in cases):
+        return [image for c in cases for image in null_text_batch(ctx, [c])]
+    control = NullTextInversion(image=[source_image(c) for c in cases], source_prompt=prompts,
+                                inner_steps=int(ctx.params.get("null_text", NULL_TEXT_STEPS)))
+    request = GenerationRequest(prompt=prompts, steps=s.steps, cfg=s.cfg, n=len(cases), height=r, width=r)
+    return list(sample(ctx.bundle(), request, [control], progress=False).images)
+
+
 def swap_batch(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
     """Invert each source with its caption, sample with the edited one (negative-prompt inversion: the source
     caption is the negative prompt), optionally replaying the source's self-attention (`keep_attention`); the
@@ -205,7 +221,8 @@ def swap_batch(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
                            [c.prompt for c in cases], steps=s.steps, cfg=s.cfg, seed=first.seed,
                            scheduler=s.scheduler, keep_attention=float(ctx.params.get("keep_attention", 0.0)),
                            cross_attention=float(ctx.params.get("cross_attention", 0.0)),
-                           strength=float(ctx.params.get("strength", 1.0)))
+                           strength=float(ctx.params.get("strength", 1.0)),
+                           null_text=int(ctx.params.get("null_text", 0)))
     return list(sample(ctx.bundle(), request, progress=False).images)
 
 
@@ -377,6 +394,11 @@ def _rows() -> dict[str, Row]:
                         inversion(sched), generate_batch=inversion_batch(sched), categories=("inversion",),
                         params={"steps": INVERSION_STEPS, "cfg": 1.0},
                         sweepable=("cfg", "steps")))  # fmt: skip
+    rows.append(Row("inversion_null_text", "method", f"null-text inversion ({INVERSION_STEPS} steps, "
+                    f"{NULL_TEXT_STEPS} Adam steps each), rebuilt at cfg 5", lambda ctx, case: null_text_batch(
+                        ctx, [case])[0], generate_batch=null_text_batch, categories=("inversion",),
+                    params={"steps": INVERSION_STEPS, "cfg": 5.0, "null_text": NULL_TEXT_STEPS},
+                    sweepable=("cfg", "steps", "null_text")))  # fmt: skip
     rows += [
         Row("swap", "method", "prompt-swap edit of the inverted source (negative-prompt inversion)", swap,
             generate_batch=swap_batch, categories=("swap",), params={"steps": EDIT_STEPS},
