@@ -27,3 +27,16 @@ def gradient_image(bundle):
     yy, xx = np.mgrid[0:r, 0:r]
     img = np.stack([xx * 255 // (r - 1), yy * 255 // (r - 1), (xx + yy) * 127 // (r - 1)], axis=-1)
     return img.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def gradient_latents(bundle, gradient_image):
+    """The VAE latent mean of gradient_image (z_0 of its DDIM inversion)."""
+    from mmsynth.sample import GenerationRequest
+    from mmsynth.sample.inversion import encode_mean, image_pixels
+    from mmsynth.sample.sampler import Context
+
+    ctx = Context.create(bundle, GenerationRequest(cfg=1.0), [])
+    r = bundle.resolution
+    with torch.no_grad():
+        return encode_mean(ctx, image_pixels(gradient_image, r, r, "image"))

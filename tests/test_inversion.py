@@ -23,7 +23,7 @@ from mmsynth.sample import (
     sample,
     save_latents,
 )
-from mmsynth.sample.inversion import InvertedLatents, encode_mean, image_pixels, psnr, self_attention_modules
+from mmsynth.sample.inversion import InvertedLatents, psnr, self_attention_modules
 from mmsynth.sample.sampler import Context, encode_text, to_uint8
 
 SOURCE, EDITED = "a red circle", "a blue circle"
@@ -34,21 +34,15 @@ def image(gradient_image):
     return gradient_image
 
 
-def _x0(bundle, image):
-    ctx = Context.create(bundle, GenerationRequest(cfg=1.0), [])
-    with torch.no_grad():
-        return encode_mean(ctx, image_pixels(image, bundle.resolution, bundle.resolution, "image"))
-
-
 # ---------------------------------------------------------------------------------------------- inversion
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
-def test_inversion_matches_the_ddim_inverse_scheduler_loop(bundle, image, cfg):
+def test_inversion_matches_the_ddim_inverse_scheduler_loop(bundle, image, cfg, gradient_latents):
     steps = 8
     ours = invert(bundle, image, SOURCE, steps=steps, cfg=cfg).latents
     inverse = DDIMInverseScheduler.from_config(bundle.scheduler.config)
     inverse.set_timesteps(steps)
     cond, uncond = encode_text(bundle, [SOURCE]), encode_text(bundle, [""])
-    z = _x0(bundle, image)
+    z = gradient_latents
     with torch.no_grad():
         for t in inverse.timesteps:
             if cfg == 1.0:
@@ -59,12 +53,12 @@ def test_inversion_matches_the_ddim_inverse_scheduler_loop(bundle, image, cfg):
                 eps = u + cfg * (c - u)
             z = inverse.step(eps, t, z).prev_sample
     torch.testing.assert_close(ours, z, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(ours, _x0(bundle, image))  # it went somewhere
+    assert not torch.allclose(ours, gradient_latents)  # it went somewhere
 
 
-def test_partial_inversion_stops_where_img2img_of_that_strength_starts(bundle, image):
+def test_partial_inversion_stops_where_img2img_of_that_strength_starts(bundle, image, gradient_latents):
     steps, strength = 8, 0.5
-    full_path, z = [], _x0(bundle, image)
+    full_path, z = [], gradient_latents
     inverse = DDIMInverseScheduler.from_config(bundle.scheduler.config)
     inverse.set_timesteps(steps)
     cond = encode_text(bundle, [SOURCE])
@@ -119,8 +113,8 @@ def _start_at(skip):
     return SkipFirst()
 
 
-def test_round_trip_converges_with_steps_and_reports_psnr(bundle, image, capsys):
-    x0 = _x0(bundle, image)
+def test_round_trip_converges_with_steps_and_reports_psnr(bundle, image, capsys, gradient_latents):
+    x0 = gradient_latents
     with torch.no_grad():
         vae_only = to_uint8(Context.create(bundle, GenerationRequest(), []).decode(x0))[0]
     errors, psnrs = {}, {}
@@ -284,17 +278,17 @@ def test_a_batch_inpaints_each_source_under_its_own_mask_and_each_replays(bundle
                mask=[m1, m2])], progress=False)  # fmt: skip
 
 
-def test_inpainting_blends_the_known_latents_at_every_step(bundle, image):
+def test_inpainting_blends_the_known_latents_at_every_step(bundle, image, gradient_latents):
     r = bundle.resolution
     mask = np.zeros((r, r), np.uint8)
     mask[:, : r // 2] = 255
     out = sample(bundle, GenerationRequest(prompt=SOURCE, steps=3, seed=0),
                  [BlendedInpaint(image=image, mask=mask, feather=0)], progress=False)
-    x0 = _x0(bundle, image)
+    x0 = gradient_latents
     torch.testing.assert_close(out.latents[..., r // 8:], x0[..., r // 8:])  # known half of the latent: the source
 
 
-def test_resampled_inpainting_repeats_the_early_steps_and_still_keeps_the_outside(bundle, image):
+def test_resampled_inpainting_repeats_the_early_steps_and_still_keeps_the_outside(bundle, image, gradient_latents):
     r = bundle.resolution
     mask = np.zeros((r, r), np.uint8)
     mask[:, : r // 2] = 255
@@ -308,7 +302,7 @@ def test_resampled_inpainting_repeats_the_early_steps_and_still_keeps_the_outsid
         handle.remove()
     t = [int(x) for x in _timesteps(bundle, 4)]
     assert calls == [t[0]] * 3 + [t[1]] * 3 + [t[2], t[3]]  # 3 passes over the first half of the steps
-    torch.testing.assert_close(out.latents[..., r // 8:], _x0(bundle, image)[..., r // 8:])  # known half: the source
+    torch.testing.assert_close(out.latents[..., r // 8:], gradient_latents[..., r // 8:])  # known half: the source
     assert np.array_equal(out.images[0][mask == 0], image[mask == 0])
     plain = sample(bundle, request, [BlendedInpaint(image=image, mask=mask, feather=0)], progress=False)
     assert not np.array_equal(plain.images[0], out.images[0])  # the repeats changed the repainted half
@@ -325,7 +319,7 @@ def test_resampled_inpainting_repeats_the_early_steps_and_still_keeps_the_outsid
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
-def test_resampling_by_jumps_redoes_each_stretch_and_rewinds_the_scheduler(bundle, image, scheduler):
+def test_resampling_by_jumps_redoes_each_stretch_and_rewinds_the_scheduler(bundle, image, scheduler, gradient_latents):
     r = bundle.resolution
     mask = np.zeros((r, r), np.uint8)
     mask[:, : r // 2] = 255
@@ -340,7 +334,7 @@ def test_resampling_by_jumps_redoes_each_stretch_and_rewinds_the_scheduler(bundl
     t = [int(x) for x in _timesteps(bundle, 6, scheduler)]
     # stretches [0, 1] and [2, 3] start in the first half: each runs 3 times; [4, 5] once
     assert calls == t[0:2] * 3 + t[2:4] * 3 + t[4:6]
-    torch.testing.assert_close(out.latents[..., r // 8:], _x0(bundle, image)[..., r // 8:])  # known half: the source
+    torch.testing.assert_close(out.latents[..., r // 8:], gradient_latents[..., r // 8:])  # known half: the source
     replay = sample(bundle, GenerationRequest.from_dict(out.requests[0].to_dict()), progress=False)
     assert torch.equal(replay.latents, out.latents)
     plain = sample(bundle, request, [BlendedInpaint(image=image, mask=mask, feather=0)], progress=False)

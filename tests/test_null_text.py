@@ -8,7 +8,6 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.sample import GenerationRequest, InvertedLatents, NullTextInversion, edit_request, sample
-from mmsynth.sample.inversion import encode_mean, image_pixels
 from mmsynth.sample.sampler import Context
 
 SOURCE = "a red circle"
@@ -19,19 +18,13 @@ def image(gradient_image):
     return gradient_image
 
 
-def _x0(bundle, image):
-    ctx = Context.create(bundle, GenerationRequest(cfg=1.0), [])
-    with torch.no_grad():
-        return encode_mean(ctx, image_pixels(image, bundle.resolution, bundle.resolution, "image"))
-
-
 def _latents(bundle, request, controls):
     return sample(bundle, request, controls, progress=False, decode=False).latents
 
 
-def test_tuned_null_text_rebuilds_the_source_at_cfg_5_better_than_plain_inversion(bundle, image):
+def test_tuned_null_text_rebuilds_the_source_at_cfg_5_better_than_plain_inversion(bundle, image, gradient_latents):
     request = GenerationRequest(prompt=SOURCE, steps=8, cfg=5.0)
-    x0 = _x0(bundle, image)
+    x0 = gradient_latents
     plain = _latents(bundle, request, [InvertedLatents(image=image, source_prompt=SOURCE)])
     control = NullTextInversion(image=image, source_prompt=SOURCE, inner_steps=10)
     tuned = _latents(bundle, request, [control])
