@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
                    "from x_T; 0.5 keeps more of the image and edited the zoo's test renders best: docs/editing.md)")
     p.add_argument("--null-text", type=int, default=0, metavar="N",
                    help="null-text inversion: tune the unconditional embedding of each step with N Adam steps "
-                   "(0 = off; the paper: 10; costs about 4x an edit; DDIM only, cfg > 1)")
+                   "(0 = off; the paper: 10; DDIM only, cfg > 1; the bench's inversion_null_text row costs ~15x plain "
+                   "inversion: docs/editing.md)")
     p.add_argument("--no-negative-prompt-inversion", action="store_true",
                    help="use an empty negative prompt instead of the source prompt (implied by --null-text)")
     guidance_options.add_arguments(p, latents=False)

@@ -48,6 +48,11 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def is_integer(x: Any) -> bool:
+    """An int (not a bool): what a count option of a control or a guide (passes, steps, cells) accepts."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 # ---------------------------------------------------------------------------------------------- schedule
 @dataclass
 class Schedule:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import is_number
+from mmsynth.sample.controls import is_integer, is_number
 
 Guide = Callable[[torch.Tensor], torch.Tensor]
 
@@ -194,7 +194,7 @@ def _check_energy(what: str, fill: Any, margin: Any, repel: Any, cells: Any) -> 
         raise InputError(f"{what} fill (share of the region the colour covers) must be in (0, 1], got {fill!r}")
     if not is_number(margin) or margin <= 0 or not is_number(repel) or repel < 0:
         raise InputError(f"{what} margin must be > 0 and repel >= 0 (Lab units), got {margin!r}, {repel!r}")
-    if not isinstance(cells, int) or isinstance(cells, bool) or cells < 0:
+    if not is_integer(cells) or cells < 0:
         raise InputError(f"{what} cells (pooling grid, 0 = full resolution) must be an integer >= 0, got {cells!r}")
 
 

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, is_number, register_control
+from mmsynth.sample.controls import (
+    Control,
+    Step,
+    check_batch_length,
+    decode_array,
+    is_integer,
+    is_number,
+    register_control,
+)
 from mmsynth.sample.img2img import _as_rgb
 from mmsynth.sample.inversion import encode_mean, image_pixels
 
@@ -97,12 +105,12 @@ class BlendedInpaint(Control):
             raise InputError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
         if not isinstance(self.paste, bool):
             raise InputError(f"paste must be true or false, got {self.paste!r}")
-        if not isinstance(self.resample, int) or isinstance(self.resample, bool) or self.resample < 1:
+        if not is_integer(self.resample) or self.resample < 1:
             raise InputError(f"resample (passes per step, RePaint) must be an integer >= 1, got {self.resample!r}")
         if not is_number(self.resample_until) or not 0 <= self.resample_until <= 1:
             raise InputError(f"resample_until must be a fraction of the steps in [0, 1], got {self.resample_until!r}")
         j = self.jump_length
-        if not isinstance(j, int) or isinstance(j, bool) or j < 1:
+        if not is_integer(j) or j < 1:
             raise InputError(f"jump_length (steps redone at once when resampling) must be an integer >= 1, got {j!r}")
 
     def repeats(self, ctx: Context, step: Step) -> int:

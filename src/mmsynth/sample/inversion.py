@@ -40,7 +40,15 @@ import numpy as np
 import torch
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, check_batch_length, decode_array, is_number, register_control
+from mmsynth.sample.controls import (
+    Control,
+    Step,
+    check_batch_length,
+    decode_array,
+    is_integer,
+    is_number,
+    register_control,
+)
 from mmsynth.sample.img2img import _as_rgb, kept_steps, skip_to_strength
 from mmsynth.sample.request import GenerationRequest
 
@@ -458,7 +466,7 @@ def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[
         if batch != isinstance(value, list) or (batch and len(value) != n):
             raise InputError(f"edit: give one image and one {name}, or lists of equally many (one per image)")
     source: Any = images if batch else images[0]
-    if not isinstance(null_text, int) or isinstance(null_text, bool) or null_text < 0:
+    if not is_integer(null_text) or null_text < 0:
         raise InputError(f"null_text (Adam steps per step; 0 = off) must be an integer >= 0, got {null_text!r}")
     start: Control
     if null_text:

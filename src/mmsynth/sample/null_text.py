@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Branch, Control, ModelInputs, Predict, Step, is_number, register_control
+from mmsynth.sample.controls import Branch, Control, ModelInputs, Predict, Step, is_integer, is_number, register_control
 from mmsynth.sample.inversion import InvertedLatents, invert
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class NullTextInversion(InvertedLatents):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.inner_steps, int) or isinstance(self.inner_steps, bool) or self.inner_steps < 1:
+        if not is_integer(self.inner_steps) or self.inner_steps < 1:
             raise InputError(f"null-text inversion inner_steps must be an integer >= 1, got {self.inner_steps!r}")
         if not is_number(self.lr) or self.lr <= 0:
             raise InputError(f"null-text inversion lr must be a number > 0, got {self.lr!r}")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, decode_value, encode_value, is_number, register_control
+from mmsynth.sample.controls import Control, Step, decode_value, encode_value, is_integer, is_number, register_control
 from mmsynth.sample.guides import build_guide, check_guide_name, guide_loss
 
 if TYPE_CHECKING:
@@ -56,9 +56,9 @@ class UniversalGuidance(Control):
     def __post_init__(self) -> None:
         if not is_number(self.s0) or self.s0 < 0:
             raise InputError(f"s0 (forward guidance strength) must be a number >= 0, got {self.s0!r}")
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+        if not is_integer(self.k) or self.k < 1:
             raise InputError(f"k (self-recurrence passes per step) must be an integer >= 1, got {self.k!r}")
-        if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 0:
+        if not is_integer(self.m) or self.m < 0:
             raise InputError(f"m (backward guidance steps) must be an integer >= 0, got {self.m!r}")
         if not is_number(self.lr) or self.lr <= 0:
             raise InputError(f"lr (backward guidance step size) must be a number > 0, got {self.lr!r}")
