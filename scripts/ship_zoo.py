@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.io import replace_dir
@@ -59,6 +60,9 @@ def training_record(runs: Path, recipe: str) -> dict:
         rec["config"] = (folder / "config.yaml").read_text()
     if (folder / "summary.json").exists():
         rec.update(json.loads((folder / "summary.json").read_text()))
+    base = (yaml.safe_load(rec.get("config") or "{}") or {}).get("options", {}).get("base")
+    if base:
+        rec["base"] = str(base)
     log = folder / "log.csv"
     if log.exists():
         rows = list(csv.DictReader(log.open()))
@@ -71,6 +75,17 @@ def training_record(runs: Path, recipe: str) -> dict:
             rec["logged_wall_h"] = wall / 3600
             rec["last_log"] = rows[-1]
     return rec
+
+
+def earlier_training(card: Path, recipe: str) -> dict | None:
+    """Steps and logged wall time of RECIPE in an earlier model card (the bundle a run was fine-tuned from)."""
+    if not card.exists():
+        return None
+    for line in card.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 7 and cells[0] == recipe and cells[1].isdigit() and cells[6].endswith(" h"):
+            return {"step": int(cells[1]), "logged_wall_h": float(cells[6][:-2])}
+    return None
 
 
 def parts_training_table(card: Path) -> tuple[str, list[str]] | None:
@@ -157,12 +172,22 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
             next((ln.split(":", 1)[1].split("#")[0].strip() for ln in cfg.splitlines() if ln.startswith(key)), "?")
             for key in ("batch_size:", "mixed_precision:", "data:")
         )
-        steps = rec.get("step", "?")
+        steps, wall, earlier = rec.get("step", "?"), rec.get("logged_wall_h", 0), rec.get("earlier")
+        if earlier and str(steps).isdigit():  # a fine-tuning run: count the steps of the weights it started from
+            steps, wall = int(steps) + earlier["step"], wall + earlier["logged_wall_h"]
         seen = int(steps) * int(batch) if str(steps).isdigit() and batch.isdigit() else "?"
         last = ", ".join(f"{k} {float(v):.4g}" for k, v in rec.get("last_log", {}).items()
                          if k not in ("step", "lr", "sec_per_step", "examples_per_sec"))  # fmt: skip
         lines.append(f"| {rec['recipe']} | {steps} | {batch} | {seen} | {precision} | {data} | "
-                     f"{rec.get('logged_wall_h', 0):.2f} h | {last} |")  # fmt: skip
+                     f"{wall:.2f} h | {last} |")  # fmt: skip
+    for rec in records:
+        if rec.get("earlier"):
+            e = rec["earlier"]
+            lines += ["", f"{rec['recipe']} continued from the weights of {rec['base']} ({e['step']} steps, "
+                      f"{e['logged_wall_h']:.2f} h, as its card gave them) with `options.base`, for "
+                      f"{rec['step']} more steps: the optimizer state and the EMA did not carry over (AdamW "
+                      "started afresh with a warm-up; the EMA started from those weights). The totals above "
+                      "add both runs."]  # fmt: skip
     if parts_card:
         lines += ["", f"The text encoder, tokenizer, CLIP and VAE are `{parts_card[0]}` (trained earlier, kept in "
                   "git), trained as follows:", "", *parts_card[1]]
@@ -228,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / f"metrics_{f}").write_text(text, encoding="utf-8")
     # only runs this runs/ folder holds (parts taken from --parts are quoted from their own card)
     records = [training_record(Path(a.runs), r) for r in RECIPES if (Path(a.runs) / r).is_dir()]
+    for rec in records:  # read before --out is replaced: the base is often the bundle being reshipped
+        if rec.get("base"):
+            rec["earlier"] = earlier_training(Path(rec["base"]) / "README.md", rec["recipe"])
     parts = parts_training_table(Path(a.parts) / "README.md") if a.parts else None
     card = model_card(tmp, records, components, t2i, sweep, cmds, parts)
     (tmp / "README.md").write_text(card, encoding="utf-8")

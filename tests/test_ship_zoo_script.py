@@ -1,0 +1,43 @@
+"""scripts/ship_zoo.py's bookkeeping: a UNet fine-tuned from a shipped bundle (`options.base`) is carded with the
+steps and wall time of the weights it started from, read from that bundle's card."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ship_zoo():
+    spec = importlib.util.spec_from_file_location("ship_zoo", ROOT / "scripts" / "ship_zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CARD = """# earlier
+| model | steps | batch | examples seen | precision | data | wall time (logged) | last logged |
+|---|---|---|---|---|---|---|---|
+| t2i | 13200 | 64 | 844800 | bf16 | runs/latents | 7.38 h | loss 0.01711 |
+"""
+
+
+def test_a_fine_tuning_run_names_its_base_and_the_base_card_gives_its_steps(tmp_path):
+    ship = _ship_zoo()
+    run = tmp_path / "runs" / "t2i"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: t2i\nbatch_size: 64\noptions:\n  base: models/old\n")
+    (run / "log.csv").write_text("step,sec_per_step,loss\n100,2.0,0.02\n300,1.0,0.018\n")
+    rec = ship.training_record(tmp_path / "runs", "t2i")
+    assert rec["base"] == "models/old"
+    assert abs(rec["logged_wall_h"] - (100 * 2.0 + 200 * 1.0) / 3600) < 1e-9
+    (tmp_path / "card.md").write_text(CARD)
+    assert ship.earlier_training(tmp_path / "card.md", "t2i") == {"step": 13200, "logged_wall_h": 7.38}
+    assert ship.earlier_training(tmp_path / "card.md", "vae") is None
+    assert ship.earlier_training(tmp_path / "missing.md", "t2i") is None
+
+
+def test_a_run_from_scratch_has_no_base(tmp_path):
+    run = tmp_path / "t2i"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: t2i\noptions:\n  zoo: shapes-v1\n")
+    assert "base" not in _ship_zoo().training_record(tmp_path, "t2i")
