@@ -193,10 +193,22 @@ def test_guided_rows_batch_to_the_images_of_cases_guided_alone(bundle, guidance_
         assert np.abs(a.astype(int) - u.astype(int)).max() > 10
 
 
+def test_the_layout_attention_row_batches_to_the_images_of_cases_alone_and_acts(bundle, guidance_cases):
+    row = dataclasses.replace(get_suite("guidance").rows["box_attention"], overrides={"layout_strength": 1.0})
+    todo = [c for c in guidance_cases if c.category == "box"]
+    alone = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=1), row, todo)]
+    batch = [img for _, img in generate_shard(dataclasses.replace(_ctx(bundle), batch_size=3), row, todo)]
+    plain = [img for _, img in generate_shard(_ctx(bundle), get_suite("guidance").rows["unguided"], todo)]
+    for a, b, u in zip(alone, batch, plain):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+        assert np.abs(a.astype(int) - u.astype(int)).max() > 2
+
+
 @pytest.mark.parametrize(("row_name", "category"), [("inversion_dpmpp-2m", "inversion"), ("img2img", "swap"),
                                                     ("inversion_null_text", "inversion"),
                                                     ("inpaint", "inpaint"), ("inpaint_latent_only", "inpaint"),
                                                     ("inpaint_guided", "inpaint"), ("inpaint_resample", "inpaint"),
+                                                    ("inpaint_layout", "inpaint"),
                                                     ("swap", "swap"), ("swap_attention", "swap"),
                                                     ("swap_partial", "swap")])
 def test_edit_rows_batch_to_the_images_of_cases_edited_alone(bundle, edit_cases, row_name, category):

@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "Img2Img": "mmsynth.sample.img2img",
     "InitialLatents": "mmsynth.sample.inversion",
     "InvertedLatents": "mmsynth.sample.inversion",
+    "LayoutAttention": "mmsynth.sample.layout_attention",
     "ModelInputs": "mmsynth.sample.controls",
     "NullTextInversion": "mmsynth.sample.null_text",
     "SCHEDULERS": "mmsynth.sample.schedulers",

@@ -361,6 +361,11 @@ class Control:
         """Always called at the end (also on error): undo patches made in prepare."""
 
     # ---- serialisation
+    @classmethod
+    def option_for_image(cls, key: str, value: Any, i: int) -> Any:
+        """Image i's value of a `per_image` option as `to_dict` wrote it: a list holds one value per image."""
+        return value[i] if isinstance(value, list) else value
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
         for f in dataclasses.fields(self):
@@ -385,6 +390,7 @@ def _load_builtin_controls() -> None:
     import mmsynth.sample.img2img
     import mmsynth.sample.inpaint
     import mmsynth.sample.inversion
+    import mmsynth.sample.layout_attention
     import mmsynth.sample.null_text
     import mmsynth.sample.universal  # noqa: F401
 

@@ -84,9 +84,10 @@ class GenerationRequest:
         controls = []
         for c in self.controls:
             c = dict(c)
-            for key in getattr(CONTROLS.get(c.get("name")), "per_image", ()):
-                if isinstance(c.get(key), list):
-                    c[key] = c[key][i]
+            cls = CONTROLS.get(c.get("name"))
+            for key in getattr(cls, "per_image", ()):
+                if key in c:
+                    c[key] = cls.option_for_image(key, c[key], i)
             controls.append(c)
         return dataclasses.replace(self, prompt=prompt, negative_prompt=negative, seed=self.seed + i, n=1,
                                    controls=controls)

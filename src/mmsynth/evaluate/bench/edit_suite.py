@@ -17,7 +17,8 @@ an edit must beat on keeping things), inversion rows per reconstruction schedule
 caption, sample with the edited one, negative-prompt inversion), swap_attention (also replaying the source's
 self-attention for the first half of the steps), swap_partial (invert only half the steps and edit from there),
 img2img (SDEdit at a strength), inpaint, inpaint_resample (RePaint-style: each step redone from its re-noised
-blend), inpaint_guided (the region guide composed) and inpaint_latent_only (without pasting the known pixels
+blend), inpaint_guided (the region guide composed), inpaint_layout (resampled, with the new object's phrase's
+cross-attention moved into the mask's box: `layout_strength`) and inpaint_latent_only (without pasting the known pixels
 back); inpainting rows prompt the edited scene's caption (the setting object_prompt=1: the new object alone).
 Every model row gets cost_ratio against `regenerate`.
 """
@@ -56,7 +57,9 @@ NULL_TEXT_STEPS = 10  # Adam steps per sampling step of null-text inversion (Mok
 PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
 SWAP_STRENGTH = 0.5  # swap_partial: invert half the steps (seed 5, n = 60: 0.70 vs 0.63 at 0.4 and 0.62 at 0.6)
 SWAP_SETTINGS = ("strength", "keep_attention", "cross_attention", "null_text", *SAMPLER_SETTINGS)
-INPAINT_SETTINGS = ("resample", "resample_until", "jump_length", "object_prompt", *SAMPLER_SETTINGS)
+INPAINT_SETTINGS = ("resample", "resample_until", "jump_length", "object_prompt", "layout_strength",
+                    *SAMPLER_SETTINGS)
+LAYOUT_STRENGTH = 0.5  # inpaint_layout: the share of the new object's attention moved into the mask's box
 INPAINT_RESAMPLE = 3  # inpaint_resample: passes per step (seed 5, n = 60: 0.50 vs 0.27 without; 5 passes 0.43)
 MASK_MARGIN = 0.03  # the inpainting box mask is the union of the old and new boxes grown by this (normalised)
 _STREAM = 7_000_000
@@ -261,6 +264,25 @@ def inpaint_guided_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
             UniversalGuidance(guide=guides, s0=float(p["s0"]), m=int(p["m"]), lr=float(p["lr"]))]
 
 
+def mask_box(case: Case) -> list[float]:
+    """The normalised [x0, y0, x1, y1] box of the case's mask (a 'box' mask, or the source object's box)."""
+    mask_array(case)  # the same checks
+    if "object" in case.mask:
+        return list(source_scene(case).objects[case.mask["object"]].box())
+    return [float(v) for v in case.mask["box"]]
+
+
+def inpaint_layout_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+    """Inpainting composed with forward layout guidance on cross-attention: the new object's phrase (words of the
+    prompt) spends `layout_strength` of its attention inside the mask's box; nothing of the target's box is used."""
+    from mmsynth.sample import LayoutAttention
+
+    phrases = [[_phrases(dataclasses.replace(c.scene, objects=[new_object(c)]))] for c in cases]
+    layout = LayoutAttention(boxes=[[mask_box(c)] for c in cases], phrases=phrases,
+                             strength=float(ctx.params.get("layout_strength", LAYOUT_STRENGTH)))
+    return [*inpaint_controls(ctx, cases), layout]
+
+
 def inpaint_prompt(ctx: RunContext, case: Case) -> str:
     """The text of an inpainting case: the edited scene's caption, or with the row setting `object_prompt` 1 the new
     object alone (Blended Latent Diffusion's convention: the text describes what goes in the mask)."""
@@ -380,6 +402,7 @@ def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
 
 inpaint, inpaint_batch = inpainter(inpaint_controls)
 inpaint_guided, inpaint_guided_batch = inpainter(inpaint_guided_controls)
+inpaint_layout, inpaint_layout_batch = inpainter(inpaint_layout_controls)
 
 
 def _rows() -> dict[str, Row]:
@@ -421,6 +444,10 @@ def _rows() -> dict[str, Row]:
         Row("inpaint_guided", "method", "inpainting + the region guide drawing the new colour into the mask",
             inpaint_guided, generate_batch=inpaint_guided_batch, categories=("inpaint",),
             params={"s0": 0.0, "m": 10, "lr": 0.1}, sweepable=("s0", "m", "lr", *INPAINT_SETTINGS)),
+        Row("inpaint_layout", "method", "resampled inpainting + the new object's cross-attention moved into the "
+            "mask's box (forward layout guidance)", inpaint_layout, generate_batch=inpaint_layout_batch,
+            categories=("inpaint",), params={"resample": INPAINT_RESAMPLE, "layout_strength": LAYOUT_STRENGTH},
+            sweepable=INPAINT_SETTINGS),
         Row("inpaint_latent_only", "method", "blended-latent inpainting without the pixel paste-back", inpaint,
             generate_batch=inpaint_batch, categories=("inpaint",), params={"paste": 0}, sweepable=INPAINT_SETTINGS),
     ]  # fmt: skip

@@ -8,7 +8,9 @@ Categories, every prompt a true caption of a test-split scene:
   the boxes), box_iou (mean IoU of matched objects), box_attribute_acc.
 Rows: ground_truth (the renders: the ceiling), unguided (the prompt alone, same seeds: the baseline and the cost
 reference), palette (k=1), palette_k3 (self-recurrence k=3), palette_backward (forward + m backward steps), box
-(forward) and box_backward (backward steps alone: they move objects, forward guidance barely does on the zoo).
+(forward), box_backward (backward steps alone: they move objects, forward guidance barely does on the zoo) and
+box_attention (no guide: forward layout guidance on cross-attention, each object's phrase's attention mixed into
+its box; `layout_strength`, docs/guidance.md: it does not move the zoo's objects).
 Every model row also gets cost_ratio: seconds per image over the unguided row's, measured in the same run.
 `--sweep s0=...`, `k=`, `m=`, `lr=` and `end=` (the schedule's end fraction) vary the guided rows and plot
 palette error / AP50 against the setting.
@@ -136,11 +138,28 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
     return RowScore(metrics, {}, verdicts)
 
 
+def layout_attention_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+    """Forward layout guidance on cross-attention: each object's phrase (as the prompt words it) spends
+    `layout_strength` of its attention inside the object's box, for the schedule's first `end` of the steps."""
+    from mmsynth.sample import LayoutAttention, Schedule
+
+    boxes, phrases = [], []
+    for c in cases:  # box cases have distinct colours: one object per group
+        pairs = list(zip(groups(c.scene), scene_groups(c.scene)))
+        boxes.append([list(c.scene.objects[members[0]].box()) for members, _ in pairs])
+        phrases.append([group_phrase(g) for _, g in pairs])
+    return [LayoutAttention(boxes=boxes, phrases=phrases, strength=float(ctx.params["layout_strength"]),
+                            schedule=Schedule(end=float(ctx.params.get("end", 1.0))))]  # fmt: skip
+
+
 def _row(name: str, guide: str, description: str, **settings: float) -> Row:
     return Row(name, "method", description, guided(guide), generate_batch=batched(lambda c: c.prompt,
                guidance_controls(guide)), categories=(guide,),
                params={**DEFAULTS[guide], **settings}, sweepable=GUIDANCE_SETTINGS)  # fmt: skip
 
+
+_layout_batch = batched(lambda c: c.prompt, layout_attention_controls)
+LAYOUT_STRENGTH = 0.5
 
 SUITE = register_suite(
     Suite(
@@ -165,6 +184,11 @@ SUITE = register_suite(
             "palette_backward": _row("palette_backward", "palette",
                                      f"palette guidance, forward + {BACKWARD_STEPS} backward steps", m=BACKWARD_STEPS),
             "box": _row("box", "box", "forward guidance of each object's colour into its box"),
+            "box_attention": Row("box_attention", "method", "forward layout guidance: each object's phrase's "
+                                 "cross-attention mixed into its box (no gradients)",
+                                 lambda ctx, case: _layout_batch(ctx, [case])[0], generate_batch=_layout_batch,
+                                 categories=("box",), params={"layout_strength": LAYOUT_STRENGTH, "end": 1.0},
+                                 sweepable=("layout_strength", "end", *SAMPLER_SETTINGS)),
             "box_backward": _row("box_backward", "box", f"box guidance by {BOX_BACKWARD['m']} backward steps alone "
                                  f"(lr {BOX_BACKWARD['lr']})", **BOX_BACKWARD),
         },
