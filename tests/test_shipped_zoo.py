@@ -71,7 +71,7 @@ def test_diffusers_pipeline_and_our_sampler_draw_the_same_images_from_the_shippe
 
 def test_the_shipped_zoo_draws_the_prompted_colour_and_some_whole_objects(zoo):
     """shapes-v1 is below its bars (model card): colours follow the prompt and most single objects come out
-    whole (0.964 pass in the bench at n=500); this guards what it reaches, against chance (1/8 per colour)."""
+    whole (0.980 pass in the bench at n=500); this guards what it reaches, against chance (1/8 per colour)."""
     from mmsynth.evaluate import judge_image
     from mmsynth.evaluate.detect import detect_objects
     from mmsynth.sample import GenerationRequest, sample
