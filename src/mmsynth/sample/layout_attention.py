@@ -7,8 +7,8 @@ phrase's box,
 
 so a token keeps its total attention but spends it inside its box (g_b: the box's coverage of each
 cell at the layer's resolution, summing to 1). Only conditional branches are changed: the
-unconditional one has no phrase. With blended inpainting it says where the prompt's new object goes,
-the mask's box, which the known region otherwise overrules.
+unconditional one has no phrase. Composed with blended inpainting it is meant to say where the new
+object goes (the mask's box); on the zoo it neither moves objects nor helps inpainting (docs/guidance.md).
 
 The maps reach the control through the UNet call's `cross_attention_kwargs` (one entry per branch,
 so CFG's two branches stay one batch); a forward pre-hook on the UNet takes them out before diffusers
