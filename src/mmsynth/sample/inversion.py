@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -244,6 +245,30 @@ def attention_modules(unet: torch.nn.Module, which: str = "attn1") -> dict[str, 
     return {name: m for name, m in unet.named_modules() if name.endswith(which) and hasattr(m, "to_q")}
 
 
+def patch_cross_attention_scores(unet: torch.nn.Module, wrap: Callable[[str, Any], Any]) -> Callable[[], None]:
+    """Run every attn2 with diffusers' classic `AttnProcessor`, its `get_attention_scores` replaced by
+    `wrap(layer, scores)` (an instance attribute); returns the undo, which restores both."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    modules = attention_modules(unet, "attn2")
+    processors = dict(unet.attn_processors)
+    unet.set_attn_processor({key: AttnProcessor() if key.removesuffix(".processor") in modules else proc
+                             for key, proc in processors.items()})  # fmt: skip
+    previous = {name: mod.__dict__.get("get_attention_scores") for name, mod in modules.items()}
+    for name, mod in modules.items():
+        mod.get_attention_scores = wrap(name, mod.get_attention_scores)
+
+    def undo() -> None:
+        for name, mod in modules.items():
+            if previous[name] is None:
+                mod.__dict__.pop("get_attention_scores", None)
+            else:
+                mod.get_attention_scores = previous[name]
+        unet.set_attn_processor(processors)
+
+    return undo
+
+
 def self_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return attention_modules(unet, "attn1")
 
@@ -277,14 +302,7 @@ class _AttentionTap(Control):
                              for name, mod in attention_modules(unet, "attn1").items()
                              for proj in ("to_q", "to_k")]  # fmt: skip
             return
-        from diffusers.models.attention_processor import AttnProcessor
-
-        self._modules = attention_modules(unet, "attn2")
-        self._processors = dict(unet.attn_processors)
-        unet.set_attn_processor({key: AttnProcessor() if key.removesuffix(".processor") in self._modules else proc
-                                 for key, proc in self._processors.items()})  # fmt: skip
-        for name, mod in self._modules.items():
-            mod.get_attention_scores = self._scores(name, mod.get_attention_scores)  # instance attribute
+        self._undo = patch_cross_attention_scores(unet, self._scores)
 
     def _tap(self, layer: str, part: str, x: torch.Tensor) -> torch.Tensor:
         step = self._step
@@ -311,11 +329,9 @@ class _AttentionTap(Control):
         for h in getattr(self, "_handles", []):
             h.remove()
         self._handles = []
-        if getattr(self, "_processors", None):
-            for mod in self._modules.values():
-                mod.__dict__.pop("get_attention_scores", None)
-            ctx.bundle.unet.set_attn_processor(self._processors)
-            self._processors = {}
+        if getattr(self, "_undo", None) is not None:
+            self._undo()
+            self._undo = None
 
 
 @dataclass(kw_only=True)

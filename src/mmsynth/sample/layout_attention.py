@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from mmsynth.errors import InputError
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, check_batch_length, is_number, register_control
-from mmsynth.sample.inversion import attention_modules
+from mmsynth.sample.inversion import patch_cross_attention_scores
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -161,16 +161,7 @@ class LayoutAttention(Control):
         self._current: dict[str, torch.Tensor] | None = None
         unet = ctx.bundle.unet
         self._hook = unet.register_forward_pre_hook(self._take_inputs, with_kwargs=True)
-        from diffusers.models.attention_processor import AttnProcessor
-
-        self._modules = attention_modules(unet, "attn2")
-        self._processors = dict(unet.attn_processors)
-        unet.set_attn_processor({key: AttnProcessor() if key.removesuffix(".processor") in self._modules else proc
-                                 for key, proc in self._processors.items()})  # fmt: skip
-        self._wrapped = {}
-        for layer, mod in self._modules.items():
-            self._wrapped[layer] = mod.__dict__.get("get_attention_scores")
-            mod.get_attention_scores = self._scores(mod.get_attention_scores)  # instance attribute
+        self._undo = patch_cross_attention_scores(unet, lambda layer, scores: self._scores(scores))
 
     def inputs(self, ctx: Context, step: Step, branch: Branch, latents: torch.Tensor) -> ModelInputs | None:
         strength = self._strength if branch.name != "uncond" else torch.zeros_like(self._strength)
@@ -199,12 +190,6 @@ class LayoutAttention(Control):
         if getattr(self, "_hook", None) is not None:
             self._hook.remove()
             self._hook = None
-        if getattr(self, "_processors", None):
-            for layer, mod in self._modules.items():
-                previous = self._wrapped.get(layer)
-                if previous is None:
-                    mod.__dict__.pop("get_attention_scores", None)
-                else:
-                    mod.get_attention_scores = previous
-            ctx.bundle.unet.set_attn_processor(self._processors)
-            self._processors = {}
+        if getattr(self, "_undo", None) is not None:
+            self._undo()
+            self._undo = None
