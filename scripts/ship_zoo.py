@@ -27,6 +27,7 @@ import yaml
 
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.io import replace_dir
+from mmsynth.train.recipes.t2i import BASE_CARD
 
 RECIPES = ("clip", "vae", "t2i", "clip_vision")
 T2I_COLUMNS = ("single_object", "binding", "count", "relation", "heldout", "heldout_binding", "overall")
@@ -75,6 +76,14 @@ def training_record(runs: Path, recipe: str) -> dict:
             rec["logged_wall_h"] = wall / 3600
             rec["last_log"] = rows[-1]
     return rec
+
+
+def base_card(rec: dict) -> Path:
+    """The card of the weights a run started from: the copy the run kept when it began, else the base's own.
+
+    The base's own card is wrong once the run's weights were shipped over it (it counts the run already)."""
+    kept = Path(rec["folder"]) / BASE_CARD
+    return kept if kept.is_file() else Path(rec["base"]) / "README.md"
 
 
 def earlier_training(card: Path, recipe: str) -> dict | None:
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [training_record(Path(a.runs), r) for r in RECIPES if (Path(a.runs) / r).is_dir()]
     for rec in records:  # read before --out is replaced: the base is often the bundle being reshipped
         if rec.get("base"):
-            rec["earlier"] = earlier_training(Path(rec["base"]) / "README.md", rec["recipe"])
+            rec["earlier"] = earlier_training(base_card(rec), rec["recipe"])
     parts = parts_training_table(Path(a.parts) / "README.md") if a.parts else None
     card = model_card(tmp, records, components, t2i, sweep, cmds, parts)
     (tmp / "README.md").write_text(card, encoding="utf-8")

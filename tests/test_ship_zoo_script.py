@@ -41,3 +41,34 @@ def test_a_run_from_scratch_has_no_base(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("recipe: t2i\noptions:\n  zoo: shapes-v1\n")
     assert "base" not in _ship_zoo().training_record(tmp_path, "t2i")
+
+
+def test_the_card_the_run_kept_when_it_began_wins_over_the_reshipped_base(tmp_path):
+    ship = _ship_zoo()
+    run, base = tmp_path / "runs" / "t2i", tmp_path / "models" / "old"
+    run.mkdir(parents=True)
+    base.mkdir(parents=True)
+    (base / "README.md").write_text(CARD.replace("13200", "16200"))  # reshipped: already counts the run
+    rec = {"recipe": "t2i", "folder": str(run), "base": str(base)}
+    assert ship.base_card(rec) == base / "README.md"
+    (run / "base_card.md").write_text(CARD)
+    assert ship.earlier_training(ship.base_card(rec), "t2i")["step"] == 13200
+
+
+def test_the_t2i_recipe_keeps_the_base_card_of_a_fresh_run_and_not_of_a_resumed_one(tmp_path):
+    from mmsynth.train.config import TrainConfig
+    from mmsynth.train.recipes.t2i import BASE_CARD, TextToImageOptions, TextToImageRecipe
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    base.mkdir()
+    (base / "README.md").write_text("first card")
+    recipe = TextToImageRecipe(TrainConfig(recipe="t2i", out=str(out)), TextToImageOptions(base=str(base)))
+    recipe._keep_base_card()
+    assert (out / BASE_CARD).read_text() == "first card"
+    (base / "README.md").write_text("reshipped card")
+    (out / "checkpoints" / "step_0000120").mkdir(parents=True)  # a resumed run keeps the card it began with
+    recipe._keep_base_card()
+    assert (out / BASE_CARD).read_text() == "first card"
+    (out / "checkpoints" / "step_0000120").rmdir()  # a fresh run in the same folder takes the card anew
+    recipe._keep_base_card()
+    assert (out / BASE_CARD).read_text() == "reshipped card"

@@ -21,6 +21,7 @@ from diffusers.training_utils import compute_snr
 from torch.utils.data import Dataset
 
 from mmsynth.errors import InputError
+from mmsynth.io import atomic_path
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
 from mmsynth.models.zoo import ZOO_SPECS, build_scheduler, build_unet
 from mmsynth.train.latent_cache import LatentCacheExamples
@@ -39,6 +40,9 @@ SAMPLE_PROMPTS = (
     "three blue crosses",
     "",
 )
+
+
+BASE_CARD = "base_card.md"  # the base bundle's README.md as it was when the run began (see _keep_base_card)
 
 
 @dataclass
@@ -82,6 +86,7 @@ class TextToImageRecipe(Recipe):
         o = self.options
         if o.base:
             b = Bundle.from_pretrained(o.base, load_clip=True)
+            self._keep_base_card()
             tokenizer, text_encoder, vae, unet, scheduler, clip = (
                 b.tokenizer, b.text_encoder, b.vae, b.unet, b.scheduler, b.clip,
             )  # fmt: skip
@@ -105,6 +110,19 @@ class TextToImageRecipe(Recipe):
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         self.models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
         self.trainable = ("unet",)
+
+    def _keep_base_card(self) -> None:
+        """Copy the base's model card into the run folder as it was when the run began (kept on --resume).
+
+        scripts/ship_zoo.py adds the steps that card gives to the run's own; the base is often the bundle the run
+        is reshipped over, whose card by then already counts the run.
+        """
+        card, out = Path(self.options.base) / "README.md", Path(self.config.out)
+        kept = out / BASE_CARD
+        fresh = not any((out / "checkpoints").glob("step_*"))
+        if card.is_file() and (fresh or not kept.exists()):
+            with atomic_path(kept) as tmp:
+                tmp.write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
 
     def _unet(self) -> torch.nn.Module:
         unet = self.models["unet"]
