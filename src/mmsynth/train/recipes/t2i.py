@@ -21,7 +21,7 @@ from diffusers.training_utils import compute_snr
 from torch.utils.data import Dataset
 
 from mmsynth.errors import InputError
-from mmsynth.io import atomic_path
+from mmsynth.io import write_text
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
 from mmsynth.models.zoo import ZOO_SPECS, build_scheduler, build_unet
 from mmsynth.train.latent_cache import LatentCacheExamples
@@ -121,8 +121,7 @@ class TextToImageRecipe(Recipe):
         kept = out / BASE_CARD
         fresh = not any((out / "checkpoints").glob("step_*"))
         if card.is_file() and (fresh or not kept.exists()):
-            with atomic_path(kept) as tmp:
-                tmp.write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
+            write_text(card.read_text(encoding="utf-8"), kept)
 
     def _unet(self) -> torch.nn.Module:
         unet = self.models["unet"]
