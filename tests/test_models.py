@@ -162,3 +162,30 @@ def test_random_bundle_is_seeded():
     a, b = random_bundle(TINY, seed=5), random_bundle(TINY, seed=5)
     for x, y in zip(a.unet.parameters(), b.unet.parameters()):
         assert torch.equal(x, y)
+
+
+def test_a_deepened_unet_computes_what_it_grew_from_and_its_new_layers_learn(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from mmsynth.models.grow import ZERO_INIT, attention_depth, deepen_attention
+
+    unet = tiny_bundle(seed=2).unet
+    grown = deepen_attention(unet, (1, 2, 3))
+    assert attention_depth(unet) == (1, 1, 1) and attention_depth(grown) == (1, 2, 3)
+    assert count_parameters(grown) > count_parameters(unet)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, text).sample, unet(x, t, text).sample)
+    new = [n for n, _ in grown.named_parameters() if n not in dict(unet.named_parameters())]
+    assert any(n.startswith("mid_block.") for n in new) and any(n.startswith("up_blocks.0.") for n in new)
+    grown(x, t, text).sample.pow(2).mean().backward()
+    zeroed = [p for n, p in grown.named_parameters() if n in new and any(z in n for z in ZERO_INIT)]
+    assert zeroed and all(p.abs().sum() == 0 for p in zeroed)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in zeroed)  # an identity start, not a dead one
+    grown.save_pretrained(tmp_path / "unet")
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert attention_depth(back) == (1, 2, 3) and deepen_attention(back, (1, 2, 3)) is back
+    with pytest.raises(InputError, match="one layer count per UNet level"):
+        deepen_attention(unet, (2, 2))
+    with pytest.raises(InputError, match="grown, not cut"):
+        deepen_attention(grown, (1, 1, 3))

@@ -63,12 +63,13 @@ def test_the_t2i_recipe_keeps_the_base_card_of_a_fresh_run_and_not_of_a_resumed_
     base.mkdir()
     (base / "README.md").write_text("first card")
     recipe = TextToImageRecipe(TrainConfig(recipe="t2i", out=str(out)), TextToImageOptions(base=str(base)))
-    recipe._keep_base_card()
+    recipe.started(0)
     assert (out / BASE_CARD).read_text() == "first card"
     (base / "README.md").write_text("reshipped card")
-    (out / "checkpoints" / "step_0000120").mkdir(parents=True)  # a resumed run keeps the card it began with
-    recipe._keep_base_card()
+    recipe.started(120)  # a resumed run keeps the card it began with
     assert (out / BASE_CARD).read_text() == "first card"
-    (out / "checkpoints" / "step_0000120").rmdir()  # a fresh run in the same folder takes the card anew
-    recipe._keep_base_card()
+    recipe.started(0)  # a fresh run in the same folder takes the card anew
+    assert (out / BASE_CARD).read_text() == "reshipped card"
+    (out / BASE_CARD).unlink()
+    recipe.started(120)  # resumed from before the card was kept: the base's current one is the best there is
     assert (out / BASE_CARD).read_text() == "reshipped card"

@@ -145,6 +145,21 @@ def test_t2i_recipe_exports_a_bundle_diffusers_runs(tmp_path, parts, prediction_
     assert (tmp_path / "t2i" / "samples" / "step_0000002.png").exists()
 
 
+def test_t2i_fine_tunes_a_base_bundle_grown_deeper(tmp_path, parts):
+    from mmsynth.models.grow import attention_depth
+
+    (parts / "README.md").write_text("the base's card")
+    out = tmp_path / "deep"
+    result = run("t2i", out, max_steps="2", batch_size="4",
+                 **{"options.base": str(parts), "options.attention_depth": "1,2,2"})  # fmt: skip
+    assert (out / "base_card.md").read_text() == "the base's card"
+    unet = Bundle.from_pretrained(result.export).unet
+    assert attention_depth(unet) == (1, 2, 2)
+    with pytest.raises(InputError, match="grown, not cut"):
+        run("t2i", tmp_path / "cut", max_steps="2", batch_size="4",
+            **{"options.base": str(result.export), "options.attention_depth": "1,1,1"})  # fmt: skip
+
+
 def _params(path):
     return load_file(path / "checkpoints" / "step_0000004" / "model.safetensors")
 
@@ -287,3 +302,11 @@ def test_a_constant_run_extended_with_a_warmup_stable_decay_cool_down(tmp_path):
     assert all(a > b for a, b in itertools.pairwise(lrs[3:])) and lrs[-1] == 0.0
     with pytest.raises(InputError, match=r"needs 0 < decay_steps <= max_steps - warmup_steps"):
         load_config(get_recipe("clip"), overrides={"lr_schedule": "warmup_stable_decay", "max_steps": "10"})
+
+
+def test_the_deepening_config_loads():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / "t2i_deep.yaml"
+    _config, options = load_config(get_recipe("t2i"), path)
+    assert options.attention_depth == (1, 2, 2) and options.base == "models/shapes-v1"

@@ -50,6 +50,10 @@ class Recipe:
         """Image side the models expect; the data is rendered at this size."""
         raise NotImplementedError
 
+    def started(self, step: int) -> None:
+        """Called once on the main process when the loop is about to run: `step` 0 is a fresh run, else the
+        step a resume continues from (for bookkeeping in the run folder; the default does nothing)."""
+
     def place(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Frozen modules: eval mode, no gradients, `weight_dtype`; trainable ones: train mode, float32."""
         self.device, self.weight_dtype = device, weight_dtype

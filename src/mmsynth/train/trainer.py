@@ -130,6 +130,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         write_text(yaml.safe_dump(to_dict(config, options), sort_keys=False), out / "config.yaml")
         _truncate_log(out / "log.csv", step)
+        recipe.started(step)
 
     loader = DataLoader(
         recipe.dataset(),

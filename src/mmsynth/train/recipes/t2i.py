@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from mmsynth.errors import InputError
 from mmsynth.io import write_text
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
+from mmsynth.models.grow import deepen_attention
 from mmsynth.models.zoo import ZOO_SPECS, build_scheduler, build_unet
 from mmsynth.train.latent_cache import LatentCacheExamples
 from mmsynth.train.recipe import Recipe
@@ -42,7 +43,7 @@ SAMPLE_PROMPTS = (
 )
 
 
-BASE_CARD = "base_card.md"  # the base bundle's README.md as it was when the run began (see _keep_base_card)
+BASE_CARD = "base_card.md"  # the base bundle's README.md as it was when the run began (see started)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TextToImageOptions:
     vae: str = "runs/vae/final"  # folder with vae/: a `mmsynth train vae` export
     base: str | None = None  # a complete bundle (e.g. Stable Diffusion) whose UNet is fine-tuned instead
     zoo: str = "shapes-v1"  # UNet size when training from scratch
+    attention_depth: tuple[int, ...] = ()  # transformer layers per level, e.g. 1,2,2: the UNet grown (models/grow.py)
     prediction_type: str = "epsilon"
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (the CFG unconditional branch)
@@ -70,6 +72,8 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.snr_gamma' must be > 0 or none, got {self.snr_gamma}")
         if self.save_dtype not in SAVE_DTYPES:
             raise InputError(f"config key 'options.save_dtype' must be one of {', '.join(SAVE_DTYPES)}")
+        if any(d < 1 for d in self.attention_depth):
+            raise InputError(f"config key 'options.attention_depth' takes counts >= 1, got {self.attention_depth}")
         if self.sample_steps <= 0 or self.sample_cfg < 0:
             raise InputError("config keys 'options.sample_steps' must be > 0 and 'options.sample_cfg' >= 0")
 
@@ -86,7 +90,6 @@ class TextToImageRecipe(Recipe):
         o = self.options
         if o.base:
             b = Bundle.from_pretrained(o.base, load_clip=True)
-            self._keep_base_card()
             tokenizer, text_encoder, vae, unet, scheduler, clip = (
                 b.tokenizer, b.text_encoder, b.vae, b.unet, b.scheduler, b.clip,
             )  # fmt: skip
@@ -104,6 +107,8 @@ class TextToImageRecipe(Recipe):
                     f"options.vae ({o.vae}) has {vae.config.latent_channels} latent channels and factor {factor}; "
                     f"the '{o.zoo}' UNet expects {unet.config.in_channels} channels at {spec.resolution} px"
                 )
+        if o.attention_depth:
+            unet = deepen_attention(unet, o.attention_depth, where="options.attention_depth")
         self.tokenizer, self.clip = tokenizer, clip
         self.scheduler = scheduler
         self.scheduler.register_to_config(prediction_type=o.prediction_type)
@@ -111,16 +116,16 @@ class TextToImageRecipe(Recipe):
         self.models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
         self.trainable = ("unet",)
 
-    def _keep_base_card(self) -> None:
+    def started(self, step: int) -> None:
         """Copy the base's model card into the run folder as it was when the run began (kept on --resume).
 
         scripts/ship_zoo.py adds the steps that card gives to the run's own; the base is often the bundle the run
         is reshipped over, whose card by then already counts the run.
         """
-        card, out = Path(self.options.base) / "README.md", Path(self.config.out)
-        kept = out / BASE_CARD
-        fresh = not any((out / "checkpoints").glob("step_*"))
-        if card.is_file() and (fresh or not kept.exists()):
+        if not self.options.base:
+            return
+        card, kept = Path(self.options.base) / "README.md", Path(self.config.out) / BASE_CARD
+        if card.is_file() and (step == 0 or not kept.exists()):
             write_text(card.read_text(encoding="utf-8"), kept)
 
     def _unet(self) -> torch.nn.Module:
