@@ -53,17 +53,28 @@ def _check_same_text_tower(bundle: Path, clip_dir: Path) -> None:
                  "options.freeze_text=true from the CLIP the UNet was trained on")
 
 
-def training_record(runs: Path, recipe: str) -> dict:
-    """Steps, batch, examples seen, logged wall time and last metrics of one training run (runs/RECIPE)."""
-    folder = runs / recipe
+def run_folders(runs: Path, bundle: Path) -> dict[str, Path]:
+    """The training run of each recipe: runs/RECIPE, except that the t2i run is the one --bundle was exported from
+    (runs/t2i_deep/final comes from runs/t2i_deep), when that folder is a t2i run."""
+    folders = {r: runs / r for r in RECIPES if (runs / r).is_dir()}
+    config = bundle.parent / "config.yaml"
+    if config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("recipe") == "t2i":
+        folders["t2i"] = bundle.parent
+    return folders
+
+
+def training_record(folder: Path, recipe: str) -> dict:
+    """Steps, batch, examples seen, logged wall time and last metrics of one training run (its folder)."""
     rec: dict = {"recipe": recipe, "folder": str(folder)}
     if (folder / "config.yaml").exists():
         rec["config"] = (folder / "config.yaml").read_text()
     if (folder / "summary.json").exists():
         rec.update(json.loads((folder / "summary.json").read_text()))
-    base = (yaml.safe_load(rec.get("config") or "{}") or {}).get("options", {}).get("base")
-    if base:
-        rec["base"] = str(base)
+    options = (yaml.safe_load(rec.get("config") or "{}") or {}).get("options", {})
+    if options.get("base"):
+        rec["base"] = str(options["base"])
+    if options.get("attention_depth"):
+        rec["attention_depth"] = [int(d) for d in options["attention_depth"]]
     log = folder / "log.csv"
     if log.exists():
         rows = list(csv.DictReader(log.open()))
@@ -111,6 +122,31 @@ def parts_training_table(card: Path) -> tuple[str, list[str]] | None:
     return str(card.parent), lines
 
 
+def architecture(bundle: Path) -> list[str]:
+    """Parameters per component and the UNet's shape, read from the shipped files themselves."""
+    from safetensors import safe_open
+
+    counts = {}
+    for part in ("unet", "vae", "text_encoder", "clip"):
+        n = 0
+        for f in (bundle / part).glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    shape = st.get_slice(k).get_shape()
+                    n += int(torch.Size(shape).numel())
+        if n:
+            counts[part] = n
+    lines = ["Parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()) + "."]
+    config = bundle / "unet" / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        lines[0] += (f" UNet: channels {'/'.join(map(str, c['block_out_channels']))}, {c['layers_per_block']} "
+                     f"resnet(s) per level, transformer layers per level {c['transformer_layers_per_block']} "
+                     f"(up path {c.get('reverse_transformer_layers_per_block') or 'mirrored'}), cross-attention "
+                     f"width {c['cross_attention_dim']}.")  # fmt: skip
+    return lines
+
+
 def _metric(d: dict, suite: str, row: str, name: str) -> str:
     v = d["results"][suite][row].get(name)
     if v is None:
@@ -134,6 +170,7 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
              "16x16x4) and a latent UNet2DConditionModel. diffusers' `StableDiffusionPipeline.from_pretrained` "
              "loads this folder.", "",
              f"Weights: {weights / 2**20:.1f} MiB of safetensors ({', '.join(sorted(dtypes))}).", "",
+             *architecture(out), "",
              "## Quality (the judge on test-split prompts; 95% Wilson intervals)", "",
              f"`{cmds['t2i']}`", "",
              "| row | single object | binding | count | relation | held-out object | held-out binding | overall |",
@@ -192,19 +229,25 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
     for rec in records:
         if rec.get("earlier"):
             e = rec["earlier"]
+            grown = (f", grown first to {tuple(rec['attention_depth'])} transformer layers per UNet level "
+                     "(`options.attention_depth`: the new layers start as identities, so step 0 computed what "
+                     "the base did)") if rec.get("attention_depth") else ""  # fmt: skip
             lines += ["", f"{rec['recipe']} continued from the weights of {rec['base']} ({e['step']} steps, "
-                      f"{e['logged_wall_h']:.2f} h, as its card gave them) with `options.base`, for "
+                      f"{e['logged_wall_h']:.2f} h, as its card gave them) with `options.base`{grown}, for "
                       f"{rec['step']} more steps: the optimizer state and the EMA did not carry over (AdamW "
                       "started afresh with a warm-up; the EMA started from those weights). The totals above "
                       "add both runs."]  # fmt: skip
     if parts_card:
         lines += ["", f"The text encoder, tokenizer, CLIP and VAE are `{parts_card[0]}` (trained earlier, kept in "
                   "git), trained as follows:", "", *parts_card[1]]
-    lines += ["", "Reproduce: `bash scripts/train_zoo.sh` (CLIP, VAE, then the UNet, each resumable), then "
-              "`python scripts/ship_zoo.py --bundle runs/t2i/final --out models/shapes-v1`.", ""]  # fmt: skip
+    t2i_run = next((r["folder"] for r in records if r["recipe"] == "t2i"), "runs/t2i")
+    lines += ["", "Reproduce: `bash scripts/train_zoo.sh` (CLIP, VAE, then the UNet, each resumable), then the "
+              "continuation runs its configs/*.yaml describe (`options.base`), then "
+              f"`python scripts/ship_zoo.py --bundle {t2i_run}/final --out models/shapes-v1`.", ""]  # fmt: skip
     for rec in records:
         if rec.get("config"):
-            lines += [f"### configs/{rec['recipe']}.yaml as run", "", "```yaml", rec["config"].rstrip(), "```", ""]
+            lines += [f"### {rec['recipe']}: {rec['folder']}/config.yaml (the run as configured)", "", "```yaml",
+                      rec["config"].rstrip(), "```", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -261,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         text = (reports / f).read_text(encoding="utf-8").replace(json.dumps(str(tmp)), json.dumps(name))
         (tmp / f"metrics_{f}").write_text(text, encoding="utf-8")
     # only runs this runs/ folder holds (parts taken from --parts are quoted from their own card)
-    records = [training_record(Path(a.runs), r) for r in RECIPES if (Path(a.runs) / r).is_dir()]
+    records = [training_record(folder, r) for r, folder in run_folders(Path(a.runs), src).items()]
     for rec in records:  # read before --out is replaced: the base is often the bundle being reshipped
         if rec.get("base"):
             rec["earlier"] = earlier_training(base_card(rec), rec["recipe"])

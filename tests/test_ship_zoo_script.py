@@ -27,7 +27,7 @@ def test_a_fine_tuning_run_names_its_base_and_the_base_card_gives_its_steps(tmp_
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("recipe: t2i\nbatch_size: 64\noptions:\n  base: models/old\n")
     (run / "log.csv").write_text("step,sec_per_step,loss\n100,2.0,0.02\n300,1.0,0.018\n")
-    rec = ship.training_record(tmp_path / "runs", "t2i")
+    rec = ship.training_record(run, "t2i")
     assert rec["base"] == "models/old"
     assert abs(rec["logged_wall_h"] - (100 * 2.0 + 200 * 1.0) / 3600) < 1e-9
     (tmp_path / "card.md").write_text(CARD)
@@ -40,7 +40,7 @@ def test_a_run_from_scratch_has_no_base(tmp_path):
     run = tmp_path / "t2i"
     run.mkdir()
     (run / "config.yaml").write_text("recipe: t2i\noptions:\n  zoo: shapes-v1\n")
-    assert "base" not in _ship_zoo().training_record(tmp_path, "t2i")
+    assert "base" not in _ship_zoo().training_record(run, "t2i")
 
 
 def test_the_card_the_run_kept_when_it_began_wins_over_the_reshipped_base(tmp_path):
@@ -73,3 +73,33 @@ def test_the_t2i_recipe_keeps_the_base_card_of_a_fresh_run_and_not_of_a_resumed_
     (out / BASE_CARD).unlink()
     recipe.started(120)  # resumed from before the card was kept: the base's current one is the best there is
     assert (out / BASE_CARD).read_text() == "reshipped card"
+
+
+def test_the_t2i_run_is_the_one_the_bundle_came_from_and_a_grown_unet_is_carded(tmp_path):
+    from mmsynth.models.grow import deepen_attention
+    from mmsynth.models.zoo import tiny_bundle
+
+    ship = _ship_zoo()
+    runs = tmp_path / "runs"
+    for name in ("t2i", "t2i_deep", "vae"):
+        (runs / name).mkdir(parents=True)
+    (runs / "t2i_deep" / "config.yaml").write_text(
+        "recipe: t2i\nbatch_size: 64\noptions:\n  base: models/old\n  attention_depth: [1, 2, 2]\n"
+    )
+    folders = ship.run_folders(runs, runs / "t2i_deep" / "final")
+    assert folders == {"t2i": runs / "t2i_deep", "vae": runs / "vae"}
+    assert ship.run_folders(runs, tmp_path / "elsewhere" / "final")["t2i"] == runs / "t2i"
+    rec = ship.training_record(folders["t2i"], "t2i")
+    assert rec["attention_depth"] == [1, 2, 2]
+
+    bundle = tiny_bundle(seed=0)
+    bundle.unet = deepen_attention(bundle.unet, (1, 2, 2))
+    bundle.save_pretrained(tmp_path / "zoo")
+    (line,) = ship.architecture(tmp_path / "zoo")
+    assert f"unet {sum(p.numel() for p in bundle.unet.parameters()) / 1e6:.2f}M" in line
+    assert "transformer layers per level [1, 2, 2]" in line and "channels 16/32/32" in line
+    rec.update(step=300, earlier={"step": 18900, "logged_wall_h": 9.91})
+    card = ship.model_card(tmp_path / "zoo", [rec], {}, {"results": {"t2i": {}}}, None,
+                           {"t2i": "t2i cmd", "components": "components cmd"})  # fmt: skip
+    assert "| t2i | 19200 |" in card and "grown first to (1, 2, 2) transformer layers" in card
+    assert "--bundle " + str(runs / "t2i_deep") + "/final" in card
