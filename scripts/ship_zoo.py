@@ -122,20 +122,26 @@ def parts_training_table(card: Path) -> tuple[str, list[str]] | None:
     return str(card.parent), lines
 
 
-def architecture(bundle: Path) -> list[str]:
-    """Parameters per component and the UNet's shape, read from the shipped files themselves."""
+def tensor_summary(bundle: Path) -> tuple[set[str], dict[str, int]]:
+    """The dtypes of every shipped tensor and the parameter count of each component folder, read once from the
+    safetensors headers."""
     from safetensors import safe_open
 
-    counts = {}
-    for part in ("unet", "vae", "text_encoder", "clip"):
-        n = 0
-        for f in (bundle / part).glob("*.safetensors"):
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    shape = st.get_slice(k).get_shape()
-                    n += int(torch.Size(shape).numel())
-        if n:
-            counts[part] = n
+    dtypes: set[str] = set()
+    counts: dict[str, int] = {}
+    for f in sorted(bundle.rglob("*.safetensors")):
+        part = f.relative_to(bundle).parts[0]
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
+                tensor = st.get_slice(k)
+                dtypes.add(str(tensor.get_dtype()))
+                counts[part] = counts.get(part, 0) + int(torch.Size(tensor.get_shape()).numel())
+    return dtypes, counts
+
+
+def architecture(bundle: Path, counts: dict[str, int]) -> list[str]:
+    """Parameters per component (`tensor_summary`'s counts) and the UNet's shape from its config."""
+    counts = {part: counts[part] for part in ("unet", "vae", "text_encoder", "clip") if counts.get(part)}
     lines = ["Parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()) + "."]
     config = bundle / "unet" / "config.json"
     if config.is_file():
@@ -157,20 +163,15 @@ def _metric(d: dict, suite: str, row: str, name: str) -> str:
 
 def model_card(out: Path, records: list[dict], components: dict, t2i: dict, sweep: dict | None, cmds: dict,
                parts_card: tuple[str, list[str]] | None = None) -> str:
-    from safetensors import safe_open
-
     weights = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
-    dtypes = set()
-    for f in out.rglob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as st:
-            dtypes |= {str(st.get_slice(k).get_dtype()) for k in st.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    dtypes, counts = tensor_summary(out)
     lines = ["# shapes-v1: the mmsynth Shapes zoo", "",
              "A miniature Stable Diffusion stack trained from scratch on the procedural Shapes dataset: a word-level "
              "tokenizer, a CLIP (its text tower is the UNet's text encoder), an f=4 AutoencoderKL (64x64x3 <-> "
              "16x16x4) and a latent UNet2DConditionModel. diffusers' `StableDiffusionPipeline.from_pretrained` "
              "loads this folder.", "",
              f"Weights: {weights / 2**20:.1f} MiB of safetensors ({', '.join(sorted(dtypes))}).", "",
-             *architecture(out), "",
+             *architecture(out, counts), "",
              "## Quality (the judge on test-split prompts; 95% Wilson intervals)", "",
              f"`{cmds['t2i']}`", "",
              "| row | single object | binding | count | relation | held-out object | held-out binding | overall |",

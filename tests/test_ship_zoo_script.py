@@ -95,7 +95,9 @@ def test_the_t2i_run_is_the_one_the_bundle_came_from_and_a_grown_unet_is_carded(
     bundle = tiny_bundle(seed=0)
     bundle.unet = deepen_attention(bundle.unet, (1, 2, 2))
     bundle.save_pretrained(tmp_path / "zoo")
-    (line,) = ship.architecture(tmp_path / "zoo")
+    dtypes, counts = ship.tensor_summary(tmp_path / "zoo")
+    assert dtypes == {"F32"}  # save_pretrained keeps float32 unless asked
+    (line,) = ship.architecture(tmp_path / "zoo", counts)
     assert f"unet {sum(p.numel() for p in bundle.unet.parameters()) / 1e6:.2f}M" in line
     assert "transformer layers per level [1, 2, 2]" in line and "channels 16/32/32" in line
     rec.update(step=300, earlier={"step": 18900, "logged_wall_h": 9.91})
