@@ -310,3 +310,7 @@ def test_the_deepening_config_loads():
     path = Path(__file__).parents[1] / "configs" / "t2i_deep.yaml"
     _config, options = load_config(get_recipe("t2i"), path)
     assert options.attention_depth == (1, 2, 2) and options.base == "models/shapes-v1"
+    # counts out of grow.MAX_DEPTH's range fail at config time, before any model loads
+    for bad in ("0,2,2", "1,2,9"):
+        with pytest.raises(InputError, match=r"options.attention_depth' takes counts 1\.\.8"):
+            load_config(get_recipe("t2i"), path, overrides={"options.attention_depth": bad})

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from mmsynth.errors import InputError
 from mmsynth.io import write_text
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
-from mmsynth.models.grow import deepen_attention
+from mmsynth.models.grow import MAX_DEPTH, deepen_attention
 from mmsynth.models.zoo import ZOO_SPECS, build_scheduler, build_unet
 from mmsynth.train.latent_cache import LatentCacheExamples
 from mmsynth.train.recipe import Recipe
@@ -72,8 +72,10 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.snr_gamma' must be > 0 or none, got {self.snr_gamma}")
         if self.save_dtype not in SAVE_DTYPES:
             raise InputError(f"config key 'options.save_dtype' must be one of {', '.join(SAVE_DTYPES)}")
-        if any(d < 1 for d in self.attention_depth):
-            raise InputError(f"config key 'options.attention_depth' takes counts >= 1, got {self.attention_depth}")
+        if any(not 1 <= d <= MAX_DEPTH for d in self.attention_depth):  # before the models load; the per-level
+            # count and no-shrink checks need the UNet and run in deepen_attention
+            raise InputError(f"config key 'options.attention_depth' takes counts 1..{MAX_DEPTH}, "
+                             f"got {list(self.attention_depth)}")
         if self.sample_steps <= 0 or self.sample_cfg < 0:
             raise InputError("config keys 'options.sample_steps' must be > 0 and 'options.sample_cfg' >= 0")
 
