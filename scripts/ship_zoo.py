@@ -45,7 +45,7 @@ def _check_same_text_tower(bundle: Path, clip_dir: Path) -> None:
 
     text_encoder = load_component(bundle, "text_encoder")
     clip = load_component(clip_dir, "clip")
-    a = text_encoder.text_model.state_dict()
+    a = getattr(text_encoder, "text_model", text_encoder).state_dict()  # transformers 5 flattened CLIPTextModel
     b = clip.text_model.state_dict()
     same = a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
     if not same:

@@ -105,3 +105,24 @@ def test_the_t2i_run_is_the_one_the_bundle_came_from_and_a_grown_unet_is_carded(
                            {"t2i": "t2i cmd", "components": "components cmd"})  # fmt: skip
     assert "| t2i | 19200 |" in card and "grown first to (1, 2, 2) transformer layers" in card
     assert "--bundle " + str(runs / "t2i_deep") + "/final" in card
+
+
+def test_a_clip_shipped_with_the_bundle_must_keep_its_text_encoder(tmp_path):
+    import pytest
+    import torch
+
+    from mmsynth.models.bundle import save_components
+    from mmsynth.models.zoo import tiny_bundle
+
+    ship = _ship_zoo()
+    bundle = tiny_bundle(seed=0)
+    bundle.save_pretrained(tmp_path / "zoo")
+    with torch.no_grad():  # a vision-side run (options.freeze_text) moves only the vision tower
+        bundle.clip.vision_model.post_layernorm.bias.add_(1.0)
+    save_components(tmp_path / "vision", clip=bundle.clip)
+    ship._check_same_text_tower(tmp_path / "zoo", tmp_path / "vision")
+    with torch.no_grad():
+        bundle.clip.text_model.final_layer_norm.bias.add_(1.0)
+    save_components(tmp_path / "text_moved", clip=bundle.clip)
+    with pytest.raises(SystemExit, match="is not the bundle's text encoder"):
+        ship._check_same_text_tower(tmp_path / "zoo", tmp_path / "text_moved")
