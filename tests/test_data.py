@@ -218,3 +218,19 @@ def test_memoised_polygons_are_read_only_and_equal_to_fresh_ones():
     th = np.radians(10.0)
     rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     np.testing.assert_allclose(pts, _unit_polygon("star") @ rot.T * 0.2 + [0.4, 0.6])
+
+
+def test_image_only_paths_give_the_annotated_pixels_and_captions():
+    """`render` and a map-less training example skip the label maps for speed; they must not change a pixel."""
+    import torch
+
+    from mmsynth.data.torch_dataset import make_example
+
+    for i in range(12):
+        s = sample_scene("test", i, 4)
+        for res in (32, 64, 96):
+            assert np.array_equal(render(s, res), render_scene(s, res).image)
+        fast, full = make_example("train", i, 5, 64, ()), make_example("train", i, 5, 64, ("semantic",))
+        assert torch.equal(fast["pixel_values"], full["pixel_values"])
+        assert (fast["caption"], fast["captions"], fast["scene"]) == (full["caption"], full["captions"], full["scene"])
+        assert "semantic" not in fast and full["semantic"].shape == (64, 64)

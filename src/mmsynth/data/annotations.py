@@ -35,7 +35,10 @@ class Annotated:
     records: dict[str, Any]
 
 
-def annotate_scene(scene: Scene, resolution: int = 64, n_captions: int = 4) -> Annotated:
+N_CAPTIONS = 4  # true captions kept per scene (a training example picks one)
+
+
+def annotate_scene(scene: Scene, resolution: int = 64, n_captions: int = N_CAPTIONS) -> Annotated:
     """Render `scene` and derive all its annotations at `resolution`."""
     r = render_scene(scene, resolution)
     inst = r.instance

@@ -54,12 +54,11 @@ def render_background(bg: Background, size: int) -> np.ndarray:
     return img
 
 
-def render_scene(scene: Scene, resolution: int = 64) -> Rendered:
-    """Render `scene` at `resolution` (square) with its exact instance map and coverages."""
-    res = check_resolution(resolution)
+def _paint(scene: Scene, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """The supersampled canvas (float32 RGB) and its owner map (0 = background, k = object k-1 on top)."""
     big = res * SUPERSAMPLE
     canvas = render_background(scene.background, big)
-    owner = np.zeros((big, big), np.int16)  # 0 = background, k = object k-1 (later objects overwrite)
+    owner = np.zeros((big, big), np.int16)  # later objects overwrite
     for k, obj in enumerate(scene.objects, start=1):
         mask = np.zeros((big, big), np.uint8)
         pts = np.round(obj.polygon() * big * 16).astype(np.int32)
@@ -67,15 +66,27 @@ def render_scene(scene: Scene, resolution: int = 64) -> Rendered:
         owner[mask.astype(bool)] = k
     for k, obj in enumerate(scene.objects, start=1):
         canvas[owner == k] = np.array(obj.rgb, np.float32)
+    return canvas, owner
+
+
+def _downsample(canvas: np.ndarray, res: int) -> np.ndarray:
     image = cv2.resize(canvas, (res, res), interpolation=cv2.INTER_AREA)
-    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def render_scene(scene: Scene, resolution: int = 64) -> Rendered:
+    """Render `scene` at `resolution` (square) with its exact instance map and coverages."""
+    res = check_resolution(resolution)
+    canvas, owner = _paint(scene, res)
     n = len(scene.objects)
     layers = np.stack([(owner == k).astype(np.float32) for k in range(n + 1)])  # bg + objects
     cov = np.stack([cv2.resize(layer, (res, res), interpolation=cv2.INTER_AREA) for layer in layers])
     instance = np.argmax(cov, axis=0).astype(np.uint8)
-    return Rendered(image=image, instance=instance, coverage=cov[1:])
+    return Rendered(image=_downsample(canvas, res), instance=instance, coverage=cov[1:])
 
 
 def render(scene: Scene, resolution: int = 64) -> np.ndarray:
-    """Just the RGB image of `scene`."""
-    return render_scene(scene, resolution).image
+    """Just the RGB image of `scene` (the same pixels as `render_scene`), without the label maps' cost:
+    training and benchmarks render millions of these."""
+    res = check_resolution(resolution)
+    return _downsample(_paint(scene, res)[0], res)

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mmsynth.data.annotations import annotate_scene
-from mmsynth.data.render import check_resolution
+from mmsynth.data.annotations import N_CAPTIONS, annotate_scene
+from mmsynth.data.captions import captions
+from mmsynth.data.render import check_resolution, render
 from mmsynth.data.scene import sample_scene
 
 DEFAULT_MAPS: tuple[str, ...] = ("semantic", "color", "depth", "edges")
@@ -25,11 +26,14 @@ def make_example(
 ) -> dict[str, Any]:
     """One training example as tensors: pixel_values in [-1, 1], one random true caption, condition maps."""
     scene = sample_scene(split, index, seed)
-    ann = annotate_scene(scene, resolution)
-    caps = ann.records["captions"]
+    if maps:
+        ann = annotate_scene(scene, resolution)
+        image, caps = ann.image, ann.records["captions"]
+    else:  # no maps asked (clip, vae, t2i): skip the annotations, which cost more than the render itself
+        image, caps = render(scene, resolution), captions(scene, N_CAPTIONS)
     pick = int(np.random.default_rng([seed, index, 0xCAB]).integers(len(caps)))
     example: dict[str, Any] = {
-        "pixel_values": torch.from_numpy(ann.image).permute(2, 0, 1).float() / 127.5 - 1.0,
+        "pixel_values": torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0,
         "caption": caps[pick],
         "captions": caps,
         "scene": scene.to_dict(),
