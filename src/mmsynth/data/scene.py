@@ -233,9 +233,16 @@ def object_relations(scene: Scene) -> list[tuple[int, str, int]]:
 # ---------------------------------------------------------------- sampling
 
 
+@functools.cache
+def _base_lab(color: str) -> np.ndarray:
+    """CIELab of a named colour, computed once per name (every object of every scene asks for one)."""
+    lab = rgb2lab(np.array(vocab.COLORS[color], dtype=np.float64)[None, None] / 255.0)[0, 0]
+    lab.flags.writeable = False
+    return lab
+
+
 def _jitter_shade(color: str, rng: np.random.Generator) -> tuple[int, int, int]:
-    base = np.array(vocab.COLORS[color], dtype=np.float64)[None, None] / 255.0
-    lab = rgb2lab(base)[0, 0] + rng.uniform(-1, 1, 3) * np.array(vocab.SHADE_JITTER_LAB)
+    lab = _base_lab(color) + rng.uniform(-1, 1, 3) * np.array(vocab.SHADE_JITTER_LAB)
     rgb = np.clip(lab2rgb(lab[None, None])[0, 0], 0, 1)
     return tuple(int(round(c * 255)) for c in rgb)  # type: ignore[return-value]
 
