@@ -234,3 +234,28 @@ def test_image_only_paths_give_the_annotated_pixels_and_captions():
         assert torch.equal(fast["pixel_values"], full["pixel_values"])
         assert (fast["caption"], fast["captions"], fast["scene"]) == (full["caption"], full["captions"], full["scene"])
         assert "semantic" not in fast and full["semantic"].shape == (64, 64)
+
+
+def test_minimal_edit_changes_one_attribute_and_keeps_the_rules():
+    from mmsynth.data.scene import minimal_edit
+    from mmsynth.evaluate.components import caption_true_of
+
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for split in ("train", "heldout"):
+        for i in range(60):
+            s = sample_scene(split, i, 2)
+            t = minimal_edit(s, rng)
+            if t is None:
+                continue
+            diff = [(a, b) for a, b in zip(s.objects, t.objects) if a != b]
+            assert len(diff) == 1 and t.background == s.background and t.split == s.split
+            (a, b), = diff
+            kinds.add("shape" if a.shape != b.shape else "colour")
+            assert (a.shape == b.shape) != (a.color == b.color)
+            combos = {(o.color, o.shape) for o in t.objects}
+            assert bool(combos & vocab.HELDOUT_COMBOS) == (split == "heldout")
+            assert min(visible_fractions(t.objects)) >= 1 - MAX_HIDDEN_FRACTION
+            assert len(groups(t)) == 1 or group_relations(t)
+            assert not any(caption_true_of(c, s) for c in captions(t, 4))  # a true negative of the source
+    assert kinds == {"shape", "colour"}

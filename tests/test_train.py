@@ -107,6 +107,32 @@ def test_clip_freeze_text_trains_only_the_vision_side(tmp_path):
         run("clip", tmp_path / "c", max_steps="1", batch_size="8", **{"options.freeze_text": "true"})
 
 
+def test_clip_hard_negatives_pair_each_scene_with_its_minimal_edit(tmp_path):
+    from mmsynth.data.scene import Scene
+    from mmsynth.train.data import HardNegativePairs, ShapesExamples
+
+    pairs, plain = HardNegativePairs("train", seed=3), ShapesExamples("train", seed=3)
+    edited = 0
+    for j in range(0, 40, 2):
+        base, twin = Scene.from_dict(pairs[j]["scene"]), Scene.from_dict(pairs[j + 1]["scene"])
+        assert torch.equal(pairs[j]["pixel_values"], plain[j]["pixel_values"])
+        changed = [(a, b) for a, b in zip(base.objects, twin.objects) if a != b]
+        if len(base.objects) == len(twin.objects) and len(changed) == 1:
+            (a, b), = changed
+            assert (a.shape != b.shape) != (a.color != b.color)  # one attribute, the other kept
+            assert (a.cx, a.cy, a.size, a.radius) == (b.cx, b.cy, b.size, b.radius)
+            assert not torch.equal(pairs[j]["pixel_values"], pairs[j + 1]["pixel_values"])
+            edited += 1
+        else:  # no edit kept the rules: the odd index is its own plain scene
+            assert torch.equal(pairs[j + 1]["pixel_values"], plain[j + 1]["pixel_values"])
+    assert edited >= 15
+    result = run("clip", tmp_path / "hn", max_steps="2", batch_size="8", **{"options.hard_negatives": "true"})
+    assert len(read_log(tmp_path / "hn" / "log.csv")) == 2 and (result.export / "clip").is_dir()
+    with pytest.raises(InputError, match="needs data: shapes"):
+        run("clip", tmp_path / "hn2", max_steps="1", batch_size="8", data=str(tmp_path),
+            **{"options.hard_negatives": "true"})  # fmt: skip
+
+
 def test_vae_edge_weights_favour_edges_and_keep_the_mean():
     from mmsynth.data import render, sample_scene
     from mmsynth.train.recipes.vae import edge_weights
@@ -230,12 +256,17 @@ def test_train_cli(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("recipe", ["clip", "vae", "t2i"])
-def test_shipped_configs_load(recipe):
-    from pathlib import Path
+CONFIGS = sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
-    config, _options = load_config(get_recipe(recipe), Path(__file__).parents[1] / "configs" / f"{recipe}.yaml")
-    assert config.recipe == recipe and config.out == f"runs/{recipe}"
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    """Every config in configs/ loads with the recipe it names (unknown keys fail) and writes to runs/STEM."""
+    import yaml
+
+    recipe = yaml.safe_load(path.read_text())["recipe"]
+    config, _options = load_config(get_recipe(recipe), path)
+    assert config.recipe == recipe and config.out == f"runs/{path.stem}"
 
 
 def test_latent_cache_builds_resumes_extends_and_feeds_t2i(tmp_path, parts):

@@ -6,6 +6,7 @@ are pure functions of the returned `Scene`. Objects are stored back to front (li
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -370,3 +371,38 @@ def sample_scene(split: str, index: int, seed: int = 0, n_objects: int | None = 
         scene = Scene(objects=objects, background=background, split=split, index=index, seed=seed)
         if len(groups(scene)) == 1 or group_relations(scene):
             return scene
+
+
+def _rules_hold(scene: Scene) -> bool:
+    """The sampler's rules on a finished scene: same-colour objects apart, none too hidden, a caption relation
+    between any two groups, and the split's colour-shape combinations."""
+    objs = scene.objects
+    for i, j in itertools.combinations(range(len(objs)), 2):
+        a, b = objs[i], objs[j]
+        if a.color == b.color and math.hypot(a.cx - b.cx, a.cy - b.cy) < a.radius + b.radius + SAME_COLOR_GAP:
+            return False
+    if min(visible_fractions(objs)) < 1.0 - MAX_HIDDEN_FRACTION:
+        return False
+    if any((o.color, o.shape) in vocab.HELDOUT_COMBOS for o in objs) != (scene.split == "heldout"):
+        return False
+    return len(groups(scene)) == 1 or bool(group_relations(scene))
+
+
+def minimal_edit(scene: Scene, rng: np.random.Generator, tries: int = 20) -> Scene | None:
+    """The same scene with one object's shape or colour changed and everything else kept (place, size, the
+    other objects, the background): a hard negative for contrastive training, since only that word of a
+    caption tells the two apart. None when no edit within `tries` keeps the sampler's rules."""
+    for _ in range(tries):
+        k = int(rng.integers(len(scene.objects)))
+        o = scene.objects[k]
+        if rng.random() < 0.5:
+            shape, color = str(rng.choice([s for s in vocab.SHAPES if s != o.shape])), o.color
+            rotation = 0.0 if shape == "circle" else o.rotation or round(float(rng.uniform(-15.0, 15.0)), 2)
+            new = dataclasses.replace(o, shape=shape, rotation=rotation)
+        else:
+            color = str(rng.choice([c for c in vocab.COLOR_NAMES if c != o.color]))
+            new = dataclasses.replace(o, color=color, rgb=_jitter_shade(color, rng))
+        edited = dataclasses.replace(scene, objects=[*scene.objects[:k], new, *scene.objects[k + 1 :]])
+        if _rules_hold(edited):
+            return edited
+    return None

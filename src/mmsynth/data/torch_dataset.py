@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from mmsynth.data.annotations import N_CAPTIONS, annotate_scene
 from mmsynth.data.captions import captions
 from mmsynth.data.render import check_resolution, render
-from mmsynth.data.scene import sample_scene
+from mmsynth.data.scene import Scene, sample_scene
 
 DEFAULT_MAPS: tuple[str, ...] = ("semantic", "color", "depth", "edges")
 
@@ -25,7 +25,13 @@ def make_example(
     split: str, index: int, seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = DEFAULT_MAPS
 ) -> dict[str, Any]:
     """One training example as tensors: pixel_values in [-1, 1], one random true caption, condition maps."""
-    scene = sample_scene(split, index, seed)
+    return example_of_scene(sample_scene(split, index, seed), index, seed, resolution, maps)
+
+
+def example_of_scene(
+    scene: Scene, index: int, seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = DEFAULT_MAPS
+) -> dict[str, Any]:
+    """`make_example` for a given scene (e.g. an edited one); `index` and `seed` pick its caption."""
     if maps:
         ann = annotate_scene(scene, resolution)
         image, caps = ann.image, ann.records["captions"]

@@ -20,7 +20,15 @@ from mmsynth.data.torch_dataset import collate, make_example
 from mmsynth.errors import InputError
 from mmsynth.io import load_image
 
-__all__ = ["EpochOrder", "ImageFolderExamples", "ShapesExamples", "StepBatches", "collate", "training_examples"]
+__all__ = [
+    "EpochOrder",
+    "HardNegativePairs",
+    "ImageFolderExamples",
+    "ShapesExamples",
+    "StepBatches",
+    "collate",
+    "training_examples",
+]
 
 
 class ShapesExamples(Dataset):
@@ -37,6 +45,39 @@ class ShapesExamples(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return make_example(self.split, int(index), self.seed, self.resolution, self.maps)
+
+
+class HardNegativePairs(Dataset):
+    """On-the-fly Shapes where odd index 2j+1 is a minimal edit of scene 2j (one object's shape or colour
+    changed, `data.scene.minimal_edit`), so every batch holds pairs that only one caption word tells apart.
+    Where no edit keeps the dataset's rules, index 2j+1 is plain scene 2j+1."""
+
+    def __init__(self, split: str = "train", seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = ()):
+        self.plain = ShapesExamples(split, seed, resolution, maps)
+        self._last: tuple[int, Any] | None = None  # (index, scene): the pair's second item reuses the first's
+
+    def __len__(self) -> int:
+        return len(self.plain)
+
+    def _scene(self, index: int) -> Any:
+        from mmsynth.data.scene import sample_scene
+
+        if self._last is None or self._last[0] != index:
+            self._last = (index, sample_scene(self.plain.split, index, self.plain.seed))
+        return self._last[1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from mmsynth.data.scene import minimal_edit
+        from mmsynth.data.torch_dataset import example_of_scene
+
+        p, index = self.plain, int(index)
+        scene = self._scene(index - index % 2)
+        if index % 2 == 0:
+            return example_of_scene(scene, index, p.seed, p.resolution, p.maps)
+        edited = minimal_edit(scene, np.random.default_rng([p.seed, index, 0xED]))
+        if edited is None:
+            return p[index]
+        return example_of_scene(edited, index, p.seed, p.resolution, p.maps)
 
 
 class EpochOrder:

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch.utils.data import Dataset
 
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
 from mmsynth.models.tokenizer import build_shapes_tokenizer
 from mmsynth.models.zoo import ZOO_SPECS, build_clip, text_encoder_from_clip
+from mmsynth.train.data import HardNegativePairs
 from mmsynth.train.recipe import Recipe
 
 
@@ -27,6 +29,10 @@ class ClipOptions:
     # text tower is the diffusion UNet's text encoder, so this improves retrieval without invalidating a
     # UNet already trained on it (LiT, Zhai et al. 2022, with the roles swapped).
     freeze_text: bool = False
+    # Pair every scene of a batch with a minimal edit of itself (one object's shape or colour changed): the
+    # retrieval errors left are near misses of exactly that kind, which random in-batch negatives rarely are
+    # (hard negatives as in NegCLIP, Yuksekgonul et al. 2023, here on the image side). Needs data: shapes.
+    hard_negatives: bool = False
 
     def validate(self) -> None:
         if self.zoo not in ZOO_SPECS:
@@ -66,6 +72,15 @@ class ClipRecipe(Recipe):
             for part in (clip.text_model, clip.text_projection):
                 part.requires_grad_(False)
             clip.text_model.eval()
+
+    def dataset(self) -> Dataset:
+        if not self.options.hard_negatives:
+            return super().dataset()
+        c = self.config
+        if c.data != "shapes":
+            raise InputError(f"config key 'options.hard_negatives' edits Shapes scenes, so it needs data: shapes, "
+                             f"got data: {c.data}")  # fmt: skip
+        return HardNegativePairs(c.data_split, c.data_seed, self.resolution)
 
     @property
     def resolution(self) -> int:
