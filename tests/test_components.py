@@ -2,7 +2,7 @@
 
 from mmsynth.data import captions, sample_scene
 from mmsynth.data.scene import Background, Scene, ShapeObject
-from mmsynth.evaluate.components import caption_true_of, clip_retrieval, vae_psnr
+from mmsynth.evaluate.components import CAPTION_KINDS, caption_kind, caption_true_of, clip_retrieval, vae_psnr
 from mmsynth.models.zoo import tiny_bundle
 
 
@@ -33,6 +33,10 @@ def test_component_scores_run_on_tiny_models():
     for key in ("top1_exact", "top1_consistent"):
         assert 0.0 <= ret[key]["value"] <= 1.0 and ret[key]["n"] == 6
     assert ret["top1_consistent"]["value"] >= ret["top1_exact"]["value"]  # its own image always makes it true
+    by_kind = ret["consistent_by_kind"]
+    assert sum(r["n"] for r in by_kind.values()) == 6 and set(by_kind) <= set(CAPTION_KINDS)
+    hits = sum(round(r["value"] * r["n"]) for r in by_kind.values())
+    assert hits == round(ret["top1_consistent"]["value"] * 6)  # the kinds partition the cases
 
 
 def test_bench_components_cli(tmp_path, capsys):
@@ -75,3 +79,12 @@ def test_a_lossless_autoencoder_scores_the_ceiling_and_a_blurring_one_does_not()
     assert exact["psnr_db"]["value"] > 90 and exact["judge_pass"]["value"] == 1.0
     blurred = vae_psnr(Lossless(blur=True), n=6)
     assert blurred["psnr_db"]["value"] < 30 and blurred["judge_pass"]["value"] < 1.0
+
+
+def test_caption_kinds():
+    assert caption_kind("a red circle") == "one object"
+    assert caption_kind("there are three blue crosses") == "count"
+    assert caption_kind("a red circle left of a blue square") == "two groups"
+    assert caption_kind("two red circles above a blue square") == "two groups"
+    assert caption_kind("a red circle, a blue square and a green star, with the red circle above the blue square") \
+        == "three or more groups"

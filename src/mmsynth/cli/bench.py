@@ -131,6 +131,8 @@ def _components(args: argparse.Namespace) -> int:
             r = scores["clip"][key]
             print(f"CLIP text->image retrieval {key}: {r['value']:.4f} "
                   f"(95% CI {r['ci95'][0]:.4f}..{r['ci95'][1]:.4f}, n={r['n']})")  # fmt: skip
+        print("  top1_consistent by caption: " + ", ".join(
+            f"{k} {r['value']:.3f} (n={r['n']})" for k, r in scores["clip"]["consistent_by_kind"].items()))  # fmt: skip
     else:
         print(f"no clip/ + tokenizer/ in {model}: CLIP retrieval skipped")
     if args.json:

@@ -102,7 +102,21 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
     best = (torch.cat(txt_feats) @ torch.cat(img_feats).T).argmax(dim=1).cpu().numpy()
     exact = best == np.arange(n)
     consistent = np.array([caption_true_of(texts[i], scenes[int(j)]) for i, j in enumerate(best)])
-    return {"top1_exact": _rate(exact), "top1_consistent": _rate(consistent), "split": split}
+    kinds = np.array([caption_kind(t) for t in texts])
+    by_kind = {k: _rate(consistent[kinds == k]) for k in CAPTION_KINDS if (kinds == k).any()}
+    return {"top1_exact": _rate(exact), "top1_consistent": _rate(consistent), "consistent_by_kind": by_kind,
+            "split": split}  # fmt: skip
+
+
+CAPTION_KINDS = ("one object", "count", "two groups", "three or more groups")
+
+
+def caption_kind(caption: str) -> str:
+    """Which of CAPTION_KINDS a caption is, by the colour-shape groups it names: where retrieval fails."""
+    gs = parse_caption(caption).groups
+    if len(gs) == 1:
+        return "one object" if gs[0].count == 1 else "count"
+    return "two groups" if len(gs) == 2 else "three or more groups"
 
 
 def _features(out: Any) -> torch.Tensor:
