@@ -88,3 +88,21 @@ def test_caption_kinds():
     assert caption_kind("two red circles above a blue square") == "two groups"
     assert caption_kind("a red circle, a blue square and a green star, with the red circle above the blue square") \
         == "three or more groups"
+
+
+def test_text_tower_probe_script(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from mmsynth.models.zoo import tiny_bundle
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "text_tower_probe.py"
+    spec = importlib.util.spec_from_file_location("text_tower_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    tiny_bundle(seed=0).save_pretrained(tmp_path / "m")
+    cos = probe.probe(str(tmp_path / "m"), "a red circle left of a blue square", {"same": "a red circle left of a "
+                      "blue square", "other": "two green stars"})  # fmt: skip
+    assert abs(cos["same"] - 1) < 1e-5 and -1 <= cos["other"] < 1 - 1e-4
+    assert probe.main(["--model", str(tmp_path / "m")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(probe.VARIANTS)
