@@ -128,6 +128,8 @@ def test_clip_hard_negatives_pair_each_scene_with_its_minimal_edit(tmp_path):
     assert edited >= 15
     result = run("clip", tmp_path / "hn", max_steps="2", batch_size="8", **{"options.hard_negatives": "true"})
     assert len(read_log(tmp_path / "hn" / "log.csv")) == 2 and (result.export / "clip").is_dir()
+    with pytest.raises(InputError, match="batch_size must be even, got 7"):
+        run("clip", tmp_path / "hn3", max_steps="1", batch_size="7", **{"options.hard_negatives": "true"})
     with pytest.raises(InputError, match="needs data: shapes"):
         run("clip", tmp_path / "hn2", max_steps="1", batch_size="8", data=str(tmp_path),
             **{"options.hard_negatives": "true"})  # fmt: skip

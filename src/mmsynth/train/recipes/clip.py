@@ -80,6 +80,9 @@ class ClipRecipe(Recipe):
         if c.data != "shapes":
             raise InputError(f"config key 'options.hard_negatives' edits Shapes scenes, so it needs data: shapes, "
                              f"got data: {c.data}")  # fmt: skip
+        if c.batch_size % 2:
+            raise InputError(f"config key 'options.hard_negatives' puts a scene and its edit in one batch, so "
+                             f"batch_size must be even, got {c.batch_size}")  # fmt: skip
         return HardNegativePairs(c.data_split, c.data_seed, self.resolution)
 
     @property
