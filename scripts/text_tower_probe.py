@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 VARIANTS = {
     "paraphrase (same meaning)": "a blue square right of a red circle",
     "relation flipped": "a red circle right of a blue square",
@@ -25,15 +23,11 @@ VARIANTS = {
 
 def probe(model: str, caption: str, variants: dict[str, str]) -> dict[str, float]:
     """Cosine between `caption` and each variant under the bundle's CLIP text tower."""
-    from mmsynth.evaluate.components import _features
+    from mmsynth.evaluate.components import text_features
     from mmsynth.models.bundle import load_component
 
     clip, tok = load_component(model, "clip").float().eval(), load_component(model, "tokenizer")
-    texts = [caption, *variants.values()]
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids  # fmt: skip
-    with torch.no_grad():
-        e = torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
+    e = text_features(clip, tok, [caption, *variants.values()])
     return dict(zip(variants, (e[0] @ e[1:].T).tolist()))
 
 

@@ -289,12 +289,20 @@ def visible_fractions(objects: list[ShapeObject], n: int = _PLACEMENT_RASTER) ->
     return out
 
 
+def _apart(a: ShapeObject, b: ShapeObject) -> bool:
+    """Same-colour objects never touch (other colours may overlap)."""
+    return a.color != b.color or math.hypot(a.cx - b.cx, a.cy - b.cy) >= a.radius + b.radius + SAME_COLOR_GAP
+
+
+def _captionable(scene: Scene) -> bool:
+    """One colour-shape group, or a caption relation between two groups."""
+    return len(groups(scene)) == 1 or bool(group_relations(scene))
+
+
 def _placement_ok(objects: list[ShapeObject]) -> bool:
     new = objects[-1]
-    for o in objects[:-1]:
-        d = math.hypot(o.cx - new.cx, o.cy - new.cy)
-        if o.color == new.color and d < o.radius + new.radius + SAME_COLOR_GAP:
-            return False
+    if not all(_apart(o, new) for o in objects[:-1]):
+        return False
     return min(visible_fractions(objects)) >= 1.0 - MAX_HIDDEN_FRACTION
 
 
@@ -369,7 +377,7 @@ def sample_scene(split: str, index: int, seed: int = 0, n_objects: int | None = 
             if min(visible_fractions(objects)) < 1.0 - MAX_HIDDEN_FRACTION:
                 continue
         scene = Scene(objects=objects, background=background, split=split, index=index, seed=seed)
-        if len(groups(scene)) == 1 or group_relations(scene):
+        if _captionable(scene):
             return scene
 
 
@@ -377,15 +385,13 @@ def _rules_hold(scene: Scene) -> bool:
     """The sampler's rules on a finished scene: same-colour objects apart, none too hidden, a caption relation
     between any two groups, and the split's colour-shape combinations."""
     objs = scene.objects
-    for i, j in itertools.combinations(range(len(objs)), 2):
-        a, b = objs[i], objs[j]
-        if a.color == b.color and math.hypot(a.cx - b.cx, a.cy - b.cy) < a.radius + b.radius + SAME_COLOR_GAP:
-            return False
+    if not all(_apart(a, b) for a, b in itertools.combinations(objs, 2)):
+        return False
     if min(visible_fractions(objs)) < 1.0 - MAX_HIDDEN_FRACTION:
         return False
     if any((o.color, o.shape) in vocab.HELDOUT_COMBOS for o in objs) != (scene.split == "heldout"):
         return False
-    return len(groups(scene)) == 1 or bool(group_relations(scene))
+    return _captionable(scene)
 
 
 def minimal_edit(scene: Scene, rng: np.random.Generator, tries: int = 20) -> Scene | None:

@@ -96,9 +96,7 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
         imgs = np.stack([render(s, resolution) for s in scenes[k : k + batch_size]])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1.0  # the zoo CLIP reads [-1, 1]
         img_feats.append(torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=x)), dim=-1))
-        ids = tokenizer(texts[k : k + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)  # fmt: skip
-        txt_feats.append(torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1))
+        txt_feats.append(text_features(clip, tokenizer, texts[k : k + batch_size]))
     best = (torch.cat(txt_feats) @ torch.cat(img_feats).T).argmax(dim=1).cpu().numpy()
     exact = best == np.arange(n)
     consistent = np.array([caption_true_of(texts[i], scenes[int(j)]) for i, j in enumerate(best)])
@@ -117,6 +115,14 @@ def caption_kind(caption: str) -> str:
     if len(gs) == 1:
         return "one object" if gs[0].count == 1 else "count"
     return "two groups" if len(gs) == 2 else "three or more groups"
+
+
+@torch.no_grad()
+def text_features(clip: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """Unit-length projected text embeddings (the vectors retrieval compares), one row per text."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(next(clip.parameters()).device)  # fmt: skip
+    return torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
 
 
 def _features(out: Any) -> torch.Tensor:
