@@ -15,8 +15,8 @@ from mmsynth.annotate import HISTOGRAM_SIZE, annotate, from_scene, get_annotator
 from mmsynth.data import annotate_scene, sample_scene
 from mmsynth.errors import InputError
 
-# a layout needs boxes and phrases; every other kind runs on its defaults
-KIND_PARAMS = {"layout": {"boxes": [[0.1, 0.2, 0.6, 0.9]], "phrases": ["red circle"]}}
+# a layout needs boxes and phrases, a colour region a colour the images have; every other kind runs on its defaults
+KIND_PARAMS = {"layout": {"boxes": [[0.1, 0.2, 0.6, 0.9]], "phrases": ["red circle"]}, "color-region": {"color": "blue"}}
 IMAGE_KINDS = [a.name for a in list_annotators() if a.name != "depth"]
 
 
@@ -69,7 +69,7 @@ def test_every_kind_shape_dtype_range(kind, source, request):
         return
     assert out.dtype == np.uint8
     assert out.shape[:2] == (h, w) and out.ndim in (2, 3)
-    if kind in ("canny", "xdog", "lineart", "mask"):
+    if kind in ("canny", "xdog", "lineart", "mask", "color-region"):
         assert set(np.unique(out)) <= {0, 255}
     if kind == "segmentation":
         assert out.max() < spec.param("k").default

@@ -11,6 +11,7 @@ import numpy as np
 from skimage.color import rgb2lab
 
 from mmsynth.annotate.registry import Param, register
+from mmsynth.data.vocab import COLOR_NAMES, COLORS
 
 LAB_BINS: tuple[int, int, int] = (11, 5, 5)  # L, a, b (Composer)
 LAB_RANGES: tuple[tuple[float, float], ...] = ((0.0, 100.0), (-128.0, 128.0), (-128.0, 128.0))
@@ -36,6 +37,25 @@ def palette(image: np.ndarray, cells: int) -> np.ndarray:
     gh, gw = max(1, round(h * n / short)), max(1, round(w * n / short))
     small = cv2.resize(image, (gw, gh), interpolation=cv2.INTER_AREA)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+@register(
+    "color-region",
+    "where one named colour is: pixels whose nearest vocabulary colour it is, within max_distance CIELab units; "
+    "HxW uint8, 255 = the colour (the mask of an object to recolour)",
+    "mask",
+    (
+        Param("color", "str", "red", "the colour to find", choices=COLOR_NAMES),
+        Param("max_distance", "float", 30.0, "largest CIE76 deltaE from the colour's centre", 1.0, 200.0),
+    ),
+)
+def color_region(image: np.ndarray, color: str, max_distance: float) -> np.ndarray:
+    """A colour word's pixels: what a prompt-swap recolour edit may change (the rest of the image stays)."""
+    lab = rgb2lab(image)
+    centres = rgb2lab(np.array([[COLORS[c] for c in COLOR_NAMES]], np.uint8))[0]
+    d = np.sqrt(((lab[:, :, None, :] - centres[None, None]) ** 2).sum(-1))
+    i = COLOR_NAMES.index(color)
+    return ((d.argmin(-1) == i) & (d[..., i] <= max_distance)).astype(np.uint8) * 255
 
 
 def lab_bin(lab: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ prompts share; --keep-attention F replays the source's self-attention queries/ke
 the steps (structure kept, content from the new prompt); --strength F inverts only the first F of the steps
 and edits from there (partial inversion: more of the image kept); --null-text N tunes the unconditional
 embedding of every step (null-text inversion, N Adam steps each) so that the cfg > 1 edit starts from an exact
-reconstruction. --mask limits the edit to a region, --guide
+reconstruction. --recolour M guides the new colour into the old colour's pixels (universal guidance).
+--mask limits the edit to a region, --guide
 adds universal guidance. The output folder is `mmsynth generate`'s; its request replays the whole edit.
 """
 
@@ -49,6 +50,10 @@ def register(subparsers: Any) -> None:
                    help="null-text inversion: tune the unconditional embedding of each step with N Adam steps "
                    "(0 = off; the paper: 10; DDIM only, cfg > 1; the bench's inversion_null_text row costs ~15x plain "
                    "inversion: docs/editing.md)")
+    p.add_argument("--recolour", type=int, default=0, metavar="M",
+                   help="the prompts differ by one colour word: draw the new colour where the old one was with M "
+                   "backward steps of the region guide per step, confined to the old colour's pixels (0 = off; "
+                   "5 with --strength 0.5 edited the zoo's test renders best: docs/editing.md)")
     p.add_argument("--no-negative-prompt-inversion", action="store_true",
                    help="use an empty negative prompt instead of the source prompt (implied by --null-text)")
     guidance_options.add_arguments(p, latents=False)
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                            scheduler=args.scheduler, keep_attention=args.keep_attention,
                            cross_attention=args.cross_attention,
                            negative_prompt_inversion=not args.no_negative_prompt_inversion,
-                           model=args.model or DEFAULT_MODEL, strength=args.strength, null_text=args.null_text)
+                           model=args.model or DEFAULT_MODEL, strength=args.strength, null_text=args.null_text,
+                           recolour=args.recolour)
     request.controls += guidance_options.controls_from_args(args, image)
     request.validate()
     bundle = load_bundle(args.model, args.device)

@@ -24,11 +24,22 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mmsynth.errors import InputError
-from mmsynth.sample.controls import Control, Step, decode_value, encode_value, is_integer, is_number, register_control
-from mmsynth.sample.guides import build_guide, check_guide_name, guide_loss
+from mmsynth.sample.controls import (
+    Control,
+    Step,
+    check_batch_length,
+    decode_value,
+    encode_value,
+    is_integer,
+    is_number,
+    register_control,
+)
+from mmsynth.sample.guides import PerImageGuides, build_guide, check_guide_name, guide_loss
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -39,19 +50,25 @@ _PYTHON_GUIDE = "python:"
 @register_control
 @dataclass(kw_only=True)
 class UniversalGuidance(Control):
-    """guide: a shipped guide's name (guides.GUIDES) with `params`, or any nn.Module / callable from Python.
+    """guide: a shipped guide's name (guides.GUIDES) with `params`, or any nn.Module / callable from Python;
+    a list of names with a list of params guides image i of the batch by guide i (JSON-replayable per image).
 
     s0 >= 0: forward guidance strength (0 = off); m >= 0: backward steps (0 = off), `lr` their Adam step;
     k >= 1: passes per step (self-recurrence). The schedule's start/end limit the steps it acts on.
+    mask: confine guidance to a region (an edit that must leave the rest alone): latents outside it (area-pooled
+    to the latent grid, a cell counts if any pixel of it is white) get neither the forward gradient nor the backward
+    correction; an HxW binary image, or a list of them, one per image.
     """
 
     name: ClassVar[str] = "universal-guidance"
+    per_image: ClassVar[tuple[str, ...]] = ("guide", "params", "mask")
     guide: Any = None
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Any = field(default_factory=dict)
     s0: float = 1.0
     k: int = 1
     m: int = 0
     lr: float = 0.05
+    mask: Any = None
 
     def __post_init__(self) -> None:
         if not is_number(self.s0) or self.s0 < 0:
@@ -62,25 +79,68 @@ class UniversalGuidance(Control):
             raise InputError(f"m (backward guidance steps) must be an integer >= 0, got {self.m!r}")
         if not is_number(self.lr) or self.lr <= 0:
             raise InputError(f"lr (backward guidance step size) must be a number > 0, got {self.lr!r}")
-        if not isinstance(self.params, dict):
-            raise InputError(f"params (the guide's parameters) must be an object, got {type(self.params).__name__}")
-        self.params = {k: decode_value(v) for k, v in self.params.items()}
-        if self.guide is None:
+        if isinstance(self.guide, list):  # one shipped guide per image
+            if not self.guide or not isinstance(self.params, list) or len(self.params) != len(self.guide):
+                raise InputError("a list of guides (one per image) needs a list of as many params objects")
+            for name in self.guide:
+                self._check_name(name)
+        elif self.guide is None:
             raise InputError("universal guidance needs a guide: a shipped name or an nn.Module from Python")
-        if isinstance(self.guide, str):
-            if self.guide.startswith(_PYTHON_GUIDE):
-                raise InputError(f"guide {self.guide!r} was a Python module when this request was made; it cannot be "
-                                 "rebuilt from JSON: pass the module again from Python")
-            check_guide_name(self.guide)
+        elif isinstance(self.guide, str):
+            self._check_name(self.guide)
         elif not callable(self.guide):
             raise InputError("guide must be a shipped guide's name or a callable module, "
                              f"got {type(self.guide).__name__}")
+        params = self.params if isinstance(self.params, list) else [self.params]
+        for p in params:
+            if not isinstance(p, dict):
+                raise InputError(f"params (the guide's parameters) must be an object, got {type(p).__name__}")
+        decoded = [{k: decode_value(v) for k, v in p.items()} for p in params]
+        self.params = decoded if isinstance(self.params, list) else decoded[0]
+        if self.mask is not None:
+            from mmsynth.sample.inpaint import binary_mask
+
+            masks = self.mask if isinstance(self.mask, list) else [self.mask]
+            if not masks:
+                raise InputError("guidance mask: give an image, or a list of one per image")
+            masks = [binary_mask(m, "guidance mask").astype(np.uint8) * 255 for m in masks]
+            if not all(m.any() for m in masks):
+                raise InputError("guidance mask is all black: guidance could change nothing (white = may change)")
+            self.mask = masks if isinstance(self.mask, list) else masks[0]
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith(_PYTHON_GUIDE):
+            raise InputError(f"guide {name!r} was a Python module when this request was made; it cannot be "
+                             "rebuilt from JSON: pass the module again from Python")
+        check_guide_name(name)
 
     # ---- hooks
     def prepare(self, ctx: Context) -> None:
-        self._guide = (build_guide(self.guide, self.params, ctx.bundle) if isinstance(self.guide, str)
-                       else self.guide)
-        self._label = f"guide {self.guide!r}" if isinstance(self.guide, str) else f"guide {type(self.guide).__name__}"
+        if isinstance(self.guide, list):
+            check_batch_length(self.guide, ctx.request.n, "universal guidance", "guides")
+            self._guide = PerImageGuides([build_guide(g, p, ctx.bundle) for g, p in zip(self.guide, self.params)])
+        else:
+            self._guide = (build_guide(self.guide, self.params, ctx.bundle) if isinstance(self.guide, str)
+                           else self.guide)
+        self._label = (f"guide {self.guide!r}" if isinstance(self.guide, (str, list))
+                       else f"guide {type(self.guide).__name__}")
+        self._region = None
+        if self.mask is not None:
+            check_batch_length(self.mask, ctx.request.n, "universal guidance", "masks")
+            h, w = ctx.latent_shape[-2:]
+            cells = []
+            for m in self.mask if isinstance(self.mask, list) else [self.mask]:
+                if m.shape != (ctx.height, ctx.width):
+                    raise InputError(f"guidance mask is {m.shape[1]}x{m.shape[0]} but the images are "
+                                     f"{ctx.width}x{ctx.height}; they must have the same size")
+                px = torch.from_numpy(m.astype(np.float32) / 255.0)[None, None]
+                cells.append((F.interpolate(px, size=(h, w), mode="area") > 0).to(ctx.device, ctx.dtype))
+            self._region = torch.cat(cells)
+
+    def _confined(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the latents outside the guidance mask zeroed (unchanged without a mask)."""
+        return x if self._region is None else x * self._region.to(x)
 
     def repeats(self, ctx: Context, step: Step) -> int:
         return self.k
@@ -99,13 +159,13 @@ class UniversalGuidance(Control):
             else:
                 grad = self.forward_gradient(ctx, step, latents.detach())
             latents, out = latents.detach(), out.detach()
-            eps = step.to_eps(latents, out, pt) + self.s0 * math.sqrt(1.0 - step.alpha_bar) * grad
+            eps = step.to_eps(latents, out, pt) + self.s0 * math.sqrt(1.0 - step.alpha_bar) * self._confined(grad)
         else:
             eps = step.to_eps(latents, out, pt)
         if self.m > 0:
             a = step.alpha_bar
             x0 = (latents * step.input_scale - math.sqrt(1 - a) * eps) / math.sqrt(a)
-            eps = eps - math.sqrt(a / (1 - a)) * self.backward_delta(ctx, x0)
+            eps = eps - math.sqrt(a / (1 - a)) * self._confined(self.backward_delta(ctx, x0))
         return step.from_eps(latents, eps, pt)
 
     # ---- the two guidance terms
@@ -138,7 +198,9 @@ class UniversalGuidance(Control):
     # ---- serialisation
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        if not isinstance(self.guide, str):
+        if not isinstance(self.guide, (str, list)):
             d["guide"] = _PYTHON_GUIDE + type(self.guide).__name__
-        d["params"] = {k: encode_value(v) for k, v in self.params.items()}
+        params = self.params if isinstance(self.params, list) else [self.params]
+        encoded = [{k: encode_value(v) for k, v in p.items()} for p in params]
+        d["params"] = encoded if isinstance(self.params, list) else encoded[0]
         return d
