@@ -16,7 +16,8 @@ from mmsynth.data import annotate_scene, sample_scene
 from mmsynth.errors import InputError
 
 # a layout needs boxes and phrases, a colour region a colour the images have; every other kind runs on its defaults
-KIND_PARAMS = {"layout": {"boxes": [[0.1, 0.2, 0.6, 0.9]], "phrases": ["red circle"]}, "color-region": {"color": "blue"}}
+KIND_PARAMS = {"layout": {"boxes": [[0.1, 0.2, 0.6, 0.9]], "phrases": ["red circle"]},
+               "color-region": {"color": "blue"}}
 IMAGE_KINDS = [a.name for a in list_annotators() if a.name != "depth"]
 
 

@@ -126,7 +126,7 @@ GUIDANCE_EDIT_ROWS = (  # (suite, case category, [(title, row)]): one line of th
     ("guidance", "palette", [("unguided", "unguided"), ("palette guide", "palette"), ("target", "ground_truth")]),
     ("guidance", "box", [("unguided", "unguided"), ("box guide", "box"), ("target", "ground_truth")]),
     ("edit", "inversion", [("source", "ground_truth"), ("inverted + rebuilt", "inversion")]),
-    ("edit", "swap", [("source", None), ("prompt-swap edit", "swap_partial"), ("target", "ground_truth")]),
+    ("edit", "swap", [("source", None), ("swap + recolour", "swap_recolour"), ("target", "ground_truth")]),
     ("edit", "inpaint", [("source", None), ("mask", "mask"), ("inpainted", "inpaint_resample"),
                          ("target", "ground_truth")]),
 )
@@ -162,7 +162,8 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
     return (
         "## Guidance and editing\n![guidance and editing](guidance_edit.png)\n\n"
         "Universal guidance towards a target palette and boxes (same prompt and seed as the unguided image), "
-        "DDIM inversion and reconstruction, prompt-swap editing of a render inverted half way, and blended-latent "
+        "DDIM inversion and reconstruction, prompt-swap editing of a render inverted half way with recolour guidance, "
+        "and blended-latent "
         f"inpainting with RePaint-style resampling, all through the one sampler at {args.steps} steps. "
         "Measured: `mmsynth bench run --suite "
         "guidance,edit` (docs/bench.md).\n"
