@@ -210,7 +210,7 @@ def test_the_layout_attention_row_batches_to_the_images_of_cases_alone_and_acts(
                                                     ("inpaint_guided", "inpaint"), ("inpaint_resample", "inpaint"),
                                                     ("inpaint_layout", "inpaint"),
                                                     ("swap", "swap"), ("swap_attention", "swap"),
-                                                    ("swap_partial", "swap")])
+                                                    ("swap_partial", "swap"), ("swap_recolour", "swap")])
 def test_edit_rows_batch_to_the_images_of_cases_edited_alone(bundle, edit_cases, row_name, category):
     row = dataclasses.replace(get_suite("edit").rows[row_name], overrides={"steps": 3})
     todo = [c for c in edit_cases if c.category == category]
