@@ -114,6 +114,8 @@ def test_recolour_refuses_what_it_cannot_do(bundle, scene_and_render):
                           mask=np.zeros((8, 8), np.uint8))
     with pytest.raises(InputError, match="list of as many params"):
         UniversalGuidance(guide=["region", "region"], params={"color": "red"})
+    with pytest.raises(InputError, match="guide is not"):
+        UniversalGuidance(guide="region", params=[{"color": "red"}])
 
 
 def test_cli_edit_with_recolour_and_its_bad_input(bundle, scene_and_render, tmp_path, capsys):

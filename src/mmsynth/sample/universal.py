@@ -91,6 +91,8 @@ class UniversalGuidance(Control):
         elif not callable(self.guide):
             raise InputError("guide must be a shipped guide's name or a callable module, "
                              f"got {type(self.guide).__name__}")
+        if isinstance(self.params, list) and not isinstance(self.guide, list):
+            raise InputError("params is a list (one per image) but guide is not: give a list of as many guide names")
         params = self.params if isinstance(self.params, list) else [self.params]
         for p in params:
             if not isinstance(p, dict):
