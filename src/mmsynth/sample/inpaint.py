@@ -138,7 +138,6 @@ class BlendedInpaint(Control):
         masks = self.mask if isinstance(self.mask, list) else [self.mask]
         check_batch_length(self.image, ctx.request.n, "inpainting", "images")
         pixels, sources, latent_masks, pastes = [], [], [], []
-        h, w = ctx.latent_shape[-2:]
         for raw_image, raw_mask in zip(images, masks):
             mask = binary_mask(raw_mask, "mask")
             image = _as_rgb(np.asarray(decode_array(raw_image, "inpaint image")))
@@ -151,7 +150,7 @@ class BlendedInpaint(Control):
             pixels.append(px)
             sources.append(encode_mean(ctx, px))
             m = torch.from_numpy(mask.astype(np.float32))[None, None].to(ctx.device, ctx.dtype)
-            latent_masks.append((F.interpolate(m, size=(h, w), mode="area") > 0).to(ctx.dtype))  # any repainted px
+            latent_masks.append(latent_cells(mask, ctx))
             pastes.append(feathered(m, float(self.feather)))
         self._pixels, self._source = torch.cat(pixels), torch.cat(sources)  # 1 or n of each
         self._latent_mask, self._paste = torch.cat(latent_masks), torch.cat(pastes)
@@ -171,6 +170,13 @@ class BlendedInpaint(Control):
             return images
         w = self._paste.to(images)
         return self._pixels.to(images) * (1 - w) + images * w
+
+
+def latent_cells(mask: np.ndarray, ctx: Context) -> torch.Tensor:
+    """1 x 1 x h x w, 1 on the latent cells that any true pixel of the HxW bool mask touches (area-pooled > 0):
+    what blended inpainting repaints and where confined guidance may act."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.interpolate(m, size=tuple(ctx.latent_shape[-2:]), mode="area") > 0).to(ctx.device, ctx.dtype)
 
 
 def feathered(mask: torch.Tensor, radius: float) -> torch.Tensor:

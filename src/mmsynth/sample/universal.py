@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mmsynth.errors import InputError
 from mmsynth.sample.controls import (
@@ -129,15 +128,15 @@ class UniversalGuidance(Control):
                        else f"guide {type(self.guide).__name__}")
         self._region = None
         if self.mask is not None:
+            from mmsynth.sample.inpaint import latent_cells
+
             check_batch_length(self.mask, ctx.request.n, "universal guidance", "masks")
-            h, w = ctx.latent_shape[-2:]
             cells = []
             for m in self.mask if isinstance(self.mask, list) else [self.mask]:
                 if m.shape != (ctx.height, ctx.width):
                     raise InputError(f"guidance mask is {m.shape[1]}x{m.shape[0]} but the images are "
                                      f"{ctx.width}x{ctx.height}; they must have the same size")
-                px = torch.from_numpy(m.astype(np.float32) / 255.0)[None, None]
-                cells.append((F.interpolate(px, size=(h, w), mode="area") > 0).to(ctx.device, ctx.dtype))
+                cells.append(latent_cells(m > 0, ctx))
             self._region = torch.cat(cells)
 
     def _confined(self, x: torch.Tensor) -> torch.Tensor:
