@@ -22,6 +22,7 @@ from mmsynth.evaluate.bench import (
     run_bench,
     write_cases,
 )
+from mmsynth.evaluate.bench.cases import keep_categories
 from mmsynth.evaluate.bench.edit_suite import inpaint_prompt, mask_array, new_object, source_image
 
 
@@ -145,11 +146,22 @@ def test_bad_sweeps_name_what_is_valid(text, message):
 @pytest.mark.parametrize("text,rows,message", [
     ("swap", None, "expected ROW:PARAM=V"), ("swap:strength=0.5,0.6", None, "PARAM one of cfg"),
     ("swap:strength=1.5", None, "in \\(0, 1\\]"), ("nope:cfg=1", None, "unknown row 'nope'"),
-    ("palette:strength=0.5", None, "cannot vary strength"), ("swap:cfg=3", ["inpaint"], "not among --rows"),
+    ("palette:strength=0.5", None, "cannot vary strength"),
 ])  # fmt: skip
 def test_bad_variants_name_what_is_valid(bundle, edit_cases, text, rows, message):
     with pytest.raises(InputError, match=message):
         run_bench(edit_cases[:1], _ctx(bundle), RunOptions(rows=rows, variants=[parse_variant(text)]))
+
+
+def test_a_variant_runs_without_its_base_row_and_categories_filter_cases(bundle, guidance_cases):
+    palette = keep_categories(guidance_cases, "palette")
+    assert palette and {c.category for c in palette} == {"palette"}
+    with pytest.raises(InputError, match="the cases have box, palette"):
+        keep_categories(guidance_cases, "palette,nope")
+    opts = RunOptions(rows=["unguided"], variants=[parse_variant("palette:s0=2")])
+    res = run_bench(palette[:1], _ctx(bundle), opts).to_dict()
+    assert set(res["results"]["guidance"]) == {"unguided", "palette[s0=2]"}  # not the base 'palette' row
+    assert res["rows"]["guidance"]["palette[s0=2]"]["settings"]["s0"] == 2.0
 
 
 def test_inpaint_cases_render_the_new_object_inside_the_mask(edit_cases):

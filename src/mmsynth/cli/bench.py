@@ -51,6 +51,9 @@ def register(sub: Any) -> None:
     r.add_argument("--seed", type=int, default=0, help="with --suite/--quick: case seed (default 0)")
     r.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
     r.add_argument("--rows", default=None, help="comma-separated rows to run (default: all), e.g. ground_truth,t2i")
+    r.add_argument("--categories", default=None,
+                   help="comma-separated case categories to keep (default: all), e.g. palette; fidelity "
+                        "reference cases are always kept")  # fmt: skip
     r.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     r.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     r.add_argument("--scheduler", default="ddim", help="sampler scheduler (default ddim)")
@@ -61,7 +64,8 @@ def register(sub: Any) -> None:
                         "(box_attention)")  # fmt: skip
     r.add_argument("--variant", action="append", default=[], metavar="ROW:P=V[,P=V]",
                    help="an extra row: ROW with these settings changed together (any --sweep setting the row "
-                        "varies), named ROW[P=V,...], e.g. swap:strength=0.5,keep_attention=0.5; repeatable")
+                        "varies), named ROW[P=V,...], e.g. swap:strength=0.5,keep_attention=0.5; repeatable. "
+                        "It runs even when --rows leaves ROW itself out")
     r.add_argument("--extractor", default="shapesclip", help="fidelity features: shapesclip (default) or inception")
     r.add_argument("--weights", default=None, help="local Inception weights file for --extractor inception")
     r.add_argument("--strict", action="store_true", help="fail on a case the model cannot honour (default: skip it)")
@@ -226,6 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         parse_variant,
         read_cases,
     )
+    from mmsynth.evaluate.bench.cases import keep_categories
     from mmsynth.evaluate.bench.generation import check_extractor
     from mmsynth.evaluate.bench.report import default_html_dir, write_report
     from mmsynth.evaluate.bench.runner import run_bench
@@ -259,6 +264,9 @@ def _run(args: argparse.Namespace) -> int:
         names = _suite_list(args.suite) if args.suite else _suite_list(["all"])
         cases = _generated_cases(names, args.n, args.seed, quick=args.quick)
         source = {"generated": names, "seed": args.seed, "quick": args.quick}
+    if args.categories:
+        cases = keep_categories(cases, args.categories)
+        source["categories"] = args.categories
 
     device = _device(args.device)
     dist = Distributed.from_env(device)

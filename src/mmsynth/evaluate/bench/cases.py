@@ -264,3 +264,14 @@ def cases_to_jsonl(cases: list[Case]) -> str:
 def write_cases(cases: list[Case], path: str | Path) -> None:
     """Write cases as JSONL atomically."""
     write_text(cases_to_jsonl(cases), path)
+
+
+def keep_categories(cases: list[Case], categories: str) -> list[Case]:
+    """The cases of the named categories ('palette,box'), plus every fidelity reference case (the real set)."""
+    wanted = {c.strip() for c in categories.split(",") if c.strip()}
+    present = sorted({c.category for c in cases if not c.reference})
+    unknown = sorted(wanted - set(present))
+    if not wanted or unknown:
+        raise InputError(f"--categories: no cases of {', '.join(unknown) or 'any category'}; "
+                         f"the cases have {', '.join(present) or 'none'}")  # fmt: skip
+    return [c for c in cases if c.reference or c.category in wanted]

@@ -149,8 +149,6 @@ def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[
     for name, settings in options.variants:
         if name not in all_rows:
             raise InputError(f"--variant: unknown row '{name}'; valid: {', '.join(all_rows)}")
-        if options.rows is not None and name not in options.rows:
-            raise InputError(f"--variant: row '{name}' is not among --rows; add it there")
         for row in (get_suite(s).rows[name] for s in suite_names() if name in get_suite(s).rows):
             bad = [p for p in settings if p not in row.sweepable]
             if bad:
@@ -172,7 +170,8 @@ def plan(cases: list[Case], ctx: RunContext, options: RunOptions) -> tuple[list[
         references = [c for c in sel if c.reference]
         gen = [c for c in sel if not c.reference]
         rows = [r for r in suite.rows.values() if options.rows is None or r.name in options.rows]
-        rows += [v for r in rows for v in sweep_rows(r, options.sweeps)] + variant_rows(rows, options.variants)
+        rows += [v for r in rows for v in sweep_rows(r, options.sweeps)]
+        rows += variant_rows(list(suite.rows.values()), options.variants)  # a variant runs without its base row
         if rows and suite.needs_model_to_score:
             ctx.features()  # a missing extractor is an error now, not after an hour of generation
         for row in rows:
