@@ -1,9 +1,11 @@
 """The `guidance` and `edit` bench suites: cases, metrics on constructed images, row categories, sweeps, cost."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
+import torch
 
 from mmsynth.data import render
 from mmsynth.data.vocab import HELDOUT_COMBOS
@@ -231,3 +233,26 @@ def test_edit_rows_batch_to_the_images_of_cases_edited_alone(bundle, edit_cases,
     for a, b in zip(alone, batch):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     assert len({a.tobytes() for a in batch}) == len(batch)
+
+
+def test_the_inpainting_unet_row_runs_on_a_bundle_that_has_one_and_is_skipped_otherwise(bundle, edit_cases):
+    from mmsynth.models.bundle import INPAINTING_UNET
+    from mmsynth.train.recipes.inpaint import inpainting_unet
+
+    todo = [c for c in edit_cases if c.category == "inpaint"][:2]
+    plain = run_bench(todo, _ctx(bundle), RunOptions(rows=["inpaint_unet"])).to_dict()
+    assert not plain["results"]["edit"]["inpaint_unet"]  # no metrics: every case skipped
+    assert plain["rows"]["edit"]["inpaint_unet"]["n_skipped"] == 2 and "lacks inpainting_unet" in json.dumps(plain)
+    unet = inpainting_unet(bundle.unet)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:] = 0.3 * torch.randn_like(unet.conv_in.weight[:, 4:])
+    rich = dataclasses.replace(bundle, extras={INPAINTING_UNET: unet.eval()})
+    res = run_bench(todo, _ctx(rich), RunOptions(rows=["inpaint", "inpaint_unet"])).to_dict()["results"]["edit"]
+    assert res["inpaint_unet"]["inpaint_outside_psnr"] == 100.0
+    row = dataclasses.replace(get_suite("edit").rows["inpaint_unet"], overrides={"steps": 3})
+    alone = [img for _, img in generate_shard(dataclasses.replace(_ctx(rich), batch_size=1), row, todo)]
+    batch = [img for _, img in generate_shard(dataclasses.replace(_ctx(rich), batch_size=2), row, todo)]
+    base = [img for _, img in generate_shard(_ctx(rich), get_suite("edit").rows["inpaint"], todo)]
+    for a, b, p in zip(alone, batch, base):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+        assert np.abs(a.astype(int) - p.astype(int)).max() > 2  # 'inpaint' keeps to the text-to-image UNet

@@ -15,7 +15,7 @@ import numpy as np
 from mmsynth.errors import InputError
 
 # argparse destinations these options fill (generate's --replay refuses them, like the other request options)
-INPAINT_OPTIONS = ("mask", "feather", "resample", "resample_until", "jump_length")
+INPAINT_OPTIONS = ("mask", "feather", "resample", "resample_until", "jump_length", "unet")
 GUIDE_OPTIONS = ("guide", "guide_target", "guide_text", "guide_params", "s0", "k", "m", "guide_lr", "guide_start",
                  "guide_end")
 OPTION_NAMES = ("latents", *INPAINT_OPTIONS, *GUIDE_OPTIONS)
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
     p.add_argument("--jump-length", type=int, default=None,
                    help="inpaint: resample stretches of this many steps at once (RePaint's jumps: re-noised back "
                    "over the stretch and redone; default 1 = each step on its own)")
+    p.add_argument("--unet", default=None, choices=("auto", "inpainting", "base"),
+                   help="inpaint with which UNet: auto (default: the model's inpainting UNet, unet_inpainting/, when "
+                   "it has one), inpainting (require it) or base (the text-to-image UNet, latent blending alone)")
     p.add_argument("--guide", default=None, help=f"universal guidance with a shipped guide: {', '.join(GUIDE_NAMES)}")
     p.add_argument("--guide-target", default=None, help="target image of the guide (palette: its colours; clip: "
                    "image-image similarity)")

@@ -29,6 +29,10 @@ COMPONENTS: dict[str, str] = {
     "scheduler": "export a bundle with `mmsynth train t2i` (it writes the scheduler config)",
 }
 CLIP_FOLDER = "clip"
+# An optional second UNet taking the latents plus a mask and the masked image's latents (Stable Diffusion
+# inpainting's 9-channel input): `mmsynth train inpaint` makes it; not in model_index.json, so diffusers'
+# StableDiffusionPipeline ignores it (StableDiffusionInpaintPipeline takes it as `unet=`).
+INPAINTING_UNET = "unet_inpainting"
 _HOW = "or point --model at a complete Stable Diffusion directory or hub id"
 
 
@@ -53,7 +57,7 @@ class Bundle:
     unet: Any  # diffusers UNet2DConditionModel
     scheduler: Any  # a diffusers scheduler
     clip: Any | None = None  # transformers CLIPModel (optional)
-    extras: dict[str, Any] = field(default_factory=dict)  # method-specific models added by later issues
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific models (e.g. INPAINTING_UNET)
 
     # ------------------------------------------------------------ geometry
     @property
@@ -126,6 +130,8 @@ class Bundle:
             _portable_tokenizer_class(tmp)
             if modules.clip is not None:
                 save_clip(modules.clip, tmp / CLIP_FOLDER)
+            if modules.extras.get(INPAINTING_UNET) is not None:
+                modules.extras[INPAINTING_UNET].save_pretrained(tmp / INPAINTING_UNET, safe_serialization=True)
         return dest
 
     def _copies_in(self, dtype: torch.dtype) -> Bundle:
@@ -139,6 +145,7 @@ class Bundle:
             unet=conv(self.unet),
             scheduler=self.scheduler,
             clip=conv(self.clip),
+            extras={k: conv(v) if isinstance(v, torch.nn.Module) else v for k, v in self.extras.items()},
         )
 
     # ------------------------------------------------------------ loading
@@ -172,6 +179,8 @@ class Bundle:
         if load_clip and local.exists() and (local / CLIP_FOLDER).is_dir():
             clip = load_component(source, CLIP_FOLDER, torch_dtype)
         bundle = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler, clip=clip)
+        if local.exists() and (local / INPAINTING_UNET).is_dir():
+            bundle.extras[INPAINTING_UNET] = load_component(source, INPAINTING_UNET, torch_dtype)
         return bundle.eval()
 
 
@@ -186,7 +195,8 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
 
     source = str(source)
     local = Path(source)
-    how = COMPONENTS.get(name, "train it with `mmsynth train clip`")
+    how = COMPONENTS.get(name, "train it with `mmsynth train inpaint`" if name == INPAINTING_UNET
+                         else "train it with `mmsynth train clip`")
     if local.exists() and not (local / name).is_dir():
         raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
     if not local.exists() and not _looks_like_hub_id(source):
@@ -199,6 +209,8 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
         "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
         "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=target),
         "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=target),
+        INPAINTING_UNET: lambda: UNet2DConditionModel.from_pretrained(source, subfolder=INPAINTING_UNET,
+                                                                      torch_dtype=target),
         "scheduler": lambda: _load_scheduler(source),
         CLIP_FOLDER: lambda: CLIPModel.from_pretrained(source, subfolder=CLIP_FOLDER),
     }

@@ -308,6 +308,11 @@ class Control:
 
     schedule: Schedule = field(default_factory=Schedule)
 
+    def unet_name(self, bundle: Any) -> str | None:
+        """Which of the bundle's UNets the run must call: None for its own, else a key of `bundle.extras` (an
+        inpainting UNet). Asked before `prepare`, so controls that patch the UNet patch the one that runs."""
+        return None
+
     def prepare(self, ctx: Context) -> None:
         """Once per run, before the loop: validate against the bundle, encode the condition."""
 

@@ -6,9 +6,16 @@ model only ever invents the masked region while seeing a consistent surrounding;
 known pixels are pasted back exactly, with the seam feathered INSIDE the mask (pixels outside the
 mask are the source's, bit for bit).
 
+With an inpainting UNet (Stable Diffusion inpainting's layout: the latents plus the mask and the masked
+image's latents, 2C + 1 input channels), the control also gives it those channels (`inputs`), so the model
+sees what is kept at every step instead of only through the blend. A bundle may carry one beside its
+text-to-image UNet (`unet_inpainting/`, made by `mmsynth train inpaint`): `unet="auto"` calls it when it is
+there, `"inpainting"` requires it, `"base"` blends with the text-to-image UNet alone.
+
 Mask convention (diffusers'): white / 1 = repaint, black / 0 = keep. The mask must be binary and the
-source image's size. Hooks used: `prepare` (encode the source), `after_step` (blend), `decoded` (paste),
-and for RePaint-style resampling (Lugmayr et al. 2022) `repeats` or `jump`.
+source image's size. Hooks used: `unet_name` (which UNet), `prepare` (encode the source), `inputs` (the
+inpainting UNet's channels), `after_step` (blend), `decoded` (paste), and for RePaint-style resampling
+(Lugmayr et al. 2022) `repeats` or `jump`.
 It composes with text, img2img (start from the noised source: `Img2Img` with the same image) and
 universal guidance (its gradient sees the blended latents).
 """
@@ -24,8 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from mmsynth.errors import InputError
+from mmsynth.models.bundle import INPAINTING_UNET
 from mmsynth.sample.controls import (
     Control,
+    ModelInputs,
     Step,
     check_batch_length,
     decode_array,
@@ -68,7 +77,8 @@ class BlendedInpaint(Control):
     paste: paste the known pixels back after decoding (False shows what latent blending alone keeps);
     resample r: RePaint-style resampling, every step run r times (jump_length 1: each step redone from its
     re-noised blend) or every stretch of jump_length steps run r times (re-noised back over the stretch), over
-    the first resample_until of the steps.
+    the first resample_until of the steps. unet: "auto" (the bundle's inpainting UNet when it has one), "inpainting"
+    (require it) or "base" (the text-to-image UNet, latent blending alone).
     image and mask may also be lists of n (image i of the batch inpaints source i under mask i)."""
 
     name: ClassVar[str] = "inpaint"
@@ -81,6 +91,7 @@ class BlendedInpaint(Control):
     resample: int = 1
     resample_until: float = 1.0
     jump_length: int = 1
+    unet: str = "auto"
 
     def __post_init__(self) -> None:
         empty = [v is None or (isinstance(v, list) and not v) for v in (self.image, self.mask)]
@@ -112,6 +123,15 @@ class BlendedInpaint(Control):
         j = self.jump_length
         if not is_integer(j) or j < 1:
             raise InputError(f"jump_length (steps redone at once when resampling) must be an integer >= 1, got {j!r}")
+        if self.unet not in UNET_CHOICES:
+            raise InputError(f"unet must be one of {', '.join(UNET_CHOICES)}, got {self.unet!r}")
+
+    def unet_name(self, bundle: Any) -> str | None:
+        has = getattr(bundle, "extras", {}).get(INPAINTING_UNET) is not None
+        if self.unet == "inpainting" and not has:
+            raise InputError(f"unet 'inpainting': this model has no {INPAINTING_UNET}/ (train one with `mmsynth "
+                             "train inpaint`), or use unet 'base' (latent blending with the text-to-image UNet)")
+        return INPAINTING_UNET if has and self.unet != "base" else None
 
     def repeats(self, ctx: Context, step: Step) -> int:
         return self.resample if self.jump_length == 1 and step.fraction < self.resample_until else 1
@@ -137,7 +157,7 @@ class BlendedInpaint(Control):
         images = self.image if isinstance(self.image, list) else [self.image]
         masks = self.mask if isinstance(self.mask, list) else [self.mask]
         check_batch_length(self.image, ctx.request.n, "inpainting", "images")
-        pixels, sources, latent_masks, pastes = [], [], [], []
+        pixels, sources, latent_masks, pastes, repaint = [], [], [], [], []
         for raw_image, raw_mask in zip(images, masks):
             mask = binary_mask(raw_mask, "mask")
             image = _as_rgb(np.asarray(decode_array(raw_image, "inpaint image")))
@@ -152,8 +172,19 @@ class BlendedInpaint(Control):
             m = torch.from_numpy(mask.astype(np.float32))[None, None].to(ctx.device, ctx.dtype)
             latent_masks.append(latent_cells(mask, ctx))
             pastes.append(feathered(m, float(self.feather)))
+            repaint.append(m)
         self._pixels, self._source = torch.cat(pixels), torch.cat(sources)  # 1 or n of each
         self._latent_mask, self._paste = torch.cat(latent_masks), torch.cat(pastes)
+        self._channels = None
+        c = ctx.latent_shape[1]
+        if int(ctx.unet.config.in_channels) == 2 * c + 1:  # an inpainting UNet: it is told what is kept
+            mask = torch.cat(repaint)  # 1 x 1 x H x W per source
+            self._channels = inpainting_channels(mask, encode_mean(ctx, torch.cat(pixels) * (1 - mask)))
+
+    def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> ModelInputs | None:
+        if self._channels is None:
+            return None
+        return ModelInputs(extra_channels=self._channels.expand(latents.shape[0], -1, -1, -1))
 
     def after_step(self, ctx: Context, step: Step, latents: torch.Tensor) -> torch.Tensor:
         n = latents.shape[0]
@@ -170,6 +201,17 @@ class BlendedInpaint(Control):
             return images
         w = self._paste.to(images)
         return self._pixels.to(images) * (1 - w) + images * w
+
+
+UNET_CHOICES = ("auto", "inpainting", "base")
+
+
+def inpainting_channels(mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Tensor:
+    """The extra input of an inpainting UNet, Stable Diffusion inpainting's: the pixel mask (n x 1 x H x W, 1 =
+    repaint) resized to the latents (nearest, as diffusers does) and the latents of the image with the mask
+    blanked (n x C x h x w): n x (1 + C) x h x w. The trainer's `inpaint` recipe builds the same."""
+    small = F.interpolate(mask.to(masked_latents.dtype), size=tuple(masked_latents.shape[-2:]))
+    return torch.cat([small, masked_latents], dim=1)
 
 
 def latent_cells(mask: np.ndarray, ctx: Context) -> torch.Tensor:

@@ -296,7 +296,7 @@ class _AttentionTap(Control):
         self._recording = self.store is None
         self._kept: dict[tuple[int, str, str], torch.Tensor] = {} if self.store is None else self.store
         self._step: Step | None = None
-        unet = ctx.bundle.unet
+        unet = ctx.unet
         if self.kind == "self":
             self._handles = [getattr(mod, proj).register_forward_hook(self._hook(name, proj))
                              for name, mod in attention_modules(unet, "attn1").items()

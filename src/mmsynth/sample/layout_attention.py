@@ -159,7 +159,7 @@ class LayoutAttention(Control):
                     window[i, p] = torch.maximum(window[i, p], cover)
         self._strength, self._window = strength.to(ctx.device), window.to(ctx.device, ctx.dtype)
         self._current: dict[str, torch.Tensor] | None = None
-        unet = ctx.bundle.unet
+        unet = ctx.unet
         self._hook = unet.register_forward_pre_hook(self._take_inputs, with_kwargs=True)
         self._undo = patch_cross_attention_scores(unet, lambda layer, scores: self._scores(scores))
 

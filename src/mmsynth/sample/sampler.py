@@ -87,6 +87,11 @@ class Context:
     timesteps: torch.Tensor
     latents: torch.Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared between controls, per run
+    unet: Any = None  # the UNet this run calls: the bundle's, or one of its extras a control asks for
+
+    def __post_init__(self) -> None:
+        if self.unet is None:
+            self.unet = pick_unet(self.bundle, self.controls)
 
     @classmethod
     def create(cls, bundle: Bundle, request: GenerationRequest, controls: list[Control]) -> Context:
@@ -227,7 +232,14 @@ class Context:
                 kwargs[theirs] = _cat_tree(values)
         if "down_intrablock_additional_residuals" in kwargs:  # the UNet pops from this list: give it its own
             kwargs["down_intrablock_additional_residuals"] = list(kwargs["down_intrablock_additional_residuals"])
-        return self.bundle.unet(x, t, return_dict=False, **kwargs)[0]
+        expected = int(self.unet.config.in_channels)
+        if x.shape[1] != expected:
+            given = x.shape[1] - model_in.shape[1]
+            hint = (": an inpainting UNet, give a mask (--mask, the inpaint control)"
+                    if expected == 2 * model_in.shape[1] + 1 else "")  # fmt: skip
+            raise InputError(f"the model's UNet takes {expected} input channels; the latents give {model_in.shape[1]}"
+                             f" and the controls {given}{hint}")
+        return self.unet(x, t, return_dict=False, **kwargs)[0]
 
     # ---- the VAE
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -256,6 +268,20 @@ class Context:
         ratio = target.alpha_bar / step.alpha_bar_prev
         z = math.sqrt(ratio) * latents * s_prev + math.sqrt(max(1.0 - ratio, 0.0)) * self.noise(latents.shape)
         return z / target.input_scale
+
+
+def pick_unet(bundle: Any, controls: list[Control]) -> Any:
+    """The UNet a run calls: the bundle's own, unless a control asks for one of its extras (an inpainting UNet)."""
+    wanted = {name for c in controls if (name := c.unet_name(bundle)) is not None}
+    if len(wanted) > 1:
+        raise InputError(f"controls ask for different UNets ({', '.join(sorted(wanted))}); one run calls one UNet")
+    if not wanted:
+        return bundle.unet
+    name = wanted.pop()
+    extras = getattr(bundle, "extras", {})
+    if extras.get(name) is None:
+        raise InputError(f"a control asks for the bundle's '{name}' UNet, which this model does not have")
+    return extras[name]
 
 
 # ---------------------------------------------------------------------------------------------- batching helpers

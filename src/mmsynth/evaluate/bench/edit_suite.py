@@ -18,7 +18,9 @@ caption, sample with the edited one, negative-prompt inversion), swap_attention 
 self-attention for the first half of the steps), swap_partial (invert only half the steps and edit from there),
 swap_recolour (swap_partial with recolour guidance: the region guide draws the new colour into the old colour's
 pixels, its backward steps confined there),
-img2img (SDEdit at a strength), inpaint, inpaint_resample (RePaint-style: each step redone from its re-noised
+img2img (SDEdit at a strength), inpaint (blended latents with the text-to-image UNet), inpaint_unet (the
+bundle's inpainting UNet, told the mask and the masked image; skipped for a bundle without one), inpaint_resample
+(RePaint-style: each step redone from its re-noised
 blend), inpaint_guided (the region guide composed), inpaint_layout (resampled, with the new object's phrase's
 cross-attention moved into the mask's box: `layout_strength`) and inpaint_latent_only (without pasting the known pixels
 back); inpainting rows prompt the edited scene's caption (the setting object_prompt=1: the new object alone).
@@ -252,7 +254,8 @@ def inpaint_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
     p = ctx.params
     return [BlendedInpaint(image=[source_image(c) for c in cases], mask=masks, paste=bool(p.get("paste", 1)),
                            resample=int(p.get("resample", 1)), resample_until=float(p.get("resample_until", 1.0)),
-                           jump_length=int(p.get("jump_length", 1)))]
+                           jump_length=int(p.get("jump_length", 1)),
+                           unet="inpainting" if p.get("inpainting_unet", 0) else "base")]
 
 
 def inpaint_guided_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
@@ -447,6 +450,9 @@ def _rows() -> dict[str, Row]:
             needs=lambda c: ["img2img"], params={"strength": 0.6}, sweepable=("strength", *SAMPLER_SETTINGS)),
         Row("inpaint", "method", "blended-latent inpainting of the mask, known pixels pasted back", inpaint,
             generate_batch=inpaint_batch, categories=("inpaint",), sweepable=INPAINT_SETTINGS),
+        Row("inpaint_unet", "method", "the bundle's inpainting UNet (mask + masked-image latents as input "
+            "channels), blended and pasted back", inpaint, generate_batch=inpaint_batch, categories=("inpaint",),
+            needs=lambda c: ["inpainting_unet"], params={"inpainting_unet": 1}, sweepable=INPAINT_SETTINGS),
         Row("inpaint_resample", "method", f"inpainting with RePaint-style resampling ({INPAINT_RESAMPLE} passes "
             "per step)", inpaint, generate_batch=inpaint_batch, categories=("inpaint",),
             params={"resample": INPAINT_RESAMPLE}, sweepable=INPAINT_SETTINGS),

@@ -30,7 +30,16 @@ CAPABILITIES: dict[str, Callable[[Any], bool]] = {
     "text": lambda bundle: True,
     "img2img": lambda bundle: True,  # SDEdit works with any text-to-image bundle
     "inpaint": lambda bundle: True,  # blended-latent inpainting works with any text-to-image bundle
+    "inpainting_unet": lambda bundle: has_inpainting_unet(bundle),  # a UNet that takes the mask and masked image
 }
+
+
+def has_inpainting_unet(bundle: Any) -> bool:
+    """The bundle carries an inpainting UNet (unet_inpainting/), or its own UNet is one (SD inpainting weights)."""
+    from mmsynth.models.bundle import INPAINTING_UNET
+
+    own = int(bundle.unet.config.in_channels) == 2 * int(bundle.vae.config.latent_channels) + 1
+    return own or getattr(bundle, "extras", {}).get(INPAINTING_UNET) is not None
 
 
 def register_capability(name: str, check: Callable[[Any], bool]) -> None:

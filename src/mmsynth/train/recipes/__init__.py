@@ -14,6 +14,7 @@ RECIPES: dict[str, str] = {
     "clip": "mmsynth.train.recipes.clip:ClipRecipe",
     "vae": "mmsynth.train.recipes.vae:VaeRecipe",
     "t2i": "mmsynth.train.recipes.t2i:TextToImageRecipe",
+    "inpaint": "mmsynth.train.recipes.inpaint:InpaintRecipe",
 }
 
 
