@@ -27,9 +27,13 @@ import yaml
 
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.io import replace_dir
+from mmsynth.models.bundle import INPAINTING_UNET
 from mmsynth.train.recipes.t2i import BASE_CARD
 
 RECIPES = ("clip", "vae", "t2i", "clip_vision")
+INPAINTING_NOTE = (f"`{INPAINTING_UNET}/` holds an inpainting UNet (Stable Diffusion inpainting's 9-channel input), "
+                   f"fine-tuned from this UNet; its card is `{INPAINTING_UNET}/README.md` "
+                   "(scripts/ship_inpainting.py).")
 T2I_COLUMNS = ("single_object", "binding", "count", "relation", "heldout", "heldout_binding", "overall")
 
 
@@ -109,7 +113,7 @@ def earlier_training(card: Path, recipe: str) -> dict | None:
 
 
 def parts_training_table(card: Path) -> tuple[str, list[str]] | None:
-    """The 'How they were trained' section of a parts card (models/zoo-parts/README.md), to quote in the card."""
+    """The 'How they were trained' section of the parts' record (docs/zoo_parts.md), to quote in the card."""
     if not card.exists():
         return None
     lines, keep = [], False
@@ -119,7 +123,7 @@ def parts_training_table(card: Path) -> tuple[str, list[str]] | None:
             continue
         if keep:
             lines.append(line)
-    return str(card.parent), lines
+    return str(card), lines
 
 
 def tensor_summary(bundle: Path) -> tuple[set[str], dict[str, int]]:
@@ -171,6 +175,7 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
              "16x16x4) and a latent UNet2DConditionModel. diffusers' `StableDiffusionPipeline.from_pretrained` "
              "loads this folder.", "",
              f"Weights: {weights / 2**20:.1f} MiB of safetensors ({', '.join(sorted(dtypes))}).", "",
+             *([INPAINTING_NOTE, ""] if (out / INPAINTING_UNET).is_dir() else []),
              *architecture(out, counts), "",
              "## Quality (the judge on test-split prompts; 95% Wilson intervals)", "",
              f"`{cmds['t2i']}`", "",
@@ -239,8 +244,8 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
                       "started afresh with a warm-up; the EMA started from those weights). The totals above "
                       "add both runs."]  # fmt: skip
     if parts_card:
-        lines += ["", f"The text encoder, tokenizer, CLIP and VAE are `{parts_card[0]}` (trained earlier, kept in "
-                  "git), trained as follows:", "", *parts_card[1]]
+        lines += ["", f"The text encoder, tokenizer, CLIP and VAE were trained earlier (their record: "
+                  f"`{parts_card[0]}`), as follows:", "", *parts_card[1]]
     t2i_run = next((r["folder"] for r in records if r["recipe"] == "t2i"), "runs/t2i")
     lines += ["", "Reproduce: `bash scripts/train_zoo.sh` (CLIP, VAE, then the UNet, each resumable), then the "
               "continuation runs its configs/*.yaml describe (`options.base`), then "
@@ -258,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", default=None, help="a CLIP export to ship instead (same text tower, checked)")
     p.add_argument("--out", default="models/shapes-v1", help="the shipped folder (replaced)")
     p.add_argument("--runs", default="runs", help="training runs folder (configs, logs, wall times)")
-    p.add_argument("--parts", default="models/zoo-parts",
-                   help="folder of the parts the UNet was trained on; its card's training table is quoted ('' = none)")
+    p.add_argument("--parts", default="docs/zoo_parts.md",
+                   help="record of the parts the UNet was trained on; its training table is quoted ('' = none)")
     p.add_argument("--reports", default="runs/ship", help="where bench JSON/HTML reports go")
     p.add_argument("--n", type=int, default=500, help="t2i cases per category (default 500)")
     p.add_argument("--sweep-n", type=int, default=100, help="t2i cases per category per CFG value (default 100)")
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_name(f".{out.name}.shipping")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    kept = out / INPAINTING_UNET
+    if kept.is_dir() and not (tmp / INPAINTING_UNET).exists():  # shipped separately (scripts/ship_inpainting.py)
+        shutil.copytree(kept, tmp / INPAINTING_UNET)
     if a.clip:
         _check_same_text_tower(tmp, Path(a.clip))
         shutil.rmtree(tmp / "clip")
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     for rec in records:  # read before --out is replaced: the base is often the bundle being reshipped
         if rec.get("base"):
             rec["earlier"] = earlier_training(base_card(rec), rec["recipe"])
-    parts = parts_training_table(Path(a.parts) / "README.md") if a.parts else None
+    parts = parts_training_table(Path(a.parts)) if a.parts else None
     card = model_card(tmp, records, components, t2i, sweep, cmds, parts)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     replace_dir(tmp, out)

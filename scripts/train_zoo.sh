@@ -16,7 +16,7 @@ for stage in clip vae vae_edges t2i clip_vision; do
     fi
     if [ "$stage" = t2i ]; then  # the UNet trains on pre-encoded latents (configs/t2i.yaml: data); resumable
         echo "== latent cache for t2i"
-        mmsynth data cache-latents --vae models/zoo-parts --n 131072 --out runs/latents_zoo_parts \
+        mmsynth data cache-latents --vae models/shapes-v1 --n 131072 --out runs/latents_shapes_v1 \
             --mixed-precision bf16
     fi
     echo "== training $stage"

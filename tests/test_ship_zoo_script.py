@@ -126,3 +126,24 @@ def test_a_clip_shipped_with_the_bundle_must_keep_its_text_encoder(tmp_path):
     save_components(tmp_path / "text_moved", clip=bundle.clip)
     with pytest.raises(SystemExit, match="is not the bundle's text encoder"):
         ship._check_same_text_tower(tmp_path / "zoo", tmp_path / "text_moved")
+
+
+def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
+    spec = importlib.util.spec_from_file_location("ship_inpainting", ROOT / "scripts" / "ship_inpainting.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    bundle = tmp_path / "b"
+    (bundle / "unet_inpainting").mkdir(parents=True)
+    (bundle / "unet_inpainting" / "w.safetensors").write_bytes(b"0" * 2**20)
+    (bundle / "README.md").write_text("# zoo\n\nintro\n\nWeights: 17.9 MiB of safetensors (F16).\n\n## Quality\n\nx\n")
+    ship._update_bundle_card(bundle)
+    ship._update_bundle_card(bundle)  # idempotent
+    text = (bundle / "README.md").read_text()
+    assert "Weights: 1.0 MiB of safetensors (F16)." in text
+    assert text.count("unet_inpainting/README.md") == 1 and text.index("unet_inpainting/") < text.index("## Quality")
+    report = {"results": {"edit": {r: {"inpaint_inside_acc": {"value": 0.5, "ci95": [0.4, 0.6]}} for r in
+                                   ship.ROWS.split(",")}},
+              "rows": {"edit": {r: {"n_cases": 200} for r in ship.ROWS.split(",")}}}  # fmt: skip
+    card = ship.card({"folder": "runs/inpaint", "step": 1500, "batch_size": 32, "config": "recipe: inpaint"},
+                     report, "mmsynth bench run ...", "models/shapes-v1")
+    assert "| inpaint_unet | 200 | 0.500 [0.400, 0.600] | n/a | n/a |" in card and "recipe: inpaint" in card

@@ -122,13 +122,14 @@ def _t2i_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
     )
 
 
-GUIDANCE_EDIT_ROWS = (  # (suite, case category, [(title, row)]): one line of the section per case
+# the bundle's inpainting UNet when it has one, else blended latents with resampling (any text-to-image bundle)
+INPAINT_ROWS = ("inpaint_unet", "inpaint_resample")
+GUIDANCE_EDIT_ROWS = (  # (suite, case category, [(title, row or rows by preference)]): one line per case
     ("guidance", "palette", [("unguided", "unguided"), ("palette guide", "palette"), ("target", "ground_truth")]),
     ("guidance", "box", [("unguided", "unguided"), ("box guide", "box"), ("target", "ground_truth")]),
     ("edit", "inversion", [("source", "ground_truth"), ("inverted + rebuilt", "inversion")]),
     ("edit", "swap", [("source", None), ("swap + recolour", "swap_recolour"), ("target", "ground_truth")]),
-    ("edit", "inpaint", [("source", None), ("mask", "mask"), ("inpainted", "inpaint_resample"),
-                         ("target", "ground_truth")]),
+    ("edit", "inpaint", [("source", None), ("mask", "mask"), ("inpainted", INPAINT_ROWS), ("target", "ground_truth")]),
 )
 
 
@@ -140,13 +141,16 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
     from mmsynth.evaluate.bench.edit_suite import mask_array, source_image
 
     ctx = RunContext(bundle_obj=bundle, sampler=SamplerSettings(steps=args.steps, cfg=args.cfg))
+    caps = ctx.capabilities()
     lines = []
     for suite_name, category, columns in GUIDANCE_EDIT_ROWS:
         suite = get_suite(suite_name)
         cases = [c for c in make_cases(suite_name, 2, seed=1) if c.category == category]
         for case in cases:
             tiles = []
-            for title, row_name in columns:
+            for title, rows in columns:
+                row_name = rows if not isinstance(rows, tuple) else next(
+                    r for r in rows if all(n in caps for n in suite.rows[r].requirements(case)))
                 if row_name is None:
                     img = source_image(case)
                 elif row_name == "mask":
@@ -159,12 +163,13 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
                 tiles.append(label(upscale(img, 2), title, 14))
             lines.append(label(grid(tiles, cols=len(tiles)), case.prompt, 14))
     save_image(grid(lines, cols=1), out / "guidance_edit.png")
+    how_inpainted = ("the bundle's inpainting UNet" if "inpainting_unet" in caps
+                     else "blended latents with RePaint-style resampling")  # fmt: skip
     return (
         "## Guidance and editing\n![guidance and editing](guidance_edit.png)\n\n"
         "Universal guidance towards a target palette and boxes (same prompt and seed as the unguided image), "
         "DDIM inversion and reconstruction, prompt-swap editing of a render inverted half way with recolour guidance, "
-        "and blended-latent "
-        f"inpainting with RePaint-style resampling, all through the one sampler at {args.steps} steps. "
+        f"and inpainting ({how_inpainted}), all through the one sampler at {args.steps} steps. "
         "Measured: `mmsynth bench run --suite "
         "guidance,edit` (docs/bench.md).\n"
     )
