@@ -76,6 +76,12 @@ def test_the_inpaint_control_feeds_the_inpainting_unet_its_mask_and_masked_laten
             h.remove()
     assert np.array_equal(auto.images[0][mask == 0], gradient_image[mask == 0])  # the outside is pasted back
     assert not np.array_equal(auto.images[0], base.images[0])
+    unblended = sample(b, GenerationRequest(prompt="a red circle", steps=3, seed=0),
+                       [BlendedInpaint(image=gradient_image, mask=mask, blend=False)], progress=False)
+    assert np.array_equal(unblended.images[0][mask == 0], gradient_image[mask == 0])  # pasted back all the same
+    assert not torch.equal(unblended.latents, auto.latents)  # the known latents were left to the UNet
+    with pytest.raises(InputError, match="blend must be true or false"):
+        BlendedInpaint(image=gradient_image, mask=mask, blend="no")
     replay = sample(b, GenerationRequest.from_dict(auto.requests[0].to_dict()), progress=False)
     assert np.array_equal(replay.images[0], auto.images[0])
 

@@ -78,7 +78,9 @@ class BlendedInpaint(Control):
     resample r: RePaint-style resampling, every step run r times (jump_length 1: each step redone from its
     re-noised blend) or every stretch of jump_length steps run r times (re-noised back over the stretch), over
     the first resample_until of the steps. unet: "auto" (the bundle's inpainting UNet when it has one), "inpainting"
-    (require it) or "base" (the text-to-image UNet, latent blending alone).
+    (require it) or "base" (the text-to-image UNet, latent blending alone). blend: replace the known latent region
+    by the noised source after every step (False: leave the known region to an inpainting UNet, as diffusers'
+    inpainting pipeline does; the paste-back still keeps the known pixels).
     image and mask may also be lists of n (image i of the batch inpaints source i under mask i)."""
 
     name: ClassVar[str] = "inpaint"
@@ -92,6 +94,7 @@ class BlendedInpaint(Control):
     resample_until: float = 1.0
     jump_length: int = 1
     unet: str = "auto"
+    blend: bool = True
 
     def __post_init__(self) -> None:
         empty = [v is None or (isinstance(v, list) and not v) for v in (self.image, self.mask)]
@@ -123,6 +126,8 @@ class BlendedInpaint(Control):
         j = self.jump_length
         if not is_integer(j) or j < 1:
             raise InputError(f"jump_length (steps redone at once when resampling) must be an integer >= 1, got {j!r}")
+        if not isinstance(self.blend, bool):
+            raise InputError(f"blend must be true or false, got {self.blend!r}")
         if self.unet not in UNET_CHOICES:
             raise InputError(f"unet must be one of {', '.join(UNET_CHOICES)}, got {self.unet!r}")
 
@@ -187,6 +192,8 @@ class BlendedInpaint(Control):
         return ModelInputs(extra_channels=self._channels.expand(latents.shape[0], -1, -1, -1))
 
     def after_step(self, ctx: Context, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        if not self.blend:
+            return latents
         n = latents.shape[0]
         source = self._source.expand(n, -1, -1, -1)
         if step.index + 1 < len(ctx.timesteps):

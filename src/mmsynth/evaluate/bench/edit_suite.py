@@ -62,7 +62,7 @@ PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
 SWAP_STRENGTH = 0.5  # swap_partial: invert half the steps (seed 5, n = 60: 0.70 vs 0.63 at 0.4 and 0.62 at 0.6)
 SWAP_SETTINGS = ("strength", "keep_attention", "cross_attention", "null_text", "recolour", *SAMPLER_SETTINGS)
 RECOLOUR_STEPS = 5  # swap_recolour: backward steps of the region guide (seed 5, n = 40: 0.85 vs 0.68 without)
-INPAINT_SETTINGS = ("resample", "resample_until", "jump_length", "object_prompt", "layout_strength",
+INPAINT_SETTINGS = ("resample", "resample_until", "jump_length", "object_prompt", "layout_strength", "blend",
                     *SAMPLER_SETTINGS)
 LAYOUT_STRENGTH = 0.5  # inpaint_layout: the share of the new object's attention moved into the mask's box
 INPAINT_RESAMPLE = 3  # inpaint_resample: passes per step (seed 5, n = 60: 0.50 vs 0.27 without; 5 passes 0.43)
@@ -255,7 +255,7 @@ def inpaint_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
     return [BlendedInpaint(image=[source_image(c) for c in cases], mask=masks, paste=bool(p.get("paste", 1)),
                            resample=int(p.get("resample", 1)), resample_until=float(p.get("resample_until", 1.0)),
                            jump_length=int(p.get("jump_length", 1)),
-                           unet="inpainting" if p.get("inpainting_unet", 0) else "base")]
+                           unet="inpainting" if p.get("inpainting_unet", 0) else "base", blend=bool(p.get("blend", 1)))]
 
 
 def inpaint_guided_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:

@@ -39,6 +39,7 @@ SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "resample": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (inpainting passes per step)"),
     "resample_until": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps resampled)"),
     "jump_length": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (steps redone at once when resampling)"),
+    "blend": (lambda v: v in (0, 1), "0 or 1 (inpainting: blend the known latents in after every step)"),
 }
 
 
