@@ -51,6 +51,9 @@ def card(record: dict, report: dict, command: str, out: str) -> str:
         n = report["rows"]["edit"][name]["n_cases"]
         table.append(f"| {name} | {n} | " + " | ".join(_cell(rows[name].get(c)) for c in COLUMNS) + " |")
     last = record.get("last_log", {})
+    import yaml
+
+    batch = (yaml.safe_load(record.get("config") or "{}") or {}).get("batch_size", "?")
     return "\n".join([
         f"# {out}/{INPAINTING_UNET}: the zoo's inpainting UNet",
         "",
@@ -66,7 +69,7 @@ def card(record: dict, report: dict, command: str, out: str) -> str:
         "",
         "## Training",
         "",
-        f"- steps: {record.get('step', '?')}, batch {record.get('batch_size', '?')}; logged wall time "
+        f"- steps: {record.get('step', '?')}, batch {batch}; logged wall time "
         f"{record.get('logged_wall_h', 0):.2f} h on {platform.machine()} CPU ({torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; last logged loss {last.get('loss', '?')}",
         f"- run folder {record['folder']}; weights saved in float16",
