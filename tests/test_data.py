@@ -129,6 +129,11 @@ def test_parse_caption_grammar_and_errors():
         "with the green star above the pink triangle."
     )
     assert p.total == 3 and p.groups[0].size == "large" and p.relations == [(0, "above", 2)]
+    text = "There are three objects: a large green star, an orange cross and a pink triangle, with the green star "
+    text += "above the pink triangle"
+    named = [(g, text[a:b]) for g, a, b in parse_caption(text).mentions]
+    assert named == [(0, "a large green star"), (1, "an orange cross"), (2, "a pink triangle"), (0, "the green star"),
+                     (2, "the pink triangle")]  # character spans of each group phrase, back-references included
     assert parse_caption("").groups == []
     for bad, what in [("two red", "shape"), ("a red circles", "disagree"), ("a mauve circle", "colour"),
                       ("hello world", "unexpected word"), ("three objects: a red circle", "says 3")]:  # fmt: skip

@@ -188,6 +188,18 @@ def test_t2i_fine_tunes_a_base_bundle_grown_deeper(tmp_path, parts):
             **{"options.base": str(result.export), "options.attention_depth": "1,1,1"})  # fmt: skip
 
 
+def test_t2i_grounding_loss_trains_and_logs_both_terms(tmp_path, parts):
+    run("t2i", tmp_path / "grounded", max_steps="2", batch_size="4",
+        **{"options.base": str(parts), "options.grounding_weight": "0.01", "options.caption_dropout": "0"})  # fmt: skip
+    rows = read_log(tmp_path / "grounded" / "log.csv")
+    for row in rows:
+        assert 0 < float(row["grounding"]) <= 1  # tiny random UNet: its tokens attend everywhere
+        assert float(row["loss"]) == pytest.approx(float(row["denoising"]) + 0.01 * float(row["grounding"]), rel=1e-4)
+    with pytest.raises(InputError, match=r"options\.grounding_weight' must be >= 0"):
+        run("t2i", tmp_path / "bad", max_steps="1", batch_size="4",
+            **{"options.base": str(parts), "options.grounding_weight": "-1"})  # fmt: skip
+
+
 def _params(path):
     return load_file(path / "checkpoints" / "step_0000004" / "model.safetensors")
 
@@ -310,6 +322,8 @@ def test_latent_cache_builds_resumes_extends_and_feeds_t2i(tmp_path, parts):
         run("t2i", tmp_path / "t2i_other", data=str(cache), **{**common, "options.vae": str(other)})
     with pytest.raises(InputError, match=r"is a latent cache .* recipe 'vae' needs images"):
         run("vae", tmp_path / "vae", data=str(cache), max_steps="1", batch_size="4")
+    with pytest.raises(InputError, match=r"grounding_weight needs each example's scene.*data: shapes"):
+        run("t2i", tmp_path / "t2i_grounded", data=str(cache), **{**common, "options.grounding_weight": "0.01"})
 
 
 def test_cache_latents_cli(tmp_path, parts, capsys):

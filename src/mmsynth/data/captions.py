@@ -50,6 +50,7 @@ class ParsedCaption:
     groups: list[Group]
     relations: list[tuple[int, str, int]] = field(default_factory=list)
     total: int | None = None
+    mentions: list[tuple[int, int, int]] = field(default_factory=list)  # (group, first char, end char) per phrase
 
     @property
     def n_objects(self) -> int:
@@ -141,19 +142,21 @@ def parse_caption(text: str) -> ParsedCaption:
 
     Raises InputError naming the words it could not understand and what it expected.
     """
-    words = re.sub(r"[^a-z ]", " ", text.lower()).split()
+    found = list(re.finditer(r"[a-z]+", re.sub(r"[^a-z ]", " ", text.lower())))  # same length: spans index `text`
+    words, spans = [m.group() for m in found], [m.span() for m in found]
     if not words:
         return ParsedCaption(groups=[])
     for p in _PREFIX_WORDS:
         if words[: len(p)] == p:
-            words = words[len(p) :]
+            words, spans = words[len(p) :], spans[len(p) :]
             break
     total = None
     if len(words) >= 2 and words[0] in _COUNT_WORDS and words[1] == "objects":
         total = _COUNT_WORDS[words[0]]
-        words = words[2:]
+        words, spans = words[2:], spans[2:]
     gs: list[Group] = []
     rels: list[tuple[int, str, int]] = []
+    mentions: list[tuple[int, int, int]] = []
     keys: dict[tuple[str, str], int] = {}
     pending_rel: tuple[int, str] | None = None
     last_group = -1
@@ -174,6 +177,7 @@ def parse_caption(text: str) -> ParsedCaption:
             pending_rel = (last_group, dict(_REL_PATTERNS)[phrase])
             i += len(phrase.split())
             continue
+        first = i
         reference = w == "the"  # 'the red circle' refers back to a group named before
         if reference:
             i += 1
@@ -216,6 +220,7 @@ def parse_caption(text: str) -> ParsedCaption:
             keys[key] = idx
             gs.append(Group(count=count, color=color, shape=shape, size=size))
         last_group = idx
+        mentions.append((idx, spans[first][0], spans[i - 1][1]))
         if pending_rel is not None:
             rels.append((pending_rel[0], pending_rel[1], idx))
             pending_rel = None
@@ -223,7 +228,7 @@ def parse_caption(text: str) -> ParsedCaption:
         raise fail("a relation without an object after it")
     if total is not None and total != sum(g.count for g in gs):
         raise fail(f"says {total} objects but names {sum(g.count for g in gs)}")
-    return ParsedCaption(groups=gs, relations=sorted(set(rels)), total=total)
+    return ParsedCaption(groups=gs, relations=sorted(set(rels)), total=total, mentions=mentions)
 
 
 def expected_from_scene(scene: Scene) -> ParsedCaption:

@@ -54,16 +54,22 @@ def render_background(bg: Background, size: int) -> np.ndarray:
     return img
 
 
+def owner_map(scene: Scene, size: int) -> np.ndarray:
+    """size x size int16: 0 = background, k = object k-1 visible there (later objects overwrite), no supersampling."""
+    owner = np.zeros((size, size), np.int16)
+    for k, obj in enumerate(scene.objects, start=1):
+        mask = np.zeros((size, size), np.uint8)
+        pts = np.round(obj.polygon() * size * 16).astype(np.int32)
+        cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=4)
+        owner[mask.astype(bool)] = k
+    return owner
+
+
 def _paint(scene: Scene, res: int) -> tuple[np.ndarray, np.ndarray]:
     """The supersampled canvas (float32 RGB) and its owner map (0 = background, k = object k-1 on top)."""
     big = res * SUPERSAMPLE
     canvas = render_background(scene.background, big)
-    owner = np.zeros((big, big), np.int16)  # later objects overwrite
-    for k, obj in enumerate(scene.objects, start=1):
-        mask = np.zeros((big, big), np.uint8)
-        pts = np.round(obj.polygon() * big * 16).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=4)
-        owner[mask.astype(bool)] = k
+    owner = owner_map(scene, big)
     for k, obj in enumerate(scene.objects, start=1):
         canvas[owner == k] = np.array(obj.rgb, np.float32)
     return canvas, owner

@@ -25,6 +25,7 @@ from mmsynth.io import write_text
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
 from mmsynth.models.grow import MAX_DEPTH, deepen_attention
 from mmsynth.models.zoo import ZOO_SPECS, build_scheduler, build_unet
+from mmsynth.train.grounding import CrossAttentionRecorder, token_grounding_loss, token_groups
 from mmsynth.train.latent_cache import LatentCacheExamples
 from mmsynth.train.recipe import Recipe
 from mmsynth.viz import grid, label
@@ -56,6 +57,7 @@ class TextToImageOptions:
     prediction_type: str = "epsilon"
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (the CFG unconditional branch)
+    grounding_weight: float = 0.0  # > 0: add TokenCompose's token grounding loss (train/grounding.py); needs scenes
     sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
     sample_steps: int = 25
     sample_cfg: float = 4.0
@@ -68,6 +70,8 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.prediction_type' must be one of {', '.join(PREDICTION_TYPES)}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise InputError(f"config key 'options.caption_dropout' must be in [0, 1], got {self.caption_dropout}")
+        if self.grounding_weight < 0:
+            raise InputError(f"config key 'options.grounding_weight' must be >= 0, got {self.grounding_weight}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise InputError(f"config key 'options.snr_gamma' must be > 0 or none, got {self.snr_gamma}")
         if self.save_dtype not in SAVE_DTYPES:
@@ -117,6 +121,7 @@ class TextToImageRecipe(Recipe):
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         self.models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
         self.trainable = ("unet",)
+        self.recorder = CrossAttentionRecorder(unet) if o.grounding_weight > 0 else None
 
     def started(self, step: int) -> None:
         """Copy the base's model card into the run folder as it was when the run began (kept on --resume).
@@ -158,6 +163,11 @@ class TextToImageRecipe(Recipe):
         examples = super().dataset()
         if isinstance(examples, LatentCacheExamples):
             examples.check_vae(self.models["vae"], where=f"options.vae ('{self.options.vae}')")
+            if self.recorder is not None:
+                raise InputError(
+                    f"options.grounding_weight needs each example's scene for its masks; the latent cache "
+                    f"'{self.config.data}' keeps none: use data: shapes or an imagefolder export"
+                )
         return examples
 
     @torch.no_grad()
@@ -198,13 +208,31 @@ class TextToImageRecipe(Recipe):
     # ---------------------------------------------------------------- the step
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         latents = self.latents(batch)
-        text = self.encode_text(self.drop_captions(list(batch["caption"])))
+        captions = self.drop_captions(list(batch["caption"]))
+        text = self.encode_text(captions)
         noise = torch.randn_like(latents)
         timesteps = self.draw_timesteps(latents.shape[0])
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = self.predict(noisy, timesteps, text, batch)
-        loss = self.denoising_loss(pred, self.target(latents, noise, timesteps), timesteps)
-        return loss, {}
+        if self.recorder is None:
+            pred = self.predict(noisy, timesteps, text, batch)
+            return self.denoising_loss(pred, self.target(latents, noise, timesteps), timesteps), {}
+        self.recorder.start()
+        try:
+            pred = self.predict(noisy, timesteps, text, batch)
+        finally:
+            maps = self.recorder.stop()
+        denoising = self.denoising_loss(pred, self.target(latents, noise, timesteps), timesteps)
+        grounding = token_grounding_loss(maps, *self.token_masks(captions, batch.get("scene")))
+        loss = denoising + self.options.grounding_weight * grounding
+        return loss, {"denoising": float(denoising.detach()), "grounding": float(grounding.detach())}
+
+    def token_masks(self, captions: list[str], scenes: list[Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's group masks and each text token's group (-1: none), as `encode_text` tokenizes."""
+        offsets = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_offsets_mapping=True,
+        ).offset_mapping  # fmt: skip
+        return token_groups(captions, scenes or [None] * len(captions), offsets)
 
     # ---------------------------------------------------------------- viewing and export
     def bundle(self) -> Bundle:
