@@ -151,3 +151,12 @@ def test_the_recipe_trains_and_exports_a_bundle_whose_unet_inpaints(tmp_path):
     exported = Bundle.from_pretrained(out / "final")
     assert exported.unet.config.in_channels == 9
     assert (out / "samples").is_dir() and any((out / "samples").iterdir())
+
+
+def test_the_recipe_refuses_options_it_does_not_use_or_cannot_take():
+    from mmsynth.train import get_recipe, load_config
+
+    for key, value, what in [("options.grounding_weight", "0.1", "is for the t2i recipe"),
+                             ("options.full_masks", "2", "sum <= 1")]:  # fmt: skip
+        with pytest.raises(InputError, match=what):
+            load_config(get_recipe("inpaint"), overrides={key: value})

@@ -42,6 +42,8 @@ class InpaintOptions(TextToImageOptions):
         super().validate()
         if not self.base:
             raise InputError("config key 'options.base' must name a text-to-image bundle (e.g. models/shapes-v1)")
+        if self.grounding_weight:
+            raise InputError("config key 'options.grounding_weight' is for the t2i recipe; inpaint does not use it")
         shares = (self.object_masks, self.full_masks)
         if not all(0 <= s <= 1 for s in shares) or sum(shares) > 1:
             raise InputError("config keys 'options.object_masks' and 'options.full_masks' must be in [0, 1] with a "
