@@ -1,7 +1,7 @@
 """Token grounding loss for text-to-image training (TokenCompose, Wang et al., CVPR 2024).
 
-A model that mixes up which colour goes with which shape, or how many of a thing to draw, spreads a
-phrase's cross-attention over the whole image. TokenCompose adds to the denoising loss a term that
+The shipped zoo UNet mixes up which colour goes with which shape and how many of a thing to draw, and
+its phrase tokens attend almost uniformly over the image. TokenCompose adds to the denoising loss a term that
 asks each grounded token to spend its cross-attention inside its object's mask:
 
     L_token = mean over grounded tokens t and cross-attention layers of (1 - sum_{p in M_t} A_t(p) / sum_p A_t(p))^2
