@@ -151,12 +151,14 @@ class TextToImageRecipe(Recipe):
         keep = torch.rand(len(captions)) >= self.options.caption_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
+    def tokenize(self, captions: list[str], **extra: Any) -> Any:
+        """The captions padded to the tokenizer's max length, as diffusers' pipelines tokenise prompts."""
+        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, **extra)  # fmt: skip
+
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
+        ids = self.tokenize(captions, return_tensors="pt").input_ids.to(self.device)
         return self.models["text_encoder"](ids)[0]
 
     def dataset(self) -> Dataset:
@@ -228,10 +230,7 @@ class TextToImageRecipe(Recipe):
 
     def token_masks(self, captions: list[str], scenes: list[Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each example's group masks and each text token's group (-1: none), as `encode_text` tokenizes."""
-        offsets = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_offsets_mapping=True,
-        ).offset_mapping  # fmt: skip
+        offsets = self.tokenize(captions, return_offsets_mapping=True).offset_mapping
         return token_groups(captions, scenes or [None] * len(captions), offsets)
 
     # ---------------------------------------------------------------- viewing and export
