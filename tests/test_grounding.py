@@ -74,11 +74,9 @@ def test_recorder_keeps_every_cross_attention_map_with_its_graph_and_restores_th
     recorder = CrossAttentionRecorder(unet)
     text = torch.randn(2, bundle.tokenizer.model_max_length, unet.config.cross_attention_dim)
     x = torch.randn(2, 4, 8, 8)
-    unet(x, torch.tensor([5, 5]), encoder_hidden_states=text)
-    assert recorder.stop() == []  # not recording: nothing kept
-    recorder.start()
-    unet(x, torch.tensor([5, 5]), encoder_hidden_states=text)
-    maps = recorder.stop()
+    with recorder.record() as maps:
+        unet(x, torch.tensor([5, 5]), encoder_hidden_states=text)
+    unet(x, torch.tensor([5, 5]), encoder_hidden_states=text)  # outside the block: nothing kept
     n_cross = sum(1 for name, _ in unet.named_modules() if name.endswith("attn2"))
     assert len(maps) == n_cross and all(m.requires_grad and m.shape[-1] == text.shape[1] for m in maps)
     assert torch.allclose(maps[0].sum(-1), torch.ones(()))  # probabilities over the text tokens

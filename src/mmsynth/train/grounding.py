@@ -16,6 +16,8 @@ one mask and would compete for the same pixels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import cv2
@@ -93,12 +95,15 @@ def token_grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, token_gr
     if not valid.any():
         return sum(m.sum() for m in maps) * 0.0
     n_valid = valid.sum()
+    pooled: dict[int, torch.Tensor] = {}  # the masks at each layer resolution, pooled once
     losses = []
     for probs in maps:
         batch, (hw, tokens) = masks.shape[0], probs.shape[1:]
-        side = int(round(hw**0.5))
         a = probs.float().reshape(batch, -1, hw, tokens).mean(1)  # (B, HW, T)
-        m = torch.nn.functional.adaptive_avg_pool2d(masks.to(a.device), side).flatten(2)  # (B, G, HW)
+        if hw not in pooled:
+            side = int(round(hw**0.5))
+            pooled[hw] = torch.nn.functional.adaptive_avg_pool2d(masks.to(a.device), side).flatten(2)  # (B, G, HW)
+        m = pooled[hw]
         inside = torch.einsum("bpt,bgp->btg", a, m)  # attention mass of each token inside each group
         picked = inside.gather(2, token_group.clamp(min=0).to(a.device)[..., None]).squeeze(-1)  # (B, T)
         ratio = picked / a.sum(1).clamp_min(1e-8)
@@ -107,20 +112,19 @@ def token_grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, token_gr
 
 
 class CrossAttentionRecorder:
-    """Keeps every attn2 layer's attention probabilities (with their graph) while `recording` is on.
+    """Keeps every attn2 layer's attention probabilities (with their graph) inside `with recorder.record() as maps`.
 
     The UNet's cross-attention runs diffusers' classic `AttnProcessor` (which materialises the
     probabilities) for as long as the recorder is installed; `remove()` restores the processors.
     """
 
     def __init__(self, unet: torch.nn.Module):
-        self.recording = False
-        self.maps: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] | None = None  # a list while recording
 
         def wrap(layer: str, scores: Any) -> Any:
             def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
                 probs = scores(*args, **kwargs)
-                if self.recording:
+                if self.maps is not None:
                     self.maps.append(probs)
                 return probs
 
@@ -128,9 +132,11 @@ class CrossAttentionRecorder:
 
         self.remove = patch_cross_attention_scores(unet, wrap)
 
-    def start(self) -> None:
-        self.maps, self.recording = [], True
-
-    def stop(self) -> list[torch.Tensor]:
-        maps, self.maps, self.recording = self.maps, [], False
-        return maps
+    @contextmanager
+    def record(self) -> Iterator[list[torch.Tensor]]:
+        """The list the UNet calls inside the block fill with their attn2 probabilities, in call order."""
+        self.maps = maps = []
+        try:
+            yield maps
+        finally:
+            self.maps = None

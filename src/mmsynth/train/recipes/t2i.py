@@ -8,6 +8,7 @@ GLIGEN, ...) subclass this recipe and override `build`/`predict` rather than cop
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -215,15 +216,11 @@ class TextToImageRecipe(Recipe):
         noise = torch.randn_like(latents)
         timesteps = self.draw_timesteps(latents.shape[0])
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.recorder is None:
+        with self.recorder.record() if self.recorder else nullcontext([]) as maps:
             pred = self.predict(noisy, timesteps, text, batch)
-            return self.denoising_loss(pred, self.target(latents, noise, timesteps), timesteps), {}
-        self.recorder.start()
-        try:
-            pred = self.predict(noisy, timesteps, text, batch)
-        finally:
-            maps = self.recorder.stop()
         denoising = self.denoising_loss(pred, self.target(latents, noise, timesteps), timesteps)
+        if self.recorder is None:
+            return denoising, {}
         grounding = token_grounding_loss(maps, *self.token_masks(captions, batch.get("scene")))
         loss = denoising + self.options.grounding_weight * grounding
         return loss, {"denoising": float(denoising.detach()), "grounding": float(grounding.detach())}
