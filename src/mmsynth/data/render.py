@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from mmsynth.data import vocab
-from mmsynth.data.scene import Background, Scene
+from mmsynth.data.scene import Background, Scene, raster_object
 from mmsynth.errors import InputError
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 512
@@ -58,10 +58,7 @@ def owner_map(scene: Scene, size: int) -> np.ndarray:
     """size x size int16: 0 = background, k = object k-1 visible there (later objects overwrite), no supersampling."""
     owner = np.zeros((size, size), np.int16)
     for k, obj in enumerate(scene.objects, start=1):
-        mask = np.zeros((size, size), np.uint8)
-        pts = np.round(obj.polygon() * size * 16).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=4)
-        owner[mask.astype(bool)] = k
+        owner[raster_object(obj, size)] = k
     return owner
 
 

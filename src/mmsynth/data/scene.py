@@ -269,7 +269,8 @@ def _sample_background(rng: np.random.Generator) -> Background:
     )
 
 
-def _raster(obj: ShapeObject, n: int = _PLACEMENT_RASTER) -> np.ndarray:
+def raster_object(obj: ShapeObject, n: int = _PLACEMENT_RASTER) -> np.ndarray:
+    """n x n bool mask of the object's polygon (no supersampling): placement checks and owner maps."""
     mask = np.zeros((n, n), np.uint8)
     pts = np.round(obj.polygon() * n * 16).astype(np.int32)
     cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=4)
@@ -278,7 +279,7 @@ def _raster(obj: ShapeObject, n: int = _PLACEMENT_RASTER) -> np.ndarray:
 
 def visible_fractions(objects: list[ShapeObject], n: int = _PLACEMENT_RASTER) -> list[float]:
     """Fraction of each object's area not covered by objects after it in the list (in front)."""
-    masks = [_raster(o, n) for o in objects]
+    masks = [raster_object(o, n) for o in objects]
     out = []
     for i, m in enumerate(masks):
         covered = np.zeros_like(m)
