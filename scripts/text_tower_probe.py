@@ -2,9 +2,13 @@
 
     python scripts/text_tower_probe.py [--model models/shapes-v1] [--caption "a red circle left of a blue square"]
 
-Prints the cosine between the pooled, projected text embedding of --caption and of each variant. A variant
-of other meaning near 1 is a caption the tower cannot tell apart, so no image side can either; a paraphrase
-(same meaning) should sit nearer than any of them.
+Prints, per variant, two cosines with --caption:
+- pooled: the pooled, projected CLIP text embeddings (what retrieval compares). A variant of other meaning
+  near 1 is a caption the tower cannot tell apart, so no image side can either; a paraphrase (same meaning)
+  should sit nearer than any of them.
+- tokens: the bundle's text encoder's last hidden states (what the UNet cross-attends to), at the token where
+  the two captions differ most (the minimum over positions of the per-token cosine). Near 1, the UNet gets
+  the same conditioning for both captions and cannot draw them differently.
 """
 
 from __future__ import annotations
@@ -31,14 +35,32 @@ def probe(model: str, caption: str, variants: dict[str, str]) -> dict[str, float
     return dict(zip(variants, (e[0] @ e[1:].T).tolist()))
 
 
+def token_cosines(model: str, caption: str, variants: dict[str, str]) -> dict[str, float]:
+    """Per variant: the lowest per-token cosine of the text encoder's last hidden states with `caption`'s."""
+    import torch
+
+    from mmsynth.models.bundle import load_component
+
+    encoder, tok = load_component(model, "text_encoder").float().eval(), load_component(model, "tokenizer")
+    texts = [caption, *variants.values()]
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(ids.input_ids)[0]
+    n = int(ids.attention_mask.sum(1).max()) + 1  # every real token and the first end token
+    cos = torch.nn.functional.cosine_similarity(hidden[:1, :n], hidden[1:, :n], dim=-1)
+    return dict(zip(variants, cos.min(dim=1).values.tolist()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/shapes-v1", help="a folder with clip/ and tokenizer/")
     p.add_argument("--caption", default="a red circle left of a blue square",
                    help="the reference caption (the default variants are written for the default one)")
     a = p.parse_args(argv)
-    for name, cos in probe(a.model, a.caption, VARIANTS).items():
-        print(f"{cos:.3f}  {name}: {VARIANTS[name]!r}")
+    pooled, tokens = probe(a.model, a.caption, VARIANTS), token_cosines(a.model, a.caption, VARIANTS)
+    print("pooled  tokens  variant")
+    for name in VARIANTS:
+        print(f"{pooled[name]:.3f}   {tokens[name]:.3f}   {name}: {VARIANTS[name]!r}")
     return 0
 
 

@@ -104,5 +104,9 @@ def test_text_tower_probe_script(tmp_path, capsys):
     cos = probe.probe(str(tmp_path / "m"), "a red circle left of a blue square", {"same": "a red circle left of a "
                       "blue square", "other": "two green stars"})  # fmt: skip
     assert abs(cos["same"] - 1) < 1e-5 and -1 <= cos["other"] < 1 - 1e-4
+    tokens = probe.token_cosines(str(tmp_path / "m"), "a red circle left of a blue square",
+                                 {"same": "a red circle left of a blue square", "flipped": "a red circle right of a "
+                                  "blue square"})  # fmt: skip
+    assert abs(tokens["same"] - 1) < 1e-5 and tokens["flipped"] < 1 - 1e-4  # a random tower keeps the word
     assert probe.main(["--model", str(tmp_path / "m")]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == len(probe.VARIANTS)
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(probe.VARIANTS) + 1  # and the header

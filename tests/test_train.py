@@ -188,6 +188,29 @@ def test_t2i_fine_tunes_a_base_bundle_grown_deeper(tmp_path, parts):
             **{"options.base": str(result.export), "options.attention_depth": "1,1,1"})  # fmt: skip
 
 
+def test_t2i_trains_the_text_encoder_at_its_own_lr_when_asked(tmp_path, parts):
+    def moved(lr):
+        extra = {} if lr is None else {"options.text_encoder_lr": lr}
+        result = run("t2i", tmp_path / f"joint_{lr}", max_steps="2", batch_size="4",
+                     **{"options.base": str(parts), "options.train_text_encoder": "true",
+                        "options.save_dtype": "float32", **extra})  # fmt: skip
+        exported = Bundle.from_pretrained(result.export)
+        pairs = zip(exported.text_encoder.parameters(), base.text_encoder.parameters())
+        diffs = [float((a - b).abs().max()) for a, b in pairs]
+        assert torch.equal(next(exported.vae.parameters()), next(base.vae.parameters()))  # the VAE stays frozen
+        return max(diffs)
+
+    base = Bundle.from_pretrained(parts)
+    assert moved(None) > 1e-4  # the run's lr
+    assert 0 < moved("1e-9") < 1e-7  # its own lr: AdamW moves a weight by about lr per step
+    frozen = run("t2i", tmp_path / "frozen", max_steps="1", batch_size="4", **{"options.base": str(parts)})
+    kept = Bundle.from_pretrained(frozen.export).text_encoder
+    assert all(torch.equal(a, b.half().float()) for a, b in zip(kept.parameters(), base.text_encoder.parameters()))
+    with pytest.raises(InputError, match=r"text_encoder_lr' must be > 0 and needs options\.train_text_encoder"):
+        run("t2i", tmp_path / "bad", max_steps="1", batch_size="4",
+            **{"options.base": str(parts), "options.text_encoder_lr": "1e-4"})  # fmt: skip
+
+
 def test_t2i_grounding_loss_trains_and_logs_both_terms(tmp_path, parts):
     run("t2i", tmp_path / "grounded", max_steps="2", batch_size="4",
         **{"options.base": str(parts), "options.grounding_weight": "0.01", "options.caption_dropout": "0"})  # fmt: skip

@@ -59,6 +59,8 @@ class TextToImageOptions:
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (the CFG unconditional branch)
     grounding_weight: float = 0.0  # > 0: add TokenCompose's token grounding loss (train/grounding.py); needs scenes
+    train_text_encoder: bool = False  # True: the text encoder trains with the UNet (LDM's joint text transformer)
+    text_encoder_lr: float | None = None  # its learning rate when it trains (None: the run's lr)
     sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
     sample_steps: int = 25
     sample_cfg: float = 4.0
@@ -73,6 +75,9 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.caption_dropout' must be in [0, 1], got {self.caption_dropout}")
         if self.grounding_weight < 0:
             raise InputError(f"config key 'options.grounding_weight' must be >= 0, got {self.grounding_weight}")
+        if self.text_encoder_lr is not None and (not self.train_text_encoder or self.text_encoder_lr <= 0):
+            raise InputError(f"config key 'options.text_encoder_lr' must be > 0 and needs options.train_text_encoder: "
+                             f"true, got {self.text_encoder_lr}")  # fmt: skip
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise InputError(f"config key 'options.snr_gamma' must be > 0 or none, got {self.snr_gamma}")
         if self.save_dtype not in SAVE_DTYPES:
@@ -121,7 +126,7 @@ class TextToImageRecipe(Recipe):
         self.scheduler.register_to_config(prediction_type=o.prediction_type)
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         self.models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
-        self.trainable = ("unet",)
+        self.trainable = ("unet", "text_encoder") if o.train_text_encoder else ("unet",)
         self.recorder = CrossAttentionRecorder(unet) if o.grounding_weight > 0 else None
 
     def started(self, step: int) -> None:
@@ -140,6 +145,10 @@ class TextToImageRecipe(Recipe):
         unet = self.models["unet"]
         return getattr(unet, "module", unet)
 
+    def _text_encoder(self) -> torch.nn.Module:
+        text_encoder = self.models["text_encoder"]
+        return getattr(text_encoder, "module", text_encoder)  # unwrapped from DDP when it trains
+
     @property
     def resolution(self) -> int:
         vae = self.models["vae"]
@@ -157,10 +166,21 @@ class TextToImageRecipe(Recipe):
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, **extra)  # fmt: skip
 
-    @torch.no_grad()
+    def parameters(self) -> list[dict[str, Any]]:
+        """One group per trainable module, so a trained text encoder may take its own learning rate."""
+        groups = [{"params": [p for p in self.models["unet"].parameters() if p.requires_grad]}]
+        if "text_encoder" in self.trainable:
+            group: dict[str, Any] = {"params": [p for p in self.models["text_encoder"].parameters() if p.requires_grad]}
+            if self.options.text_encoder_lr is not None:
+                group["lr"] = self.options.text_encoder_lr
+            groups.append(group)
+        return groups
+
     def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """The text encoder's last hidden states (with gradients only when it trains)."""
         ids = self.tokenize(captions, return_tensors="pt").input_ids.to(self.device)
-        return self.models["text_encoder"](ids)[0]
+        with torch.set_grad_enabled("text_encoder" in self.trainable and torch.is_grad_enabled()):
+            return self.models["text_encoder"](ids)[0]
 
     def dataset(self) -> Dataset:
         examples = super().dataset()
@@ -234,7 +254,7 @@ class TextToImageRecipe(Recipe):
     def bundle(self) -> Bundle:
         return Bundle(
             tokenizer=self.tokenizer,
-            text_encoder=self.models["text_encoder"],
+            text_encoder=self._text_encoder(),
             vae=self.models["vae"],
             unet=self._unet(),
             scheduler=self.scheduler,
