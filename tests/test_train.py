@@ -107,6 +107,25 @@ def test_clip_freeze_text_trains_only_the_vision_side(tmp_path):
         run("clip", tmp_path / "c", max_steps="1", batch_size="8", **{"options.freeze_text": "true"})
 
 
+def test_clip_takes_its_text_tower_from_a_text_encoder_trained_with_the_unet(tmp_path):
+    from mmsynth.models.bundle import load_component
+    from mmsynth.models.zoo import tiny_bundle
+
+    init, other = tmp_path / "init", tmp_path / "other"
+    tiny_bundle(seed=1).save_pretrained(init)
+    tiny_bundle(seed=2).save_pretrained(other)
+    result = run("clip", tmp_path / "c", max_steps="1", batch_size="8", **{
+        "options.zoo": "tiny", "options.init": str(init), "options.text_encoder": str(other),
+        "options.freeze_text": "true"})  # fmt: skip
+    encoder, clip = load_component(other, "text_encoder"), load_component(result.export, "clip")
+    a, b = encoder.state_dict(), clip.text_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].half(), b[k].half()) for k in a)
+    assert not torch.equal(clip.text_model.embeddings.token_embedding.weight,
+                           load_component(init, "clip").text_model.embeddings.token_embedding.weight)  # fmt: skip
+    with pytest.raises(InputError, match=r"options\.text_encoder' needs 'options\.init'"):
+        run("clip", tmp_path / "d", max_steps="1", batch_size="8", **{"options.text_encoder": str(other)})
+
+
 def test_clip_hard_negatives_pair_each_scene_with_its_minimal_edit(tmp_path):
     from mmsynth.data.scene import Scene
     from mmsynth.train.data import HardNegativePairs, ShapesExamples

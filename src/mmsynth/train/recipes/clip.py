@@ -33,12 +33,19 @@ class ClipOptions:
     # retrieval errors left are near misses of exactly that kind, which random in-batch negatives rarely are
     # (hard negatives as in NegCLIP, Yuksekgonul et al. 2023, here on the image side). Needs data: shapes.
     hard_negatives: bool = False
+    # A folder whose text_encoder/ replaces the CLIP's text tower before training: a text encoder trained with
+    # the UNet (t2i's options.train_text_encoder) gets a vision side that matches it (with freeze_text), so the
+    # bundle's CLIP keeps the UNet's text encoder as its text tower.
+    text_encoder: str | None = None
 
     def validate(self) -> None:
         if self.zoo not in ZOO_SPECS:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
         if self.freeze_text and not self.init:
             raise InputError("config key 'options.freeze_text' needs 'options.init' (a trained text tower to keep)")
+        if self.text_encoder and not self.init:
+            raise InputError("config key 'options.text_encoder' needs 'options.init' (the CLIP whose text tower it "
+                             "replaces)")  # fmt: skip
 
 
 class ClipRecipe(Recipe):
@@ -58,6 +65,13 @@ class ClipRecipe(Recipe):
         if o.init:
             self.tokenizer = load_component(o.init, "tokenizer")
             clip = load_component(o.init, "clip")
+            if o.text_encoder:
+                encoder = load_component(o.text_encoder, "text_encoder")
+                try:  # transformers 5 flattened CLIPTextModel (no `.text_model`); older versions nest it
+                    clip.text_model.load_state_dict(getattr(encoder, "text_model", encoder).state_dict())
+                except RuntimeError as exc:
+                    raise InputError(f"options.text_encoder ('{o.text_encoder}') is not shaped like the text tower "
+                                     f"of options.init ('{o.init}'): {str(exc).splitlines()[0]}") from None
         else:
             spec = ZOO_SPECS[o.zoo]
             self.tokenizer = build_shapes_tokenizer(spec.max_length)
