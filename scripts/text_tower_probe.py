@@ -40,10 +40,11 @@ def token_cosines(model: str, caption: str, variants: dict[str, str]) -> dict[st
     import torch
 
     from mmsynth.models.bundle import load_component
+    from mmsynth.models.tokenizer import tokenize_padded
 
     encoder, tok = load_component(model, "text_encoder").float().eval(), load_component(model, "tokenizer")
     texts = [caption, *variants.values()]
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    ids = tokenize_padded(tok, texts, return_tensors="pt")
     with torch.no_grad():
         hidden = encoder(ids.input_ids)[0]
     n = int(ids.attention_mask.sum(1).max()) + 1  # every real token and the first end token

@@ -264,3 +264,32 @@ def test_minimal_edit_changes_one_attribute_and_keeps_the_rules():
             assert len(groups(t)) == 1 or group_relations(t)
             assert not any(caption_true_of(c, s) for c in captions(t, 4))  # a true negative of the source
     assert kinds == {"shape", "colour"}
+
+
+def test_a_place_edit_swaps_two_objects_of_different_groups_and_flips_their_relation():
+    from mmsynth.data.scene import group_relations, minimal_edit, relation_holds
+    from mmsynth.evaluate.components import caption_true_of
+
+    rng = np.random.default_rng(1)
+    swapped = 0
+    for i in range(40):
+        s = sample_scene("train", i, 5, n_objects=2)
+        t = minimal_edit(s, rng, kinds=("place",))
+        if len(groups(s)) == 1:
+            assert t is None  # one colour-shape group: a swap changes nothing a caption can say
+            continue
+        if t is None:
+            continue
+        a, b = s.objects
+        assert (t.objects[0].cx, t.objects[0].cy, t.objects[1].cx, t.objects[1].cy) == (b.cx, b.cy, a.cx, a.cy)
+        assert [(o.color, o.shape, o.size, o.radius, o.rotation) for o in t.objects] == \
+            [(o.color, o.shape, o.size, o.radius, o.rotation) for o in s.objects]  # fmt: skip
+        (x,), (y,) = groups(s)
+        for gx, rel, _gy in group_relations(s):  # no relation between the two still holds
+            first, second = (x, y) if gx == 0 else (y, x)
+            assert not relation_holds(t.objects[first], t.objects[second], rel)
+        assert not any(caption_true_of(c, s) for c in captions(t, 4))
+        swapped += 1
+    assert swapped >= 20
+    with pytest.raises(InputError, match="edit kinds must be some of shape, colour, place"):
+        minimal_edit(sample_scene("train", 0, 5), rng, kinds=("size",))

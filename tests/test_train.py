@@ -145,6 +145,15 @@ def test_clip_hard_negatives_pair_each_scene_with_its_minimal_edit(tmp_path):
         else:  # no edit kept the rules: the odd index is its own plain scene
             assert torch.equal(pairs[j + 1]["pixel_values"], plain[j + 1]["pixel_values"])
     assert edited >= 15
+    places = HardNegativePairs("train", seed=3, kinds=("place",))
+    moved = 0
+    for j in range(0, 40, 2):
+        base, twin = Scene.from_dict(places[j]["scene"]), Scene.from_dict(places[j + 1]["scene"])
+        if [(o.color, o.shape, o.radius) for o in base.objects] == [(o.color, o.shape, o.radius) for o in twin.objects]:
+            centres = sorted((o.cx, o.cy) for o in base.objects)
+            assert sorted((o.cx, o.cy) for o in twin.objects) == centres and base != twin  # two swapped places
+            moved += 1
+    assert moved >= 10
     result = run("clip", tmp_path / "hn", max_steps="2", batch_size="8", **{"options.hard_negatives": "true"})
     assert len(read_log(tmp_path / "hn" / "log.csv")) == 2 and (result.export / "clip").is_dir()
     with pytest.raises(InputError, match="batch_size must be even, got 7"):

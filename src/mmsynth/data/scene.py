@@ -395,21 +395,50 @@ def _rules_hold(scene: Scene) -> bool:
     return _captionable(scene)
 
 
-def minimal_edit(scene: Scene, rng: np.random.Generator, tries: int = 20) -> Scene | None:
-    """The same scene with one object's shape or colour changed and everything else kept (place, size, the
-    other objects, the background): a hard negative for contrastive training, since only that word of a
-    caption tells the two apart. None when no edit within `tries` keeps the sampler's rules."""
+EDIT_KINDS = ("shape", "colour", "place")  # what `minimal_edit` may change
+
+
+def _inside(o: ShapeObject) -> bool:
+    """The sampler's bounds: the whole object and a small margin lie inside the image."""
+    m = o.radius + 0.02
+    return m <= o.cx <= 1 - m and m <= o.cy <= 1 - m
+
+
+def minimal_edit(
+    scene: Scene, rng: np.random.Generator, tries: int = 20, kinds: tuple[str, ...] = ("shape", "colour")
+) -> Scene | None:
+    """The same scene with one thing changed: one object's shape or colour, or ("place") two objects of
+    different colour-shape groups swapping places, everything else kept (sizes, the other objects, the
+    background). A hard negative for contrastive training: only that word of a caption, or for "place" the
+    relation between the two, tells the two scenes apart. None when no edit within `tries` keeps the
+    sampler's rules."""
+    if not kinds or set(kinds) - set(EDIT_KINDS):
+        raise InputError(f"edit kinds must be some of {', '.join(EDIT_KINDS)}, got {', '.join(kinds) or 'none'}")
     for _ in range(tries):
-        k = int(rng.integers(len(scene.objects)))
-        o = scene.objects[k]
-        if rng.random() < 0.5:
-            shape, color = str(rng.choice([s for s in vocab.SHAPES if s != o.shape])), o.color
-            rotation = 0.0 if shape == "circle" else o.rotation or round(float(rng.uniform(-15.0, 15.0)), 2)
-            new = dataclasses.replace(o, shape=shape, rotation=rotation)
+        objects = list(scene.objects)
+        k = int(rng.integers(len(objects)))  # drawn first, as before "place" existed: same stream, same edits
+        kind = kinds[int(rng.random() * len(kinds))]
+        if kind == "place":
+            pairs = [(i, j) for i, j in itertools.combinations(range(len(objects)), 2)
+                     if (objects[i].color, objects[i].shape) != (objects[j].color, objects[j].shape)]  # fmt: skip
+            if not pairs:
+                continue
+            i, j = pairs[int(rng.integers(len(pairs)))]
+            a, b = objects[i], objects[j]
+            objects[i] = dataclasses.replace(a, cx=b.cx, cy=b.cy)
+            objects[j] = dataclasses.replace(b, cx=a.cx, cy=a.cy)
+            if not (_inside(objects[i]) and _inside(objects[j])):
+                continue
         else:
-            color = str(rng.choice([c for c in vocab.COLOR_NAMES if c != o.color]))
-            new = dataclasses.replace(o, color=color, rgb=_jitter_shade(color, rng))
-        edited = dataclasses.replace(scene, objects=[*scene.objects[:k], new, *scene.objects[k + 1 :]])
+            o = objects[k]
+            if kind == "shape":
+                shape = str(rng.choice([s for s in vocab.SHAPES if s != o.shape]))
+                rotation = 0.0 if shape == "circle" else o.rotation or round(float(rng.uniform(-15.0, 15.0)), 2)
+                objects[k] = dataclasses.replace(o, shape=shape, rotation=rotation)
+            else:
+                color = str(rng.choice([c for c in vocab.COLOR_NAMES if c != o.color]))
+                objects[k] = dataclasses.replace(o, color=color, rgb=_jitter_shade(color, rng))
+        edited = dataclasses.replace(scene, objects=objects)
         if _rules_hold(edited):
             return edited
     return None

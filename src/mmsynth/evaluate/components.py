@@ -18,6 +18,7 @@ from mmsynth.data.captions import captions, parse_caption
 from mmsynth.data.render import render
 from mmsynth.data.scene import Scene, relation_holds, sample_scene
 from mmsynth.errors import InputError
+from mmsynth.models.tokenizer import tokenize_padded
 
 
 def caption_true_of(caption: str, scene: Scene) -> bool:
@@ -120,8 +121,7 @@ def caption_kind(caption: str) -> str:
 @torch.no_grad()
 def text_features(clip: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
     """Unit-length projected text embeddings (the vectors retrieval compares), one row per text."""
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(next(clip.parameters()).device)  # fmt: skip
+    ids = tokenize_padded(tokenizer, texts, return_tensors="pt").input_ids.to(next(clip.parameters()).device)
     return torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
@@ -81,6 +82,12 @@ def build_shapes_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerF
         padding_side="right",
     )
     return tok
+
+
+def tokenize_padded(tokenizer: Any, texts: str | list[str], **extra: Any) -> Any:
+    """Texts padded (and truncated) to the tokenizer's max length, as diffusers' pipelines tokenise prompts:
+    every place that feeds a text encoder or reads token positions must see the same tokens."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, **extra)
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:

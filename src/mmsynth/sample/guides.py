@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmsynth.errors import InputError
+from mmsynth.models.tokenizer import tokenize_padded
 from mmsynth.sample.controls import is_integer, is_number
 
 Guide = Callable[[torch.Tensor], torch.Tensor]
@@ -166,8 +167,7 @@ class ClipGuide(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1))
         with torch.no_grad():
             if text is not None:
-                ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
+                ids = tokenize_padded(tokenizer, [text], return_tensors="pt")
                 target = _features(clip.get_text_features(input_ids=ids.input_ids.to(clip.device)))
             else:
                 target = self.embed(image_tensor(image, "clip guide image").to(clip.device) * 2 - 1)

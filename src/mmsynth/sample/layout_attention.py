@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsynth.errors import InputError
+from mmsynth.models.tokenizer import tokenize_padded
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, check_batch_length, is_number, register_control
 from mmsynth.sample.inversion import patch_cross_attention_scores
 
@@ -69,7 +70,7 @@ def box_coverage(box: list[float], h: int, w: int) -> torch.Tensor:
 
 def phrase_positions(tokenizer: Any, prompt: str, phrase: str, where: str) -> list[int]:
     """Token positions of `phrase` in `prompt` as the sampler tokenises it (first occurrence)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = tokenize_padded(tokenizer, prompt).input_ids
     sub = tokenizer(phrase, add_special_tokens=False).input_ids
     for i in range(len(ids) - len(sub) + 1):
         if sub and ids[i: i + len(sub)] == sub:

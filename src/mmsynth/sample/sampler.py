@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from mmsynth.errors import InputError
+from mmsynth.models.tokenizer import tokenize_padded, warn_unknown_words
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, controls_from_dicts, merge_inputs
 from mmsynth.sample.request import GenerationRequest
 from mmsynth.sample.schedulers import make_scheduler
@@ -42,7 +43,7 @@ class SampleResult:
 def encode_text(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
     """CLIP text hidden states, tokenised like diffusers (padded to the tokenizer's max length)."""
     tok = bundle.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    ids = tokenize_padded(tok, prompts, return_tensors="pt")
     enc = bundle.text_encoder
     mask = ids.attention_mask.to(bundle.device) if getattr(enc.config, "use_attention_mask", False) else None
     return enc(ids.input_ids.to(bundle.device), attention_mask=mask)[0].to(bundle.dtype)
@@ -50,10 +51,6 @@ def encode_text(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
 
 def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
     """Warn (log) about words the tokenizer cannot read; returns them."""
-    try:
-        from mmsynth.models.tokenizer import warn_unknown_words
-    except ImportError:  # pragma: no cover - the models layer always ships it
-        return []
     return warn_unknown_words(bundle.tokenizer, prompt) if prompt else []
 
 

@@ -49,11 +49,14 @@ class ShapesExamples(Dataset):
 
 class HardNegativePairs(Dataset):
     """On-the-fly Shapes where odd index 2j+1 is a minimal edit of scene 2j (one object's shape or colour
-    changed, `data.scene.minimal_edit`), so every batch holds pairs that only one caption word tells apart.
-    Where no edit keeps the dataset's rules, index 2j+1 is plain scene 2j+1."""
+    changed, or two objects swapping places: `data.scene.minimal_edit` with `kinds`), so every batch holds
+    pairs that only one caption word, or the relation, tells apart. Where no edit keeps the dataset's rules,
+    index 2j+1 is plain scene 2j+1."""
 
-    def __init__(self, split: str = "train", seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = ()):
+    def __init__(self, split: str = "train", seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = (),
+                 kinds: tuple[str, ...] = ("shape", "colour")):  # fmt: skip
         self.plain = ShapesExamples(split, seed, resolution, maps)
+        self.kinds = tuple(kinds)
         self._last: tuple[int, Any] | None = None  # (index, scene): the pair's second item reuses the first's
 
     def __len__(self) -> int:
@@ -74,7 +77,7 @@ class HardNegativePairs(Dataset):
         scene = self._scene(index - index % 2)
         if index % 2 == 0:
             return example_of_scene(scene, index, p.seed, p.resolution, p.maps)
-        edited = minimal_edit(scene, np.random.default_rng([p.seed, index, 0xED]))
+        edited = minimal_edit(scene, np.random.default_rng([p.seed, index, 0xED]), kinds=self.kinds)
         if edited is None:
             return p[index]
         return example_of_scene(edited, index, p.seed, p.resolution, p.maps)

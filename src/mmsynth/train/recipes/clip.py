@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
+from mmsynth.data.scene import EDIT_KINDS
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
 from mmsynth.models.tokenizer import build_shapes_tokenizer
@@ -33,12 +34,19 @@ class ClipOptions:
     # retrieval errors left are near misses of exactly that kind, which random in-batch negatives rarely are
     # (hard negatives as in NegCLIP, Yuksekgonul et al. 2023, here on the image side). Needs data: shapes.
     hard_negatives: bool = False
+    # What a hard negative's edit may change: "shape", "colour", "place" (two objects of different groups swap
+    # places, so only the relation between them tells the pair apart: the word order contrastive CLIP otherwise
+    # ignores, NegCLIP's relation negatives).
+    hard_negative_edits: tuple[str, ...] = ("shape", "colour")
     # A folder whose text_encoder/ replaces the CLIP's text tower before training: a text encoder trained with
     # the UNet (t2i's options.train_text_encoder) gets a vision side that matches it (with freeze_text), so the
     # bundle's CLIP keeps the UNet's text encoder as its text tower.
     text_encoder: str | None = None
 
     def validate(self) -> None:
+        if not self.hard_negative_edits or set(self.hard_negative_edits) - set(EDIT_KINDS):
+            raise InputError(f"config key 'options.hard_negative_edits' takes some of {', '.join(EDIT_KINDS)}, "
+                             f"got {list(self.hard_negative_edits)}")  # fmt: skip
         if self.zoo not in ZOO_SPECS:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
         if self.freeze_text and not self.init:
@@ -97,7 +105,7 @@ class ClipRecipe(Recipe):
         if c.batch_size % 2:
             raise InputError(f"config key 'options.hard_negatives' puts a scene and its edit in one batch, so "
                              f"batch_size must be even, got {c.batch_size}")  # fmt: skip
-        return HardNegativePairs(c.data_split, c.data_seed, self.resolution)
+        return HardNegativePairs(c.data_split, c.data_seed, self.resolution, kinds=self.options.hard_negative_edits)
 
     @property
     def resolution(self) -> int:

@@ -25,6 +25,7 @@ from mmsynth.errors import InputError
 from mmsynth.io import write_text
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
 from mmsynth.models.grow import MAX_DEPTH, deepen_attention
+from mmsynth.models.tokenizer import tokenize_padded
 from mmsynth.models.zoo import ZOO_SPECS, build_scheduler, build_unet
 from mmsynth.train.grounding import CrossAttentionRecorder, token_grounding_loss, token_groups
 from mmsynth.train.latent_cache import LatentCacheExamples
@@ -163,8 +164,7 @@ class TextToImageRecipe(Recipe):
 
     def tokenize(self, captions: list[str], **extra: Any) -> Any:
         """The captions padded to the tokenizer's max length, as diffusers' pipelines tokenise prompts."""
-        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, **extra)  # fmt: skip
+        return tokenize_padded(self.tokenizer, captions, **extra)
 
     def parameters(self) -> list[dict[str, Any]]:
         """One group per trainable module, so a trained text encoder may take its own learning rate."""
