@@ -278,6 +278,7 @@ def test_a_place_edit_swaps_two_objects_of_different_groups_and_flips_their_rela
         if len(groups(s)) == 1:
             assert t is None  # one colour-shape group: a swap changes nothing a caption can say
             continue
+        assert minimal_edit(sample_scene("train", i, 5, n_objects=3), rng, kinds=("place",)) is None
         if t is None:
             continue
         a, b = s.objects
@@ -293,3 +294,23 @@ def test_a_place_edit_swaps_two_objects_of_different_groups_and_flips_their_rela
     assert swapped >= 20
     with pytest.raises(InputError, match="edit kinds must be some of shape, colour, place"):
         minimal_edit(sample_scene("train", 0, 5), rng, kinds=("size",))
+
+
+def test_flip_relations_reverses_every_relation_and_makes_a_false_caption():
+    from mmsynth.data.captions import flip_relations
+    from mmsynth.evaluate.components import caption_true_of
+
+    assert flip_relations("there is a red circle to the left of a blue square") == \
+        "there is a red circle to the right of a blue square"  # fmt: skip
+    assert flip_relations("a red star, a blue circle, with the red star over the blue circle") == \
+        "a red star, a blue circle, with the red star under the blue circle"  # fmt: skip
+    assert flip_relations("three green stars") is None
+    flipped = 0
+    for i in range(40):
+        s = sample_scene("train", i, 4)
+        for c in captions(s, 2):
+            f = flip_relations(c)
+            if f is not None:
+                assert parse_caption(f).relations and not caption_true_of(f, s)
+                flipped += 1
+    assert flipped >= 20

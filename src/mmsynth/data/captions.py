@@ -131,6 +131,21 @@ def captions(scene: Scene, n: int = 4) -> list[str]:
     return out
 
 
+# each relation phrase and the same-form phrase of the inverse relation ("to the left of" <-> "to the right of")
+_FLIPPED_PHRASE = {
+    p: REL_PHRASES[vocab.INVERSE_RELATION[r]][i] for r, ps in REL_PHRASES.items() for i, p in enumerate(ps)
+}
+_REL_PHRASE_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _FLIPPED_PHRASE), key=len, reverse=True)) + r")\b")
+
+
+def flip_relations(caption: str) -> str | None:
+    """The caption with every relation reversed ("left of" -> "right of", "over" -> "under"), or None when it
+    states none. A caption true of a scene is false once flipped (its relation holds by a margin), so the
+    flipped caption is a hard negative that only word order tells apart (NegCLIP's relation negatives)."""
+    flipped = _REL_PHRASE_RE.sub(lambda m: _FLIPPED_PHRASE[m.group(1)], caption)
+    return None if flipped == caption else flipped
+
+
 # ---------------------------------------------------------------- parser
 
 _REL_PATTERNS = sorted(((p, r) for r, ps in REL_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))

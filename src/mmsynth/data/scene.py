@@ -407,11 +407,12 @@ def _inside(o: ShapeObject) -> bool:
 def minimal_edit(
     scene: Scene, rng: np.random.Generator, tries: int = 20, kinds: tuple[str, ...] = ("shape", "colour")
 ) -> Scene | None:
-    """The same scene with one thing changed: one object's shape or colour, or ("place") two objects of
-    different colour-shape groups swapping places, everything else kept (sizes, the other objects, the
-    background). A hard negative for contrastive training: only that word of a caption, or for "place" the
-    relation between the two, tells the two scenes apart. None when no edit within `tries` keeps the
-    sampler's rules."""
+    """The same scene with one thing changed: one object's shape or colour, or ("place", two-object scenes
+    of two groups) the two objects swapping places, everything else kept (sizes, the background). A hard
+    negative for contrastive training: only that word of a caption, or the relation, tells the two scenes
+    apart. "place" is kept to two objects because every caption of such a scene states their relation, which
+    the swap reverses: a caption of a larger edited scene may relate two objects that did not move, and so be
+    true of the source too. None when no edit within `tries` keeps the sampler's rules."""
     if not kinds or set(kinds) - set(EDIT_KINDS):
         raise InputError(f"edit kinds must be some of {', '.join(EDIT_KINDS)}, got {', '.join(kinds) or 'none'}")
     for _ in range(tries):
@@ -419,15 +420,11 @@ def minimal_edit(
         k = int(rng.integers(len(objects)))  # drawn first, as before "place" existed: same stream, same edits
         kind = kinds[int(rng.random() * len(kinds))]
         if kind == "place":
-            pairs = [(i, j) for i, j in itertools.combinations(range(len(objects)), 2)
-                     if (objects[i].color, objects[i].shape) != (objects[j].color, objects[j].shape)]  # fmt: skip
-            if not pairs:
+            if len(objects) != 2 or len(groups(scene)) != 2:
                 continue
-            i, j = pairs[int(rng.integers(len(pairs)))]
-            a, b = objects[i], objects[j]
-            objects[i] = dataclasses.replace(a, cx=b.cx, cy=b.cy)
-            objects[j] = dataclasses.replace(b, cx=a.cx, cy=a.cy)
-            if not (_inside(objects[i]) and _inside(objects[j])):
+            a, b = objects
+            objects = [dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy)]
+            if not all(_inside(o) for o in objects):
                 continue
         else:
             o = objects[k]

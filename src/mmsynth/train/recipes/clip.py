@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mmsynth.data.captions import flip_relations
 from mmsynth.data.scene import EDIT_KINDS
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
@@ -38,6 +40,11 @@ class ClipOptions:
     # places, so only the relation between them tells the pair apart: the word order contrastive CLIP otherwise
     # ignores, NegCLIP's relation negatives).
     hard_negative_edits: tuple[str, ...] = ("shape", "colour")
+    # Add each caption with its relation reversed ("left of" -> "right of") as one more text every image is
+    # contrasted with (NegCLIP's text-side negatives, Yuksekgonul et al. 2023). In-batch captions almost never
+    # differ only in word order, so plain CLIP learns none: the shipped text tower maps "left" and "right" to
+    # nearly the same hidden state (`python scripts/text_tower_probe.py`), which the UNet then cannot use.
+    relation_negatives: bool = False
     # A folder whose text_encoder/ replaces the CLIP's text tower before training: a text encoder trained with
     # the UNet (t2i's options.train_text_encoder) gets a vision side that matches it (with freeze_text), so the
     # bundle's CLIP keeps the UNet's text encoder as its text tower.
@@ -120,15 +127,26 @@ class ClipRecipe(Recipe):
         ).input_ids.to(self.device)
 
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.models["clip"](
-            input_ids=self.tokenize(batch["caption"]), pixel_values=batch["pixel_values"], return_loss=True
-        )
+        """CLIP's symmetric InfoNCE; with relation negatives, each image also faces the flipped captions."""
+        captions = list(batch["caption"])
+        flipped = [flip_relations(c) for c in captions] if self.options.relation_negatives else []
+        negatives = [f for f in flipped if f is not None]
+        out = self.models["clip"](input_ids=self.tokenize(captions + negatives), pixel_values=batch["pixel_values"])
+        n = len(captions)
+        target = torch.arange(n, device=out.logits_per_image.device)
+        # image -> every text (its caption among the batch's and the flipped ones); text -> the batch's images
+        loss = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text[:n], target)) / 2
+        logs = {"logit_scale": float(self._unwrapped().logit_scale.detach().exp())}
         with torch.no_grad():
             # in-batch retrieval accuracy; identical captions in a batch count as matches
-            pred = out.logits_per_text.argmax(dim=1)
-            same = [batch["caption"][int(j)] == batch["caption"][i] for i, j in enumerate(pred)]
-            acc = sum(same) / len(same)
-        return out.loss, {"t2i_top1_in_batch": acc, "logit_scale": float(self._unwrapped().logit_scale.detach().exp())}
+            pred = out.logits_per_text[:n].argmax(dim=1)
+            same = [captions[int(j)] == captions[i] for i, j in enumerate(pred)]
+            logs["t2i_top1_in_batch"] = sum(same) / len(same)
+            if negatives:  # how often an image prefers its caption to the same caption flipped
+                has = torch.tensor([f is not None for f in flipped], device=target.device)
+                own = out.logits_per_image[target, target][has]
+                logs["relation_acc_in_batch"] = float((own > out.logits_per_image[has, n:].diagonal()).float().mean())
+        return loss, logs
 
     def _unwrapped(self) -> torch.nn.Module:
         clip = self.models["clip"]
