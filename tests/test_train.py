@@ -264,6 +264,20 @@ def test_t2i_trains_the_text_encoder_at_its_own_lr_when_asked(tmp_path, parts):
             **{"options.base": str(parts), "options.text_encoder_lr": "1e-4"})  # fmt: skip
 
 
+def test_t2i_fine_tunes_a_base_unet_to_another_text_encoder(tmp_path, parts):
+    from mmsynth.models.zoo import tiny_bundle
+
+    other = tmp_path / "other_clip"
+    tiny_bundle(seed=2).save_pretrained(other)
+    result = run("t2i", tmp_path / "swapped", max_steps="1", batch_size="4",
+                 **{"options.base": str(parts), "options.text_encoder": str(other)})  # fmt: skip
+    exported, source = Bundle.from_pretrained(result.export), Bundle.from_pretrained(other)
+    for a, b in [(exported.text_encoder, source.text_encoder), (exported.clip, source.clip)]:
+        assert all(torch.equal(x, y.half().float()) for x, y in zip(a.parameters(), b.parameters()))
+    with pytest.raises(InputError, match=r"options\.text_encoder' replaces the text side of 'options\.base'"):
+        run("t2i", tmp_path / "bad", max_steps="1", batch_size="4", **{"options.text_encoder": str(other)})
+
+
 def test_t2i_grounding_loss_trains_and_logs_both_terms(tmp_path, parts):
     run("t2i", tmp_path / "grounded", max_steps="2", batch_size="4",
         **{"options.base": str(parts), "options.grounding_weight": "0.01", "options.caption_dropout": "0"})  # fmt: skip

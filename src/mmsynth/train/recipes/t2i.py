@@ -54,6 +54,9 @@ class TextToImageOptions:
     clip: str = "runs/clip/final"  # folder with tokenizer/ + text_encoder/ (+ clip/): a `mmsynth train clip` export
     vae: str = "runs/vae/final"  # folder with vae/: a `mmsynth train vae` export
     base: str | None = None  # a complete bundle (e.g. Stable Diffusion) whose UNet is fine-tuned instead
+    # with base: a folder with tokenizer/ + text_encoder/ (+ clip/), e.g. a later `mmsynth train clip` export,
+    # whose text side replaces the base's; the base's UNet is then fine-tuned to the new text encoder
+    text_encoder: str | None = None
     zoo: str = "shapes-v1"  # UNet size when training from scratch
     attention_depth: tuple[int, ...] = ()  # transformer layers per level, e.g. 1,2,2: the UNet grown (models/grow.py)
     prediction_type: str = "epsilon"
@@ -76,6 +79,9 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.caption_dropout' must be in [0, 1], got {self.caption_dropout}")
         if self.grounding_weight < 0:
             raise InputError(f"config key 'options.grounding_weight' must be >= 0, got {self.grounding_weight}")
+        if self.text_encoder and not self.base:
+            raise InputError("config key 'options.text_encoder' replaces the text side of 'options.base'; without a "
+                             "base, options.clip names the text encoder")  # fmt: skip
         if self.text_encoder_lr is not None and (not self.train_text_encoder or self.text_encoder_lr <= 0):
             raise InputError(f"config key 'options.text_encoder_lr' must be > 0 and needs options.train_text_encoder: "
                              f"true, got {self.text_encoder_lr}")  # fmt: skip
@@ -106,6 +112,8 @@ class TextToImageRecipe(Recipe):
             tokenizer, text_encoder, vae, unet, scheduler, clip = (
                 b.tokenizer, b.text_encoder, b.vae, b.unet, b.scheduler, b.clip,
             )  # fmt: skip
+            if o.text_encoder:
+                tokenizer, text_encoder, clip = self.text_side(o.text_encoder, unet)
         else:
             tokenizer = load_component(o.clip, "tokenizer")
             text_encoder = load_component(o.clip, "text_encoder")
@@ -129,6 +137,18 @@ class TextToImageRecipe(Recipe):
         self.models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
         self.trainable = ("unet", "text_encoder") if o.train_text_encoder else ("unet",)
         self.recorder = CrossAttentionRecorder(unet) if o.grounding_weight > 0 else None
+
+    @staticmethod
+    def text_side(folder: str, unet: torch.nn.Module) -> tuple[Any, Any, Any]:
+        """Tokenizer, text encoder and CLIP (None if absent) of `folder`, checked against the UNet's
+        cross-attention width."""
+        text_encoder = load_component(folder, "text_encoder")
+        width, expected = int(text_encoder.config.hidden_size), unet.config.cross_attention_dim
+        if width != expected:
+            raise InputError(f"options.text_encoder ('{folder}') gives {width}-wide hidden states; the UNet of "
+                             f"options.base cross-attends to {expected}")  # fmt: skip
+        clip = load_component(folder, CLIP_FOLDER) if (Path(folder) / CLIP_FOLDER).is_dir() else None
+        return load_component(folder, "tokenizer"), text_encoder, clip
 
     def started(self, step: int) -> None:
         """Copy the base's model card into the run folder as it was when the run began (kept on --resume).
