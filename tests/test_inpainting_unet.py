@@ -158,6 +158,7 @@ def test_the_recipe_refuses_options_it_does_not_use_or_cannot_take():
 
     for key, value, what in [("options.grounding_weight", "0.1", "is for the t2i recipe"),
                              ("options.train_text_encoder", "true", "shares the bundle's text encoder"),
+                             ("options.text_encoder", "elsewhere", "shares the bundle's text encoder"),
                              ("options.full_masks", "2", "sum <= 1")]:  # fmt: skip
         with pytest.raises(InputError, match=what):
             load_config(get_recipe("inpaint"), overrides={key: value})

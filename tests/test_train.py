@@ -145,6 +145,10 @@ def test_clip_relation_negatives_contrast_each_image_with_its_flipped_caption():
     assert torch.allclose(loss, (image_side + text_side) / 2)
     expected = float(out.logits_per_image[0, 0] > out.logits_per_image[0, 2])
     assert logs["relation_acc_in_batch"] == expected
+    twins = {"caption": ["a red circle left of a blue square", "a red circle right of a blue square"],
+             "pixel_values": batch["pixel_values"]}  # a place pair: each flip is the other's caption
+    _, logs = recipe.loss(twins, 0)
+    assert "relation_acc_in_batch" not in logs  # faced as in-batch captions, not added again
     recipe.options.relation_negatives = False  # without them: exactly CLIPModel's own loss
     plain, logs = recipe.loss(batch, 0)
     own = clip(input_ids=recipe.tokenize(batch["caption"]), pixel_values=batch["pixel_values"], return_loss=True)

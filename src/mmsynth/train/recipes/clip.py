@@ -36,9 +36,9 @@ class ClipOptions:
     # retrieval errors left are near misses of exactly that kind, which random in-batch negatives rarely are
     # (hard negatives as in NegCLIP, Yuksekgonul et al. 2023, here on the image side). Needs data: shapes.
     hard_negatives: bool = False
-    # What a hard negative's edit may change: "shape", "colour", "place" (two objects of different groups swap
-    # places, so only the relation between them tells the pair apart: the word order contrastive CLIP otherwise
-    # ignores, NegCLIP's relation negatives).
+    # What a hard negative's edit may change: "shape", "colour", "place" (the two objects of a two-object scene
+    # swap places, so only their relation tells the pair apart: the word order contrastive CLIP otherwise
+    # ignores).
     hard_negative_edits: tuple[str, ...] = ("shape", "colour")
     # Add each caption with its relation reversed ("left of" -> "right of") as one more text every image is
     # contrasted with (NegCLIP's text-side negatives, Yuksekgonul et al. 2023). In-batch captions almost never
@@ -130,6 +130,9 @@ class ClipRecipe(Recipe):
         """CLIP's symmetric InfoNCE; with relation negatives, each image also faces the flipped captions."""
         captions = list(batch["caption"])
         flipped = [flip_relations(c) for c in captions] if self.options.relation_negatives else []
+        # a flipped caption that is already a caption of the batch (a "place" pair's twin) is faced as that one:
+        # added again, it would be a negative column identical to its own image's positive
+        flipped = [None if f in set(captions) else f for f in flipped]
         negatives = [f for f in flipped if f is not None]
         out = self.models["clip"](input_ids=self.tokenize(captions + negatives), pixel_values=batch["pixel_values"])
         n = len(captions)

@@ -44,9 +44,10 @@ class InpaintOptions(TextToImageOptions):
             raise InputError("config key 'options.base' must name a text-to-image bundle (e.g. models/shapes-v1)")
         if self.grounding_weight:
             raise InputError("config key 'options.grounding_weight' is for the t2i recipe; inpaint does not use it")
-        if self.train_text_encoder:
-            raise InputError("config key 'options.train_text_encoder' is for the t2i recipe: the inpainting UNet "
-                             "shares the bundle's text encoder with its text-to-image UNet, which must not move")
+        if self.train_text_encoder or self.text_encoder:
+            raise InputError("config keys 'options.train_text_encoder' and 'options.text_encoder' are for the t2i "
+                             "recipe: the inpainting UNet shares the bundle's text encoder with its text-to-image "
+                             "UNet, which must not move")
         shares = (self.object_masks, self.full_masks)
         if not all(0 <= s <= 1 for s in shares) or sum(shares) > 1:
             raise InputError("config keys 'options.object_masks' and 'options.full_masks' must be in [0, 1] with a "
