@@ -54,7 +54,8 @@ def _check_same_text_tower(bundle: Path, clip_dir: Path) -> None:
     same = a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
     if not same:
         sys.exit(f"ship_zoo: the text tower of {clip_dir}/clip is not the bundle's text encoder; train it with "
-                 "options.freeze_text=true from the CLIP the UNet was trained on")
+                 "options.freeze_text=true from the CLIP the UNet was trained on (for a text encoder trained with "
+                 "the UNet, add options.text_encoder=BUNDLE) and pass it as --clip")
 
 
 def run_folders(runs: Path, bundle: Path) -> dict[str, Path]:
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     src, out, reports = Path(a.bundle), Path(a.out), Path(a.reports)
     if not (src / "model_index.json").exists():
         sys.exit(f"ship_zoo: {src} is not a t2i bundle (no model_index.json); train it with scripts/train_zoo.sh")
+    if a.clip or (src / "clip").is_dir():  # before anything is written; a t2i run that trained its text
+        _check_same_text_tower(src, Path(a.clip) if a.clip else src)  # encoder still carries the base's CLIP
     reports.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.shipping")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -284,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     if kept.is_dir() and not (tmp / INPAINTING_UNET).exists():  # shipped separately (scripts/ship_inpainting.py)
         shutil.copytree(kept, tmp / INPAINTING_UNET)
     if a.clip:
-        _check_same_text_tower(tmp, Path(a.clip))
         shutil.rmtree(tmp / "clip")
         shutil.copytree(Path(a.clip) / "clip", tmp / "clip")
     name = str(out)

@@ -126,6 +126,12 @@ def test_a_clip_shipped_with_the_bundle_must_keep_its_text_encoder(tmp_path):
     save_components(tmp_path / "text_moved", clip=bundle.clip)
     with pytest.raises(SystemExit, match="is not the bundle's text encoder"):
         ship._check_same_text_tower(tmp_path / "zoo", tmp_path / "text_moved")
+    # a bundle whose text encoder trained with the UNet still carries the old CLIP: refused before any bench
+    bundle.save_pretrained(tmp_path / "joint")  # its CLIP's text tower moved, its text encoder did not
+    with pytest.raises(SystemExit, match=r"options\.text_encoder=BUNDLE"):
+        ship.main(["--bundle", str(tmp_path / "joint"), "--out", str(tmp_path / "shipped"),
+                   "--reports", str(tmp_path / "reports")])  # fmt: skip
+    assert not (tmp_path / "shipped").exists() and not (tmp_path / ".shipped.shipping").exists()
 
 
 def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
