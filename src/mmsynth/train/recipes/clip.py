@@ -129,10 +129,11 @@ class ClipRecipe(Recipe):
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """CLIP's symmetric InfoNCE; with relation negatives, each image also faces the flipped captions."""
         captions = list(batch["caption"])
-        flipped = [flip_relations(c) for c in captions] if self.options.relation_negatives else []
         # a flipped caption that is already a caption of the batch (a "place" pair's twin) is faced as that one:
         # added again, it would be a negative column identical to its own image's positive
-        flipped = [None if f in set(captions) else f for f in flipped]
+        in_batch = set(captions)
+        flipped = [f if (f := flip_relations(c)) not in in_batch else None for c in captions] \
+            if self.options.relation_negatives else []  # fmt: skip
         negatives = [f for f in flipped if f is not None]
         out = self.models["clip"](input_ids=self.tokenize(captions + negatives), pixel_values=batch["pixel_values"])
         n = len(captions)
