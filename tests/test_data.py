@@ -134,6 +134,8 @@ def test_parse_caption_grammar_and_errors():
     named = [(g, text[a:b]) for g, a, b in parse_caption(text).mentions]
     assert named == [(0, "a large green star"), (1, "an orange cross"), (2, "a pink triangle"), (0, "the green star"),
                      (2, "the pink triangle")]  # character spans of each group phrase, back-references included
+    assert parse_caption(text).mention_relations == [None, None, None, None, "above"]
+    assert parse_caption("a red circle to the left of a blue square").mention_relations == [None, "left of"]
     assert parse_caption("").groups == []
     for bad, what in [("two red", "shape"), ("a red circles", "disagree"), ("a mauve circle", "colour"),
                       ("hello world", "unexpected word"), ("three objects: a red circle", "says 3")]:  # fmt: skip

@@ -138,7 +138,7 @@ def test_clip_relation_negatives_contrast_each_image_with_its_flipped_caption():
              "pixel_values": torch.randn(2, 3, recipe.resolution, recipe.resolution)}  # fmt: skip
     loss, logs = recipe.loss(batch, 0)
     clip = recipe.models["clip"]
-    ids = recipe.tokenize(batch["caption"] + ["a red circle right of a blue square"])
+    ids = recipe.tokenize(batch["caption"] + ["a red circle right of a blue square"]).input_ids
     out = clip(input_ids=ids, pixel_values=batch["pixel_values"])
     image_side = torch.nn.functional.cross_entropy(out.logits_per_image, torch.arange(2))  # 3 texts per image
     text_side = torch.nn.functional.cross_entropy(out.logits_per_text[:2], torch.arange(2))
@@ -151,8 +151,58 @@ def test_clip_relation_negatives_contrast_each_image_with_its_flipped_caption():
     assert "relation_acc_in_batch" not in logs  # faced as in-batch captions, not added again
     recipe.options.relation_negatives = False  # without them: exactly CLIPModel's own loss
     plain, logs = recipe.loss(batch, 0)
-    own = clip(input_ids=recipe.tokenize(batch["caption"]), pixel_values=batch["pixel_values"], return_loss=True)
+    ids = recipe.tokenize(batch["caption"]).input_ids
+    own = clip(input_ids=ids, pixel_values=batch["pixel_values"], return_loss=True)
     assert torch.allclose(plain, own.loss) and "relation_acc_in_batch" not in logs
+
+
+def test_relation_probe_targets_follow_the_relation_word():
+    from mmsynth.models.tokenizer import build_shapes_tokenizer
+    from mmsynth.train.relation_probe import CLASSES, IGNORE, token_relation_targets
+
+    tok = build_shapes_tokenizer()
+    texts = ["a red circle to the left of two blue squares", "three green stars", "hello world", ""]
+    enc = tok(texts, padding="longest", return_offsets_mapping=True)
+    targets = token_relation_targets(texts, enc.offset_mapping)
+    words = [tok.convert_ids_to_tokens(ids) for ids in enc.input_ids]
+    first = {w: int(t) for w, t in zip(words[0], targets[0]) if int(t) != IGNORE}
+    assert first == {"a": 0, "red": 0, "circle": 0, "two": CLASSES.index("left of"), "blue": CLASSES.index("left of"),
+                     "squares": CLASSES.index("left of")}  # the relation words themselves are not scored
+    assert [int(t) for t in targets[1] if int(t) != IGNORE] == [0, 0, 0]
+    assert bool((targets[2:] == IGNORE).all())  # outside the grammar, and a dropped caption: nothing scored
+
+
+def test_clip_relation_probe_trains_the_text_tower_and_preserve_pulls_it_back(tmp_path):
+    from mmsynth.models.bundle import load_component
+    from mmsynth.train.recipes.clip import ClipRecipe
+
+    init = tmp_path / "init"
+    tiny_bundle(seed=1).save_pretrained(init)
+    config, options = load_config(get_recipe("clip"), overrides={
+        **FAST, "options.init": str(init), "options.relation_probe_weight": "1.0",
+        "options.preserve_text_weight": "2.0"})  # fmt: skip
+    recipe = ClipRecipe(config, options)
+    recipe.build()
+    recipe.place(torch.device("cpu"), torch.float32)
+    assert recipe.trainable == ("clip", "relation_probe") and not recipe.models["text_reference"].training
+    batch = {"caption": ["a red circle left of a blue square", "a pink cross above a green star"],
+             "pixel_values": torch.randn(2, 3, recipe.resolution, recipe.resolution)}  # fmt: skip
+    loss, logs = recipe.loss(batch, 0)
+    assert logs["text_drift"] == 0.0 and 0.0 <= logs["relation_probe_acc"] <= 1.0  # starts at the reference
+    recipe.options.relation_probe_weight = recipe.options.preserve_text_weight = 0.0
+    plain, _ = recipe.loss(batch, 0)
+    assert torch.allclose(loss - plain, torch.tensor(logs["relation_probe_loss"]), atol=1e-5)
+    result = run("clip", tmp_path / "p", max_steps="3", batch_size="8", **{
+        "options.init": str(init), "options.relation_probe_weight": "1.0", "options.preserve_text_weight": "1.0"})
+    rows = read_log(tmp_path / "p" / "log.csv")
+    assert float(rows[-1]["text_drift"]) > 0.0 and "relation_probe_loss" in rows[-1]
+    assert set(load_component(result.export, "clip").state_dict()) == set(load_component(init, "clip").state_dict())
+    for bad, what in [({"options.relation_probe_weight": "-1"}, ">= 0"),
+                      ({"options.preserve_text_weight": "1"}, "needs 'options.init'"),
+                      ({"options.init": str(init), "options.freeze_text": "true",
+                        "options.relation_probe_weight": "1"}, "one or the other")]:  # fmt: skip
+        with pytest.raises(InputError, match=what):
+            run("clip", tmp_path / "bad", max_steps="1", batch_size="8", **bad)
 
 
 def test_clip_hard_negatives_pair_each_scene_with_its_minimal_edit(tmp_path):

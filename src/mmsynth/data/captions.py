@@ -51,6 +51,9 @@ class ParsedCaption:
     relations: list[tuple[int, str, int]] = field(default_factory=list)
     total: int | None = None
     mentions: list[tuple[int, int, int]] = field(default_factory=list)  # (group, first char, end char) per phrase
+    # per mention, the relation whose second argument it is ("a red circle left of a blue square": None for the
+    # circle, "left of" for the square): what a reader going left to right knows of where the phrase's objects go
+    mention_relations: list[str | None] = field(default_factory=list)
 
     @property
     def n_objects(self) -> int:
@@ -172,6 +175,7 @@ def parse_caption(text: str) -> ParsedCaption:
     gs: list[Group] = []
     rels: list[tuple[int, str, int]] = []
     mentions: list[tuple[int, int, int]] = []
+    mention_relations: list[str | None] = []
     keys: dict[tuple[str, str], int] = {}
     pending_rel: tuple[int, str] | None = None
     last_group = -1
@@ -236,6 +240,7 @@ def parse_caption(text: str) -> ParsedCaption:
             gs.append(Group(count=count, color=color, shape=shape, size=size))
         last_group = idx
         mentions.append((idx, spans[first][0], spans[i - 1][1]))
+        mention_relations.append(pending_rel[1] if pending_rel is not None else None)
         if pending_rel is not None:
             rels.append((pending_rel[0], pending_rel[1], idx))
             pending_rel = None
@@ -243,7 +248,8 @@ def parse_caption(text: str) -> ParsedCaption:
         raise fail("a relation without an object after it")
     if total is not None and total != sum(g.count for g in gs):
         raise fail(f"says {total} objects but names {sum(g.count for g in gs)}")
-    return ParsedCaption(groups=gs, relations=sorted(set(rels)), total=total, mentions=mentions)
+    return ParsedCaption(groups=gs, relations=sorted(set(rels)), total=total, mentions=mentions,
+                         mention_relations=mention_relations)  # fmt: skip
 
 
 def expected_from_scene(scene: Scene) -> ParsedCaption:

@@ -6,6 +6,7 @@ conditions, CLIP score and a Frechet feature extractor. Loss: CLIPModel's own sy
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from mmsynth.models.tokenizer import build_shapes_tokenizer
 from mmsynth.models.zoo import ZOO_SPECS, build_clip, text_encoder_from_clip
 from mmsynth.train.data import HardNegativePairs
 from mmsynth.train.recipe import Recipe
+from mmsynth.train.relation_probe import RelationProbe, relation_probe_loss, token_relation_targets
 
 
 @dataclass
@@ -49,8 +51,24 @@ class ClipOptions:
     # the UNet (t2i's options.train_text_encoder) gets a vision side that matches it (with freeze_text), so the
     # bundle's CLIP keeps the UNet's text encoder as its text tower.
     text_encoder: str | None = None
+    # Weight of a probe loss that makes the text tower's last hidden states at every group phrase say which
+    # relation precedes that phrase (train/relation_probe.py): what contrastive training leaves out and the UNet
+    # needs at those tokens. 0: off. The probe logs relation_probe_acc (chance 0.25 on the related tokens).
+    relation_probe_weight: float = 0.0
+    # Weight of the mean squared distance between the text tower's last hidden states and those of the tower it
+    # started from (options.init's): a UNet trained on the old tower keeps working on the new one while the
+    # probe adds the relation, so fine-tuning it to the new tower takes fewer steps. 0: off.
+    preserve_text_weight: float = 0.0
 
     def validate(self) -> None:
+        for key in ("relation_probe_weight", "preserve_text_weight"):
+            if getattr(self, key) < 0:
+                raise InputError(f"config key 'options.{key}' must be >= 0 (0 turns it off), got {getattr(self, key)}")
+        if self.freeze_text and (self.relation_probe_weight or self.preserve_text_weight):
+            raise InputError("config keys 'options.relation_probe_weight' and 'options.preserve_text_weight' train "
+                             "the text tower, which 'options.freeze_text' keeps fixed: use one or the other")
+        if self.preserve_text_weight and not self.init:
+            raise InputError("config key 'options.preserve_text_weight' needs 'options.init' (the tower to stay near)")
         if not self.hard_negative_edits or set(self.hard_negative_edits) - set(EDIT_KINDS):
             raise InputError(f"config key 'options.hard_negative_edits' takes some of {', '.join(EDIT_KINDS)}, "
                              f"got {list(self.hard_negative_edits)}")  # fmt: skip
@@ -93,6 +111,11 @@ class ClipRecipe(Recipe):
             clip = build_clip(spec, self.tokenizer)
         self.models = {"clip": clip}
         self.trainable = ("clip",)
+        if o.relation_probe_weight:
+            self.models["relation_probe"] = RelationProbe(clip.config.text_config.hidden_size)
+            self.trainable += ("relation_probe",)
+        if o.preserve_text_weight:  # frozen by the base class's place(): not in `trainable`
+            self.models["text_reference"] = copy.deepcopy(clip.text_model)
 
     def place(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         super().place(device, weight_dtype)
@@ -119,12 +142,11 @@ class ClipRecipe(Recipe):
         clip = self.models["clip"]
         return int(getattr(clip, "module", clip).config.vision_config.image_size)
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
+    def tokenize(self, texts: list[str], **extra: Any) -> Any:
         """Pad to the longest caption of the batch: under CLIP's causal mask the pooled end-of-text
         output never sees later padding, so this equals max-length padding at a fraction of the cost."""
-        return self.tokenizer(
-            texts, padding="longest", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
+        return self.tokenizer(texts, padding="longest", max_length=self.tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt", **extra)  # fmt: skip
 
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """CLIP's symmetric InfoNCE; with relation negatives, each image also faces the flipped captions."""
@@ -135,12 +157,27 @@ class ClipRecipe(Recipe):
         flipped = [f if (f := flip_relations(c)) not in in_batch else None for c in captions] \
             if self.options.relation_negatives else []  # fmt: skip
         negatives = [f for f in flipped if f is not None]
-        out = self.models["clip"](input_ids=self.tokenize(captions + negatives), pixel_values=batch["pixel_values"])
+        o = self.options
+        tokens = self.tokenize(captions + negatives, return_offsets_mapping=bool(o.relation_probe_weight))
+        input_ids = tokens.input_ids.to(self.device)
+        out = self.models["clip"](input_ids=input_ids, pixel_values=batch["pixel_values"])
         n = len(captions)
         target = torch.arange(n, device=out.logits_per_image.device)
         # image -> every text (its caption among the batch's and the flipped ones); text -> the batch's images
         loss = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text[:n], target)) / 2
         logs = {"logit_scale": float(self._unwrapped().logit_scale.detach().exp())}
+        hidden = out.text_model_output.last_hidden_state
+        if o.relation_probe_weight:
+            targets = token_relation_targets(captions + negatives, tokens.offset_mapping)
+            probe_loss, probe_logs = relation_probe_loss(self.models["relation_probe"], hidden, targets)
+            loss = loss + o.relation_probe_weight * probe_loss
+            logs.update(probe_logs)
+        if o.preserve_text_weight:
+            with torch.no_grad():
+                reference = self.models["text_reference"](input_ids=input_ids).last_hidden_state
+            drift = F.mse_loss(hidden.float(), reference.float())
+            loss = loss + o.preserve_text_weight * drift
+            logs["text_drift"] = float(drift.detach())
         with torch.no_grad():
             # in-batch retrieval accuracy; identical captions in a batch count as matches
             pred = out.logits_per_text[:n].argmax(dim=1)
