@@ -252,6 +252,16 @@ def parse_caption(text: str) -> ParsedCaption:
                          mention_relations=mention_relations)  # fmt: skip
 
 
+def token_mentions(parsed: ParsedCaption, token_spans: list[tuple[int, int]]) -> list[int | None]:
+    """Per token (the tokenizer's character spans), the index in `parsed.mentions` of the group phrase that
+    covers it, or None (special and padding tokens, relation words)."""
+    out: list[int | None] = []
+    for start, end in token_spans:
+        covering = (m for m, (_, first, stop) in enumerate(parsed.mentions) if first <= start < stop)
+        out.append(next(covering, None) if end > start else None)
+    return out
+
+
 def expected_from_scene(scene: Scene) -> ParsedCaption:
     """The full expectation a scene implies (all groups, sizes, all group relations)."""
     gs = [

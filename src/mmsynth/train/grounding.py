@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from mmsynth.data.captions import parse_caption
+from mmsynth.data.captions import parse_caption, token_mentions
 from mmsynth.data.render import SUPERSAMPLE, owner_map
 from mmsynth.data.scene import Scene
 from mmsynth.errors import InputError
@@ -69,13 +69,9 @@ def token_groups(
         if any(m is None for m in named):  # the caption names something the scene does not hold: not ours
             continue
         per_example[b] = named  # type: ignore[assignment]
-        for t, (start, end) in enumerate(spans):
-            if end <= start:
-                continue  # special and padding tokens
-            for group, first, stop in parsed.mentions:
-                if first <= start < stop:
-                    token_group[b, t] = group
-                    break
+        for t, mention in enumerate(token_mentions(parsed, spans)):
+            if mention is not None:
+                token_group[b, t] = parsed.mentions[mention][0]
     g = max([1, *(len(m) for m in per_example)])
     out = torch.zeros(len(captions), g, size, size)
     for b, masks_b in enumerate(per_example):

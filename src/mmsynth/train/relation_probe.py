@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmsynth.data.captions import REL_PHRASES, parse_caption
+from mmsynth.data.captions import REL_PHRASES, parse_caption, token_mentions
 from mmsynth.errors import InputError
 
 CLASSES: tuple[str | None, ...] = (None, *REL_PHRASES)  # none, "left of", "right of", "above", "below"
@@ -35,10 +35,9 @@ def token_relation_targets(captions: list[str], offsets: torch.Tensor | list[lis
             parsed = parse_caption(caption)
         except InputError:
             continue
-        for (_, first, stop), relation in zip(parsed.mentions, parsed.mention_relations):
-            for t, (start, end) in enumerate(token_spans):
-                if end > start and first <= start < stop:
-                    out[b, t] = CLASSES.index(relation)
+        for t, mention in enumerate(token_mentions(parsed, token_spans)):
+            if mention is not None:
+                out[b, t] = CLASSES.index(parsed.mention_relations[mention])
     return out
 
 
