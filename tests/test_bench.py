@@ -237,7 +237,15 @@ def test_cli_run_writes_json_markdown_and_html(tmp_path, model_dir, capsys):
     html = (tmp_path / "rep" / "res_report" / "index.html").read_text()
     assert "images/t2i_t2i.png" in html and "plots/t2i_overall_vs_cfg.png" in html
     assert (tmp_path / "rep" / "res_report" / "plots" / "t2i_overall_vs_cfg.png").stat().st_size > 1000
-    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["res.json", "res.md", "res_report"]
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["res.cases.jsonl", "res.json", "res.md",
+                                                                   "res_report"]  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "rep" / "res.cases.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * 6  # rows ground_truth, t2i, t2i[cfg=1], t2i[cfg=3] x one case per category
+    for row, rows in d["results"]["t2i"].items():
+        mine = [r for r in records if r["row"] == row]
+        scored = [r["ok"] for r in mine if r["ok"] is not None]
+        assert rows["overall"] == pytest.approx(sum(scored) / len(scored), abs=1e-4)  # the per-case verdicts add up
+        assert all(r["verdict"]["n_expected"] >= 1 and r["prompt"] for r in mine)
 
 
 def test_cli_fidelity_on_folders(tmp_path, model_dir, capsys):

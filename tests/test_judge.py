@@ -106,6 +106,20 @@ def test_moved_object_fails_relation() -> None:
     assert s.hits == [True, True] and s.relation_ok == [False] and not s.passed
 
 
+def test_relation_direction_counts_only_relations_whose_objects_were_drawn() -> None:
+    from mmsynth.evaluate.scoring import aggregate
+
+    prompt = "a red circle left of a blue square"
+    good = _scene(_obj("circle", "red", 0.25, 0.5), _obj("square", "blue", 0.72, 0.5))
+    moved = _scene(_obj("circle", "red", 0.75, 0.3), _obj("square", "blue", 0.3, 0.68))
+    wrong = _scene(_obj("circle", "green", 0.25, 0.5), _obj("square", "blue", 0.72, 0.5))  # placed right, wrong colour
+    scores = [judge_image(render(sc, 64), prompt=prompt) for sc in (good, moved, wrong)]
+    assert [s.relation_placed for s in scores] == [[True], [False], []]
+    m = aggregate(scores)
+    assert (m["relation_acc"].value, m["relation_acc"].n) == (pytest.approx(1 / 3), 3)
+    assert (m["relation_direction"].value, m["relation_direction"].n) == (0.5, 2)
+
+
 def test_count_and_binding() -> None:
     img = render(_scene(_obj("star", "green", 0.25, 0.3, "small"), _obj("star", "green", 0.7, 0.7, "small"),
                         _obj("cross", "pink", 0.7, 0.25, "small")), 64)  # fmt: skip

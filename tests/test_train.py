@@ -344,6 +344,45 @@ def test_t2i_grounding_loss_trains_and_logs_both_terms(tmp_path, parts):
             **{"options.base": str(parts), "options.grounding_weight": "-1"})  # fmt: skip
 
 
+def test_t2i_relation_contrast_scores_each_relation_caption_against_its_flip(tmp_path, parts, monkeypatch):
+    from mmsynth.train.recipes import t2i as t2i_module
+
+    config, options = load_config(get_recipe("t2i"), overrides={
+        **FAST, "options.base": str(parts), "options.relation_contrast_weight": "1.0",
+        "options.relation_contrast_margin": "0.1", "options.relation_contrast_min_t": "500"})  # fmt: skip
+    recipe = t2i_module.TextToImageRecipe(config, options)
+    torch.manual_seed(0)
+    recipe.build()
+    recipe.place(torch.device("cpu"), torch.float32)
+    captions = ["a red circle left of a blue square", "two green stars", "a red circle above a blue square", ""]
+    noisy, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    timesteps = torch.tensor([600, 900, 100, 700])  # the third is below min_t, the others have no relation
+    unet = recipe.models["unet"]
+    text = recipe.encode_text(captions)
+    per_true = recipe.per_sample_error(unet(noisy, timesteps, encoder_hidden_states=text).sample, target)
+    contrast, logs = recipe.relation_contrast(captions, noisy, timesteps, target, per_true, {"caption": captions})
+    flip = recipe.encode_text(["a red circle right of a blue square"])
+    per_flip = recipe.per_sample_error(unet(noisy[:1], timesteps[:1], encoder_hidden_states=flip).sample, target[:1])
+    gap = ((per_flip - per_true[:1]) / per_true[:1]).detach()
+    assert logs["relation_gap"] == pytest.approx(float(gap), rel=1e-4) and gap.abs() > 0  # only the first counts
+    assert float(contrast.detach()) == pytest.approx(max(0.0, 0.1 - float(gap)), rel=1e-4)
+    assert logs["relation_wins"] == float(gap > 0)
+    monkeypatch.setattr(t2i_module, "flip_relations", lambda c: c)  # a "flip" that changes nothing: gap 0
+    contrast, logs = recipe.relation_contrast(captions, noisy, timesteps, target, per_true, {"caption": captions})
+    assert logs["relation_gap"] == pytest.approx(0.0, abs=1e-6) and float(contrast.detach()) == pytest.approx(0.1)
+    run("t2i", tmp_path / "contrast", max_steps="2", batch_size="4", data="shapes",
+        **{"options.base": str(parts), "options.relation_contrast_weight": "0.5",
+           "options.relation_contrast_min_t": "0", "options.caption_dropout": "0"})  # fmt: skip
+    rows = [r for r in read_log(tmp_path / "contrast" / "log.csv") if r["relation_contrast"]]
+    assert rows  # Shapes scenes of two or more objects always state a relation
+    for row in rows:
+        assert float(row["loss"]) == pytest.approx(float(row["denoising"]) + 0.5 * float(row["relation_contrast"]),
+                                                   rel=1e-4)  # fmt: skip
+    with pytest.raises(InputError, match=r"relation_contrast_margin' must be >= 0"):
+        run("t2i", tmp_path / "bad", max_steps="1", batch_size="4",
+            **{"options.base": str(parts), "options.relation_contrast_margin": "-1"})  # fmt: skip
+
+
 def _params(path):
     return load_file(path / "checkpoints" / "step_0000004" / "model.safetensors")
 

@@ -69,7 +69,8 @@ def register(sub: Any) -> None:
     r.add_argument("--extractor", default="shapesclip", help="fidelity features: shapesclip (default) or inception")
     r.add_argument("--weights", default=None, help="local Inception weights file for --extractor inception")
     r.add_argument("--strict", action="store_true", help="fail on a case the model cannot honour (default: skip it)")
-    r.add_argument("--json", dest="json_out", default=None, help="write OUT.json, OUT.md and an HTML report")
+    r.add_argument("--json", dest="json_out", default=None,
+                   help="write OUT.json, OUT.md, OUT.cases.jsonl (each case's verdict, row by row) and an HTML report")
     r.add_argument("--html", default=None, help="HTML report folder (default: OUT_report/ beside --json)")
     r.add_argument("--no-html", action="store_true", help="skip the HTML report")
     r.add_argument("--batch", type=int, default=8, metavar="B",

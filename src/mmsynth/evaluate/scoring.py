@@ -20,6 +20,9 @@ Scene relations are deduplicated: (a, left of, b) is kept, its inverse (b, right
   hit, and `rel` holds between the box centres of every member pair of a and b by more than
   JUDGE_RELATION_MARGIN (the scene rule of `mmsynth.data.scene.relation_holds` with a smaller
   margin, so that a relation true in the spec stays true under small localisation error).
+- relation_direction: the same, over only the relations whose every member is a hit: whether the
+  objects, once drawn, are placed the stated way round (chance is below 0.5: a relation holds by a
+  margin). It tells a model that cannot place from one that cannot draw the objects.
 - size_acc: over expected objects with a stated size: the object is a hit of that size.
 - Layout (only when boxes are expected): box_iou is the mean over expected objects of the IoU with
   their hit (0 without one); ap50 is VOC all-point average precision at IoU 0.5 per colour-shape
@@ -187,6 +190,15 @@ class ImageScore:
             and all(self.relation_ok)
             and all(s is not False for s in self.size_ok)
         )
+
+    @property
+    def relation_placed(self) -> list[bool]:
+        """Per expected relation whose every member is a hit: whether it holds (see relation_direction)."""
+        out = []
+        for (a, _, b), ok in zip(self.expected.relations, self.relation_ok):
+            if all(h for h, e in zip(self.hits, self.expected.objects) if e.group in (a, b)):
+                out.append(ok)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         objs = []
@@ -365,6 +377,8 @@ def aggregate(scores: list[ImageScore]) -> dict[str, Metric]:
     out["binding_acc"] = rate(sum(bind), len(bind))
     rels = [ok for s in scores for ok in s.relation_ok]
     out["relation_acc"] = rate(sum(rels), len(rels))
+    placed = [ok for s in scores for ok in s.relation_placed]
+    out["relation_direction"] = rate(sum(placed), len(placed))
     sizes = [ok for s in scores for ok in s.size_ok if ok is not None]
     out["size_acc"] = rate(sum(sizes), len(sizes))
     out["image_acc"] = rate(sum(s.passed for s in scores), len(scores))

@@ -32,6 +32,7 @@ class RowScore:
     metrics: dict[str, Metric]
     unavailable: dict[str, str] = field(default_factory=dict)
     verdicts: list[Any] = field(default_factory=list)
+    case_ok: list[bool | None] = field(default_factory=list)  # per case, the verdict its category is scored by
 
 
 @dataclass

@@ -27,6 +27,12 @@ def markdown_path(json_path: str | Path) -> Path:
     return Path(json_path).with_suffix(".md")
 
 
+def cases_path(json_path: str | Path) -> Path:
+    """OUT.json -> OUT.cases.jsonl (one line per scored case and row)."""
+    p = Path(json_path)
+    return p.with_name(p.stem + ".cases.jsonl")
+
+
 def default_html_dir(json_path: str | Path) -> Path:
     p = Path(json_path)
     return p.with_name(p.stem + "_report")
@@ -190,5 +196,11 @@ def write_report(result: BenchResult, json_path: str | Path, html_dir: str | Pat
         written.append(write_html(result, html_dir))
     md = markdown_path(json_path)
     write_text(result.markdown(), md)
+    records = [json.dumps({"suite": r.suite, "row": r.row, **c}) + "\n" for r in result.rows for c in r.cases]
+    if records:
+        write_text("".join(records), cases_path(json_path))
+        written.append(cases_path(json_path))
+    else:
+        cases_path(json_path).unlink(missing_ok=True)  # not an earlier run's records beside this run's JSON
     write_json(result.to_dict(), json_path)  # last: its presence means the whole report is there
     return [*written, md, Path(json_path)]

@@ -57,6 +57,7 @@ class RowResult:
     settings: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, Any] | None = None  # {"row": base row, "param": name, "value": v}
     panels: list[Panel] = field(default_factory=list)
+    cases: list[dict[str, Any]] = field(default_factory=list)  # one record per scored case (OUT.cases.jsonl)
 
 
 @dataclass

@@ -264,6 +264,7 @@ def run_bench(
             settings=settings,
             sweep=_sweep_info(p.row),
             panels=_panels(p, images, scored, options.panels),
+            cases=case_records(p.todo, scored),
         )
         results.append(rr)
         if on_row is not None:
@@ -302,6 +303,21 @@ def _sweep_info(row: Row) -> dict[str, Any] | None:
         return None
     (param, value), = row.overrides.items()
     return {"row": row.base, "param": param, "value": value}
+
+
+def case_records(cases: list[Case], scored: RowScore) -> list[dict[str, Any]]:
+    """Per case: what was asked, the suite's verdict for its category (where the suite gives one) and the judge's
+    full verdict (where it has one), so a failure can be looked up case by case."""
+    out = []
+    for i, case in enumerate(cases):
+        record: dict[str, Any] = {"case": case.id, "category": case.category, "prompt": case.prompt, "seed": case.seed}
+        if i < len(scored.case_ok):
+            record["ok"] = scored.case_ok[i]
+        verdict = scored.verdicts[i] if i < len(scored.verdicts) else None
+        if hasattr(verdict, "to_dict"):
+            record["verdict"] = verdict.to_dict()
+        out.append(record)
+    return out
 
 
 def _panels(p: PlannedRow, images: list[np.ndarray], scored: RowScore, k: int) -> list[Panel]:

@@ -10,7 +10,8 @@ Categories (one table column each), every prompt a true caption of a test-split 
 - heldout_binding: binding (as above) where one of the two groups is a held-out combination: the held-out
   figure beside the in-distribution `binding`.
 `overall` pools every case's category verdict (equal n per category: the mean of the columns); object_f1 and
-attribute_acc aggregate all cases. Rates carry Wilson 95% intervals.
+attribute_acc aggregate all cases; relation_direction is relation_acc over the relations whose objects were all
+drawn (is a low relation figure the objects or their placement?). Rates carry Wilson 95% intervals.
 Rows: ground_truth (the scene's render: the ceiling), vae_ceiling (that render through the model's VAE: the
 ceiling of a latent model), base_uncond (empty prompt: chance), t2i (the prompt).
 """
@@ -116,10 +117,11 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
         metrics[category] = rate(sum(oks), len(oks))
     metrics["overall"] = rate(sum(pooled), len(pooled))
     agg = aggregate(verdicts) if verdicts else {}
-    for name in ("object_f1", "attribute_acc"):
-        if name in agg:
+    for name in ("object_f1", "attribute_acc", "relation_direction"):
+        if name in agg and agg[name].n:
             metrics[name] = agg[name]
-    return RowScore(metrics, {}, verdicts)
+    case_ok = [RULES.get(c.category, lambda s: s.passed)(s) for c, s in zip(cases, verdicts)]
+    return RowScore(metrics, {}, verdicts, case_ok)
 
 
 def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:

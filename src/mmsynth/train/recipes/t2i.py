@@ -21,6 +21,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 from torch.utils.data import Dataset
 
+from mmsynth.data.captions import flip_relations
 from mmsynth.errors import InputError
 from mmsynth.io import write_text
 from mmsynth.models.bundle import CLIP_FOLDER, Bundle, load_component
@@ -63,6 +64,12 @@ class TextToImageOptions:
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (the CFG unconditional branch)
     grounding_weight: float = 0.0  # > 0: add TokenCompose's token grounding loss (train/grounding.py); needs scenes
+    # > 0: a hinge asks that each caption with a relation denoise its image better, by relation_contrast_margin of
+    # its loss, than the same caption with the relation flipped (same latents, noise and timestep); plain
+    # denoising gives the relation word almost no gradient (runs with it never told "left of" from "right of")
+    relation_contrast_weight: float = 0.0
+    relation_contrast_margin: float = 0.05
+    relation_contrast_min_t: int = 300  # only timesteps at or above it: below, the layout is already fixed
     train_text_encoder: bool = False  # True: the text encoder trains with the UNet (LDM's joint text transformer)
     text_encoder_lr: float | None = None  # its learning rate when it trains (None: the run's lr)
     sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
@@ -79,6 +86,12 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.caption_dropout' must be in [0, 1], got {self.caption_dropout}")
         if self.grounding_weight < 0:
             raise InputError(f"config key 'options.grounding_weight' must be >= 0, got {self.grounding_weight}")
+        if self.relation_contrast_weight < 0 or self.relation_contrast_margin < 0:
+            raise InputError(f"config keys 'options.relation_contrast_weight' and 'options.relation_contrast_margin' "
+                             f"must be >= 0, got {self.relation_contrast_weight} and {self.relation_contrast_margin}")
+        if self.relation_contrast_min_t < 0:
+            raise InputError(f"config key 'options.relation_contrast_min_t' must be >= 0, "
+                             f"got {self.relation_contrast_min_t}")
         if self.text_encoder and not self.base:
             raise InputError("config key 'options.text_encoder' replaces the text side of 'options.base'; without a "
                              "base, options.clip names the text encoder")  # fmt: skip
@@ -234,9 +247,16 @@ class TextToImageRecipe(Recipe):
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
         return noise
 
-    def denoising_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each example's mean squared error."""
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def denoising_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                       per_sample: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """MSE, optionally min-SNR-gamma weighted (Hang et al. 2023), per sample then averaged."""
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if per_sample is None:
+            per_sample = self.per_sample_error(pred, target)
         if self.options.snr_gamma is None:
             return per_sample.mean()
         snr = compute_snr(self.noise_scheduler, timesteps)
@@ -258,12 +278,42 @@ class TextToImageRecipe(Recipe):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.recorder.record() if self.recorder else nullcontext([]) as maps:
             pred = self.predict(noisy, timesteps, text, batch)
-        denoising = self.denoising_loss(pred, self.target(latents, noise, timesteps), timesteps)
-        if self.recorder is None:
-            return denoising, {}
-        grounding = token_grounding_loss(maps, *self.token_masks(captions, batch.get("scene")))
-        loss = denoising + self.options.grounding_weight * grounding
-        return loss, {"denoising": float(denoising.detach()), "grounding": float(grounding.detach())}
+        target = self.target(latents, noise, timesteps)
+        per_sample = self.per_sample_error(pred, target)
+        loss = denoising = self.denoising_loss(pred, target, timesteps, per_sample)
+        logs: dict[str, float] = {}
+        if self.recorder is not None:
+            grounding = token_grounding_loss(maps, *self.token_masks(captions, batch.get("scene")))
+            loss = loss + self.options.grounding_weight * grounding
+            logs["grounding"] = float(grounding.detach())
+        if self.options.relation_contrast_weight > 0:
+            contrast, contrast_logs = self.relation_contrast(captions, noisy, timesteps, target, per_sample, batch)
+            loss = loss + self.options.relation_contrast_weight * contrast
+            logs.update(contrast_logs)
+        if logs:
+            logs["denoising"] = float(denoising.detach())
+        return loss, logs
+
+    def relation_contrast(self, captions: list[str], noisy: torch.Tensor, timesteps: torch.Tensor,
+                          target: torch.Tensor, per_true: torch.Tensor, batch: dict[str, Any],
+                          ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+        """Hinge on the relative loss gap between each relation caption and its flip (NegCLIP's hard negatives,
+        scored by the denoising loss as a diffusion classifier scores a caption): mean relu(margin - gap), where
+        gap = (loss(flipped) - loss(true)) / loss(true). Logs the mean gap and the fraction the true caption wins."""
+        o = self.options
+        flipped = [flip_relations(c) if c else None for c in captions]
+        keep = [i for i, f in enumerate(flipped) if f is not None and int(timesteps[i]) >= o.relation_contrast_min_t]
+        if not keep:
+            return per_true.sum() * 0.0, {}
+        idx = torch.tensor(keep, device=noisy.device)
+        sub = {k: v[idx.to(v.device)] if torch.is_tensor(v) else [v[i] for i in keep] for k, v in batch.items()}
+        text = self.encode_text([flipped[i] for i in keep])  # type: ignore[misc]
+        per_flip = self.per_sample_error(self.predict(noisy[idx], timesteps[idx], text, sub), target[idx])
+        true = per_true[idx]
+        gap = (per_flip - true) / true.detach().clamp_min(1e-8)
+        contrast = F.relu(o.relation_contrast_margin - gap).mean()
+        return contrast, {"relation_contrast": float(contrast.detach()), "relation_gap": float(gap.detach().mean()),
+                          "relation_wins": float((gap.detach() > 0).float().mean())}  # fmt: skip
 
     def token_masks(self, captions: list[str], scenes: list[Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each example's group masks and each text token's group (-1: none), as `encode_text` tokenizes."""
