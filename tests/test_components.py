@@ -110,3 +110,26 @@ def test_text_tower_probe_script(tmp_path, capsys):
     assert abs(tokens["same"] - 1) < 1e-5 and tokens["flipped"] < 1 - 1e-4  # a random tower keeps the word
     assert probe.main(["--model", str(tmp_path / "m")]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == len(probe.VARIANTS) + 1  # and the header
+
+
+def test_denoiser_relation_probe_script(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from mmsynth.models.zoo import tiny_bundle
+
+    captions_module = importlib.import_module("mmsynth.data.captions")  # the package exports a function of that name
+    path = Path(__file__).resolve().parents[1] / "scripts" / "denoiser_relation_probe.py"
+    spec = importlib.util.spec_from_file_location("denoiser_relation_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    tiny_bundle(seed=0).save_pretrained(tmp_path / "m")
+    gaps = probe.relation_loss_gap(str(tmp_path / "m"), n=4, bands=((0, 500), (500, 1000)))
+    assert list(gaps) == [(0, 500), (500, 1000)]
+    assert all(gap != 0 and 0 <= wins <= 1 for gap, wins in gaps.values())  # a random tower keeps the word
+    assert probe.main(["--model", str(tmp_path / "m"), "--n", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(probe.BANDS) + 2  # and two header lines
+    real = captions_module.flip_relations
+    monkeypatch.setattr(captions_module, "flip_relations", lambda c: c if real(c) else None)  # a "flip": no change
+    same = probe.relation_loss_gap(str(tmp_path / "m"), n=4, bands=((0, 1000),))
+    assert same[(0, 1000)] == (0.0, 0.0)  # the same caption twice: no gap, never better
