@@ -133,3 +133,5 @@ def test_denoiser_relation_probe_script(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(captions_module, "flip_relations", lambda c: c if real(c) else None)  # a "flip": no change
     same = probe.relation_loss_gap(str(tmp_path / "m"), n=4, bands=((0, 1000),))
     assert same[(0, 1000)] == (0.0, 0.0)  # the same caption twice: no gap, never better
+    assert probe.swap_colours("a red circle left of two blue squares") == "a blue circle left of two red squares"
+    assert probe.swap_colours("two red circles") is None and probe.swap_colours("a red circle and a red star") is None
