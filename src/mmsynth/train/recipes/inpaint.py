@@ -42,8 +42,9 @@ class InpaintOptions(TextToImageOptions):
         super().validate()
         if not self.base:
             raise InputError("config key 'options.base' must name a text-to-image bundle (e.g. models/shapes-v1)")
-        if self.grounding_weight:
-            raise InputError("config key 'options.grounding_weight' is for the t2i recipe; inpaint does not use it")
+        if self.grounding_weight or self.relation_contrast_weight:
+            raise InputError("config keys 'options.grounding_weight' and 'options.relation_contrast_weight' are for "
+                             "the t2i recipe; inpaint does not use them")
         if self.train_text_encoder or self.text_encoder:
             raise InputError("config keys 'options.train_text_encoder' and 'options.text_encoder' are for the t2i "
                              "recipe: the inpainting UNet shares the bundle's text encoder with its text-to-image "

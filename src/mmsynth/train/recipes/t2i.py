@@ -65,8 +65,9 @@ class TextToImageOptions:
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (the CFG unconditional branch)
     grounding_weight: float = 0.0  # > 0: add TokenCompose's token grounding loss (train/grounding.py); needs scenes
     # > 0: a hinge asks that each caption with a relation denoise its image better, by relation_contrast_margin of
-    # its loss, than the same caption with the relation flipped (same latents, noise and timestep); plain
-    # denoising gives the relation word almost no gradient (runs with it never told "left of" from "right of")
+    # its loss, than the same caption with the relation flipped (same latents, noise and timestep), because plain
+    # denoising leaves the zoo's UNet indifferent to the relation word (scripts/denoiser_relation_probe.py). On the
+    # zoo it did not move that gap (configs/t2i_relation_contrast.yaml)
     relation_contrast_weight: float = 0.0
     relation_contrast_margin: float = 0.05
     relation_contrast_min_t: int = 300  # only timesteps at or above it: below, the layout is already fixed
