@@ -110,9 +110,9 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
     pooled: list[bool] = []
     present = [c for c in CATEGORIES if any(case.category == c for case in cases)]
     present += sorted({c.category for c in cases} - set(CATEGORIES))  # a private case set's own categories
+    case_ok = [RULES.get(c.category, lambda s: s.passed)(s) for c, s in zip(cases, verdicts)]
     for category in present:
-        rule = RULES.get(category, lambda s: s.passed)
-        oks = [v for c, s in zip(cases, verdicts) if c.category == category and (v := rule(s)) is not None]
+        oks = [ok for c, ok in zip(cases, case_ok) if c.category == category and ok is not None]
         pooled += oks
         metrics[category] = rate(sum(oks), len(oks))
     metrics["overall"] = rate(sum(pooled), len(pooled))
@@ -120,7 +120,6 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
     for name in ("object_f1", "attribute_acc", "relation_direction"):
         if name in agg and agg[name].n:
             metrics[name] = agg[name]
-    case_ok = [RULES.get(c.category, lambda s: s.passed)(s) for c, s in zip(cases, verdicts)]
     return RowScore(metrics, {}, verdicts, case_ok)
 
 
