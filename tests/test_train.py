@@ -344,6 +344,28 @@ def test_t2i_grounding_loss_trains_and_logs_both_terms(tmp_path, parts):
             **{"options.base": str(parts), "options.grounding_weight": "-1"})  # fmt: skip
 
 
+def test_t2i_cubic_timesteps_favour_high_noise(parts):
+    from mmsynth.train.recipes import t2i as t2i_module
+
+    def recipe(sampling):
+        config, options = load_config(get_recipe("t2i"), overrides={
+            **FAST, "options.base": str(parts), "options.timestep_sampling": sampling})  # fmt: skip
+        r = t2i_module.TextToImageRecipe(config, options)
+        r.build()
+        r.place(torch.device("cpu"), torch.float32)
+        return r
+
+    torch.manual_seed(0)
+    uniform, cubic = (recipe(s).draw_timesteps(20000) for s in ("uniform", "cubic"))
+    steps = 1000
+    assert int(cubic.min()) >= 0 and int(cubic.max()) < steps and cubic.dtype == torch.long
+    high = lambda t: float((t >= 800).float().mean())  # noqa: E731
+    assert high(uniform) == pytest.approx(0.2, abs=0.02)
+    assert high(cubic) == pytest.approx(0.2 ** (1 / 3), abs=0.02)  # P(1 - u^3 >= 0.8) = P(u <= 0.2^(1/3))
+    with pytest.raises(InputError, match=r"options.timestep_sampling. must be one of uniform, cubic"):
+        recipe("logit")
+
+
 def test_t2i_relation_contrast_scores_each_relation_caption_against_its_flip(tmp_path, parts, monkeypatch):
     from mmsynth.train.recipes import t2i as t2i_module
 

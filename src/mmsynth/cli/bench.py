@@ -59,9 +59,9 @@ def register(sub: Any) -> None:
     r.add_argument("--scheduler", default="ddim", help="sampler scheduler (default ddim)")
     r.add_argument("--sweep", action="append", default=[], metavar="PARAM=V1,V2",
                    help="extra rows of each row that can vary PARAM, plotted: cfg, steps, eta (model rows), "
-                        "s0, k, m (guidance rows), strength (img2img, swap), keep_attention (swap), resample, "
-                        "resample_until, jump_length, blend, layout_strength (inpaint), layout_strength, end "
-                        "(box_attention)")  # fmt: skip
+                        "s0, k, m (guidance rows), step_size (attend_excite), strength (img2img, swap), "
+                        "keep_attention (swap), resample, resample_until, jump_length, blend, layout_strength "
+                        "(inpaint), layout_strength, end (box_attention)")  # fmt: skip
     r.add_argument("--variant", action="append", default=[], metavar="ROW:P=V[,P=V]",
                    help="an extra row: ROW with these settings changed together (any --sweep setting the row "
                         "varies), named ROW[P=V,...], e.g. swap:strength=0.5,keep_attention=0.5; repeatable. "

@@ -1,4 +1,5 @@
-"""Options that `mmsynth generate` (and `mmsynth edit`) share for inpainting, universal guidance and x_T latents.
+"""Options that `mmsynth generate` (and `mmsynth edit`) share for inpainting, universal guidance, Attend-and-Excite
+and x_T latents.
 
 Not a command: generate.py adds these arguments with `add_arguments` and turns them into control dicts
 with `controls_from_args`, so a guided, masked or inverted-latent generation is one replayable request.
@@ -18,7 +19,8 @@ from mmsynth.errors import InputError
 INPAINT_OPTIONS = ("mask", "feather", "resample", "resample_until", "jump_length", "unet")
 GUIDE_OPTIONS = ("guide", "guide_target", "guide_text", "guide_params", "s0", "k", "m", "guide_lr", "guide_start",
                  "guide_end")
-OPTION_NAMES = ("latents", *INPAINT_OPTIONS, *GUIDE_OPTIONS)
+EXCITE_OPTIONS = ("excite", "excite_step", "excite_end")
+OPTION_NAMES = ("latents", *INPAINT_OPTIONS, *GUIDE_OPTIONS, *EXCITE_OPTIONS)
 # the shipped guides (mmsynth.sample.guides.GUIDES, checked equal in the tests), named here so that `--help`
 # does not import torch
 GUIDE_NAMES = ("box", "clip", "palette", "region")
@@ -57,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
     p.add_argument("--guide-lr", type=float, default=None, help="backward guidance Adam step (default 0.05)")
     p.add_argument("--guide-start", type=float, default=None, help="guidance from this fraction of the steps (0)")
     p.add_argument("--guide-end", type=float, default=None, help="guidance until this fraction of the steps (1)")
+    p.add_argument("--excite", default=None, metavar="WORDS",
+                   help="Attend-and-Excite: comma-separated words of the prompt whose objects must appear (e.g. "
+                   "'cat,frog'), or 'auto' for the nouns of a Shapes caption's groups")
+    p.add_argument("--excite-step", type=float, default=None, help="Attend-and-Excite step scale > 0 (default 20)")
+    p.add_argument("--excite-end", type=float, default=None,
+                   help="Attend-and-Excite until this fraction of the steps, in (0, 1] (default 0.5)")
 
 
 def guide_control(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -93,8 +101,29 @@ def guide_control(args: argparse.Namespace) -> dict[str, Any] | None:
     return control.to_dict()
 
 
+def excite_control(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The Attend-and-Excite control dict the options describe (None without --excite)."""
+    from mmsynth.sample.attend_excite import AttendExcite
+    from mmsynth.sample.controls import Schedule
+
+    words = getattr(args, "excite", None)
+    given = [o for o in EXCITE_OPTIONS[1:] if getattr(args, o, None) is not None]
+    if words is None:
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} needs --excite (the words whose objects must appear)")
+        return None
+    tokens = None if words.strip() == "auto" else [w.strip() for w in words.split(",") if w.strip()]
+    if tokens == []:
+        raise InputError("--excite must name words of the prompt (comma-separated) or be 'auto'")
+    end = 0.5 if args.excite_end is None else args.excite_end
+    if not 0 < end <= 1:
+        raise InputError(f"--excite-end must be in (0, 1] (a fraction of the steps), got {end}")
+    kwargs = {} if args.excite_step is None else {"step_size": args.excite_step}
+    return AttendExcite(tokens=tokens, schedule=Schedule(end=end), **kwargs).to_dict()
+
+
 def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) -> list[dict[str, Any]]:
-    """Control dicts for --latents, --mask (with the init image as the source) and --guide."""
+    """Control dicts for --latents, --mask (with the init image as the source), --guide and --excite."""
     from mmsynth.io import load_image
     from mmsynth.sample.inpaint import BlendedInpaint
     from mmsynth.sample.inversion import InitialLatents, load_latents
@@ -112,7 +141,7 @@ def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) 
         mask = load_image(args.mask, "--mask")
         kwargs = {o: getattr(args, o) for o in INPAINT_OPTIONS[1:] if getattr(args, o, None) is not None}
         controls.append(BlendedInpaint(image=init_image, mask=mask, **kwargs).to_dict())
-    guide = guide_control(args)
-    if guide is not None:
-        controls.append(guide)
+    for control in (guide_control(args), excite_control(args)):
+        if control is not None:
+            controls.append(control)
     return controls

@@ -6,6 +6,7 @@ Names are imported lazily (PEP 562), so `mmsynth --help` and light users do not 
 from mmsynth.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "AttendExcite": "mmsynth.sample.attend_excite",
     "BlendedInpaint": "mmsynth.sample.inpaint",
     "Branch": "mmsynth.sample.controls",
     "CONTROLS": "mmsynth.sample.controls",

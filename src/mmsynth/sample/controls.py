@@ -392,6 +392,7 @@ def register_control(cls: type[Control]) -> type[Control]:
 
 def _load_builtin_controls() -> None:
     # each module registers its controls on import
+    import mmsynth.sample.attend_excite
     import mmsynth.sample.img2img
     import mmsynth.sample.inpaint
     import mmsynth.sample.inversion

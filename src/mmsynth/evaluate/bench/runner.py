@@ -33,6 +33,7 @@ SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "s0": (lambda v: v >= 0, "a number >= 0 (forward guidance strength)"),
     "k": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (self-recurrence passes)"),
     "m": (lambda v: v >= 0 and v == int(v), "whole numbers >= 0 (backward guidance steps)"),
+    "step_size": (lambda v: v > 0, "a number > 0 (Attend-and-Excite's step scale)"),
     "strength": (lambda v: 0 < v <= 1, "in (0, 1] (image-to-image strength, or the fraction of steps inverted)"),
     "keep_attention": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps replaying its self-attention)"),
     "cross_attention": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps replaying its cross-attention)"),

@@ -13,7 +13,8 @@ Categories (one table column each), every prompt a true caption of a test-split 
 attribute_acc aggregate all cases; relation_direction is relation_acc over the relations whose objects were all
 drawn (is a low relation figure the objects or their placement?). Rates carry Wilson 95% intervals.
 Rows: ground_truth (the scene's render: the ceiling), vae_ceiling (that render through the model's VAE: the
-ceiling of a latent model), base_uncond (empty prompt: chance), t2i (the prompt).
+ceiling of a latent model), base_uncond (empty prompt: chance), t2i (the prompt), attend_excite (the prompt with
+Attend-and-Excite on every group's noun: the training-free fix for a neglected object; `step_size` sweepable).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mmsynth.evaluate.bench.generation import (
     RunContext,
     base_unconditioned,
     base_unconditioned_batch,
+    batched,
     ground_truth,
     text_to_image,
     text_to_image_batch,
@@ -123,6 +125,16 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
     return RowScore(metrics, {}, verdicts, case_ok)
 
 
+def attend_excite_controls(ctx: RunContext, cases: list[Case]) -> list:
+    """Attend-and-Excite with the row's step size; its subjects are each prompt's group nouns (per image)."""
+    from mmsynth.sample.attend_excite import AttendExcite
+
+    return [AttendExcite(step_size=float(ctx.params.get("step_size", 20.0)))]
+
+
+attend_excite_batch = batched(lambda c: c.prompt, attend_excite_controls)
+
+
 def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
     from mmsynth.evaluate.overlay import draw_verdict
 
@@ -153,6 +165,10 @@ SUITE = register_suite(
             "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
                        generate_batch=text_to_image_batch,
                        sweepable=SAMPLER_SETTINGS),
+            "attend_excite": Row("attend_excite", "method", "the prompt with Attend-and-Excite on its groups' nouns",
+                                 lambda ctx, case: attend_excite_batch(ctx, [case])[0],
+                                 generate_batch=attend_excite_batch, params={"step_size": 20.0},
+                                 sweepable=(*SAMPLER_SETTINGS, "step_size")),
         },
     )
 )

@@ -34,6 +34,7 @@ from mmsynth.train.recipe import Recipe
 from mmsynth.viz import grid, label
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SAMPLING = ("uniform", "cubic")
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLE_PROMPTS = (
     "a red circle",
@@ -62,6 +63,9 @@ class TextToImageOptions:
     attention_depth: tuple[int, ...] = ()  # transformer layers per level, e.g. 1,2,2: the UNet grown (models/grow.py)
     prediction_type: str = "epsilon"
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
+    # how training timesteps are drawn: uniform, or T2I-Adapter's cubic t = (1 - u^3) T (u uniform), which puts
+    # more of them at high noise, where a sample's layout (which objects, how many, where) is decided
+    timestep_sampling: str = "uniform"
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (the CFG unconditional branch)
     grounding_weight: float = 0.0  # > 0: add TokenCompose's token grounding loss (train/grounding.py); needs scenes
     # > 0: a hinge asks that each caption with a relation denoise its image better, by relation_contrast_margin of
@@ -83,6 +87,9 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
         if self.prediction_type not in PREDICTION_TYPES:
             raise InputError(f"config key 'options.prediction_type' must be one of {', '.join(PREDICTION_TYPES)}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise InputError(f"config key 'options.timestep_sampling' must be one of {', '.join(TIMESTEP_SAMPLING)}, "
+                             f"got '{self.timestep_sampling}'")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise InputError(f"config key 'options.caption_dropout' must be in [0, 1], got {self.caption_dropout}")
         if self.grounding_weight < 0:
@@ -240,8 +247,12 @@ class TextToImageRecipe(Recipe):
         return (latents - shift) * vae.config.scaling_factor
 
     def draw_timesteps(self, n: int) -> torch.Tensor:
-        """Uniform over the training schedule (T2I-Adapter-style recipes override this)."""
-        return torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=self.device).long()
+        """Uniform over the training schedule, or T2I-Adapter's cubic schedule (options.timestep_sampling)."""
+        steps = int(self.noise_scheduler.config.num_train_timesteps)
+        if self.options.timestep_sampling == "cubic":
+            u = torch.rand(n, device=self.device)
+            return ((1.0 - u**3) * steps).long().clamp(0, steps - 1)
+        return torch.randint(0, steps, (n,), device=self.device).long()
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.options.prediction_type == "v_prediction":
