@@ -58,7 +58,7 @@ def register(sub: Any) -> None:
     r.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     r.add_argument("--scheduler", default="ddim", help="sampler scheduler (default ddim)")
     r.add_argument("--sweep", action="append", default=[], metavar="PARAM=V1,V2",
-                   help="extra rows of each row that can vary PARAM, plotted: cfg, steps, eta (model rows), "
+                   help="extra rows of each row that can vary PARAM, plotted: cfg, steps, eta, best_of (model rows), "
                         "s0, k, m (guidance rows), step_size (attend_excite), strength (img2img, swap), "
                         "keep_attention (swap), resample, resample_until, jump_length, blend, layout_strength "
                         "(inpaint), layout_strength, end (box_attention)")  # fmt: skip

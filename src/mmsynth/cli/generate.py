@@ -6,6 +6,7 @@ OUT/ after a run (the imagefolder exchange format that `mmsynth judge OUT` score
   request.json             the whole batch's request
   grid.png                 all images in one picture
   metadata.jsonl           {"file_name": "images/0000.png", "prompt": ..., "request": {...}} per image
+                           (with --best-of, also "best_of": the candidate kept and every candidate's CLIP distance)
 The folder is built beside OUT and renamed into place, so a failed run leaves nothing behind.
 """
 
@@ -26,7 +27,7 @@ from mmsynth.viz import grid
 
 # Options that describe the generation itself; --replay takes all of them from the file.
 _REQUEST_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "scheduler", "height", "width", "eta",
-                    "init_image", "strength", *guidance_options.OPTION_NAMES)
+                    "best_of", "init_image", "strength", *guidance_options.OPTION_NAMES)
 
 
 def register(subparsers: Any) -> None:
@@ -48,6 +49,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's resolution)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's resolution)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default 0: deterministic)")
+    p.add_argument("--best-of", type=int, default=None, metavar="K",
+                   help="draw K candidates per image and keep the one the bundle's CLIP finds closest to the prompt "
+                   "(candidate 0 is the plain image; K times the time; default 1)")
     p.add_argument("--init-image", default=None, help="image-to-image (SDEdit): start from this image")
     p.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.8)")
     guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
@@ -101,6 +105,7 @@ def build_request(args: argparse.Namespace) -> Any:
         height=args.height,
         width=args.width,
         eta=0.0 if args.eta is None else args.eta,
+        best_of=1 if args.best_of is None else args.best_of,
         model=args.model or DEFAULT_MODEL,
     )
     return request.validate()
@@ -125,8 +130,10 @@ def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None
             name = f"{i:04d}"
             Image.fromarray(img).save(tmp / "images" / f"{name}.png")
             (tmp / "requests" / f"{name}.json").write_text(req.to_json() + "\n", encoding="utf-8")
-            rows.append({"file_name": f"images/{name}.png", "prompt": req.prompt, "seed": req.seed,
-                         "request": req.to_dict()})
+            row = {"file_name": f"images/{name}.png", "prompt": req.prompt, "seed": req.seed, "request": req.to_dict()}
+            if result.selection is not None:  # best-of-K: which candidate was kept, and why
+                row["best_of"] = result.selection[i]
+            rows.append(row)
         cols = math.ceil(math.sqrt(len(result.images)))
         Image.fromarray(grid(list(result.images), cols=cols)).save(tmp / "grid.png")
         (tmp / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")

@@ -17,6 +17,7 @@ from mmsynth.sample.schedulers import check_scheduler_name
 
 FORMAT = "mmsynth.request/1"
 MAX_SEED = 2**63 - 1
+MAX_BEST_OF = 64  # candidates per image: each is a full sampling run
 
 
 @dataclass
@@ -25,7 +26,8 @@ class GenerationRequest:
 
     `prompt` is one prompt for all n images, or a list of n prompts (image i gets prompt[i] and seed + i, so a
     batch of different prompts gives, image by image, what n separate requests give); `negative_prompt` likewise.
-    height/width None means the model's native resolution; model None means the caller's bundle.
+    height/width None means the model's native resolution; model None means the caller's bundle. best_of K > 1:
+    each image is the bundle CLIP's pick among K candidates (sample/best_of.py; candidate 0 is the plain image).
     """
 
     prompt: str | list[str] = ""
@@ -40,6 +42,7 @@ class GenerationRequest:
     width: int | None = None
     eta: float = 0.0
     model: str | None = None
+    best_of: int = 1
 
     def validate(self) -> GenerationRequest:
         """Raise InputError naming the first bad field and what is valid; returns self for chaining."""
@@ -57,6 +60,8 @@ class GenerationRequest:
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != self.n:
                 raise InputError(f"{name} is a list of {len(value)} prompts but n is {self.n}; give one per image")
+        _int(self.best_of, "best_of", lo=1, hi=MAX_BEST_OF,
+             hint="candidates per image ranked by the bundle's CLIP; 1 = plain sampling")
         _int(self.seed, "seed", lo=0, hi=MAX_SEED, hint="a non-negative integer")
         if not _real(self.cfg) or self.cfg < 0:
             raise InputError(f"cfg must be a number >= 0 (1 = no guidance, 5-8 typical), got {self.cfg!r}")

@@ -32,11 +32,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class SampleResult:
-    """images: N x H x W x 3 uint8; latents: the final latents (N x C x h x w); one replayable request per image."""
+    """images: N x H x W x 3 uint8; latents: the final latents (N x C x h x w); one replayable request per image;
+    selection: with best_of > 1, per image the candidate kept and every candidate's CLIP distance (best_of.py)."""
 
     images: np.ndarray
     latents: torch.Tensor
     requests: list[GenerationRequest]
+    selection: list[dict[str, Any]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -398,12 +400,17 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
     """Generate `request.n` images. `controls` default to those described in the request (and are recorded there).
 
     decode=False skips the VAE (inversion, latent pipelines): images is then an empty array.
+    With `request.best_of` K > 1 each image is the bundle CLIP's pick of K candidates (best_of.py).
     """
     request.validate()
     if controls is None:
         controls = controls_from_dicts(request.controls)
     else:
         request = dataclasses.replace(request, controls=[c.to_dict() for c in controls])
+    if request.best_of > 1:
+        from mmsynth.sample.best_of import sample_best_of
+
+        return sample_best_of(bundle, request, controls, progress=progress, decode=decode)
     ctx = Context.create(bundle, request, controls)
     try:
         for c in controls:

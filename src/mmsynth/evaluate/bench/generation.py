@@ -59,16 +59,17 @@ class SamplerSettings:
     cfg: float = 5.0
     scheduler: str = "ddim"
     eta: float = 0.0
+    best_of: int = 1  # candidates per image ranked by the bundle's CLIP (sample/best_of.py)
 
     def with_overrides(self, overrides: dict[str, float]) -> SamplerSettings:
         """These settings with a row's sampler settings applied (settings that are not the sampler's are ignored)."""
         names = {f.name for f in dataclasses.fields(self)}
-        cast = {k: (int(v) if k == "steps" else v if k == "scheduler" else float(v))
+        cast = {k: (int(v) if k in ("steps", "best_of") else v if k == "scheduler" else float(v))
                 for k, v in overrides.items() if k in names}  # fmt: skip
         return dataclasses.replace(self, **cast)
 
 
-SAMPLER_SETTINGS = ("cfg", "steps", "eta")  # the numeric sampler settings every model row can be swept over
+SAMPLER_SETTINGS = ("cfg", "steps", "eta", "best_of")  # the numeric sampler settings every model row can be swept over
 
 
 @dataclass
@@ -110,6 +111,7 @@ class RunContext:
             steps=s.steps,
             cfg=s.cfg,
             eta=s.eta,
+            best_of=s.best_of,
             seed=case.seed,
             n=1,
             height=case.resolution,

@@ -30,6 +30,7 @@ SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "cfg": (lambda v: v >= 0, "a number >= 0"),
     "steps": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1"),
     "eta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "best_of": (lambda v: 1 <= v <= 64 and v == int(v), "whole numbers in [1, 64] (candidates ranked by CLIP)"),
     "s0": (lambda v: v >= 0, "a number >= 0 (forward guidance strength)"),
     "k": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (self-recurrence passes)"),
     "m": (lambda v: v >= 0 and v == int(v), "whole numbers >= 0 (backward guidance steps)"),

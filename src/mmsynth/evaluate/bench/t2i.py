@@ -14,7 +14,9 @@ attribute_acc aggregate all cases; relation_direction is relation_acc over the r
 drawn (is a low relation figure the objects or their placement?). Rates carry Wilson 95% intervals.
 Rows: ground_truth (the scene's render: the ceiling), vae_ceiling (that render through the model's VAE: the
 ceiling of a latent model), base_uncond (empty prompt: chance), t2i (the prompt), attend_excite (the prompt with
-Attend-and-Excite on every group's noun: the training-free fix for a neglected object; `step_size` sweepable).
+Attend-and-Excite on every group's noun: the training-free fix for a neglected object; `step_size` sweepable),
+best_of (the prompt, the bundle CLIP's pick of `best_of` candidates, 4 by default: DALL-E's reranking; it costs
+`best_of` times the t2i row, and `--sweep best_of=1,2,4` on the t2i row gives the curve).
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ SUITE = register_suite(
             "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
                        generate_batch=text_to_image_batch,
                        sweepable=SAMPLER_SETTINGS),
+            "best_of": Row("best_of", "method", "the prompt, best of 4 candidates by the bundle's CLIP (DALL-E's "
+                           "reranking)", text_to_image, generate_batch=text_to_image_batch, params={"best_of": 4},
+                           sweepable=SAMPLER_SETTINGS),
             "attend_excite": Row("attend_excite", "method", "the prompt with Attend-and-Excite on its groups' nouns",
                                  lambda ctx, case: attend_excite_batch(ctx, [case])[0],
                                  generate_batch=attend_excite_batch, params={"step_size": 20.0},
