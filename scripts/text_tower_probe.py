@@ -9,6 +9,11 @@ Prints, per variant, two cosines with --caption:
 - tokens: the bundle's text encoder's last hidden states (what the UNet cross-attends to), at the token where
   the two captions differ most (the minimum over positions of the per-token cosine). Near 1, the UNet gets
   the same conditioning for both captions and cannot draw them differently.
+
+Then a relation readout over `--n` template captions ("a red circle left of a blue square", any colours,
+shapes and relation phrase): the held-out accuracy of a linear classifier of the relation (4 classes, chance
+0.25) on the mean of the real tokens' last hidden states (is the relation in them at all?), and the flip size,
+|h - h_flipped| / |h| at the token the flip moves most, averaged (how loud it is next to the rest of the caption).
 """
 
 from __future__ import annotations
@@ -52,16 +57,70 @@ def token_cosines(model: str, caption: str, variants: dict[str, str]) -> dict[st
     return dict(zip(variants, cos.min(dim=1).values.tolist()))
 
 
+def relation_readout(model: str, n: int = 4000, seed: int = 0) -> dict[str, float]:
+    """Held-out linear relation accuracy on the mean real-token hidden state, and the mean relative flip size."""
+    import random
+
+    import torch
+
+    from mmsynth.data import vocab
+    from mmsynth.data.captions import REL_PHRASES, flip_relations
+    from mmsynth.models.bundle import load_component
+    from mmsynth.models.tokenizer import tokenize_padded
+
+    encoder, tok = load_component(model, "text_encoder").float().eval(), load_component(model, "tokenizer")
+    rng, relations = random.Random(seed), list(REL_PHRASES)
+    texts, labels = [], []
+    for _ in range(n):
+        (c1, c2), s1, s2 = rng.sample(list(vocab.COLORS), 2), rng.choice(vocab.SHAPES), rng.choice(vocab.SHAPES)
+        label = rng.randrange(len(relations))
+        texts.append(f"a {c1} {s1} {rng.choice(REL_PHRASES[relations[label]])} a {c2} {s2}")
+        labels.append(label)
+
+    def hidden(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = tokenize_padded(tok, captions, return_tensors="pt")
+        with torch.no_grad():
+            return torch.cat([encoder(ids.input_ids[i:i + 500])[0] for i in range(0, len(captions), 500)]), \
+                ids.attention_mask  # fmt: skip
+
+    h, mask = hidden(texts)
+    x = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y, cut = torch.tensor(labels), n * 3 // 4
+    weight = torch.zeros(x.shape[1], len(relations), requires_grad=True)
+    bias = torch.zeros(len(relations), requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x[:cut] @ weight + bias, y[:cut]) + 1e-4 * weight.pow(2).sum()
+        loss.backward()
+        opt.step()
+    accuracy = float(((x[cut:] @ weight + bias).argmax(1) == y[cut:]).float().mean())
+    flipped, _ = hidden([flip_relations(t) or t for t in texts])  # the flip keeps the phrase's token count
+    size = ((h - flipped).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-8)).amax(dim=1)
+    return {"relation_readout": accuracy, "flip_size": float(size.mean())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/shapes-v1", help="a folder with clip/ and tokenizer/")
     p.add_argument("--caption", default="a red circle left of a blue square",
                    help="the reference caption (the default variants are written for the default one)")
+    p.add_argument("--n", type=int, default=4000, help="template captions for the relation readout (0: skip it)")
     a = p.parse_args(argv)
-    pooled, tokens = probe(a.model, a.caption, VARIANTS), token_cosines(a.model, a.caption, VARIANTS)
-    print("pooled  tokens  variant")
+    from pathlib import Path
+
+    has_clip = (Path(a.model) / "clip").is_dir()  # a UNet run with its own text encoder exports none
+    pooled = probe(a.model, a.caption, VARIANTS) if has_clip else {}
+    tokens = token_cosines(a.model, a.caption, VARIANTS)
+    print("pooled  tokens  variant" + ("" if has_clip else "   (no clip/ in the model: pooled n/a)"))
     for name in VARIANTS:
-        print(f"{pooled[name]:.3f}   {tokens[name]:.3f}   {name}: {VARIANTS[name]!r}")
+        shown = f"{pooled[name]:.3f}" if name in pooled else "  n/a"
+        print(f"{shown}   {tokens[name]:.3f}   {name}: {VARIANTS[name]!r}")
+    if a.n > 0:
+        r = relation_readout(a.model, a.n)
+        print(f"relation readout (linear, mean token, held-out; chance 0.25): {r['relation_readout']:.3f}; "
+              f"flip size |dh|/|h| at the most moved token: {r['flip_size']:.3f}")
     return 0
 
 

@@ -92,6 +92,7 @@ def test_caption_kinds():
 
 def test_text_tower_probe_script(tmp_path, capsys):
     import importlib.util
+    import shutil
     from pathlib import Path
 
     from mmsynth.models.zoo import tiny_bundle
@@ -108,8 +109,13 @@ def test_text_tower_probe_script(tmp_path, capsys):
                                  {"same": "a red circle left of a blue square", "flipped": "a red circle right of a "
                                   "blue square"})  # fmt: skip
     assert abs(tokens["same"] - 1) < 1e-5 and tokens["flipped"] < 1 - 1e-4  # a random tower keeps the word
-    assert probe.main(["--model", str(tmp_path / "m")]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == len(probe.VARIANTS) + 1  # and the header
+    readout = probe.relation_readout(str(tmp_path / "m"), n=200)
+    assert 0 <= readout["relation_readout"] <= 1 and readout["flip_size"] > 0  # a random tower: the word changes h
+    assert probe.main(["--model", str(tmp_path / "m"), "--n", "200"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(probe.VARIANTS) + 2  # the header, the readout
+    shutil.rmtree(tmp_path / "m" / "clip")  # a UNet run's export with its own text encoder: token cosines only
+    assert probe.main(["--model", str(tmp_path / "m"), "--n", "0"]) == 0
+    assert "pooled n/a" in capsys.readouterr().out
 
 
 def test_denoiser_relation_probe_script(tmp_path, capsys, monkeypatch):

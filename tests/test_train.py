@@ -318,6 +318,23 @@ def test_t2i_trains_the_text_encoder_at_its_own_lr_when_asked(tmp_path, parts):
             **{"options.base": str(parts), "options.text_encoder_lr": "1e-4"})  # fmt: skip
 
 
+def test_t2i_can_start_the_text_encoder_from_random_weights(tmp_path, parts):
+    common = {"options.clip": str(parts), "options.vae": str(parts), "options.train_text_encoder": "true",
+              "options.save_dtype": "float32"}  # fmt: skip
+    result = run("t2i", tmp_path / "scratch", max_steps="1", batch_size="4",
+                 **{**common, "options.text_encoder_init": "random"})  # fmt: skip
+    exported, source = Bundle.from_pretrained(result.export), Bundle.from_pretrained(parts)
+    assert exported.text_encoder.config.hidden_size == source.text_encoder.config.hidden_size
+    a, b = exported.text_encoder.get_input_embeddings().weight, source.text_encoder.get_input_embeddings().weight
+    assert float((a - b).abs().max()) > 1e-2  # re-initialised, not one AdamW step away from the source
+    assert exported.clip is None  # its text tower would no longer be the text encoder
+    with pytest.raises(InputError, match=r"text_encoder_init: random' needs options\.train_text_encoder"):
+        run("t2i", tmp_path / "frozen", max_steps="1", batch_size="4",
+            **{**common, "options.train_text_encoder": "false", "options.text_encoder_init": "random"})  # fmt: skip
+    with pytest.raises(InputError, match="text_encoder_init' must be one of pretrained, random, got 'zeros'"):
+        run("t2i", tmp_path / "bad", max_steps="1", batch_size="4", **{**common, "options.text_encoder_init": "zeros"})
+
+
 def test_t2i_fine_tunes_a_base_unet_to_another_text_encoder(tmp_path, parts):
     from mmsynth.models.zoo import tiny_bundle
 

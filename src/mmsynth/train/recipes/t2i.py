@@ -35,6 +35,7 @@ from mmsynth.viz import grid, label
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SAMPLING = ("uniform", "cubic")
+TEXT_ENCODER_INITS = ("pretrained", "random")
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLE_PROMPTS = (
     "a red circle",
@@ -77,6 +78,10 @@ class TextToImageOptions:
     relation_contrast_min_t: int = 300  # only timesteps at or above it: below, the layout is already fixed
     train_text_encoder: bool = False  # True: the text encoder trains with the UNet (LDM's joint text transformer)
     text_encoder_lr: float | None = None  # its learning rate when it trains (None: the run's lr)
+    # "random": the text encoder keeps its config but starts from random weights (LDM trained its text transformer
+    # from scratch with the UNet), because a CLIP-trained tower hardly separates relation words; needs
+    # train_text_encoder. The CLIP, whose text tower it no longer is, is left out of the export.
+    text_encoder_init: str = "pretrained"
     sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
     sample_steps: int = 25
     sample_cfg: float = 4.0
@@ -106,6 +111,12 @@ class TextToImageOptions:
         if self.text_encoder_lr is not None and (not self.train_text_encoder or self.text_encoder_lr <= 0):
             raise InputError(f"config key 'options.text_encoder_lr' must be > 0 and needs options.train_text_encoder: "
                              f"true, got {self.text_encoder_lr}")  # fmt: skip
+        if self.text_encoder_init not in TEXT_ENCODER_INITS:
+            raise InputError(f"config key 'options.text_encoder_init' must be one of {', '.join(TEXT_ENCODER_INITS)}, "
+                             f"got '{self.text_encoder_init}'")  # fmt: skip
+        if self.text_encoder_init == "random" and not self.train_text_encoder:
+            raise InputError("config key 'options.text_encoder_init: random' needs options.train_text_encoder: true "
+                             "(a random text encoder that stays frozen conditions on noise)")  # fmt: skip
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise InputError(f"config key 'options.snr_gamma' must be > 0 or none, got {self.snr_gamma}")
         if self.save_dtype not in SAVE_DTYPES:
@@ -149,6 +160,8 @@ class TextToImageRecipe(Recipe):
                     f"options.vae ({o.vae}) has {vae.config.latent_channels} latent channels and factor {factor}; "
                     f"the '{o.zoo}' UNet expects {unet.config.in_channels} channels at {spec.resolution} px"
                 )
+        if o.text_encoder_init == "random":
+            text_encoder, clip = type(text_encoder)(text_encoder.config), None
         if o.attention_depth:
             unet = deepen_attention(unet, o.attention_depth, where="options.attention_depth")
         self.tokenizer, self.clip = tokenizer, clip
