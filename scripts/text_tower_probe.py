@@ -19,6 +19,7 @@ shapes and relation phrase): the held-out accuracy of a linear classifier of the
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 VARIANTS = {
     "paraphrase (same meaning)": "a blue square right of a red circle",
@@ -40,19 +41,27 @@ def probe(model: str, caption: str, variants: dict[str, str]) -> dict[str, float
     return dict(zip(variants, (e[0] @ e[1:].T).tolist()))
 
 
+def last_hidden_states(encoder: Any, tok: Any, texts: list[str], batch: int = 500) -> tuple[Any, Any]:
+    """The text encoder's last hidden states of `texts` (padded as the UNet sees them) and their attention mask."""
+    import torch
+
+    from mmsynth.models.tokenizer import tokenize_padded
+
+    ids = tokenize_padded(tok, texts, return_tensors="pt")
+    with torch.no_grad():
+        hidden = torch.cat([encoder(ids.input_ids[i : i + batch])[0] for i in range(0, len(texts), batch)])
+    return hidden, ids.attention_mask
+
+
 def token_cosines(model: str, caption: str, variants: dict[str, str]) -> dict[str, float]:
     """Per variant: the lowest per-token cosine of the text encoder's last hidden states with `caption`'s."""
     import torch
 
     from mmsynth.models.bundle import load_component
-    from mmsynth.models.tokenizer import tokenize_padded
 
     encoder, tok = load_component(model, "text_encoder").float().eval(), load_component(model, "tokenizer")
-    texts = [caption, *variants.values()]
-    ids = tokenize_padded(tok, texts, return_tensors="pt")
-    with torch.no_grad():
-        hidden = encoder(ids.input_ids)[0]
-    n = int(ids.attention_mask.sum(1).max()) + 1  # every real token and the first end token
+    hidden, mask = last_hidden_states(encoder, tok, [caption, *variants.values()])
+    n = int(mask.sum(1).max()) + 1  # every real token and the first end token
     cos = torch.nn.functional.cosine_similarity(hidden[:1, :n], hidden[1:, :n], dim=-1)
     return dict(zip(variants, cos.min(dim=1).values.tolist()))
 
@@ -66,7 +75,6 @@ def relation_readout(model: str, n: int = 4000, seed: int = 0) -> dict[str, floa
     from mmsynth.data import vocab
     from mmsynth.data.captions import REL_PHRASES, flip_relations
     from mmsynth.models.bundle import load_component
-    from mmsynth.models.tokenizer import tokenize_padded
 
     encoder, tok = load_component(model, "text_encoder").float().eval(), load_component(model, "tokenizer")
     rng, relations = random.Random(seed), list(REL_PHRASES)
@@ -77,13 +85,7 @@ def relation_readout(model: str, n: int = 4000, seed: int = 0) -> dict[str, floa
         texts.append(f"a {c1} {s1} {rng.choice(REL_PHRASES[relations[label]])} a {c2} {s2}")
         labels.append(label)
 
-    def hidden(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = tokenize_padded(tok, captions, return_tensors="pt")
-        with torch.no_grad():
-            return torch.cat([encoder(ids.input_ids[i:i + 500])[0] for i in range(0, len(captions), 500)]), \
-                ids.attention_mask  # fmt: skip
-
-    h, mask = hidden(texts)
+    h, mask = last_hidden_states(encoder, tok, texts)
     x = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     y, cut = torch.tensor(labels), n * 3 // 4
@@ -96,7 +98,8 @@ def relation_readout(model: str, n: int = 4000, seed: int = 0) -> dict[str, floa
         loss.backward()
         opt.step()
     accuracy = float(((x[cut:] @ weight + bias).argmax(1) == y[cut:]).float().mean())
-    flipped, _ = hidden([flip_relations(t) or t for t in texts])  # the flip keeps the phrase's token count
+    # the flip keeps the phrase's token count, so h and flipped align token by token
+    flipped, _ = last_hidden_states(encoder, tok, [flip_relations(t) or t for t in texts])
     size = ((h - flipped).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-8)).amax(dim=1)
     return {"relation_readout": accuracy, "flip_size": float(size.mean())}
 
