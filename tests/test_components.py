@@ -2,7 +2,17 @@
 
 from mmsynth.data import captions, sample_scene
 from mmsynth.data.scene import Background, Scene, ShapeObject
-from mmsynth.evaluate.components import CAPTION_KINDS, caption_kind, caption_true_of, clip_retrieval, vae_psnr
+from mmsynth.evaluate.components import (
+    CAPTION_KINDS,
+    MISS_KINDS,
+    caption_kind,
+    caption_prototypes,
+    caption_true_of,
+    clip_retrieval,
+    retrieval_miss,
+    text_features,
+    vae_psnr,
+)
 from mmsynth.models.zoo import tiny_bundle
 
 
@@ -37,6 +47,70 @@ def test_component_scores_run_on_tiny_models():
     assert sum(r["n"] for r in by_kind.values()) == 6 and set(by_kind) <= set(CAPTION_KINDS)
     hits = sum(round(r["value"] * r["n"]) for r in by_kind.values())
     assert hits == round(ret["top1_consistent"]["value"] * 6)  # the kinds partition the cases
+    assert set(ret["misses"]) <= set(MISS_KINDS)
+    assert sum(ret["misses"].values()) == 6 - round(ret["top1_consistent"]["value"] * 6)  # one name per miss
+    assert 0.0 <= ret["text_side_ceiling"]["value"] <= 1.0 and ret["text_side_ceiling"]["n"] == 6
+
+
+def test_a_text_tower_that_tells_captions_apart_has_a_full_ceiling_and_one_that_cannot_has_not():
+    """The ceiling embeds images as their scenes' other captions: a text tower that writes each scene's groups
+    into its embedding retrieves every caption, one that sees only the first word retrieves few."""
+    import torch
+
+    from mmsynth.data import vocab
+
+    words = [*vocab.COLORS, *vocab.SHAPES, *vocab.SHAPE_PLURALS.values(), *vocab.NUMBER_WORDS.values(), "a", "an",
+             "small", "large"]  # fmt: skip
+
+    class BagOfWords:  # a stand-in CLIP: the projected text embedding counts the caption's words
+        def __init__(self, first_only: bool = False):
+            self.first_only = first_only
+
+        def get_text_features(self, input_ids):
+            return input_ids.float()
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+    class Tokens:  # what tokenize_padded asks of a tokenizer
+        model_max_length = 1
+
+        def __init__(self, first_only):
+            self.first_only = first_only
+
+        def __call__(self, texts, **_):
+            from types import SimpleNamespace
+
+            def counts(t):
+                ws = t.replace(",", " ").split()
+                ws = ws[: next((i + 1 for i, w in enumerate(ws) if w in vocab.COLORS), 0)] if self.first_only else ws
+                return [ws.count(w) + 0.01 * (w in ws) for w in words]
+
+            return SimpleNamespace(input_ids=torch.tensor([counts(t) for t in texts]))
+
+    scenes = [sample_scene("test", i) for i in range(60)]
+    queries = [captions(s, 1)[0] for s in scenes]
+    for first_only, low, high in ((False, 0.9, 1.0), (True, 0.0, 0.6)):
+        tok = Tokens(first_only)
+        protos = caption_prototypes(BagOfWords(), tok, scenes, queries)
+        best = (text_features(BagOfWords(), tok, queries) @ protos.T).argmax(1)
+        rate = sum(caption_true_of(q, scenes[int(j)]) for q, j in zip(queries, best)) / len(scenes)
+        assert low <= rate <= high, (first_only, rate)
+
+
+def test_retrieval_misses_are_named_by_what_differs():
+    red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
+    blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    query = _scene(red_circle, blue_square)
+    swap = lambda o, **kw: ShapeObject(**{**o.__dict__, **kw})  # noqa: E731
+    assert retrieval_miss(query, _scene(red_circle)) == "object count"
+    assert retrieval_miss(query, _scene(swap(red_circle, cx=0.75), swap(blue_square, cx=0.25))) == "size or relation"
+    assert retrieval_miss(query, _scene(swap(red_circle, shape="star"), blue_square)) == "a shape"
+    assert retrieval_miss(query, _scene(swap(red_circle, color="green"), blue_square)) == "a colour"
+    assert retrieval_miss(query, _scene(swap(red_circle, color="blue"), swap(blue_square, color="red"))) \
+        == "colours bound to other shapes"
+    assert retrieval_miss(query, _scene(swap(red_circle, color="green", shape="star"), blue_square)) \
+        == "shape and colour"
 
 
 def test_bench_components_cli(tmp_path, capsys):

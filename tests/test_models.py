@@ -189,3 +189,29 @@ def test_a_deepened_unet_computes_what_it_grew_from_and_its_new_layers_learn(tmp
         deepen_attention(unet, (2, 2))
     with pytest.raises(InputError, match="grown, not cut"):
         deepen_attention(grown, (1, 1, 3))
+
+
+def test_a_deepened_vision_tower_embeds_images_as_before_and_leaves_the_text_tower(tmp_path):
+    from transformers import CLIPModel
+
+    from mmsynth.models.grow import VISION_ZERO_INIT, deepen_vision_tower
+
+    clip = tiny_bundle(seed=3).clip
+    old = clip.config.vision_config.num_hidden_layers
+    grown = deepen_vision_tower(clip, old + 2)
+    assert (grown.config.vision_config.num_hidden_layers, clip.config.vision_config.num_hidden_layers) == (old + 2, old)
+    x = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[0, 5, 6, 1]])
+    with torch.no_grad():
+        a, b = clip(input_ids=ids, pixel_values=x), grown(input_ids=ids, pixel_values=x)
+    torch.testing.assert_close(b.image_embeds, a.image_embeds)  # new layers start as identities
+    assert torch.equal(b.text_embeds, a.text_embeds)
+    grown(input_ids=ids, pixel_values=x).image_embeds.pow(2).sum().backward()
+    new = [p for n, p in grown.named_parameters()
+           if f"layers.{old}." in n and n.startswith("vision_model") and any(z in n for z in VISION_ZERO_INIT)]
+    assert new and all(p.abs().sum() == 0 for p in new) and any(p.grad.abs().sum() > 0 for p in new)
+    grown.save_pretrained(tmp_path / "clip")
+    back = CLIPModel.from_pretrained(tmp_path / "clip")
+    assert deepen_vision_tower(back, old + 2) is back
+    with pytest.raises(InputError, match="grown, not cut"):
+        deepen_vision_tower(grown, old)

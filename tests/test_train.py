@@ -107,6 +107,24 @@ def test_clip_freeze_text_trains_only_the_vision_side(tmp_path):
         run("clip", tmp_path / "c", max_steps="1", batch_size="8", **{"options.freeze_text": "true"})
 
 
+def test_clip_grows_the_vision_tower_of_its_init_and_keeps_the_text_tower(tmp_path, parts):
+    from mmsynth.models.bundle import load_component
+
+    result = run("clip", tmp_path / "c", max_steps="2", batch_size="8", **{
+        "options.init": str(parts), "options.freeze_text": "true", "options.vision_layers": "3"})  # fmt: skip
+    before, after = load_component(parts, "clip"), load_component(result.export, "clip")
+    assert before.config.vision_config.num_hidden_layers == 1 and after.config.vision_config.num_hidden_layers == 3
+    a, b = before.text_model.state_dict(), after.text_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the UNet's text encoder is untouched
+    assert not torch.equal(after.vision_model.encoder.layers[2].mlp.fc2.weight, torch.zeros_like(
+        after.vision_model.encoder.layers[2].mlp.fc2.weight))  # the new layers trained
+    with pytest.raises(InputError, match=r"options\.vision_layers' grows the vision tower of 'options\.init'"):
+        run("clip", tmp_path / "d", max_steps="1", batch_size="8", **{"options.vision_layers": "3"})
+    with pytest.raises(InputError, match=r"options\.vision_layers' must be >= 0"):
+        run("clip", tmp_path / "e", max_steps="1", batch_size="8", **{
+            "options.init": str(parts), "options.vision_layers": "-1"})
+
+
 def test_clip_takes_its_text_tower_from_a_text_encoder_trained_with_the_unet(tmp_path):
     from mmsynth.models.bundle import load_component
     from mmsynth.models.zoo import tiny_bundle

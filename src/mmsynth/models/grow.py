@@ -1,4 +1,5 @@
-"""Grow a trained UNet without changing what it computes: more transformer layers per cross-attention level.
+"""Grow a trained model without changing what it computes: more transformer layers per UNet cross-attention
+level, or more encoder layers in a CLIP vision tower.
 
 A UNet whose accuracy has stopped rising with steps is short of capacity, and retraining a wider one from
 scratch costs every step again. Deepening the attention stack keeps the skip-connection layout (so every
@@ -12,11 +13,13 @@ compute, so the usual growth is `(1, 2, 2)`.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
+from transformers import CLIPModel
 
 from mmsynth.errors import InputError
 
@@ -57,5 +60,34 @@ def deepen_attention(unet: UNet2DConditionModel, depth: Sequence[int], where: st
     with torch.no_grad():
         for name, param in grown.named_parameters():
             if name in new_keys and any(z in name for z in ZERO_INIT):
+                param.zero_()
+    return grown
+
+
+VISION_ZERO_INIT = (".self_attn.out_proj.", ".mlp.fc2.")  # the residual outputs of a CLIP encoder layer
+MAX_VISION_LAYERS = 24
+
+
+def deepen_vision_tower(clip: CLIPModel, layers: int, where: str = "vision_layers") -> CLIPModel:
+    """A copy of `clip` whose vision tower has `layers` encoder layers: the trained ones in place, the new ones
+    appended as identities (attention and MLP output projections zero, on pre-norm residual paths), so the image
+    embeddings are exactly the original's until training moves them. The text tower is untouched, which is why
+    the zoo grows this side: its text tower is the UNet's text encoder, and retrieval errors come from images."""
+    old = int(clip.config.vision_config.num_hidden_layers)
+    if not old <= layers <= MAX_VISION_LAYERS:
+        raise InputError(f"{where} must be between the {old} layers the vision tower has and {MAX_VISION_LAYERS} "
+                         f"(a tower is grown, not cut), got {layers}")  # fmt: skip
+    if layers == old:
+        return clip
+    config = copy.deepcopy(clip.config)
+    config.vision_config.num_hidden_layers = layers
+    grown = CLIPModel(config).to(clip.device, clip.dtype)
+    missing, unexpected = grown.load_state_dict(clip.state_dict(), strict=False)
+    new_layers = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
+    if unexpected or any(not (m := new_layers.search(k)) or int(m.group(1)) < old for k in missing):
+        raise RuntimeError(f"deepening moved trained weights: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for name, param in grown.named_parameters():
+            if name in missing and any(z in name for z in VISION_ZERO_INIT):
                 param.zero_()
     return grown
