@@ -98,9 +98,9 @@ def _update_bundle_card(bundle: Path) -> None:
     card = bundle / "README.md"
     if not card.is_file():
         return
-    note = _ship_zoo().INPAINTING_NOTE
-    size = sum(f.stat().st_size for f in bundle.rglob("*.safetensors")) / 2**20
-    text = re.sub(r"^Weights: [0-9.]+ MiB", f"Weights: {size:.1f} MiB", card.read_text(encoding="utf-8"), count=1,
+    ship = _ship_zoo()
+    note = ship.INPAINTING_NOTE
+    text = re.sub(r"^Weights: .*$", ship.weights_line(bundle), card.read_text(encoding="utf-8"), count=1,
                   flags=re.MULTILINE)  # fmt: skip
     if note not in text:
         head, sep, rest = text.partition("\n\n## ")

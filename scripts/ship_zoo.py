@@ -166,16 +166,48 @@ def _metric(d: dict, suite: str, row: str, name: str) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
+def components_lines(components: dict, command: str) -> list[str]:
+    """The card's Components section from `mmsynth bench components` JSON: VAE PSNR, CLIP retrieval (exact and
+    caption-consistent, by caption kind), what the wrong retrievals got wrong and the text side's ceiling."""
+    v, c = components.get("vae", {}).get("psnr_db"), components.get("clip", {})
+    lines = ["## Components", "", f"`{command}`", ""]
+    if v:
+        lines.append(f"- VAE reconstruction PSNR: {v['value']:.2f} dB (95% CI {v['ci95'][0]:.2f}..{v['ci95'][1]:.2f}, "
+                     f"n={v['n']} test renders; bar >= 30 dB)")  # fmt: skip
+    for key in ("top1_exact", "top1_consistent"):
+        if key in c:
+            r = c[key]
+            lines.append(f"- CLIP text->image retrieval {key}: {r['value']:.3f} "
+                         f"(95% CI {r['ci95'][0]:.3f}..{r['ci95'][1]:.3f}, n={r['n']}; bar >= 0.90)")  # fmt: skip
+    if c.get("consistent_by_kind"):
+        lines.append("- top1_consistent by caption: " + ", ".join(
+            f"{k} {r['value']:.3f} (n={r['n']})" for k, r in c["consistent_by_kind"].items()))  # fmt: skip
+    if "misses" in c:
+        lines.append("- wrong retrievals, by what differs: " + (", ".join(
+            f"{k} {n}" for k, n in c["misses"].items()) or "none"))  # fmt: skip
+    if "text_side_ceiling" in c:
+        r = c["text_side_ceiling"]
+        lines.append(f"- text-side ceiling (each image embedded as its scene's other captions): {r['value']:.3f} "
+                     f"(95% CI {r['ci95'][0]:.3f}..{r['ci95'][1]:.3f})")  # fmt: skip
+    return lines
+
+
+def weights_line(bundle: Path) -> str:
+    """The card's weight total, as every shipping script writes it."""
+    dtypes, _ = tensor_summary(bundle)
+    size = sum(f.stat().st_size for f in bundle.rglob("*.safetensors")) / 2**20
+    return f"Weights: {size:.1f} MiB of safetensors ({', '.join(sorted(dtypes))})."
+
+
 def model_card(out: Path, records: list[dict], components: dict, t2i: dict, sweep: dict | None, cmds: dict,
                parts_card: tuple[str, list[str]] | None = None) -> str:
-    weights = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
-    dtypes, counts = tensor_summary(out)
+    _, counts = tensor_summary(out)
     lines = ["# shapes-v1: the mmsynth Shapes zoo", "",
              "A miniature Stable Diffusion stack trained from scratch on the procedural Shapes dataset: a word-level "
              "tokenizer, a CLIP (its text tower is the UNet's text encoder), an f=4 AutoencoderKL (64x64x3 <-> "
              "16x16x4) and a latent UNet2DConditionModel. diffusers' `StableDiffusionPipeline.from_pretrained` "
              "loads this folder.", "",
-             f"Weights: {weights / 2**20:.1f} MiB of safetensors ({', '.join(sorted(dtypes))}).", "",
+             weights_line(out), "",
              *([INPAINTING_NOTE, ""] if (out / INPAINTING_UNET).is_dir() else []),
              *architecture(out, counts), "",
              "## Quality (the judge on test-split prompts; 95% Wilson intervals)", "",
@@ -199,16 +231,7 @@ def model_card(out: Path, records: list[dict], components: dict, t2i: dict, swee
             lines.append(f"| {cfg:g} | " + " | ".join(_metric(sweep, "t2i", r, c) for c in
                                                      ("overall", "binding", "count", "relation")) + " |")  # fmt: skip
         lines.append("")
-    v, c = components.get("vae", {}).get("psnr_db"), components.get("clip", {})
-    lines += ["## Components", "", f"`{cmds['components']}`", ""]
-    if v:
-        lines.append(f"- VAE reconstruction PSNR: {v['value']:.2f} dB (95% CI {v['ci95'][0]:.2f}..{v['ci95'][1]:.2f}, "
-                     f"n={v['n']} test renders; bar >= 30 dB)")  # fmt: skip
-    for key in ("top1_exact", "top1_consistent"):
-        if key in c:
-            r = c[key]
-            lines.append(f"- CLIP text->image retrieval {key}: {r['value']:.3f} "
-                         f"(95% CI {r['ci95'][0]:.3f}..{r['ci95'][1]:.3f}, n={r['n']}; bar >= 0.90)")  # fmt: skip
+    lines += components_lines(components, cmds["components"])
     lines += ["", "## Training", "",
               f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, no GPU; "
               f"torch {torch.__version__}. Data: Shapes `train` split scenes, captions drawn from 4 true captions "

@@ -4,6 +4,8 @@ steps and wall time of the weights it started from, read from that bundle's card
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,7 +142,10 @@ def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
     spec.loader.exec_module(ship)
     bundle = tmp_path / "b"
     (bundle / "unet_inpainting").mkdir(parents=True)
-    (bundle / "unet_inpainting" / "w.safetensors").write_bytes(b"0" * 2**20)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2**19, dtype=torch.float16)}, str(bundle / "unet_inpainting" / "w.safetensors"))
     (bundle / "README.md").write_text("# zoo\n\nintro\n\nWeights: 17.9 MiB of safetensors (F16).\n\n## Quality\n\nx\n")
     ship._update_bundle_card(bundle)
     ship._update_bundle_card(bundle)  # idempotent
@@ -153,3 +158,57 @@ def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
     card = ship.card({"folder": "runs/inpaint", "step": 1500, "batch_size": 32, "config": "recipe: inpaint"},
                      report, "mmsynth bench run ...", "models/shapes-v1")
     assert "| inpaint_unet | 200 | 0.500 [0.400, 0.600] | n/a | n/a |" in card and "recipe: inpaint" in card
+
+
+def _ship_clip():
+    spec = importlib.util.spec_from_file_location("ship_clip", ROOT / "scripts" / "ship_clip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_only(tmp_path):
+    import json
+
+    import torch
+
+    from mmsynth.models.bundle import load_component, save_components
+    from mmsynth.models.zoo import tiny_bundle
+
+    ship = _ship_clip()
+    bundle, out = tiny_bundle(seed=4), tmp_path / "zoo"
+    bundle.save_pretrained(out)
+    card = "# zoo\n\nWeights: 9.9 MiB of safetensors (F16).\n\n## Quality\n\nq\n\n## Components\n\nold\n\n"
+    card += "## Training\n\nt\n"
+    (out / "README.md").write_text(card)
+    worse = {"clip": {"top1_consistent": {"value": -1.0, "n": 4, "ci95": [0.0, 0.0]}}}
+    (out / "metrics_components.json").write_text(json.dumps(worse))
+    run = tmp_path / "runs" / "clip_vision_deep"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: clip\nbatch_size: 8\noptions:\n  freeze_text: true\n")
+    (run / "log.csv").write_text("step,sec_per_step,loss,t2i_top1_in_batch\n10,1.0,0.5,0.75\n")
+    with torch.no_grad():  # a vision-side run moves only the vision tower
+        bundle.clip.vision_model.post_layernorm.bias.add_(1.0)
+    save_components(run / "final", clip=bundle.clip)
+    args = ["--run", str(run), "--out", str(out), "--n", "4", "--reports", str(tmp_path / "reports")]
+    assert ship.main(args) == 0
+    shipped = load_component(out, "clip")
+    moved = bundle.clip.vision_model.post_layernorm.bias.half().float()
+    assert torch.allclose(shipped.vision_model.post_layernorm.bias, moved)
+    assert shipped.text_model.final_layer_norm.bias.dtype == torch.float32  # loaded back as float32 from float16 files
+    text = (out / "README.md").read_text()
+    assert "old" not in text and "## Quality\n\nq\n" in text and "## Training\n\nt\n" in text
+    assert f"`mmsynth bench components --model {out} --n 4`" in text and "text-side ceiling" in text
+    assert "10 steps of 8" in text and "before it: -1.000" in text and "Weights: 9.9 MiB" not in text
+    assert json.loads((out / "metrics_components.json").read_text())["model"] == str(out)
+    assert not (tmp_path / ".zoo.shipping").exists()
+    # shipped again: not better than itself, so refused and nothing changes
+    before = (out / "README.md").read_text()
+    with pytest.raises(SystemExit, match="does not beat the shipped"):
+        ship.main(args)
+    assert (out / "README.md").read_text() == before and not (tmp_path / ".zoo.shipping").exists()
+    with torch.no_grad():  # a run that moved the text tower would silently change every UNet figure
+        bundle.clip.text_model.final_layer_norm.bias.add_(1.0)
+    save_components(run / "final", clip=bundle.clip)
+    with pytest.raises(SystemExit, match="is not the bundle's text encoder"):
+        ship.main([*args, "--allow-worse"])

@@ -1,0 +1,125 @@
+"""Ship a CLIP stage's export into a bundle as clip/, measured, with the bundle card's Components section rewritten.
+
+    python scripts/ship_clip.py --run runs/clip_vision_deep [--out models/shapes-v1] [--n 1000]
+
+A CLIP stage trained with options.freeze_text leaves the text tower, which is the UNet's text encoder, bit for bit
+as it was, so every text-to-image figure of the card still stands and only the components need measuring again.
+Steps: refuse (nothing written) unless the run's text tower is the bundle's text encoder; copy the bundle to a
+temporary folder with clip/ replaced by the run's CLIP in float16; `mmsynth bench components` there; refuse unless
+caption-consistent retrieval beats the bundle's metrics_components.json (--allow-worse ships anyway); rewrite the
+card's weights line and Components section (the figures, the command and the run's record) and
+metrics_components.json; rename the folder into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from mmsynth.cli.main import main as mmsynth
+from mmsynth.io import replace_dir
+from mmsynth.models.bundle import CLIP_FOLDER, load_component, save_components
+
+
+def _ship_zoo():
+    spec = importlib.util.spec_from_file_location("ship_zoo", Path(__file__).with_name("ship_zoo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def clip_record(record: dict, clip_config: dict, before: dict | None) -> str:
+    """One paragraph on what clip/ is: the run, its steps and time, the towers' shape, and the retrieval before."""
+    import yaml
+
+    config = yaml.safe_load(record.get("config") or "{}") or {}
+    last = record.get("last_log", {})
+    vision = clip_config.get("vision_config", {})
+    shown = ", ".join(f"{k} {float(v):.4g}" for k, v in last.items() if k in ("loss", "t2i_top1_in_batch"))
+    text = (f"`clip/` is the run in `{record['folder']}` (`mmsynth train clip`, options "
+            f"{json.dumps(config.get('options', {}))}): {record.get('step', last.get('step', '?'))} steps of "
+            f"{config.get('batch_size', '?')}, {record.get('logged_wall_h', 0):.2f} h logged on "
+            f"{platform.machine()} ({torch.get_num_threads()} CPU threads), last logged {shown or 'n/a'}; vision "
+            f"tower {vision.get('num_hidden_layers', '?')} layers of {vision.get('hidden_size', '?')}, patch "
+            f"{vision.get('patch_size', '?')}. Its text tower is `text_encoder/` bit for bit (checked when shipped), "
+            "so the text-to-image figures above do not depend on it. The earlier CLIP stages: `docs/zoo_parts.md`.")
+    if before and "top1_consistent" in before:
+        b = before["top1_consistent"]
+        text += (f" Caption-consistent retrieval before it: {b['value']:.3f} "
+                 f"(95% CI {b['ci95'][0]:.3f}..{b['ci95'][1]:.3f}).")
+    return text
+
+
+def rewrite_card(card: str, components_section: list[str], weights: str) -> str:
+    """The card with its weights line and its Components section (up to the next `## ` heading) replaced."""
+    card = re.sub(r"^Weights: .*$", weights, card, count=1, flags=re.MULTILINE)
+    section = "\n".join(components_section) + "\n\n"
+    found = re.search(r"^## Components\n.*?(?=^## )", card, flags=re.MULTILINE | re.DOTALL)
+    if found:
+        return card[: found.start()] + section + card[found.end() :]
+    head, sep, rest = card.partition("\n## Training")
+    return f"{head.rstrip()}\n\n{section}{sep.lstrip(chr(10))}{rest}" if sep else f"{card.rstrip()}\n\n{section}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/clip_vision_deep", help="the CLIP run folder (its export: RUN/final)")
+    p.add_argument("--out", default="models/shapes-v1", help="the bundle whose clip/ is replaced")
+    p.add_argument("--n", type=int, default=1000, help="test pairs for VAE PSNR / CLIP retrieval (default 1000)")
+    p.add_argument("--reports", default="runs/ship", help="where the components JSON goes")
+    p.add_argument("--allow-worse", action="store_true", help="ship even if retrieval does not beat the shipped CLIP")
+    a = p.parse_args(argv)
+
+    ship = _ship_zoo()
+    run, out, reports = Path(a.run), Path(a.out), Path(a.reports)
+    export = run / "final"
+    if not (export / CLIP_FOLDER / "config.json").is_file():
+        sys.exit(f"ship_clip: {export / CLIP_FOLDER} is missing; train with `mmsynth train clip` (or --export-only)")
+    if not (out / "model_index.json").is_file():
+        sys.exit(f"ship_clip: {out} is not a bundle (no model_index.json)")
+    ship._check_same_text_tower(out, export)
+    metrics = out / "metrics_components.json"
+    before = json.loads(metrics.read_text()).get("clip") if metrics.is_file() else None
+    reports.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.shipping")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out, tmp, ignore=shutil.ignore_patterns(CLIP_FOLDER))
+    staged = save_components(reports / "clip_float16", dtype=torch.float16, clip=load_component(export, CLIP_FOLDER))
+    shutil.copytree(staged / CLIP_FOLDER, tmp / CLIP_FOLDER)  # (save_components replaces the folder it writes)
+    json_out = reports / "components.json"
+    args = ["bench", "components", "--model", str(tmp), "--n", str(a.n), "--json", str(json_out)]
+    print("$ mmsynth " + " ".join(args), flush=True)
+    if mmsynth(args) != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit("ship_clip: the components bench failed")
+    scores = json.loads(json_out.read_text())
+    new, old = scores["clip"]["top1_consistent"]["value"], (before or {}).get("top1_consistent", {}).get("value")
+    if old is not None and new <= old and not a.allow_worse:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"ship_clip: retrieval {new:.3f} does not beat the shipped {old:.3f}; nothing shipped "
+                 "(--allow-worse ships anyway)")  # fmt: skip
+    name = json.dumps(str(out))
+    (tmp / metrics.name).write_text(json_out.read_text(encoding="utf-8").replace(json.dumps(str(tmp)), name),
+                                    encoding="utf-8")  # fmt: skip
+    record = ship.training_record(run, "clip")
+    section = ship.components_lines(scores, f"mmsynth bench components --model {out} --n {a.n}")
+    section += ["", clip_record(record, json.loads((export / CLIP_FOLDER / "config.json").read_text()), before)]
+    card = tmp / "README.md"
+    if card.is_file():
+        card.write_text(rewrite_card(card.read_text(encoding="utf-8"), section, ship.weights_line(tmp)),
+                        encoding="utf-8")  # fmt: skip
+    replace_dir(tmp, out)
+    print(f"shipped {out / CLIP_FOLDER}: retrieval {new:.3f} (was {old if old is not None else 'n/a'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
