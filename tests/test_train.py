@@ -125,6 +125,32 @@ def test_clip_grows_the_vision_tower_of_its_init_and_keeps_the_text_tower(tmp_pa
             "options.init": str(parts), "options.vision_layers": "-1"})
 
 
+def test_clip_caption_target_pulls_images_toward_their_captions_mean_text_embedding(tmp_path, parts):
+    from mmsynth.models.zoo import projected
+
+    config, options = load_config(get_recipe("clip"), overrides={**FAST, "out": str(tmp_path / "c"), "batch_size": "4",
+                                  "options.init": str(parts), "options.freeze_text": "true",
+                                  "options.caption_target_weight": "1"})  # fmt: skip
+    recipe = get_recipe("clip")(config, options)
+    recipe.build()
+    recipe.device = torch.device("cpu")
+    clip = recipe.models["clip"]
+    caps = [["a red circle", "a picture of a red circle"], ["two blue squares"]]
+    targets = recipe._caption_targets(caps)
+    ids = recipe.tokenize([c for cs in caps for c in cs]).input_ids
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(projected(clip.get_text_features(input_ids=ids)), dim=-1)
+    expected = torch.nn.functional.normalize(torch.stack([e[0] + e[1], e[2]]), dim=-1)
+    torch.testing.assert_close(targets, expected)
+    result = run("clip", tmp_path / "r", max_steps="2", batch_size="8", **{
+        "options.init": str(parts), "options.freeze_text": "true", "options.caption_target_weight": "1"})  # fmt: skip
+    rows = read_log(result.out / "log.csv")
+    assert all(-1 <= float(r["caption_target_cos"]) <= 1 for r in rows)
+    with pytest.raises(InputError, match=r"caption_target_weight' .* needs 'options\.freeze_text: true'"):
+        run("clip", tmp_path / "d", max_steps="1", batch_size="8", **{
+            "options.init": str(parts), "options.caption_target_weight": "1"})  # fmt: skip
+
+
 def test_clip_takes_its_text_tower_from_a_text_encoder_trained_with_the_unet(tmp_path):
     from mmsynth.models.bundle import load_component
     from mmsynth.models.zoo import tiny_bundle

@@ -22,6 +22,7 @@ from mmsynth.data.render import render
 from mmsynth.data.scene import Scene, relation_holds, sample_scene
 from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
+from mmsynth.models.zoo import projected
 
 
 def caption_true_of(caption: str, scene: Scene) -> bool:
@@ -99,7 +100,7 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
     for k in range(0, n, batch_size):
         imgs = np.stack([render(s, resolution) for s in scenes[k : k + batch_size]])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1.0  # the zoo CLIP reads [-1, 1]
-        img_feats.append(torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=x)), dim=-1))
+        img_feats.append(torch.nn.functional.normalize(projected(clip.get_image_features(pixel_values=x)), dim=-1))
         txt_feats.append(text_features(clip, tokenizer, texts[k : k + batch_size]))
     best = (torch.cat(txt_feats) @ torch.cat(img_feats).T).argmax(dim=1).cpu().numpy()
     exact = best == np.arange(n)
@@ -163,8 +164,4 @@ def caption_kind(caption: str) -> str:
 def text_features(clip: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
     """Unit-length projected text embeddings (the vectors retrieval compares), one row per text."""
     ids = tokenize_padded(tokenizer, texts, return_tensors="pt").input_ids.to(next(clip.parameters()).device)
-    return torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
-
-
-def _features(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
+    return torch.nn.functional.normalize(projected(clip.get_text_features(input_ids=ids)), dim=-1)

@@ -56,6 +56,8 @@ class ImageFeatures(nn.Module):
 
 def clip_image_features(clip: nn.Module, name: str = "shapesclip") -> ImageFeatures:
     """Features from a transformers CLIPModel (or CLIPVisionModelWithProjection): projected image embeddings."""
+    from mmsynth.models.zoo import projected
+
     clip.eval()
     cfg = clip.config.vision_config if hasattr(clip.config, "vision_config") else clip.config
     dim = getattr(clip.config, "projection_dim", None) or cfg.hidden_size
@@ -65,7 +67,7 @@ def clip_image_features(clip: nn.Module, name: str = "shapesclip") -> ImageFeatu
             out = clip.get_image_features(pixel_values=x)
         else:
             out = clip(pixel_values=x).image_embeds
-        return out if isinstance(out, Tensor) else out.pooler_output
+        return projected(out)
 
     proc_mean = (0.48145466, 0.4578275, 0.40821073)
     proc_std = (0.26862954, 0.26130258, 0.27577711)

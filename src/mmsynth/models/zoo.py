@@ -11,6 +11,7 @@ factor of 4 (64x64x3 images <-> 16x16x4 latents), which diffusers' pipelines rea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -163,6 +164,12 @@ def build_scheduler() -> DDIMScheduler:
         steps_offset=1,
         prediction_type="epsilon",
     )
+
+
+def projected(out: torch.Tensor | Any) -> torch.Tensor:
+    """The projected embeddings of `CLIPModel.get_text_features` / `get_image_features`: a tensor in transformers
+    4, the `pooler_output` of the output they return in transformers 5 (every reader of CLIP features needs both)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:

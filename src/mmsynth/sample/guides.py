@@ -26,6 +26,7 @@ from torch import nn
 
 from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
+from mmsynth.models.zoo import projected
 from mmsynth.sample.controls import is_integer, is_number
 
 Guide = Callable[[torch.Tensor], torch.Tensor]
@@ -168,7 +169,7 @@ class ClipGuide(nn.Module):
         with torch.no_grad():
             if text is not None:
                 ids = tokenize_padded(tokenizer, [text], return_tensors="pt")
-                target = _features(clip.get_text_features(input_ids=ids.input_ids.to(clip.device)))
+                target = projected(clip.get_textprojected(input_ids=ids.input_ids.to(clip.device)))
             else:
                 target = self.embed(image_tensor(image, "clip guide image").to(clip.device) * 2 - 1)
         self.register_buffer("target", F.normalize(target.float(), dim=-1))
@@ -178,15 +179,11 @@ class ClipGuide(nn.Module):
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean.to(x)) / self.std.to(x)
-        return _features(self.clip.get_image_features(pixel_values=x.to(self.clip.dtype)))
+        return projected(self.clip.get_imageprojected(pixel_values=x.to(self.clip.dtype)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         e = F.normalize(self.embed(images).float(), dim=-1)
         return 1.0 - (e * self.target.to(e)).sum(dim=-1)
-
-
-def _features(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def _check_energy(what: str, fill: Any, margin: Any, repel: Any, cells: Any) -> None:

@@ -21,7 +21,7 @@ from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
 from mmsynth.models.grow import deepen_vision_tower
 from mmsynth.models.tokenizer import build_shapes_tokenizer
-from mmsynth.models.zoo import ZOO_SPECS, build_clip, text_encoder_from_clip
+from mmsynth.models.zoo import ZOO_SPECS, build_clip, projected, text_encoder_from_clip
 from mmsynth.train.data import HardNegativePairs
 from mmsynth.train.recipe import Recipe
 from mmsynth.train.relation_probe import RelationProbe, relation_probe_loss, token_relation_targets
@@ -65,14 +65,24 @@ class ClipOptions:
     # errors are multi-object scenes with one shape confused, and a perfect image side on the shipped text tower
     # would retrieve 0.93 of the test captions against the shipped vision side's 0.82 (docs/training.md).
     vision_layers: int = 0
+    # Weight of a term pulling each image embedding toward the mean text embedding of all its scene's true
+    # captions (1 - cosine), beside the contrastive loss; needs freeze_text, since the target is the fixed text
+    # tower's. Contrastive training only asks an image to be nearer its own caption than the batch's others, and
+    # near misses (one shape changed in a four-object scene) are rare in a batch; this target is exactly where
+    # the text tower puts the scene, the embedding whose retrieval is the text side's ceiling (0.93 on the
+    # shipped tower, `mmsynth bench components`). Logs caption_target_cos. 0: off.
+    caption_target_weight: float = 0.0
 
     def validate(self) -> None:
-        for key in ("relation_probe_weight", "preserve_text_weight"):
+        for key in ("relation_probe_weight", "preserve_text_weight", "caption_target_weight"):
             if getattr(self, key) < 0:
                 raise InputError(f"config key 'options.{key}' must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if self.freeze_text and (self.relation_probe_weight or self.preserve_text_weight):
             raise InputError("config keys 'options.relation_probe_weight' and 'options.preserve_text_weight' train "
                              "the text tower, which 'options.freeze_text' keeps fixed: use one or the other")
+        if self.caption_target_weight and not self.freeze_text:
+            raise InputError("config key 'options.caption_target_weight' pulls images toward the fixed text tower's "
+                             "embeddings of their captions, so it needs 'options.freeze_text: true'")  # fmt: skip
         if self.preserve_text_weight and not self.init:
             raise InputError("config key 'options.preserve_text_weight' needs 'options.init' (the tower to stay near)")
         if not self.hard_negative_edits or set(self.hard_negative_edits) - set(EDIT_KINDS):
@@ -192,6 +202,10 @@ class ClipRecipe(Recipe):
             drift = F.mse_loss(hidden.float(), reference.float())
             loss = loss + o.preserve_text_weight * drift
             logs["text_drift"] = float(drift.detach())
+        if o.caption_target_weight:
+            cos = (F.normalize(out.image_embeds.float(), dim=-1) * self._caption_targets(batch["captions"])).sum(-1)
+            loss = loss + o.caption_target_weight * (1 - cos).mean()
+            logs["caption_target_cos"] = float(cos.detach().mean())
         with torch.no_grad():
             # in-batch retrieval accuracy; identical captions in a batch count as matches
             pred = out.logits_per_text[:n].argmax(dim=1)
@@ -202,6 +216,16 @@ class ClipRecipe(Recipe):
                 own = out.logits_per_image[target, target][has]
                 logs["relation_acc_in_batch"] = float((own > out.logits_per_image[has, n:].diagonal()).float().mean())
         return loss, logs
+
+    @torch.no_grad()
+    def _caption_targets(self, captions_per_image: list[list[str]]) -> torch.Tensor:
+        """Per image, the unit mean of the fixed text tower's unit embeddings of all its true captions."""
+        flat = [c for caps in captions_per_image for c in caps]
+        ids = self.tokenize(flat).input_ids.to(self.device)
+        feats = F.normalize(projected(self._unwrapped().get_text_features(input_ids=ids)).float(), dim=-1)
+        owner = torch.repeat_interleave(torch.tensor([len(c) for c in captions_per_image], device=feats.device))
+        sums = torch.zeros(len(captions_per_image), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
+        return F.normalize(sums, dim=-1)
 
     def _unwrapped(self) -> torch.nn.Module:
         clip = self.models["clip"]
