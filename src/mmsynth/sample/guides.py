@@ -169,7 +169,7 @@ class ClipGuide(nn.Module):
         with torch.no_grad():
             if text is not None:
                 ids = tokenize_padded(tokenizer, [text], return_tensors="pt")
-                target = projected(clip.get_textprojected(input_ids=ids.input_ids.to(clip.device)))
+                target = projected(clip.get_text_features(input_ids=ids.input_ids.to(clip.device)))
             else:
                 target = self.embed(image_tensor(image, "clip guide image").to(clip.device) * 2 - 1)
         self.register_buffer("target", F.normalize(target.float(), dim=-1))
@@ -179,7 +179,7 @@ class ClipGuide(nn.Module):
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean.to(x)) / self.std.to(x)
-        return projected(self.clip.get_imageprojected(pixel_values=x.to(self.clip.dtype)))
+        return projected(self.clip.get_image_features(pixel_values=x.to(self.clip.dtype)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         e = F.normalize(self.embed(images).float(), dim=-1)
