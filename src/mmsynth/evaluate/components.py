@@ -103,13 +103,13 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1.0  # the zoo CLIP reads [-1, 1]
         img_feats.append(torch.nn.functional.normalize(projected(clip.get_image_features(pixel_values=x)), dim=-1))
         txt_feats.append(text_features(clip, tokenizer, texts[k : k + batch_size]))
-    best = (torch.cat(txt_feats) @ torch.cat(img_feats).T).argmax(dim=1).cpu().numpy()
+    query_feats = torch.cat(txt_feats)
+    best = (query_feats @ torch.cat(img_feats).T).argmax(dim=1).cpu().numpy()
     exact = best == np.arange(n)
     consistent = np.array([caption_true_of(texts[i], scenes[int(j)]) for i, j in enumerate(best)])
     kinds = np.array([caption_kind(t) for t in texts])
     by_kind = {k: _rate(consistent[kinds == k]) for k in CAPTION_KINDS if (kinds == k).any()}
     misses = Counter(retrieval_miss(scenes[i], scenes[int(j)]) for i, j in enumerate(best) if not consistent[i])
-    query_feats = torch.cat(txt_feats)
     ceiling = {}
     for name, ideal in ideal_image_embeddings(clip, tokenizer, scenes, texts, batch_size).items():
         picks = (query_feats @ ideal.T).argmax(dim=1).cpu().numpy()
