@@ -215,3 +215,28 @@ def test_a_deepened_vision_tower_embeds_images_as_before_and_leaves_the_text_tow
     assert deepen_vision_tower(back, old + 2) is back
     with pytest.raises(InputError, match="grown, not cut"):
         deepen_vision_tower(grown, old)
+
+
+def test_a_refined_vision_tower_sees_an_image_as_the_old_one_saw_it_upsampled(tmp_path):
+    from transformers import CLIPModel
+
+    from mmsynth.models.grow import refine_vision_patches
+    from mmsynth.models.zoo import projected
+
+    clip = tiny_bundle(seed=3).clip.eval()
+    old = clip.config.vision_config.patch_size
+    refined = refine_vision_patches(clip, old // 2).eval()
+    assert refined.config.vision_config.patch_size == old // 2 and clip.config.vision_config.patch_size == old
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    upsampled = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    with torch.no_grad():
+        fine = projected(refined.get_image_features(pixel_values=x))
+        coarse = projected(clip.get_image_features(pixel_values=upsampled, interpolate_pos_encoding=True))
+    torch.testing.assert_close(fine, coarse, atol=1e-5, rtol=1e-4)
+    a, b = clip.text_model.state_dict(), refined.text_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the UNet's text encoder is untouched
+    refined.save_pretrained(tmp_path / "clip")
+    back = CLIPModel.from_pretrained(tmp_path / "clip")
+    assert refine_vision_patches(back, old // 2) is back
+    with pytest.raises(InputError, match="must divide the vision tower's patch size"):
+        refine_vision_patches(clip, 3)

@@ -125,6 +125,24 @@ def test_clip_grows_the_vision_tower_of_its_init_and_keeps_the_text_tower(tmp_pa
             "options.init": str(parts), "options.vision_layers": "-1"})
 
 
+def test_clip_refines_the_vision_patches_of_its_init(tmp_path, parts):
+    from mmsynth.models.bundle import load_component
+
+    before = load_component(parts, "clip")
+    patch = before.config.vision_config.patch_size // 2
+    result = run("clip", tmp_path / "c", max_steps="2", batch_size="8", **{
+        "options.init": str(parts), "options.freeze_text": "true", "options.vision_patch": str(patch)})  # fmt: skip
+    after = load_component(result.export, "clip")
+    assert after.config.vision_config.patch_size == patch
+    a, b = before.text_model.state_dict(), after.text_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match=r"options\.vision_patch' refines the vision tower of 'options\.init'"):
+        run("clip", tmp_path / "d", max_steps="1", batch_size="8", **{"options.vision_patch": "2"})
+    with pytest.raises(InputError, match=r"must divide the vision tower's patch size"):
+        run("clip", tmp_path / "e", max_steps="1", batch_size="8", **{
+            "options.init": str(parts), "options.vision_patch": "3"})
+
+
 def test_clip_caption_target_pulls_images_toward_their_captions_mean_text_embedding(tmp_path, parts):
     from mmsynth.models.zoo import projected
 
