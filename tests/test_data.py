@@ -294,7 +294,7 @@ def test_a_place_edit_swaps_two_objects_of_different_groups_and_flips_their_rela
         assert not any(caption_true_of(c, s) for c in captions(t, 4))
         swapped += 1
     assert swapped >= 20
-    with pytest.raises(InputError, match="edit kinds must be some of shape, colour, place"):
+    with pytest.raises(InputError, match="edit kinds must be some of shape, colour, place, count"):
         minimal_edit(sample_scene("train", 0, 5), rng, kinds=("size",))
 
 
@@ -316,3 +316,31 @@ def test_flip_relations_reverses_every_relation_and_makes_a_false_caption():
                 assert parse_caption(f).relations and not caption_true_of(f, s)
                 flipped += 1
     assert flipped >= 20
+
+
+def test_a_count_edit_adds_a_like_object_or_removes_one_and_no_source_caption_stays_true():
+    from mmsynth.data.scene import minimal_edit
+    from mmsynth.evaluate.components import caption_true_of
+
+    rng = np.random.default_rng(3)
+    seen = {"more": 0, "fewer": 0}
+    for split in ("train", "heldout"):
+        for i in range(40):
+            s = sample_scene(split, i, 4)
+            t = minimal_edit(s, rng, kinds=("count",))
+            if t is None:
+                continue
+            assert abs(len(t.objects) - len(s.objects)) == 1 and t.background == s.background
+            if len(t.objects) > len(s.objects):
+                assert t.objects[:-1] == s.objects  # the others kept, the new one like an existing one
+                assert (t.objects[-1].color, t.objects[-1].shape) in {(o.color, o.shape) for o in s.objects}
+                seen["more"] += 1
+            else:
+                assert all(o in s.objects for o in t.objects)
+                seen["fewer"] += 1
+            combos = {(o.color, o.shape) for o in t.objects}
+            assert bool(combos & vocab.HELDOUT_COMBOS) == (split == "heldout")
+            assert min(visible_fractions(t.objects)) >= 1 - MAX_HIDDEN_FRACTION
+            assert not any(caption_true_of(c, s) for c in captions(t, 4))
+            assert not any(caption_true_of(c, t) for c in captions(s, 4))
+    assert seen["more"] >= 10 and seen["fewer"] >= 10

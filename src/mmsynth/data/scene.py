@@ -395,7 +395,7 @@ def _rules_hold(scene: Scene) -> bool:
     return _captionable(scene)
 
 
-EDIT_KINDS = ("shape", "colour", "place")  # what `minimal_edit` may change
+EDIT_KINDS = ("shape", "colour", "place", "count")  # what `minimal_edit` may change
 
 
 def _inside(o: ShapeObject) -> bool:
@@ -407,12 +407,13 @@ def _inside(o: ShapeObject) -> bool:
 def minimal_edit(
     scene: Scene, rng: np.random.Generator, tries: int = 20, kinds: tuple[str, ...] = ("shape", "colour")
 ) -> Scene | None:
-    """The same scene with one thing changed: one object's shape or colour, or ("place", two-object scenes
-    of two groups) the two objects swapping places, everything else kept (sizes, the background). A hard
-    negative for contrastive training: only that word of a caption, or the relation, tells the two scenes
-    apart. "place" is kept to two objects because every caption of such a scene states their relation, which
-    the swap reverses: a caption of a larger edited scene may relate two objects that did not move, and so be
-    true of the source too. None when no edit within `tries` keeps the sampler's rules."""
+    """The same scene with one thing changed: one object's shape or colour, ("place", two-object scenes of
+    two groups) the two objects swapping places, or ("count") one object more of an existing object's colour and
+    shape, or one object fewer, everything else kept (sizes, the background). A hard negative for contrastive
+    training: only that word of a caption, a count, or the relation tells the two scenes apart (every caption
+    names every group with its count). "place" is kept to two objects because every caption of such a scene
+    states their relation, which the swap reverses: a caption of a larger edited scene may relate two objects
+    that did not move, and so be true of the source too. None when no edit within `tries` keeps the sampler's rules."""
     if not kinds or set(kinds) - set(EDIT_KINDS):
         raise InputError(f"edit kinds must be some of {', '.join(EDIT_KINDS)}, got {', '.join(kinds) or 'none'}")
     for _ in range(tries):
@@ -426,6 +427,12 @@ def minimal_edit(
             objects = [dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy)]
             if not all(_inside(o) for o in objects):
                 continue
+        elif kind == "count":
+            more = len(objects) < vocab.MAX_OBJECTS and (len(objects) == 1 or rng.random() < 0.5)
+            if more:  # drawn on top, like the sampler's last object; the rules below check what it hides
+                objects.append(_sample_object(rng, scene.split, False, like=objects[k]))
+            else:
+                del objects[k]
         else:
             o = objects[k]
             if kind == "shape":
