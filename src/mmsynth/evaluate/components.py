@@ -23,7 +23,7 @@ from mmsynth.data.render import render
 from mmsynth.data.scene import Scene, relation_holds, sample_scene
 from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
-from mmsynth.models.zoo import projected
+from mmsynth.models.zoo import projected, unit_means
 
 
 def caption_true_of(caption: str, scene: Scene) -> bool:
@@ -129,9 +129,9 @@ def ideal_image_embeddings(clip: Any, tokenizer: Any, scenes: list[Scene], queri
     flat = [c for cs in others for c in cs]
     feats = torch.cat([text_features(clip, tokenizer, flat[k : k + batch_size])
                        for k in range(0, len(flat), batch_size)]).float()  # fmt: skip
-    owner = torch.repeat_interleave(torch.tensor([len(cs) for cs in others], device=feats.device))
-    prototype = F.normalize(torch.zeros(len(scenes), feats.shape[1], device=feats.device).index_add_(0, owner, feats),
-                            dim=-1)  # fmt: skip
+    counts = [len(cs) for cs in others]
+    owner = torch.repeat_interleave(torch.tensor(counts, device=feats.device))
+    prototype = unit_means(feats, counts)
     scale = float(clip.logit_scale.exp()) if hasattr(clip, "logit_scale") else 100.0
     free = torch.nn.Parameter(prototype.clone())
     opt = torch.optim.Adam([free], lr=0.01)

@@ -172,6 +172,14 @@ def projected(out: torch.Tensor | Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def unit_means(vectors: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The unit-length mean of each consecutive run of `counts[i]` rows: one embedding for a scene from its
+    several captions' (the caption target of CLIP training, and the text side's ceiling in its evaluation)."""
+    owner = torch.repeat_interleave(torch.tensor(counts, device=vectors.device))
+    sums = torch.zeros(len(counts), vectors.shape[1], device=vectors.device, dtype=vectors.dtype)
+    return torch.nn.functional.normalize(sums.index_add_(0, owner, vectors), dim=-1)
+
+
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     """A standalone CLIPTextModel carrying the CLIP text tower's weights (SD's text_encoder component)."""
     encoder = CLIPTextModel(clip.config.text_config)

@@ -15,6 +15,7 @@ from JSON-able parameters, so a guided request replays from its JSON:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +75,10 @@ def mask_tensor(value: Any, what: str) -> torch.Tensor:
     return m[None, None].clamp(0, 1)
 
 
+@functools.cache
 def colour_centres_lab() -> tuple[list[str], torch.Tensor]:
-    """The vocabulary's colour names and their CIELab centres (K x 3)."""
+    """The vocabulary's colour names and their CIELab centres (K x 3); cached, since a guide asks every step
+    (callers must not modify the tensor in place)."""
     from mmsynth.data.vocab import COLORS
 
     names = list(COLORS)

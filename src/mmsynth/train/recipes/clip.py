@@ -21,7 +21,7 @@ from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
 from mmsynth.models.grow import deepen_vision_tower, refine_vision_patches
 from mmsynth.models.tokenizer import build_shapes_tokenizer
-from mmsynth.models.zoo import ZOO_SPECS, build_clip, projected, text_encoder_from_clip
+from mmsynth.models.zoo import ZOO_SPECS, build_clip, projected, text_encoder_from_clip, unit_means
 from mmsynth.train.data import HardNegativePairs
 from mmsynth.train.recipe import Recipe
 from mmsynth.train.relation_probe import RelationProbe, relation_probe_loss, token_relation_targets
@@ -236,9 +236,7 @@ class ClipRecipe(Recipe):
         flat = [c for caps in captions_per_image for c in caps]
         ids = self.tokenize(flat).input_ids.to(self.device)
         feats = F.normalize(projected(self._unwrapped().get_text_features(input_ids=ids)).float(), dim=-1)
-        owner = torch.repeat_interleave(torch.tensor([len(c) for c in captions_per_image], device=feats.device))
-        sums = torch.zeros(len(captions_per_image), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
-        return F.normalize(sums, dim=-1)
+        return unit_means(feats, [len(c) for c in captions_per_image])
 
     def _unwrapped(self) -> torch.nn.Module:
         clip = self.models["clip"]
