@@ -68,6 +68,14 @@ VISION_ZERO_INIT = (".self_attn.out_proj.", ".mlp.fc2.")  # the residual outputs
 MAX_VISION_LAYERS = 24
 
 
+def _with_vision(clip: CLIPModel, **vision: int) -> CLIPModel:
+    """A freshly initialised CLIPModel shaped like `clip` but for the given vision-config keys."""
+    config = copy.deepcopy(clip.config)
+    for key, value in vision.items():
+        setattr(config.vision_config, key, value)
+    return CLIPModel(config).to(clip.device, clip.dtype)
+
+
 def deepen_vision_tower(clip: CLIPModel, layers: int, where: str = "vision_layers") -> CLIPModel:
     """A copy of `clip` whose vision tower has `layers` encoder layers: the trained ones in place, the new ones
     appended as identities (attention and MLP output projections zero, on pre-norm residual paths), so the image
@@ -79,9 +87,7 @@ def deepen_vision_tower(clip: CLIPModel, layers: int, where: str = "vision_layer
                          f"(a tower is grown, not cut), got {layers}")  # fmt: skip
     if layers == old:
         return clip
-    config = copy.deepcopy(clip.config)
-    config.vision_config.num_hidden_layers = layers
-    grown = CLIPModel(config).to(clip.device, clip.dtype)
+    grown = _with_vision(clip, num_hidden_layers=layers)
     missing, unexpected = grown.load_state_dict(clip.state_dict(), strict=False)
     new_layers = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
     if unexpected or any(not (m := new_layers.search(k)) or int(m.group(1)) < old for k in missing):
@@ -108,9 +114,7 @@ def refine_vision_patches(clip: CLIPModel, patch_size: int, where: str = "vision
                          f"{vision.image_size}), got {patch_size}")  # fmt: skip
     if patch_size == old:
         return clip
-    config = copy.deepcopy(clip.config)
-    config.vision_config.patch_size = patch_size
-    refined = CLIPModel(config).to(clip.device, clip.dtype)
+    refined = _with_vision(clip, patch_size=patch_size)
     state = clip.state_dict()
     embeddings = "vision_model.embeddings."
     kernel, positions = embeddings + "patch_embedding.weight", embeddings + "position_embedding.weight"
