@@ -409,11 +409,12 @@ def minimal_edit(
 ) -> Scene | None:
     """The same scene with one thing changed: one object's shape or colour, ("place", two-object scenes of
     two groups) the two objects swapping places, or ("count") one object more of an existing object's colour and
-    shape, or one object fewer, everything else kept (sizes, the background). A hard negative for contrastive
-    training: only that word of a caption, a count, or the relation tells the two scenes apart (every caption
-    names every group with its count). "place" is kept to two objects because every caption of such a scene
-    states their relation, which the swap reverses: a caption of a larger edited scene may relate two objects
-    that did not move, and so be true of the source too. None when no edit within `tries` keeps the sampler's rules."""
+    shape (any size, anywhere) or one object fewer, everything else kept (sizes, the background). A hard
+    negative for contrastive training: only that word of a caption, a count, or the relation tells the two
+    scenes apart (every caption names every group with its count). "place" is kept to two objects because
+    every caption of such a scene states their relation, which the swap reverses: a caption of a larger edited
+    scene may relate two objects that did not move, and so be true of the source too. None when no edit within
+    `tries` keeps the sampler's rules."""
     if not kinds or set(kinds) - set(EDIT_KINDS):
         raise InputError(f"edit kinds must be some of {', '.join(EDIT_KINDS)}, got {', '.join(kinds) or 'none'}")
     for _ in range(tries):
