@@ -1,14 +1,16 @@
 """Ship a CLIP stage's export into a bundle as clip/, measured, with the bundle card's Components section rewritten.
 
-    python scripts/ship_clip.py --run runs/clip_vision_deep [--out models/shapes-v1] [--n 1000]
+    python scripts/ship_clip.py --run runs/clip_vision_deep [--out models/shapes-v1] [--n 1000] [--val-seed 7]
+        [--command "mmsynth train clip --config configs/clip_vision_deep.yaml"]
 
 A CLIP stage trained with options.freeze_text leaves the text tower, which is the UNet's text encoder, bit for bit
 as it was, so every text-to-image figure of the card still stands and only the components need measuring again.
 Steps: refuse (nothing written) unless the run's text tower is the bundle's text encoder; copy the bundle to a
 temporary folder with clip/ replaced by the run's CLIP in float16; `mmsynth bench components` there; refuse unless
 caption-consistent retrieval beats the bundle's metrics_components.json (--allow-worse ships anyway); rewrite the
-card's weights line and Components section (the figures, the command and the run's record) and
-metrics_components.json; rename the folder into place.
+card's weights line and Components section (the figures, the command, the run's record with the training command
+and the options it set, and with --val-seed the same bench on the val split) and metrics_components.json; rename the
+folder into place.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.io import replace_dir
 from mmsynth.models.bundle import CLIP_FOLDER, load_component, save_components
+from mmsynth.train.recipes.clip import ClipOptions
 
 
 def _ship_zoo():
@@ -36,16 +39,30 @@ def _ship_zoo():
     return module
 
 
-def clip_record(record: dict, clip_config: dict, before: dict | None) -> str:
-    """One paragraph on what clip/ is: the run, its steps and time, the towers' shape, and the retrieval before."""
+def set_options(options: dict) -> dict:
+    """The clip options a run set away from the recipe's defaults: what the card needs to say about how it ran."""
+    defaults = ClipOptions()
+    same = {k for k, v in options.items() if hasattr(defaults, k) and _plain(getattr(defaults, k)) == _plain(v)}
+    return {k: v for k, v in options.items() if k not in same}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def clip_record(record: dict, clip_config: dict, before: dict | None, command: str = "mmsynth train clip") -> str:
+    """One paragraph on what clip/ is: the run, how it was trained, its steps and time, the towers' shape, and the
+    retrieval before."""
     import yaml
 
     config = yaml.safe_load(record.get("config") or "{}") or {}
     last = record.get("last_log", {})
     vision = clip_config.get("vision_config", {})
     shown = ", ".join(f"{k} {float(v):.4g}" for k, v in last.items() if k in ("loss", "t2i_top1_in_batch"))
-    text = (f"`clip/` is the run in `{record['folder']}` (`mmsynth train clip`, options "
-            f"{json.dumps(config.get('options', {}))}): {record.get('step', last.get('step', '?'))} steps of "
+    run = ", ".join(f"{k} {config[k]}" for k in ("lr", "data_seed") if k in config)
+    text = (f"`clip/` is the run in `{record['folder']}` (`{command}`; options set: "
+            f"{json.dumps(set_options(config.get('options', {})))}{'; ' + run if run else ''}): "
+            f"{record.get('step', last.get('step', '?'))} steps of "
             f"{config.get('batch_size', '?')}, {record.get('logged_wall_h', 0):.2f} h logged on "
             f"{platform.machine()} ({torch.get_num_threads()} CPU threads), last logged {shown or 'n/a'}; vision "
             f"tower {vision.get('num_hidden_layers', '?')} layers of {vision.get('hidden_size', '?')}, patch "
@@ -76,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="test pairs for VAE PSNR / CLIP retrieval (default 1000)")
     p.add_argument("--reports", default="runs/ship", help="where the components JSON goes")
     p.add_argument("--allow-worse", action="store_true", help="ship even if retrieval does not beat the shipped CLIP")
+    p.add_argument("--command", default="mmsynth train clip", help="the command that trained the run, for the card")
+    p.add_argument("--val-seed", type=int, default=None,
+                   help="also measure retrieval on the val split with this seed and put it on the card")  # fmt: skip
     a = p.parse_args(argv)
 
     ship = _ship_zoo()
@@ -96,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(staged / CLIP_FOLDER, tmp / CLIP_FOLDER)  # (save_components replaces the folder it writes)
     json_out = reports / "components.json"
     args = ["bench", "components", "--model", str(tmp), "--n", str(a.n), "--json", str(json_out)]
-    print("$ mmsynth " + " ".join(args), flush=True)
-    if mmsynth(args) != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit("ship_clip: the components bench failed")
+    for bench in [args] + ([[*args[:-1], str(reports / "components_val.json"), "--split", "val", "--seed",
+                               str(a.val_seed)]] if a.val_seed is not None else []):  # fmt: skip
+        print("$ mmsynth " + " ".join(bench), flush=True)
+        if mmsynth(bench) != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            sys.exit("ship_clip: the components bench failed")
     scores = json.loads(json_out.read_text())
     new, old = scores["clip"]["top1_consistent"]["value"], (before or {}).get("top1_consistent", {}).get("value")
     if old is not None and new <= old and not a.allow_worse:
@@ -111,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                                     encoding="utf-8")  # fmt: skip
     record = ship.training_record(run, "clip")
     section = ship.components_lines(scores, f"mmsynth bench components --model {out} --n {a.n}")
-    section += ["", clip_record(record, json.loads((export / CLIP_FOLDER / "config.json").read_text()), before)]
+    text = clip_record(record, json.loads((export / CLIP_FOLDER / "config.json").read_text()), before, a.command)
+    if a.val_seed is not None:
+        val = json.loads((reports / "components_val.json").read_text())["clip"]["top1_consistent"]
+        text += (f" On val (`mmsynth bench components --model {out} --n {a.n} --split val --seed {a.val_seed}`): "
+                 f"{val['value']:.3f} (95% CI {val['ci95'][0]:.3f}..{val['ci95'][1]:.3f}).")
+    section += ["", text]
     card = tmp / "README.md"
     if card.is_file():
         card.write_text(rewrite_card(card.read_text(encoding="utf-8"), section, ship.weights_line(tmp)),

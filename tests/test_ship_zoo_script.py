@@ -185,13 +185,14 @@ def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_o
     (out / "metrics_components.json").write_text(json.dumps(worse))
     run = tmp_path / "runs" / "clip_vision_deep"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text("recipe: clip\nbatch_size: 8\noptions:\n  freeze_text: true\n")
+    (run / "config.yaml").write_text("recipe: clip\nbatch_size: 8\nlr: 0.0001\noptions:\n  freeze_text: true\n"
+                                     "  hard_negative_edits: [shape, colour]\n")  # the second is the default
     (run / "log.csv").write_text("step,sec_per_step,loss,t2i_top1_in_batch\n10,1.0,0.5,0.75\n")
     with torch.no_grad():  # a vision-side run moves only the vision tower
         bundle.clip.vision_model.post_layernorm.bias.add_(1.0)
     save_components(run / "final", clip=bundle.clip)
     args = ["--run", str(run), "--out", str(out), "--n", "4", "--reports", str(tmp_path / "reports")]
-    assert ship.main(args) == 0
+    assert ship.main([*args, "--val-seed", "7", "--command", "mmsynth train clip --config c.yaml"]) == 0
     shipped = load_component(out, "clip")
     moved = bundle.clip.vision_model.post_layernorm.bias.half().float()
     assert torch.allclose(shipped.vision_model.post_layernorm.bias, moved)
@@ -200,6 +201,8 @@ def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_o
     assert "old" not in text and "## Quality\n\nq\n" in text and "## Training\n\nt\n" in text
     assert f"`mmsynth bench components --model {out} --n 4`" in text and "text-side ceiling" in text
     assert "10 steps of 8" in text and "before it: -1.000" in text and "Weights: 9.9 MiB" not in text
+    assert '(`mmsynth train clip --config c.yaml`; options set: {"freeze_text": true}; lr 0.0001)' in text
+    assert f"On val (`mmsynth bench components --model {out} --n 4 --split val --seed 7`): " in text
     assert json.loads((out / "metrics_components.json").read_text())["model"] == str(out)
     assert not (tmp_path / ".zoo.shipping").exists()
     # shipped again: not better than itself, so refused and nothing changes

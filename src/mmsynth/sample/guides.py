@@ -96,9 +96,8 @@ def colour_distances(images: torch.Tensor) -> torch.Tensor:
 
 
 def colour_index(color: str, what: str) -> int:
-    from mmsynth.data.vocab import COLORS
-
-    names = list(COLORS)
+    """The row of a colour name in colour_centres_lab's centres; `what` names the input in the error."""
+    names = colour_centres_lab()[0]
     if color not in names:
         raise InputError(f"{what}: unknown colour {color!r}; valid: {', '.join(names)}")
     return names.index(color)
