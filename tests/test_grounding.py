@@ -67,6 +67,16 @@ def test_token_grounding_loss_is_zero_inside_one_outside_and_ignores_ungrounded_
     assert token_grounding_loss([probs], masks, torch.full((1, 3), -1)).item() == 0.0
 
 
+def test_token_grounding_loss_pools_wide_masks_to_the_layers_wide_grid():
+    masks = torch.zeros(1, 1, 4, 8)  # a 4 x 8 image; its layer is 2 x 4 = 8 cells
+    masks[0, 0, :, :4] = 1.0  # the left half
+    probs = torch.zeros(1, 8, 2)
+    probs[0, [0, 1, 4, 5], 0] = 0.25  # token 0: the left half of both rows of the 2 x 4 grid
+    probs[0, [2, 3, 6, 7], 1] = 0.25  # token 1: the right half
+    assert token_grounding_loss([probs], masks, torch.tensor([[0, -1]])).item() == 0.0
+    assert token_grounding_loss([probs], masks, torch.tensor([[-1, 0]])).item() == 1.0
+
+
 def test_recorder_keeps_every_cross_attention_map_with_its_graph_and_restores_the_processors():
     bundle = tiny_bundle(seed=1)
     unet = bundle.unet

@@ -96,9 +96,10 @@ def token_grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, token_gr
     for probs in maps:
         batch, (hw, tokens) = masks.shape[0], probs.shape[1:]
         a = probs.float().reshape(batch, -1, hw, tokens).mean(1)  # (B, HW, T)
-        if hw not in pooled:
-            side = int(round(hw**0.5))
-            pooled[hw] = torch.nn.functional.adaptive_avg_pool2d(masks.to(a.device), side).flatten(2)  # (B, G, HW)
+        if hw not in pooled:  # the layer's grid has the masks' aspect (latents are the image downsampled)
+            rows = max(1, round((hw * masks.shape[-2] / masks.shape[-1]) ** 0.5))
+            grid = torch.nn.functional.adaptive_avg_pool2d(masks.to(a.device), (rows, hw // rows))
+            pooled[hw] = grid.flatten(2)  # (B, G, HW)
         m = pooled[hw]
         inside = torch.einsum("bpt,bgp->btg", a, m)  # attention mass of each token inside each group
         picked = inside.gather(2, token_group.clamp(min=0).to(a.device)[..., None]).squeeze(-1)  # (B, T)
