@@ -8,9 +8,9 @@ as it was, so every text-to-image figure of the card still stands and only the c
 Steps: refuse (nothing written) unless the run's text tower is the bundle's text encoder; copy the bundle to a
 temporary folder with clip/ replaced by the run's CLIP in float16; `mmsynth bench components` there; refuse unless
 caption-consistent retrieval beats the bundle's metrics_components.json (--allow-worse ships anyway); rewrite the
-card's weights line and Components section (the figures, the command, the run's record with the training command
-and the options it set, and with --val-seed the same bench on the val split) and metrics_components.json; rename the
-folder into place.
+card's weights line, its quote of the parts' training table (from --parts) and its Components section (the
+figures, the command, the run's record with the training command and the options it set, and with --val-seed the
+same bench on the val split) and metrics_components.json; rename the folder into place.
 """
 
 from __future__ import annotations
@@ -86,6 +86,15 @@ def rewrite_card(card: str, components_section: list[str], weights: str) -> str:
     return f"{head.rstrip()}\n\n{section}{sep.lstrip(chr(10))}{rest}" if sep else f"{card.rstrip()}\n\n{section}"
 
 
+def rewrite_parts_table(card: str, table: list[str]) -> str:
+    """The card with the parts' training table it quotes (after "..., as follows:", up to "Reproduce:") replaced by
+    the record's current one, so the card lists the CLIP stage just shipped; a card without it is returned as is."""
+    found = re.search(r"(?<=, as follows:\n).*?(?=^Reproduce: )", card, flags=re.MULTILINE | re.DOTALL)
+    if not found:
+        return card
+    return card[: found.start()] + "\n".join(["", *table]).rstrip() + "\n\n\n" + card[found.end() :]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/clip_vision_deep", help="the CLIP run folder (its export: RUN/final)")
@@ -93,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="test pairs for VAE PSNR / CLIP retrieval (default 1000)")
     p.add_argument("--reports", default="runs/ship", help="where the components JSON goes")
     p.add_argument("--allow-worse", action="store_true", help="ship even if retrieval does not beat the shipped CLIP")
+    p.add_argument("--parts", default="docs/zoo_parts.md",
+                   help="the parts' record whose training table the card quotes (update it first)")  # fmt: skip
     p.add_argument("--command", default="mmsynth train clip", help="the command that trained the run, for the card")
     p.add_argument("--val-seed", type=int, default=None,
                    help="also measure retrieval on the val split with this seed and put it on the card")  # fmt: skip
@@ -141,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     section += ["", text]
     card = tmp / "README.md"
     if card.is_file():
-        card.write_text(rewrite_card(card.read_text(encoding="utf-8"), section, ship.weights_line(tmp)),
-                        encoding="utf-8")  # fmt: skip
+        text = rewrite_card(card.read_text(encoding="utf-8"), section, ship.weights_line(tmp))
+        parts = ship.parts_training_table(Path(a.parts))
+        card.write_text(rewrite_parts_table(text, parts[1]) if parts else text, encoding="utf-8")
     replace_dir(tmp, out)
     print(f"shipped {out / CLIP_FOLDER}: retrieval {new:.3f} (was {old if old is not None else 'n/a'})")
     return 0

@@ -215,3 +215,12 @@ def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_o
     save_components(run / "final", clip=bundle.clip)
     with pytest.raises(SystemExit, match="is not the bundle's text encoder"):
         ship.main([*args, "--allow-worse"])
+
+
+def test_shipping_a_clip_stage_refreshes_the_parts_table_the_card_quotes():
+    ship = _ship_clip()
+    card = "## Training\n\nx, as follows:\n\n\n| part |\n| old row |\n\nnote\n\n\nReproduce: `bash`\n\n### configs\n"
+    new = ship.rewrite_parts_table(card, ["", "| part |", "| old row |", "| new row |", "", "note", ""])
+    assert "| old row |\n| new row |\n\nnote\n\n\nReproduce: `bash`\n\n### configs\n" in new
+    assert new.startswith("## Training\n\nx, as follows:\n\n\n| part |")  # as ship_zoo writes it
+    assert ship.rewrite_parts_table("## Training\n\nno quote\n", ["| row |"]) == "## Training\n\nno quote\n"
