@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     section += ["", text]
     card = tmp / "README.md"
     if card.is_file():
-        text = rewrite_card(card.read_text(encoding="utf-8"), section, ship.weights_line(tmp))
+        rewritten = rewrite_card(card.read_text(encoding="utf-8"), section, ship.weights_line(tmp))
         parts = ship.parts_training_table(Path(a.parts))
-        card.write_text(rewrite_parts_table(text, parts[1]) if parts else text, encoding="utf-8")
+        card.write_text(rewrite_parts_table(rewritten, parts[1]) if parts else rewritten, encoding="utf-8")
     replace_dir(tmp, out)
     print(f"shipped {out / CLIP_FOLDER}: retrieval {new:.3f} (was {old if old is not None else 'n/a'})")
     return 0
