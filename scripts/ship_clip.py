@@ -29,6 +29,7 @@ import torch
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.io import replace_dir
 from mmsynth.models.bundle import CLIP_FOLDER, load_component, save_components
+from mmsynth.train.config import TrainConfig, to_dict
 from mmsynth.train.recipes.clip import ClipOptions
 
 
@@ -40,14 +41,10 @@ def _ship_zoo():
 
 
 def set_options(options: dict) -> dict:
-    """The clip options a run set away from the recipe's defaults: what the card needs to say about how it ran."""
-    defaults = ClipOptions()
-    same = {k for k, v in options.items() if hasattr(defaults, k) and _plain(getattr(defaults, k)) == _plain(v)}
-    return {k: v for k, v in options.items() if k not in same}
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple | list) else value
+    """The clip options a run set away from the recipe's defaults: what the card needs to say about how it ran.
+    The defaults are compared in the form the trainer writes a run's config.yaml in (to_dict)."""
+    defaults = to_dict(TrainConfig(), ClipOptions())["options"]
+    return {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
 
 
 def clip_record(record: dict, clip_config: dict, before: dict | None, command: str = "mmsynth train clip") -> str:
@@ -125,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(out, tmp, ignore=shutil.ignore_patterns(CLIP_FOLDER))
     staged = save_components(reports / "clip_float16", dtype=torch.float16, clip=load_component(export, CLIP_FOLDER))
     shutil.copytree(staged / CLIP_FOLDER, tmp / CLIP_FOLDER)  # (save_components replaces the folder it writes)
-    json_out = reports / "components.json"
-    args = ["bench", "components", "--model", str(tmp), "--n", str(a.n), "--json", str(json_out)]
-    for bench in [args] + ([[*args[:-1], str(reports / "components_val.json"), "--split", "val", "--seed",
-                               str(a.val_seed)]] if a.val_seed is not None else []):  # fmt: skip
+    json_out, val_out = reports / "components.json", reports / "components_val.json"
+    benches = [(json_out, [])]
+    if a.val_seed is not None:
+        benches.append((val_out, ["--split", "val", "--seed", str(a.val_seed)]))
+    for path, split in benches:
+        bench = ["bench", "components", "--model", str(tmp), "--n", str(a.n), "--json", str(path), *split]
         print("$ mmsynth " + " ".join(bench), flush=True)
         if mmsynth(bench) != 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     section = ship.components_lines(scores, f"mmsynth bench components --model {out} --n {a.n}")
     text = clip_record(record, json.loads((export / CLIP_FOLDER / "config.json").read_text()), before, a.command)
     if a.val_seed is not None:
-        val = json.loads((reports / "components_val.json").read_text())["clip"]["top1_consistent"]
+        val = json.loads(val_out.read_text())["clip"]["top1_consistent"]
         text += (f" On val (`mmsynth bench components --model {out} --n {a.n} --split val --seed {a.val_seed}`): "
                  f"{val['value']:.3f} (95% CI {val['ci95'][0]:.3f}..{val['ci95'][1]:.3f}).")
     section += ["", text]
