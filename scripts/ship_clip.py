@@ -10,7 +10,8 @@ temporary folder with clip/ replaced by the run's CLIP in float16; `mmsynth benc
 caption-consistent retrieval beats the bundle's metrics_components.json (--allow-worse ships anyway); rewrite the
 card's weights line, its quote of the parts' training table (from --parts) and its Components section (the
 figures, the command, the run's record with the training command and the options it set, and with --val-seed the
-same bench on the val split) and metrics_components.json; rename the folder into place.
+same bench on the val split) and metrics_components.json (with --val-seed, val under `clip_val`, which the next
+stage's card quotes as "before it"); rename the folder into place.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def set_options(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
 
 
-def clip_record(record: dict, clip_config: dict, before: dict | None, command: str = "mmsynth train clip") -> str:
+def clip_record(record: dict, clip_config: dict, before: dict | None, command: str = "mmsynth train clip",
+                before_val: dict | None = None) -> str:  # fmt: skip
     """One paragraph on what clip/ is: the run, how it was trained, its steps and time, the towers' shape, and the
-    retrieval before."""
+    retrieval before (on test, and on val where the shipped metrics have it: `clip_val`)."""
     import yaml
 
     config = yaml.safe_load(record.get("config") or "{}") or {}
@@ -68,7 +70,9 @@ def clip_record(record: dict, clip_config: dict, before: dict | None, command: s
     if before and "top1_consistent" in before:
         b = before["top1_consistent"]
         text += (f" Caption-consistent retrieval before it: {b['value']:.3f} "
-                 f"(95% CI {b['ci95'][0]:.3f}..{b['ci95'][1]:.3f}).")
+                 f"(95% CI {b['ci95'][0]:.3f}..{b['ci95'][1]:.3f})")
+        v = (before_val or {}).get("top1_consistent")
+        text += f", {v['value']:.3f} on val." if v else "."
     return text
 
 
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"ship_clip: {out} is not a bundle (no model_index.json)")
     ship._check_same_text_tower(out, export)
     metrics = out / "metrics_components.json"
-    before = json.loads(metrics.read_text()).get("clip") if metrics.is_file() else None
+    shipped = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    before, before_val = shipped.get("clip"), shipped.get("clip_val")
     reports.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.shipping")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -138,14 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"ship_clip: retrieval {new:.3f} does not beat the shipped {old:.3f}; nothing shipped "
                  "(--allow-worse ships anyway)")  # fmt: skip
+    if a.val_seed is not None:  # kept beside test, so the next stage's card can say what val was before it
+        scores["clip_val"] = {**json.loads(val_out.read_text())["clip"], "seed": a.val_seed}
     name = json.dumps(str(out))
-    (tmp / metrics.name).write_text(json_out.read_text(encoding="utf-8").replace(json.dumps(str(tmp)), name),
+    (tmp / metrics.name).write_text(json.dumps(scores, indent=2).replace(json.dumps(str(tmp)), name) + "\n",
                                     encoding="utf-8")  # fmt: skip
     record = ship.training_record(run, "clip")
     section = ship.components_lines(scores, f"mmsynth bench components --model {out} --n {a.n}")
-    text = clip_record(record, json.loads((export / CLIP_FOLDER / "config.json").read_text()), before, a.command)
+    text = clip_record(record, json.loads((export / CLIP_FOLDER / "config.json").read_text()), before, a.command,
+                       before_val)  # fmt: skip
     if a.val_seed is not None:
-        val = json.loads(val_out.read_text())["clip"]["top1_consistent"]
+        val = scores["clip_val"]["top1_consistent"]
         text += (f" On val (`mmsynth bench components --model {out} --n {a.n} --split val --seed {a.val_seed}`): "
                  f"{val['value']:.3f} (95% CI {val['ci95'][0]:.3f}..{val['ci95'][1]:.3f}).")
     section += ["", text]

@@ -203,7 +203,9 @@ def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_o
     assert "10 steps of 8" in text and "before it: -1.000" in text and "Weights: 9.9 MiB" not in text
     assert '(`mmsynth train clip --config c.yaml`; options set: {"freeze_text": true}; lr 0.0001)' in text
     assert f"On val (`mmsynth bench components --model {out} --n 4 --split val --seed 7`): " in text
-    assert json.loads((out / "metrics_components.json").read_text())["model"] == str(out)
+    shipped_metrics = json.loads((out / "metrics_components.json").read_text())
+    assert shipped_metrics["model"] == str(out) and shipped_metrics["clip_val"]["seed"] == 7
+    assert shipped_metrics["clip_val"]["split"] == "val" and shipped_metrics["clip"]["split"] == "test"
     assert not (tmp_path / ".zoo.shipping").exists()
     # shipped again: not better than itself, so refused and nothing changes
     before = (out / "README.md").read_text()
@@ -224,3 +226,12 @@ def test_shipping_a_clip_stage_refreshes_the_parts_table_the_card_quotes():
     assert "| old row |\n| new row |\n\nnote\n\n\nReproduce: `bash`\n\n### configs\n" in new
     assert new.startswith("## Training\n\nx, as follows:\n\n\n| part |")  # as ship_zoo writes it
     assert ship.rewrite_parts_table("## Training\n\nno quote\n", ["| row |"]) == "## Training\n\nno quote\n"
+
+
+def test_a_clip_stage_card_quotes_the_val_figure_before_it_where_the_shipped_metrics_have_it():
+    ship = _ship_clip()
+    record = {"folder": "runs/c", "config": "batch_size: 8\n", "step": 10}
+    before = {"top1_consistent": {"value": 0.878, "ci95": [0.856, 0.897]}}
+    val = {"top1_consistent": {"value": 0.86, "ci95": [0.837, 0.88]}, "seed": 7}
+    assert "before it: 0.878 (95% CI 0.856..0.897), 0.860 on val." in ship.clip_record(record, {}, before, "c", val)
+    assert "before it: 0.878 (95% CI 0.856..0.897)." in ship.clip_record(record, {}, before, "c")
