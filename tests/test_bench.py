@@ -179,8 +179,12 @@ def test_result_schema(result):
 
 
 def test_same_cases_and_seed_give_the_same_numbers(bundle, cases, result):
+    def untimed(res):  # cost_ratio is a ratio of seconds: the one figure that differs between runs
+        return {s: {r: {k: v for k, v in m.items() if k != "cost_ratio"} for r, m in rows.items()}
+                for s, rows in res.to_dict()["results"].items()}  # fmt: skip
+
     again = run_bench(cases, _ctx(bundle), RunOptions(rows=["base_uncond", "t2i"]))
-    assert again.to_dict()["results"] == result.to_dict()["results"]
+    assert untimed(again) == untimed(result) and result.to_dict()["results"]["t2i"]["t2i"]["cost_ratio"] == 1.0
 
 
 def test_batches_give_the_images_of_cases_generated_alone(bundle, cases):
@@ -219,6 +223,18 @@ def test_sweep_rows_and_pending_suites(bundle):
     assert d["rows"]["t2i"]["t2i[cfg=1]"]["settings"]["cfg"] == 1.0
     assert set(d["pending"]) == {"control", "layout"} and d["results"]["control"] == {}
     assert "no rows yet" in d["pending"]["control"] and "no rows yet" in res.markdown()
+
+
+def test_a_best_of_sweep_shares_candidates_and_gives_no_cost_ratio_for_rows_that_reused_them(bundle):
+    cases = make_cases("t2i", 1, seed=1)[:2]
+    res = run_bench(cases, _ctx(bundle), RunOptions(rows=["t2i"], sweeps={"best_of": [2.0, 3.0]}))
+    rows = {r.row: r for r in res.rows}
+    assert "cost_ratio" in rows["t2i[best_of=2]"].metrics  # drew all its candidates
+    assert "cost_ratio" not in rows["t2i[best_of=3]"].metrics
+    assert "were reused from an earlier row" in rows["t2i[best_of=3]"].unavailable["cost_ratio"]
+    alone = run_bench(cases, _ctx(bundle), RunOptions(rows=["t2i"], sweeps={"best_of": [3.0]}))
+    mine = next(r for r in alone.rows if r.row == "t2i[best_of=3]")
+    assert mine.cases == rows["t2i[best_of=3]"].cases and "cost_ratio" in mine.metrics  # same picks, alone
 
 
 # ---------------------------------------------------------------- CLI

@@ -90,3 +90,23 @@ def test_bench_rows_pass_best_of_to_the_sampler():
     assert parse_sweep("best_of=1,2,4") == ("best_of", [1.0, 2.0, 4.0])
     with pytest.raises(InputError, match="best_of must be whole numbers in \\[1, 64\\]"):
         parse_sweep("best_of=0,2")
+
+
+def test_shared_candidates_draw_each_candidate_once_and_pick_as_alone(bundle, request_k3, monkeypatch):
+    import mmsynth.sample.sampler as sampler_module
+    from mmsynth.sample.best_of import shared_candidates
+
+    alone = sample(bundle, request_k3, progress=False)
+    seeds = []
+    real = sampler_module.sample
+    monkeypatch.setattr(sampler_module, "sample", lambda b, r, **kw: seeds.append(r.seed) or real(b, r, **kw))
+    with shared_candidates() as draws:
+        sample(bundle, dataclasses.replace(request_k3, best_of=2), progress=False)
+        with shared_candidates():  # a nested block shares the outer one's draws
+            shared = sample(bundle, request_k3, progress=False)
+    assert seeds == [candidate_seed(5, j) for j in range(3)]  # K = 3 drew only the candidate K = 2 had not
+    assert draws.reused == 2 and len(draws.draws) == 3
+    assert shared.selection == alone.selection
+    np.testing.assert_array_equal(shared.images, alone.images)
+    sample(bundle, dataclasses.replace(request_k3, best_of=2), progress=False)  # outside: nothing kept
+    assert seeds[3:] == [candidate_seed(5, j) for j in range(2)]

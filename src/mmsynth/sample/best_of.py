@@ -7,11 +7,17 @@ so candidate 0 is the image plain sampling gives, and a per-image request (seed 
 same K candidates and the same choice on its own. The scorer is the bundle's CLIP (clip/), the image-text
 cosine of `guides.ClipGuide`: it knows what the CLIP knows (on the Shapes zoo: objects, colours and counts well,
 spatial relations hardly), so best-of-K helps exactly where the CLIP sees more than the UNet draws.
+
+Inside `shared_candidates()` a candidate is drawn once and reused by every later request that needs it (the
+same request but for best_of): a bench sweep `best_of=2,4,8` then draws 8 candidates per image, not 14, and
+each K's pick is among the very candidates the smaller K saw.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +32,33 @@ if TYPE_CHECKING:
     from mmsynth.sample.sampler import SampleResult
 
 CANDIDATE_STRIDE = 1_000_003  # seed offset between candidates: far from the seed + i of the images of a batch
+
+
+@dataclasses.dataclass
+class SharedDraws:
+    """The candidates drawn inside a `shared_candidates()` block, by (bundle id, candidate request JSON), each
+    kept with its bundle (so the id cannot be reused), and how many draws were served from here so far."""
+
+    draws: dict[tuple[int, str], tuple[Bundle, SampleResult, np.ndarray]] = dataclasses.field(default_factory=dict)
+    reused: int = 0
+
+
+_shared: SharedDraws | None = None
+
+
+@contextlib.contextmanager
+def shared_candidates() -> Iterator[SharedDraws]:
+    """Within the block, each candidate (bundle, request without best_of, candidate seed; requests without
+    controls) is sampled and scored once: rows of one bench run that differ only in best_of share their draws
+    (a row that reused some costs less than it would alone: `SharedDraws.reused` says so). Held in memory until
+    the outermost block ends (a 64 x 64 candidate: about 16 KB)."""
+    global _shared
+    outer = _shared
+    _shared = SharedDraws() if outer is None else outer
+    try:
+        yield _shared
+    finally:
+        _shared = outer
 
 
 def candidate_seed(seed: int, j: int) -> int:
@@ -78,9 +111,17 @@ def sample_best_of(bundle: Bundle, request: GenerationRequest, controls: list[Co
     single = dataclasses.replace(request, best_of=1)
     runs = []
     for j in range(k):
-        run = sample(bundle, dataclasses.replace(single, seed=candidate_seed(request.seed, j)), controls=controls,
-                     progress=progress, decode=True)  # fmt: skip
-        runs.append((run, clip_distances(bundle, run.images, prompts)))
+        candidate = dataclasses.replace(single, seed=candidate_seed(request.seed, j))
+        key = (id(bundle), candidate.to_json()) if _shared is not None and not controls else None
+        if key is not None and key in _shared.draws and _shared.draws[key][0] is bundle:
+            drawn = _shared.draws[key][1:]
+            _shared.reused += 1
+        else:
+            run = sample(bundle, candidate, controls=controls, progress=progress, decode=True)
+            drawn = (run, clip_distances(bundle, run.images, prompts))
+            if key is not None:
+                _shared.draws[key] = (bundle, *drawn)
+        runs.append(drawn)
     dist = np.stack([d for _, d in runs])  # K x n
     best = dist.argmin(axis=0)
     images = np.stack([runs[int(j)][0].images[i] for i, j in enumerate(best)])

@@ -238,39 +238,45 @@ def run_bench(
     t0 = time.perf_counter()
     planned, pending = plan(cases, ctx, options)
     results: list[RowResult] = []
-    for p in planned:
-        t = time.perf_counter()
-        part = generate_shard(ctx, p.row, p.todo, dist.rank, dist.world, progress=ctx.progress and dist.is_main)
-        gen_s = time.perf_counter() - t
-        images = merge_shards(dist.gather(part), len(p.todo))
-        if not dist.is_main:
-            continue
-        if p.todo:
-            assert p.suite.score is not None
-            scored = p.suite.score(ctx, p.todo, images, p.references)
-        else:
-            scored = RowScore({}, {"*": "every case was skipped"})
-        settings = dataclasses.asdict(ctx.sampler.with_overrides(p.row.settings())) if p.row.uses_model else {}
-        settings.update({k: v for k, v in p.row.settings().items() if k not in settings})
-        rr = RowResult(
-            suite=p.suite.name,
-            row=p.row.name,
-            kind=p.row.kind,
-            description=p.row.description,
-            metrics=scored.metrics,
-            unavailable=scored.unavailable,
-            n_cases=len(p.todo),
-            skipped=p.skipped,
-            wall_s=time.perf_counter() - t,
-            gen_s=gen_s,
-            settings=settings,
-            sweep=_sweep_info(p.row),
-            panels=_panels(p, images, scored, options.panels),
-            cases=case_records(p.todo, scored),
-        )
-        results.append(rr)
-        if on_row is not None:
-            on_row(rr)
+    from mmsynth.sample.best_of import shared_candidates
+
+    with shared_candidates() as shared:  # rows that differ only in best_of (a sweep) reuse each other's candidates
+        for p in planned:
+            t, reused = time.perf_counter(), shared.reused
+            part = generate_shard(ctx, p.row, p.todo, dist.rank, dist.world, progress=ctx.progress and dist.is_main)
+            gen_s = time.perf_counter() - t
+            images = merge_shards(dist.gather(part), len(p.todo))
+            if not dist.is_main:
+                continue
+            if p.todo:
+                assert p.suite.score is not None
+                scored = p.suite.score(ctx, p.todo, images, p.references)
+            else:
+                scored = RowScore({}, {"*": "every case was skipped"})
+            settings = dataclasses.asdict(ctx.sampler.with_overrides(p.row.settings())) if p.row.uses_model else {}
+            settings.update({k: v for k, v in p.row.settings().items() if k not in settings})
+            rr = RowResult(
+                suite=p.suite.name,
+                row=p.row.name,
+                kind=p.row.kind,
+                description=p.row.description,
+                metrics=scored.metrics,
+                unavailable=scored.unavailable,
+                n_cases=len(p.todo),
+                skipped=p.skipped,
+                wall_s=time.perf_counter() - t,
+                gen_s=gen_s,
+                settings=settings,
+                sweep=_sweep_info(p.row),
+                panels=_panels(p, images, scored, options.panels),
+                cases=case_records(p.todo, scored),
+            )
+            if shared.reused > reused:  # its time is not what the row costs alone
+                rr.unavailable["cost_ratio"] = (f"{shared.reused - reused} candidate batches were reused from an "
+                                                "earlier row of this run; run the row alone for its cost")  # fmt: skip
+            results.append(rr)
+            if on_row is not None:
+                on_row(rr)
     if not dist.is_main:
         return None
     add_cost_ratios(results)
@@ -296,7 +302,7 @@ def add_cost_ratios(results: list[RowResult]) -> None:
             continue
         per_image = base.gen_s / base.n_cases
         for r in results:
-            if r.suite == suite and r.n_cases and r.settings:  # settings: the row ran the model
+            if r.suite == suite and r.n_cases and r.settings and "cost_ratio" not in r.unavailable:  # ran the model
                 r.metrics["cost_ratio"] = Metric(r.gen_s / r.n_cases / per_image, r.n_cases)
 
 

@@ -16,7 +16,8 @@ Rows: ground_truth (the scene's render: the ceiling), vae_ceiling (that render t
 ceiling of a latent model), base_uncond (empty prompt: chance), t2i (the prompt), attend_excite (the prompt with
 Attend-and-Excite on every group's noun: the training-free fix for a neglected object; `step_size` sweepable),
 best_of (the prompt, the bundle CLIP's pick of `best_of` candidates, 4 by default: DALL-E's reranking; it costs
-`best_of` times the t2i row, and `--sweep best_of=1,2,4` on the t2i row gives the curve).
+`best_of` times the t2i row, and `--sweep best_of=1,2,4` on the t2i row gives the curve, each K ranking the
+candidates the smaller K drew). Every model row gets `cost_ratio`: its seconds per image over the t2i row's.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ SUITE = register_suite(
         headline="overall",
         default_n=500,
         quick_n=6,
+        cost_baseline="t2i",  # best_of and attend_excite: seconds per image over plain sampling's, side by side
         rows={
             "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
                                 needs=lambda c: [], uses_model=False),
