@@ -68,12 +68,15 @@ def clip_record(record: dict, clip_config: dict, before: dict | None, command: s
             f"{vision.get('patch_size', '?')}. Its text tower is `text_encoder/` bit for bit (checked when shipped), "
             "so the text-to-image figures above do not depend on it. The earlier CLIP stages: `docs/zoo_parts.md`.")
     if before and "top1_consistent" in before:
-        b = before["top1_consistent"]
-        text += (f" Caption-consistent retrieval before it: {b['value']:.3f} "
-                 f"(95% CI {b['ci95'][0]:.3f}..{b['ci95'][1]:.3f})")
+        text += f" Caption-consistent retrieval before it: {with_interval(before['top1_consistent'])}"
         v = (before_val or {}).get("top1_consistent")
         text += f", {v['value']:.3f} on val." if v else "."
     return text
+
+
+def with_interval(metric: dict) -> str:
+    """A retrieval figure as the card states it: the value and its 95% interval."""
+    return f"{metric['value']:.3f} (95% CI {metric['ci95'][0]:.3f}..{metric['ci95'][1]:.3f})"
 
 
 def rewrite_card(card: str, components_section: list[str], weights: str) -> str:
@@ -153,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     text = clip_record(record, json.loads((export / CLIP_FOLDER / "config.json").read_text()), before, a.command,
                        before_val)  # fmt: skip
     if a.val_seed is not None:
-        val = scores["clip_val"]["top1_consistent"]
         text += (f" On val (`mmsynth bench components --model {out} --n {a.n} --split val --seed {a.val_seed}`): "
-                 f"{val['value']:.3f} (95% CI {val['ci95'][0]:.3f}..{val['ci95'][1]:.3f}).")
+                 f"{with_interval(scores['clip_val']['top1_consistent'])}.")
     section += ["", text]
     card = tmp / "README.md"
     if card.is_file():

@@ -113,7 +113,7 @@ def sample_best_of(bundle: Bundle, request: GenerationRequest, controls: list[Co
     for j in range(k):
         candidate = dataclasses.replace(single, seed=candidate_seed(request.seed, j))
         key = (id(bundle), candidate.to_json()) if _shared is not None and not controls else None
-        if key is not None and key in _shared.draws and _shared.draws[key][0] is bundle:
+        if key is not None and key in _shared.draws:  # (its bundle is kept in it: that id is this bundle's)
             drawn = _shared.draws[key][1:]
             _shared.reused += 1
         else:
