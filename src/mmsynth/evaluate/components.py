@@ -23,7 +23,7 @@ from mmsynth.data.render import render
 from mmsynth.data.scene import Scene, relation_holds, sample_scene
 from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
-from mmsynth.models.zoo import projected, unit_means
+from mmsynth.models.zoo import projected, run_owners, unit_means
 
 
 def caption_true_of(caption: str, scene: Scene) -> bool:
@@ -130,7 +130,7 @@ def ideal_image_embeddings(clip: Any, tokenizer: Any, scenes: list[Scene], queri
     feats = torch.cat([text_features(clip, tokenizer, flat[k : k + batch_size])
                        for k in range(0, len(flat), batch_size)]).float()  # fmt: skip
     counts = [len(cs) for cs in others]
-    owner = torch.repeat_interleave(torch.tensor(counts, device=feats.device))
+    owner = run_owners(counts, feats.device)
     prototype = unit_means(feats, counts)
     scale = float(clip.logit_scale.exp()) if hasattr(clip, "logit_scale") else 100.0
     free = torch.nn.Parameter(prototype.clone())

@@ -172,10 +172,16 @@ def projected(out: torch.Tensor | Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def run_owners(counts: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """For rows grouped in consecutive runs of `counts[i]`, the index i of the run each row belongs to: which
+    scene each of several captions per scene describes."""
+    return torch.repeat_interleave(torch.tensor(counts, device=device))
+
+
 def unit_means(vectors: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """The unit-length mean of each consecutive run of `counts[i]` rows: one embedding for a scene from its
     several captions' (the caption target of CLIP training, and the text side's ceiling in its evaluation)."""
-    owner = torch.repeat_interleave(torch.tensor(counts, device=vectors.device))
+    owner = run_owners(counts, vectors.device)
     sums = torch.zeros(len(counts), vectors.shape[1], device=vectors.device, dtype=vectors.dtype)
     return torch.nn.functional.normalize(sums.index_add_(0, owner, vectors), dim=-1)
 
