@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Train the Shapes zoo on this machine, in order: CLIP, VAE (then its edge-weighted second stage,
 # configs/vae_edges.yaml), the latent cache and the text-to-image UNet, then the CLIP's
-# vision side against its fixed text tower in five stages, each from the one before (configs/clip_vision.yaml,
-# clip_vision_deep.yaml, clip_vision_patch4.yaml, clip_vision_patch4_more.yaml, clip_vision_8l.yaml; run folders
-# runs/STAGE).
+# vision side against its fixed text tower in six stages, each from the one before (configs/clip_vision.yaml,
+# clip_vision_deep.yaml, clip_vision_patch4.yaml, clip_vision_patch4_more.yaml, clip_vision_8l.yaml,
+# clip_vision_8l_more.yaml; run folders runs/STAGE).
 # Each step resumes from its newest checkpoint, so rerunning this script continues where it stopped;
 # a finished step leaves runs/STAGE/DONE and is skipped. Extra arguments go to every `mmsynth train`.
 set -euo pipefail
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 # Use the project virtual environment when there is one (a background shell does not inherit activation).
 if [ -f .venv/bin/activate ] && ! command -v mmsynth >/dev/null; then . .venv/bin/activate; fi
 for stage in clip vae vae_edges t2i clip_vision clip_vision_deep clip_vision_patch4 clip_vision_patch4_more \
-    clip_vision_8l; do
+    clip_vision_8l clip_vision_8l_more; do
     recipe=${stage%%_*}
     if [ -f "runs/$stage/DONE" ]; then
         echo "== $stage: done, skipping"
