@@ -185,6 +185,9 @@ def components_lines(components: dict, command: str) -> list[str]:
     if "misses" in c:
         lines.append("- wrong retrievals, by what differs: " + (", ".join(
             f"{k} {n}" for k, n in c["misses"].items()) or "none"))  # fmt: skip
+    if c.get("shape_swaps"):
+        lines.append("- shapes confused in those with a shape wrong (asked->retrieved): " + ", ".join(
+            f"{k} {n}" for k, n in c["shape_swaps"].items()))  # fmt: skip
     if "text_side_ceiling" in c:
         lines.append("- text-side ceiling (retrieval against images embedded from their scenes' other captions: "
                      "their mean, or vectors fitted to them; what a perfect vision side could reach): " + ", ".join(

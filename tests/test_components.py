@@ -10,6 +10,7 @@ from mmsynth.evaluate.components import (
     clip_retrieval,
     ideal_image_embeddings,
     retrieval_miss,
+    shape_swaps,
     text_features,
     vae_psnr,
 )
@@ -49,6 +50,8 @@ def test_component_scores_run_on_tiny_models():
     assert hits == round(ret["top1_consistent"]["value"] * 6)  # the kinds partition the cases
     assert set(ret["misses"]) <= set(MISS_KINDS)
     assert sum(ret["misses"].values()) == 6 - round(ret["top1_consistent"]["value"] * 6)  # one name per miss
+    assert all("->" in k for k in ret["shape_swaps"]) and sum(ret["shape_swaps"].values()) >= ret["misses"].get(
+        "a shape", 0)  # every shape miss names at least one swap
     assert set(ret["text_side_ceiling"]) == {"prototype", "fitted"}
     assert all(0.0 <= r["value"] <= 1.0 and r["n"] == 6 for r in ret["text_side_ceiling"].values())
 
@@ -117,6 +120,19 @@ def test_retrieval_misses_are_named_by_what_differs():
         == "colours bound to other shapes"
     assert retrieval_miss(query, _scene(swap(red_circle, color="green", shape="star"), blue_square)) \
         == "shape and colour"
+
+
+def test_shape_swaps_name_the_asked_and_the_retrieved_shape_per_colour():
+    red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
+    blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    swap = lambda o, **kw: ShapeObject(**{**o.__dict__, **kw})  # noqa: E731
+    query = _scene(red_circle, blue_square)
+    assert shape_swaps(query, _scene(swap(red_circle, shape="star"), blue_square)) == ["circle->star"]
+    assert shape_swaps(query, _scene(swap(red_circle, shape="star"), swap(blue_square, shape="cross"))) \
+        == ["square->cross", "circle->star"]  # colours in sorted order: blue, red
+    assert shape_swaps(query, query) == []
+    two_red = _scene(red_circle, swap(red_circle, cx=0.75))
+    assert shape_swaps(two_red, _scene(red_circle, swap(red_circle, shape="cross", cx=0.75))) == ["circle->cross"]
 
 
 def test_bench_components_cli(tmp_path, capsys):

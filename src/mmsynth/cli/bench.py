@@ -140,6 +140,9 @@ def _components(args: argparse.Namespace) -> int:
             f"{k} {r['value']:.3f} (n={r['n']})" for k, r in scores["clip"]["consistent_by_kind"].items()))  # fmt: skip
         print("  wrong retrievals, by what differs: " + (", ".join(
             f"{k} {v}" for k, v in scores["clip"]["misses"].items()) or "none"))  # fmt: skip
+        if scores["clip"]["shape_swaps"]:
+            print("  shapes confused in those with a shape wrong (asked->retrieved): " + ", ".join(
+                f"{k} {v}" for k, v in scores["clip"]["shape_swaps"].items()))  # fmt: skip
         print("  text-side ceiling (images embedded from their scenes' other captions): " + ", ".join(
             f"{k} {r['value']:.4f}" for k, r in scores["clip"]["text_side_ceiling"].items()))  # fmt: skip
     else:

@@ -109,13 +109,16 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
     consistent = np.array([caption_true_of(texts[i], scenes[int(j)]) for i, j in enumerate(best)])
     kinds = np.array([caption_kind(t) for t in texts])
     by_kind = {k: _rate(consistent[kinds == k]) for k in CAPTION_KINDS if (kinds == k).any()}
-    misses = Counter(retrieval_miss(scenes[i], scenes[int(j)]) for i, j in enumerate(best) if not consistent[i])
+    missed = [(scenes[i], scenes[int(j)]) for i, j in enumerate(best) if not consistent[i]]
+    misses = Counter(retrieval_miss(q, r) for q, r in missed)
+    swaps = Counter(s for q, r in missed if retrieval_miss(q, r) == "a shape" for s in shape_swaps(q, r))
     ceiling = {}
     for name, ideal in ideal_image_embeddings(clip, tokenizer, scenes, texts, batch_size).items():
         picks = (query_feats @ ideal.T).argmax(dim=1).cpu().numpy()
         ceiling[name] = _rate(np.array([caption_true_of(texts[i], scenes[int(j)]) for i, j in enumerate(picks)]))
     return {"top1_exact": _rate(exact), "top1_consistent": _rate(consistent), "consistent_by_kind": by_kind,
-            "misses": dict(misses.most_common()), "text_side_ceiling": ceiling, "split": split}  # fmt: skip
+            "misses": dict(misses.most_common()), "shape_swaps": dict(swaps.most_common()),
+            "text_side_ceiling": ceiling, "split": split}  # fmt: skip
 
 
 def ideal_image_embeddings(clip: Any, tokenizer: Any, scenes: list[Scene], queries: list[str], batch_size: int = 128,
@@ -161,6 +164,18 @@ def retrieval_miss(query: Scene, retrieved: Scene) -> str:
     if same_colours and same_shapes:
         return "colours bound to other shapes"
     return "a shape" if same_colours else "a colour" if same_shapes else "shape and colour"
+
+
+def shape_swaps(query: Scene, retrieved: Scene) -> list[str]:
+    """For each colour, the query's shapes the retrieved scene lacks paired with the shapes it has instead, as
+    "asked->retrieved" (e.g. "cross->square"): which shapes the vision side confuses, so which shape edits its
+    hard negatives most need. Unpaired leftovers (another count of that colour) are not named."""
+    out = []
+    for colour in sorted({o.color for o in query.objects} | {o.color for o in retrieved.objects}):
+        asked = Counter(o.shape for o in query.objects if o.color == colour)
+        got = Counter(o.shape for o in retrieved.objects if o.color == colour)
+        out += [f"{a}->{b}" for a, b in zip(sorted((asked - got).elements()), sorted((got - asked).elements()))]
+    return out
 
 
 CAPTION_KINDS = ("one object", "count", "two groups", "three or more groups")
