@@ -6,8 +6,8 @@ Shapes captions fit several images ("a blue star" fits every scene with one blue
 scene makes the caption true: same colour-shape groups and counts, stated sizes, and every stated
 relation holds by the dataset's own rule). The zoo's bar is stated on `top1_consistent`. Each wrong
 retrieval is named by what differs (`misses`; a wrong shape also by which shapes, `shape_swaps`), and
-`text_side_ceiling` is the retrieval an image side that
-matched the text tower perfectly could reach: together they say which tower to train.
+`text_side_ceiling` is the retrieval an image side that matched the text tower perfectly could reach: together
+they say which tower to train.
 """
 
 from __future__ import annotations
