@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from mmsynth.cli.main import main as mmsynth
+from mmsynth.evaluate.components import miss_lines
 from mmsynth.io import replace_dir
 from mmsynth.models.bundle import INPAINTING_UNET
 from mmsynth.train.recipes.t2i import BASE_CARD
@@ -183,11 +184,7 @@ def components_lines(components: dict, command: str) -> list[str]:
         lines.append("- top1_consistent by caption: " + ", ".join(
             f"{k} {r['value']:.3f} (n={r['n']})" for k, r in c["consistent_by_kind"].items()))  # fmt: skip
     if "misses" in c:
-        lines.append("- wrong retrievals, by what differs: " + (", ".join(
-            f"{k} {n}" for k, n in c["misses"].items()) or "none"))  # fmt: skip
-    if c.get("shape_swaps"):
-        lines.append("- shapes confused in those with a shape wrong (asked->retrieved): " + ", ".join(
-            f"{k} {n}" for k, n in c["shape_swaps"].items()))  # fmt: skip
+        lines += ["- " + line for line in miss_lines(c)]
     if "text_side_ceiling" in c:
         lines.append("- text-side ceiling (retrieval against images embedded from their scenes' other captions: "
                      "their mean, or vectors fitted to them; what a perfect vision side could reach): " + ", ".join(

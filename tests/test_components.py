@@ -9,6 +9,7 @@ from mmsynth.evaluate.components import (
     caption_true_of,
     clip_retrieval,
     ideal_image_embeddings,
+    miss_lines,
     retrieval_miss,
     shape_swaps,
     text_features,
@@ -52,6 +53,8 @@ def test_component_scores_run_on_tiny_models():
     assert sum(ret["misses"].values()) == 6 - round(ret["top1_consistent"]["value"] * 6)  # one name per miss
     assert all("->" in k for k in ret["shape_swaps"]) and sum(ret["shape_swaps"].values()) >= ret["misses"].get(
         "a shape", 0)  # every shape miss names at least one swap
+    assert miss_lines(ret)[0].startswith("wrong retrievals, by what differs: ")
+    assert len(miss_lines(ret)) == 1 + bool(ret["shape_swaps"])  # the swaps line only when there are swaps
     assert set(ret["text_side_ceiling"]) == {"prototype", "fitted"}
     assert all(0.0 <= r["value"] <= 1.0 and r["n"] == 6 for r in ret["text_side_ceiling"].values())
 

@@ -108,7 +108,7 @@ def _register_components(bsub: Any) -> None:
 
 
 def _components(args: argparse.Namespace) -> int:
-    from mmsynth.evaluate.components import clip_retrieval, vae_psnr
+    from mmsynth.evaluate.components import clip_retrieval, miss_lines, vae_psnr
     from mmsynth.io import write_json
     from mmsynth.models.bundle import load_component
     from mmsynth.models.shipped import resolve_model
@@ -138,11 +138,8 @@ def _components(args: argparse.Namespace) -> int:
                   f"(95% CI {r['ci95'][0]:.4f}..{r['ci95'][1]:.4f}, n={r['n']})")  # fmt: skip
         print("  top1_consistent by caption: " + ", ".join(
             f"{k} {r['value']:.3f} (n={r['n']})" for k, r in scores["clip"]["consistent_by_kind"].items()))  # fmt: skip
-        print("  wrong retrievals, by what differs: " + (", ".join(
-            f"{k} {v}" for k, v in scores["clip"]["misses"].items()) or "none"))  # fmt: skip
-        if scores["clip"]["shape_swaps"]:
-            print("  shapes confused in those with a shape wrong (asked->retrieved): " + ", ".join(
-                f"{k} {v}" for k, v in scores["clip"]["shape_swaps"].items()))  # fmt: skip
+        for line in miss_lines(scores["clip"]):
+            print("  " + line)
         print("  text-side ceiling (images embedded from their scenes' other captions): " + ", ".join(
             f"{k} {r['value']:.4f}" for k, r in scores["clip"]["text_side_ceiling"].items()))  # fmt: skip
     else:

@@ -111,8 +111,9 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
     kinds = np.array([caption_kind(t) for t in texts])
     by_kind = {k: _rate(consistent[kinds == k]) for k in CAPTION_KINDS if (kinds == k).any()}
     missed = [(scenes[i], scenes[int(j)]) for i, j in enumerate(best) if not consistent[i]]
-    misses = Counter(retrieval_miss(q, r) for q, r in missed)
-    swaps = Counter(s for q, r in missed if retrieval_miss(q, r) == "a shape" for s in shape_swaps(q, r))
+    miss_kinds = [retrieval_miss(q, r) for q, r in missed]
+    misses = Counter(miss_kinds)
+    swaps = Counter(s for (q, r), kind in zip(missed, miss_kinds) if kind == "a shape" for s in shape_swaps(q, r))
     ceiling = {}
     for name, ideal in ideal_image_embeddings(clip, tokenizer, scenes, texts, batch_size).items():
         picks = (query_feats @ ideal.T).argmax(dim=1).cpu().numpy()
@@ -177,6 +178,17 @@ def shape_swaps(query: Scene, retrieved: Scene) -> list[str]:
         got = Counter(o.shape for o in retrieved.objects if o.color == colour)
         out += [f"{a}->{b}" for a, b in zip(sorted((asked - got).elements()), sorted((got - asked).elements()))]
     return out
+
+
+def miss_lines(clip_scores: dict[str, Any]) -> list[str]:
+    """What the wrong retrievals of `clip_retrieval`'s scores got wrong, as the lines `mmsynth bench components`
+    prints and a model card quotes (one wording for both)."""
+    lines = ["wrong retrievals, by what differs: " + (", ".join(
+        f"{k} {n}" for k, n in clip_scores["misses"].items()) or "none")]  # fmt: skip
+    if clip_scores.get("shape_swaps"):
+        lines.append("shapes confused in those with a shape wrong (asked->retrieved): " + ", ".join(
+            f"{k} {n}" for k, n in clip_scores["shape_swaps"].items()))  # fmt: skip
+    return lines
 
 
 CAPTION_KINDS = ("one object", "count", "two groups", "three or more groups")
