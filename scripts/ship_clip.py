@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mmsynth.cli.main import main as mmsynth
+from mmsynth.evaluate.components import with_interval
 from mmsynth.io import replace_dir
 from mmsynth.models.bundle import CLIP_FOLDER, load_component, save_components
 from mmsynth.train.config import TrainConfig, to_dict
@@ -72,11 +73,6 @@ def clip_record(record: dict, clip_config: dict, before: dict | None, command: s
         v = (before_val or {}).get("top1_consistent")
         text += f", {v['value']:.3f} on val." if v else "."
     return text
-
-
-def with_interval(metric: dict) -> str:
-    """A retrieval figure as the card states it: the value and its 95% interval."""
-    return f"{metric['value']:.3f} (95% CI {metric['ci95'][0]:.3f}..{metric['ci95'][1]:.3f})"
 
 
 def rewrite_card(card: str, components_section: list[str], weights: str) -> str:

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from mmsynth.cli.main import main as mmsynth
-from mmsynth.evaluate.components import miss_lines
+from mmsynth.evaluate.components import miss_lines, with_interval
 from mmsynth.io import replace_dir
 from mmsynth.models.bundle import INPAINTING_UNET
 from mmsynth.train.recipes.t2i import BASE_CARD
@@ -173,13 +173,12 @@ def components_lines(components: dict, command: str) -> list[str]:
     v, c = components.get("vae", {}).get("psnr_db"), components.get("clip", {})
     lines = ["## Components", "", f"`{command}`", ""]
     if v:
-        lines.append(f"- VAE reconstruction PSNR: {v['value']:.2f} dB (95% CI {v['ci95'][0]:.2f}..{v['ci95'][1]:.2f}, "
-                     f"n={v['n']} test renders; bar >= 30 dB)")  # fmt: skip
+        psnr = with_interval(v, 2, " dB", f", n={v['n']} test renders; bar >= 30 dB")
+        lines.append(f"- VAE reconstruction PSNR: {psnr}")
     for key in ("top1_exact", "top1_consistent"):
         if key in c:
             r = c[key]
-            lines.append(f"- CLIP text->image retrieval {key}: {r['value']:.3f} "
-                         f"(95% CI {r['ci95'][0]:.3f}..{r['ci95'][1]:.3f}, n={r['n']}; bar >= 0.90)")  # fmt: skip
+            lines.append(f"- CLIP text->image retrieval {key}: " + with_interval(r, then=f", n={r['n']}; bar >= 0.90"))
     if c.get("consistent_by_kind"):
         lines.append("- top1_consistent by caption: " + ", ".join(
             f"{k} {r['value']:.3f} (n={r['n']})" for k, r in c["consistent_by_kind"].items()))  # fmt: skip

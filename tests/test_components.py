@@ -14,6 +14,7 @@ from mmsynth.evaluate.components import (
     shape_swaps,
     text_features,
     vae_psnr,
+    with_interval,
 )
 from mmsynth.models.zoo import tiny_bundle
 
@@ -240,3 +241,9 @@ def test_denoiser_relation_probe_script(tmp_path, capsys, monkeypatch):
     assert same[(0, 1000)] == (0.0, 0.0)  # the same caption twice: no gap, never better
     assert probe.swap_colours("a red circle left of two blue squares") == "a blue circle left of two red squares"
     assert probe.swap_colours("two red circles") is None and probe.swap_colours("a red circle and a red star") is None
+
+
+def test_with_interval_rounds_value_and_bounds_alike() -> None:
+    metric = {"value": 0.89549, "ci95": (0.87451, 0.9125), "n": 1000}
+    assert with_interval(metric) == "0.895 (95% CI 0.875..0.912)"
+    assert with_interval(metric, 1, " dB", ", n=1000") == "0.9 dB (95% CI 0.9..0.9, n=1000)"

@@ -108,7 +108,7 @@ def _register_components(bsub: Any) -> None:
 
 
 def _components(args: argparse.Namespace) -> int:
-    from mmsynth.evaluate.components import clip_retrieval, miss_lines, vae_psnr
+    from mmsynth.evaluate.components import clip_retrieval, miss_lines, vae_psnr, with_interval
     from mmsynth.io import write_json
     from mmsynth.models.bundle import load_component
     from mmsynth.models.shipped import resolve_model
@@ -121,12 +121,10 @@ def _components(args: argparse.Namespace) -> int:
     scores: dict[str, Any] = {"model": str(model), "n": args.n}
     if (model / "vae").is_dir():
         scores["vae"] = vae_psnr(load_component(model, "vae"), n=args.n, split=args.split, seed=args.seed)
-        p = scores["vae"]["psnr_db"]
-        print(f"VAE reconstruction PSNR: {p['value']:.2f} dB (95% CI {p['ci95'][0]:.2f}..{p['ci95'][1]:.2f}, "
-              f"n={p['n']} {args.split} renders)")  # fmt: skip
-        j = scores["vae"]["judge_pass"]
-        print(f"judge pass rate on the reconstructions: {j['value']:.4f} "
-              f"(95% CI {j['ci95'][0]:.4f}..{j['ci95'][1]:.4f}; the ceiling of a model drawing through this VAE)")
+        p, j = scores["vae"]["psnr_db"], scores["vae"]["judge_pass"]
+        print("VAE reconstruction PSNR: " + with_interval(p, 2, " dB", f", n={p['n']} {args.split} renders"))
+        print("judge pass rate on the reconstructions: "
+              + with_interval(j, 4, then="; the ceiling of a model drawing through this VAE"))
     else:
         print(f"no vae/ in {model}: VAE PSNR skipped")
     if (model / "clip").is_dir() and (model / "tokenizer").is_dir():
@@ -134,8 +132,7 @@ def _components(args: argparse.Namespace) -> int:
         scores["clip"] = clip_retrieval(clip, tok, n=args.n, split=args.split, seed=args.seed)
         for key in ("top1_exact", "top1_consistent"):
             r = scores["clip"][key]
-            print(f"CLIP text->image retrieval {key}: {r['value']:.4f} "
-                  f"(95% CI {r['ci95'][0]:.4f}..{r['ci95'][1]:.4f}, n={r['n']})")  # fmt: skip
+            print(f"CLIP text->image retrieval {key}: " + with_interval(r, 4, then=f", n={r['n']}"))
         print("  top1_consistent by caption: " + ", ".join(
             f"{k} {r['value']:.3f} (n={r['n']})" for k, r in scores["clip"]["consistent_by_kind"].items()))  # fmt: skip
         for line in miss_lines(scores["clip"]):

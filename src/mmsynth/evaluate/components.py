@@ -180,6 +180,13 @@ def shape_swaps(query: Scene, retrieved: Scene) -> list[str]:
     return out
 
 
+def with_interval(metric: dict[str, Any], digits: int = 3, unit: str = "", then: str = "") -> str:
+    """A figure with its 95% interval, in the one wording that `mmsynth bench components` and the model cards use:
+    "0.895 (95% CI 0.875..0.912)"; `unit` follows the value, `then` goes inside the parentheses (", n=1000")."""
+    lo, hi = metric["ci95"]
+    return f"{metric['value']:.{digits}f}{unit} (95% CI {lo:.{digits}f}..{hi:.{digits}f}{then})"
+
+
 def miss_lines(clip_scores: dict[str, Any]) -> list[str]:
     """What the wrong retrievals of `clip_retrieval`'s scores got wrong, as the lines `mmsynth bench components`
     prints and a model card quotes (one wording for both)."""
