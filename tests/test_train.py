@@ -645,3 +645,52 @@ def test_the_deepening_config_loads():
     for bad in ("0,2,2", "1,2,9"):
         with pytest.raises(InputError, match=r"options.attention_depth' takes counts 1\.\.8"):
             load_config(get_recipe("t2i"), path, overrides={"options.attention_depth": bad})
+
+
+def test_patch_targets_give_each_patch_the_shares_of_the_shapes_and_colours_under_it():
+    from mmsynth.data.scene import Background, Scene, ShapeObject
+    from mmsynth.train.patch_labels import COLOUR_CLASSES, SHAPE_CLASSES, patch_targets
+
+    square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    scene = Scene(objects=[ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12), square],
+                  background=Background("light", [(230, 230, 230)]))  # fmt: skip
+    shapes, colours = patch_targets([scene, scene.to_dict()], resolution=32, patch=4)  # a dict reads the same
+    assert shapes.shape == (2, 64, len(SHAPE_CLASSES)) and colours.shape == (2, 64, len(COLOUR_CLASSES))
+    assert torch.equal(shapes[0], shapes[1]) and torch.allclose(shapes.sum(-1), torch.ones(2, 64))
+    row, col = 4, 6  # the patch under the square's centre (x 0.75, y 0.5 of 8 x 8 patches), row-major
+    assert shapes[0, row * 8 + col, SHAPE_CLASSES.index("square")] == 1.0
+    assert colours[0, row * 8 + col, COLOUR_CLASSES.index("blue")] == 1.0
+    assert shapes[0, 0, 0] == 1.0 and colours[0, 63, 0] == 1.0  # corners: background
+    assert 0.0 < shapes[0, :, SHAPE_CLASSES.index("circle")].sum() < shapes[0, :, SHAPE_CLASSES.index("square")].sum()
+
+
+def test_clip_patch_labels_train_a_head_on_the_vision_patches_and_export_without_it(tmp_path, parts):
+    from mmsynth.models.bundle import load_component
+    from mmsynth.train.recipes.clip import ClipRecipe
+
+    config, options = load_config(get_recipe("clip"), overrides={**FAST, "options.init": str(parts),
+                                  "options.freeze_text": "true", "options.patch_label_weight": "0.5"})  # fmt: skip
+    recipe = ClipRecipe(config, options)
+    recipe.build()
+    recipe.place(torch.device("cpu"), torch.float32)
+    assert recipe.trainable == ("clip", "patch_labels")
+    examples = [recipe.dataset()[i] for i in range(4)]
+    batch = recipe.collate(examples)
+    loss, logs = recipe.loss(batch, 0)
+    assert {"patch_shape_loss", "patch_colour_loss", "patch_shape_acc"} <= set(logs)
+    loss.backward()
+    assert recipe.models["patch_labels"].head.weight.grad.abs().sum() > 0
+    assert recipe.models["clip"].vision_model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
+    recipe.options.patch_label_weight = 0.0
+    plain, _ = recipe.loss(batch, 0)
+    expected = plain + 0.5 * (logs["patch_shape_loss"] + logs["patch_colour_loss"]) / 2
+    assert torch.allclose(loss.detach(), expected.detach(), atol=1e-5)
+    result = run("clip", tmp_path / "p", max_steps="2", batch_size="8", **{
+        "options.init": str(parts), "options.freeze_text": "true", "options.patch_label_weight": "1"})  # fmt: skip
+    assert "patch_shape_acc" in read_log(tmp_path / "p" / "log.csv")[-1]
+    assert set(load_component(result.export, "clip").state_dict()) == set(load_component(parts, "clip").state_dict())
+    with pytest.raises(InputError, match="patch_label_weight' must be >= 0"):
+        run("clip", tmp_path / "bad", max_steps="1", batch_size="8", **{"options.patch_label_weight": "-1"})
+    with pytest.raises(InputError, match=r"patch_label_weight' labels patches .* needs data: shapes"):
+        run("clip", tmp_path / "bad2", max_steps="1", batch_size="8", data=str(tmp_path),
+            **{"options.patch_label_weight": "1"})  # fmt: skip

@@ -23,6 +23,7 @@ from mmsynth.models.grow import deepen_vision_tower, refine_vision_patches
 from mmsynth.models.tokenizer import build_shapes_tokenizer
 from mmsynth.models.zoo import ZOO_SPECS, build_clip, projected, text_encoder_from_clip, unit_means
 from mmsynth.train.data import HardNegativePairs
+from mmsynth.train.patch_labels import PatchLabelHead, patch_label_loss
 from mmsynth.train.recipe import Recipe
 from mmsynth.train.relation_probe import RelationProbe, relation_probe_loss, token_relation_targets
 
@@ -79,9 +80,15 @@ class ClipOptions:
     # tower puts the scene (retrieval against such means: 0.934 on the shipped tower's test queries). On the zoo,
     # 600 steps with it did not raise retrieval (configs/clip_vision_deep.yaml). Logs caption_target_cos. 0: off.
     caption_target_weight: float = 0.0
+    # Weight of a dense probe loss on the vision side (train/patch_labels.py): a linear head reads each patch
+    # token entering the last encoder layer and must give the exact shares of that patch covered by each shape
+    # and each colour. The misses left are one object's shape confused beside another, which the contrastive
+    # loss rarely tests and Shapes labels pixel by pixel. Needs data: shapes (the scenes). Logs
+    # patch_shape_acc and patch_colour_acc (patches one object covers at least half of). 0: off.
+    patch_label_weight: float = 0.0
 
     def validate(self) -> None:
-        for key in ("relation_probe_weight", "preserve_text_weight", "caption_target_weight"):
+        for key in ("relation_probe_weight", "preserve_text_weight", "caption_target_weight", "patch_label_weight"):
             if getattr(self, key) < 0:
                 raise InputError(f"config key 'options.{key}' must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if self.freeze_text and (self.relation_probe_weight or self.preserve_text_weight):
@@ -153,6 +160,9 @@ class ClipRecipe(Recipe):
         if o.relation_probe_weight:
             self.models["relation_probe"] = RelationProbe(clip.config.text_config.hidden_size)
             self.trainable += ("relation_probe",)
+        if o.patch_label_weight:
+            self.models["patch_labels"] = PatchLabelHead(clip.config.vision_config.hidden_size)
+            self.trainable += ("patch_labels",)
         if o.preserve_text_weight:  # frozen by the base class's place(): not in `trainable`
             self.models["text_reference"] = copy.deepcopy(clip.text_model)
 
@@ -165,9 +175,12 @@ class ClipRecipe(Recipe):
             clip.text_model.eval()
 
     def dataset(self) -> Dataset:
+        c = self.config
+        if self.options.patch_label_weight and c.data != "shapes":
+            raise InputError(f"config key 'options.patch_label_weight' labels patches from the Shapes scenes, so it "
+                             f"needs data: shapes, got data: {c.data}")  # fmt: skip
         if not self.options.hard_negatives:
             return super().dataset()
-        c = self.config
         if c.data != "shapes":
             raise InputError(f"config key 'options.hard_negatives' edits Shapes scenes, so it needs data: shapes, "
                              f"got data: {c.data}")  # fmt: skip
@@ -199,7 +212,8 @@ class ClipRecipe(Recipe):
         o = self.options
         tokens = self.tokenize(captions + negatives, return_offsets_mapping=bool(o.relation_probe_weight))
         input_ids = tokens.input_ids.to(self.device)
-        out = self.models["clip"](input_ids=input_ids, pixel_values=batch["pixel_values"])
+        out = self.models["clip"](input_ids=input_ids, pixel_values=batch["pixel_values"],
+                                  output_hidden_states=bool(o.patch_label_weight))
         n = len(captions)
         target = torch.arange(n, device=out.logits_per_image.device)
         # image -> every text (its caption among the batch's and the flipped ones); text -> the batch's images
@@ -217,6 +231,13 @@ class ClipRecipe(Recipe):
             drift = F.mse_loss(hidden.float(), reference.float())
             loss = loss + o.preserve_text_weight * drift
             logs["text_drift"] = float(drift.detach())
+        if o.patch_label_weight:
+            vision = self._unwrapped().config.vision_config
+            tokens = out.vision_model_output.hidden_states[-2][:, 1:]  # what enters the last layer; class token off
+            patch_loss, patch_logs = patch_label_loss(self.models["patch_labels"], tokens, batch["scene"],
+                                                      vision.image_size, vision.patch_size)  # fmt: skip
+            loss = loss + o.patch_label_weight * patch_loss
+            logs.update(patch_logs)
         if o.caption_target_weight:
             cos = (F.normalize(out.image_embeds.float(), dim=-1) * self._caption_targets(batch["captions"])).sum(-1)
             loss = loss + o.caption_target_weight * (1 - cos).mean()
