@@ -59,10 +59,6 @@ class PatchLabelHead(torch.nn.Module):
         return logits[..., : len(SHAPE_CLASSES)], logits[..., len(SHAPE_CLASSES) :]
 
 
-def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-
-
 def _object_patch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float | None:
     """Top-1 accuracy on the patches that one object covers at least half of (background is the easy class)."""
     share, label = target.max(-1)
@@ -81,7 +77,9 @@ def patch_label_loss(
     if tokens.shape[1] != shape_t.shape[1]:
         raise ValueError(f"{tokens.shape[1]} patch tokens for a {resolution}px image in {patch}px patches")
     shape_logits, colour_logits = head(tokens.float())
-    shape_loss, colour_loss = _soft_cross_entropy(shape_logits, shape_t), _soft_cross_entropy(colour_logits, colour_t)
+    # cross-entropy against class probabilities, averaged over patches
+    shape_loss = F.cross_entropy(shape_logits.flatten(0, 1), shape_t.flatten(0, 1))
+    colour_loss = F.cross_entropy(colour_logits.flatten(0, 1), colour_t.flatten(0, 1))
     logs = {"patch_shape_loss": float(shape_loss.detach()), "patch_colour_loss": float(colour_loss.detach())}
     for name, logits, target in (("shape", shape_logits, shape_t), ("colour", colour_logits, colour_t)):
         acc = _object_patch_accuracy(logits.detach(), target)
