@@ -1,5 +1,7 @@
 """Component scores: the caption-truth rule behind retrieval, and both scores on tiny models."""
 
+import dataclasses
+
 from mmsynth.data import captions, sample_scene
 from mmsynth.data.scene import Background, Scene, ShapeObject
 from mmsynth.evaluate.components import (
@@ -115,7 +117,7 @@ def test_retrieval_misses_are_named_by_what_differs():
     red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
     blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
     query = _scene(red_circle, blue_square)
-    swap = lambda o, **kw: ShapeObject(**{**o.__dict__, **kw})  # noqa: E731
+    swap = dataclasses.replace
     assert retrieval_miss(query, _scene(red_circle)) == "object count"
     assert retrieval_miss(query, _scene(swap(red_circle, cx=0.75), swap(blue_square, cx=0.25))) == "size or relation"
     assert retrieval_miss(query, _scene(swap(red_circle, shape="star"), blue_square)) == "a shape"
@@ -129,7 +131,7 @@ def test_retrieval_misses_are_named_by_what_differs():
 def test_shape_swaps_name_the_asked_and_the_retrieved_shape_per_colour():
     red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
     blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
-    swap = lambda o, **kw: ShapeObject(**{**o.__dict__, **kw})  # noqa: E731
+    swap = dataclasses.replace
     query = _scene(red_circle, blue_square)
     assert shape_swaps(query, _scene(swap(red_circle, shape="star"), blue_square)) == ["circle->star"]
     assert shape_swaps(query, _scene(swap(red_circle, shape="star"), swap(blue_square, shape="cross"))) \

@@ -176,14 +176,12 @@ class ClipRecipe(Recipe):
 
     def dataset(self) -> Dataset:
         c = self.config
-        if self.options.patch_label_weight and c.data != "shapes":
-            raise InputError(f"config key 'options.patch_label_weight' labels patches from the Shapes scenes, so it "
-                             f"needs data: shapes, got data: {c.data}")  # fmt: skip
+        for key, why in (("patch_label_weight", "labels patches from the Shapes scenes"),
+                         ("hard_negatives", "edits Shapes scenes")):  # fmt: skip
+            if getattr(self.options, key) and c.data != "shapes":
+                raise InputError(f"config key 'options.{key}' {why}, so it needs data: shapes, got data: {c.data}")
         if not self.options.hard_negatives:
             return super().dataset()
-        if c.data != "shapes":
-            raise InputError(f"config key 'options.hard_negatives' edits Shapes scenes, so it needs data: shapes, "
-                             f"got data: {c.data}")  # fmt: skip
         if c.batch_size % 2:
             raise InputError(f"config key 'options.hard_negatives' puts a scene and its edit in one batch, so "
                              f"batch_size must be even, got {c.batch_size}")  # fmt: skip
