@@ -7,7 +7,8 @@ A CLIP stage trained with options.freeze_text leaves the text tower, which is th
 as it was, so every text-to-image figure of the card still stands and only the components need measuring again.
 Steps: refuse (nothing written) unless the run's text tower is the bundle's text encoder; copy the bundle to a
 temporary folder with clip/ replaced by the run's CLIP in float16; `mmsynth bench components` there; refuse unless
-caption-consistent retrieval beats the bundle's metrics_components.json (--allow-worse ships anyway); rewrite the
+caption-consistent retrieval beats the bundle's metrics_components.json (--allow-worse ships anyway) and reaches
+--at-least (a stage that adds weight to the budget should earn it: a bar, not a gain within the noise); rewrite the
 card's weights line, its quote of the parts' training table (from --parts) and its Components section (the
 figures, the command, the run's record with the training command and the options it set, and with --val-seed the
 same bench on the val split) and metrics_components.json (with --val-seed, val under `clip_val`, which the next
@@ -95,6 +96,15 @@ def rewrite_parts_table(card: str, table: list[str]) -> str:
     return card[: found.start()] + "\n".join(["", *table]).rstrip() + "\n\n\n" + card[found.end() :]
 
 
+def refusal(new: float, old: float | None, at_least: float | None = None, allow_worse: bool = False) -> str | None:
+    """Why a stage with test retrieval `new` is not shipped over the shipped `old` (None: it ships)."""
+    if at_least is not None and new < at_least:
+        return f"retrieval {new:.3f} is below --at-least {at_least:.3f}; nothing shipped"
+    if old is not None and new <= old and not allow_worse:
+        return f"retrieval {new:.3f} does not beat the shipped {old:.3f}; nothing shipped (--allow-worse ships anyway)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/clip_vision_deep", help="the CLIP run folder (its export: RUN/final)")
@@ -102,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="test pairs for VAE PSNR / CLIP retrieval (default 1000)")
     p.add_argument("--reports", default="runs/ship", help="where the components JSON goes")
     p.add_argument("--allow-worse", action="store_true", help="ship even if retrieval does not beat the shipped CLIP")
+    p.add_argument("--at-least", type=float, default=None,
+                   help="refuse unless test retrieval reaches this too (e.g. 0.90 for a stage that adds weight)")
     p.add_argument("--parts", default="docs/zoo_parts.md",
                    help="the parts' record whose training table the card quotes (update it first)")  # fmt: skip
     p.add_argument("--command", default="mmsynth train clip", help="the command that trained the run, for the card")
@@ -138,10 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit("ship_clip: the components bench failed")
     scores = json.loads(json_out.read_text())
     new, old = scores["clip"]["top1_consistent"]["value"], (before or {}).get("top1_consistent", {}).get("value")
-    if old is not None and new <= old and not a.allow_worse:
+    if why := refusal(new, old, a.at_least, a.allow_worse):
         shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(f"ship_clip: retrieval {new:.3f} does not beat the shipped {old:.3f}; nothing shipped "
-                 "(--allow-worse ships anyway)")  # fmt: skip
+        sys.exit(f"ship_clip: {why}")
     if a.val_seed is not None:  # kept beside test, so the next stage's card can say what val was before it
         scores["clip_val"] = {**json.loads(val_out.read_text())["clip"], "seed": a.val_seed}
     name = json.dumps(str(out))

@@ -219,6 +219,16 @@ def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_o
         ship.main([*args, "--allow-worse"])
 
 
+def test_a_clip_stage_ships_only_if_it_beats_the_shipped_one_and_reaches_the_floor():
+    ship = _ship_clip()
+    assert ship.refusal(0.896, 0.895) is None and ship.refusal(0.5, None) is None
+    assert "does not beat the shipped 0.895" in ship.refusal(0.895, 0.895)
+    assert ship.refusal(0.895, 0.896, allow_worse=True) is None
+    assert "below --at-least 0.900" in ship.refusal(0.896, 0.895, at_least=0.90)
+    assert "below --at-least" in ship.refusal(0.896, 0.895, at_least=0.90, allow_worse=True)  # a floor stays
+    assert ship.refusal(0.901, 0.895, at_least=0.90) is None
+
+
 def test_shipping_a_clip_stage_refreshes_the_parts_table_the_card_quotes():
     ship = _ship_clip()
     card = "## Training\n\nx, as follows:\n\n\n| part |\n| old row |\n\nnote\n\n\nReproduce: `bash`\n\n### configs\n"
