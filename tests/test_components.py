@@ -3,12 +3,12 @@
 import dataclasses
 
 from mmsynth.data import captions, sample_scene
+from mmsynth.data.captions import caption_true_of
 from mmsynth.data.scene import Background, Scene, ShapeObject
 from mmsynth.evaluate.components import (
     CAPTION_KINDS,
     MISS_KINDS,
     caption_kind,
-    caption_true_of,
     clip_retrieval,
     ideal_image_embeddings,
     miss_lines,

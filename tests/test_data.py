@@ -244,8 +244,8 @@ def test_image_only_paths_give_the_annotated_pixels_and_captions():
 
 
 def test_minimal_edit_changes_one_attribute_and_keeps_the_rules():
+    from mmsynth.data.captions import caption_true_of
     from mmsynth.data.scene import minimal_edit
-    from mmsynth.evaluate.components import caption_true_of
 
     rng = np.random.default_rng(0)
     kinds = set()
@@ -269,8 +269,8 @@ def test_minimal_edit_changes_one_attribute_and_keeps_the_rules():
 
 
 def test_a_place_edit_swaps_two_objects_of_different_groups_and_flips_their_relation():
+    from mmsynth.data.captions import caption_true_of
     from mmsynth.data.scene import group_relations, minimal_edit, relation_holds
-    from mmsynth.evaluate.components import caption_true_of
 
     rng = np.random.default_rng(1)
     swapped = 0
@@ -298,9 +298,27 @@ def test_a_place_edit_swaps_two_objects_of_different_groups_and_flips_their_rela
         minimal_edit(sample_scene("train", 0, 5), rng, kinds=("size",))
 
 
+def test_shape_swapped_captions_change_one_group_everywhere_and_are_false_of_the_scene():
+    from mmsynth.data.captions import caption_true_of, shape_swapped
+
+    swaps = shape_swapped("two red circles and a red square, with the two red circles over the red square")
+    assert "two red crosses and a red square, with the two red crosses over the red square" in swaps
+    assert "two red circles and a red star, with the two red circles over the red star" in swaps
+    assert len(swaps) == 6  # circles -> 3 shapes (not square: named), square -> 3 (not circle)
+    assert shape_swapped("there is a large blue star") == [f"there is a large blue {s}" for s in
+                                                           ("circle", "square", "triangle", "cross")]  # fmt: skip
+    checked = 0
+    for i in range(30):
+        s = sample_scene("train", i, 6)
+        for c in captions(s, 2):
+            for f in shape_swapped(c):
+                assert f != c and not caption_true_of(f, s) and parse_caption(f).groups
+                checked += 1
+    assert checked >= 100
+
+
 def test_flip_relations_reverses_every_relation_and_makes_a_false_caption():
-    from mmsynth.data.captions import flip_relations
-    from mmsynth.evaluate.components import caption_true_of
+    from mmsynth.data.captions import caption_true_of, flip_relations
 
     assert flip_relations("there is a red circle to the left of a blue square") == \
         "there is a red circle to the right of a blue square"  # fmt: skip
@@ -319,8 +337,8 @@ def test_flip_relations_reverses_every_relation_and_makes_a_false_caption():
 
 
 def test_a_count_edit_adds_a_like_object_or_removes_one_and_no_source_caption_stays_true():
+    from mmsynth.data.captions import caption_true_of
     from mmsynth.data.scene import minimal_edit
-    from mmsynth.evaluate.components import caption_true_of
 
     rng = np.random.default_rng(3)
     seen = {"more": 0, "fewer": 0}

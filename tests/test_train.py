@@ -664,6 +664,37 @@ def test_patch_targets_give_each_patch_the_shares_of_the_shapes_and_colours_unde
     assert 0.0 < shapes[0, :, SHAPE_CLASSES.index("circle")].sum() < shapes[0, :, SHAPE_CLASSES.index("square")].sum()
 
 
+def test_clip_shape_swap_negatives_add_false_one_word_captions_every_image_faces(tmp_path, parts):
+    from mmsynth.data.captions import caption_true_of
+    from mmsynth.data.scene import Scene
+    from mmsynth.train.recipes.clip import ClipRecipe
+
+    config, options = load_config(get_recipe("clip"), overrides={**FAST, "options.init": str(parts),
+                                  "options.freeze_text": "true", "options.hard_negatives": "true",
+                                  "options.shape_swap_negatives": "2"})  # fmt: skip
+    recipe = ClipRecipe(config, options)
+    recipe.build()
+    recipe.place(torch.device("cpu"), torch.float32)
+    batch = recipe.collate([recipe.dataset()[i] for i in range(8)])
+    captions, scenes = list(batch["caption"]), [Scene.from_dict(s) for s in batch["scene"]]
+    swaps = recipe._shape_swaps(captions, batch["scene"], 3, set(captions))
+    flat = [t for row in swaps for t in row]
+    assert all(len(row) <= 2 for row in swaps) and len(flat) >= 8 and len(set(flat)) == len(flat)
+    assert not set(flat) & set(captions) and not any(caption_true_of(t, s) for t in flat for s in scenes)
+    assert swaps == recipe._shape_swaps(captions, batch["scene"], 3, set(captions))  # same step, same draw
+    loss, logs = recipe.loss(batch, 3)
+    assert 0.0 <= logs["swap_acc_in_batch"] <= 1.0
+    recipe.options.shape_swap_negatives = 0
+    plain, plain_logs = recipe.loss(batch, 3)
+    assert "swap_acc_in_batch" not in plain_logs
+    assert loss > plain  # more columns in each image's softmax; the text->image half is unchanged
+    with pytest.raises(InputError, match="shape_swap_negatives' must be >= 0"):
+        run("clip", tmp_path / "bad", max_steps="1", batch_size="8", **{"options.shape_swap_negatives": "-1"})
+    with pytest.raises(InputError, match=r"shape_swap_negatives' checks .* needs data: shapes"):
+        run("clip", tmp_path / "bad2", max_steps="1", batch_size="8", data=str(tmp_path),
+            **{"options.shape_swap_negatives": "1"})  # fmt: skip
+
+
 def test_clip_patch_labels_train_a_head_on_the_vision_patches_and_export_without_it(tmp_path, parts):
     from mmsynth.models.bundle import load_component
     from mmsynth.train.recipes.clip import ClipRecipe

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mmsynth.data import vocab
-from mmsynth.data.scene import Scene, group_relations, groups
+from mmsynth.data.scene import Scene, group_relations, groups, relation_holds
 from mmsynth.errors import InputError
 
 PREFIXES = ("", "a picture of ", "an image of ", "a drawing of ", "a scene with ", "there is ")
@@ -270,3 +270,48 @@ def expected_from_scene(scene: Scene) -> ParsedCaption:
         for m in groups(scene)
     ]  # fmt: skip
     return ParsedCaption(groups=gs, relations=group_relations(scene))
+
+
+def caption_true_of(caption: str | ParsedCaption, scene: Scene) -> bool:
+    """Whether `scene` makes `caption` (text, or already parsed) true under the grammar's semantics above."""
+    parsed = parse_caption(caption) if isinstance(caption, str) else caption
+    members: list[list[int]] = []
+    for g in parsed.groups:
+        idx = [i for i, o in enumerate(scene.objects) if (o.color, o.shape) == (g.color, g.shape)]
+        if len(idx) != g.count or (g.size and any(scene.objects[i].size != g.size for i in idx)):
+            return False
+        members.append(idx)
+    if sum(len(m) for m in members) != len(scene.objects):
+        return False  # the caption names every object of the scene
+    for a, rel, b in parsed.relations:
+        if not all(relation_holds(scene.objects[i], scene.objects[j], rel) for i in members[a] for j in members[b]):
+            return False
+    return True
+
+
+_SHAPE_NOUNS = sorted({*vocab.SHAPES, *vocab.SHAPE_PLURALS.values()}, key=len, reverse=True)
+_GROUP_NOUN_RE = re.compile(r"\b(" + "|".join(vocab.COLOR_NAMES) + r") (" + "|".join(_SHAPE_NOUNS) + r")\b")
+_SINGULAR = {**{s: s for s in vocab.SHAPES}, **{p: s for s, p in vocab.SHAPE_PLURALS.items()}}
+
+
+def shape_swapped(caption: str) -> list[str]:
+    """The caption with one colour-shape group's shape changed, every mention of it ("a red circle ... the red
+    circle" -> "a red square ... the red square", plurals kept), for each group and each shape that does not make
+    it a colour-shape the caption already names: false of any scene the caption is true of, since a caption names
+    every group, and differing from it in one word, as the zoo's CLIP retrieval misses do (text-side hard
+    negatives)."""
+    named = {(m.group(1), _SINGULAR[m.group(2)]) for m in _GROUP_NOUN_RE.finditer(caption)}
+    out = []
+    for colour, shape in sorted(named):
+        for new in vocab.SHAPES:
+            if (colour, new) in named:
+                continue
+
+            def swap(m: re.Match, colour: str = colour, shape: str = shape, new: str = new) -> str:
+                if (m.group(1), _SINGULAR[m.group(2)]) != (colour, shape):
+                    return m.group()
+                plural = m.group(2) != shape
+                return f"{colour} {vocab.SHAPE_PLURALS[new] if plural else new}"
+
+            out.append(_GROUP_NOUN_RE.sub(swap, caption))
+    return out

@@ -19,29 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmsynth.data.captions import captions, parse_caption
+from mmsynth.data.captions import caption_true_of, captions, parse_caption
 from mmsynth.data.render import render
-from mmsynth.data.scene import Scene, relation_holds, sample_scene
+from mmsynth.data.scene import Scene, sample_scene
 from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
 from mmsynth.models.zoo import projected, run_owners, unit_means
-
-
-def caption_true_of(caption: str, scene: Scene) -> bool:
-    """Whether `scene` makes `caption` true under the caption grammar's semantics (see data/captions.py)."""
-    parsed = parse_caption(caption)
-    members: list[list[int]] = []
-    for g in parsed.groups:
-        idx = [i for i, o in enumerate(scene.objects) if (o.color, o.shape) == (g.color, g.shape)]
-        if len(idx) != g.count or (g.size and any(scene.objects[i].size != g.size for i in idx)):
-            return False
-        members.append(idx)
-    if sum(len(m) for m in members) != len(scene.objects):
-        return False  # the caption names every object of the scene
-    for a, rel, b in parsed.relations:
-        if not all(relation_holds(scene.objects[i], scene.objects[j], rel) for i in members[a] for j in members[b]):
-            return False
-    return True
 
 
 def _mean_ci(values: np.ndarray) -> dict[str, Any]:

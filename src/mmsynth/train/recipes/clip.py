@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mmsynth.data.captions import flip_relations
-from mmsynth.data.scene import EDIT_KINDS
+from mmsynth.data.captions import caption_true_of, flip_relations, parse_caption, shape_swapped
+from mmsynth.data.scene import EDIT_KINDS, Scene
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
 from mmsynth.models.grow import deepen_vision_tower, refine_vision_patches
@@ -86,9 +87,17 @@ class ClipOptions:
     # loss rarely tests and Shapes labels pixel by pixel. Needs data: shapes (the scenes). Logs
     # patch_shape_acc and patch_colour_acc (patches one object covers at least half of). 0: off.
     patch_label_weight: float = 0.0
+    # Add, per caption, this many of its shape swaps (one colour-shape group's shape changed, every mention:
+    # data.captions.shape_swapped) as more texts every image is contrasted with: text-side hard negatives of
+    # exactly the zoo's retrieval misses (a scene with one shape different), each image facing captions that
+    # differ from its own in one word, which image-side edits give one per scene and a batch almost never.
+    # Swaps true of any scene of the batch, or equal to one of its captions, are left out. Cheap: the texts
+    # need no render. Logs swap_acc_in_batch (an image preferring its caption to all its swaps). 0: off.
+    shape_swap_negatives: int = 0
 
     def validate(self) -> None:
-        for key in ("relation_probe_weight", "preserve_text_weight", "caption_target_weight", "patch_label_weight"):
+        for key in ("relation_probe_weight", "preserve_text_weight", "caption_target_weight", "patch_label_weight",
+                    "shape_swap_negatives"):
             if getattr(self, key) < 0:
                 raise InputError(f"config key 'options.{key}' must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if self.freeze_text and (self.relation_probe_weight or self.preserve_text_weight):
@@ -177,7 +186,8 @@ class ClipRecipe(Recipe):
     def dataset(self) -> Dataset:
         c = self.config
         for key, why in (("patch_label_weight", "labels patches from the Shapes scenes"),
-                         ("hard_negatives", "edits Shapes scenes")):  # fmt: skip
+                         ("hard_negatives", "edits Shapes scenes"),
+                         ("shape_swap_negatives", "checks swapped captions against the scenes")):  # fmt: skip
             if getattr(self.options, key) and c.data != "shapes":
                 raise InputError(f"config key 'options.{key}' {why}, so it needs data: shapes, got data: {c.data}")
         if not self.options.hard_negatives:
@@ -208,6 +218,9 @@ class ClipRecipe(Recipe):
             if self.options.relation_negatives else []  # fmt: skip
         negatives = [f for f in flipped if f is not None]
         o = self.options
+        swaps = self._shape_swaps(captions, batch["scene"], step, in_batch) if o.shape_swap_negatives else []
+        swap_start = len(negatives)
+        negatives += [t for row in swaps for t in row]
         tokens = self.tokenize(captions + negatives, return_offsets_mapping=bool(o.relation_probe_weight))
         input_ids = tokens.input_ids.to(self.device)
         out = self.models["clip"](input_ids=input_ids, pixel_values=batch["pixel_values"],
@@ -245,11 +258,44 @@ class ClipRecipe(Recipe):
             pred = out.logits_per_text[:n].argmax(dim=1)
             same = [captions[int(j)] == captions[i] for i, j in enumerate(pred)]
             logs["t2i_top1_in_batch"] = sum(same) / len(same)
-            if negatives:  # how often an image prefers its caption to the same caption flipped
+            if swap_start:  # how often an image prefers its caption to the same caption flipped
                 has = torch.tensor([f is not None for f in flipped], device=target.device)
                 own = out.logits_per_image[target, target][has]
                 logs["relation_acc_in_batch"] = float((own > out.logits_per_image[has, n:].diagonal()).float().mean())
+            if swaps:  # how often an image prefers its caption to every swap of it
+                col, wins = n + swap_start, []
+                for i, row in enumerate(swaps):
+                    if row:
+                        scores = out.logits_per_image[i]
+                        wins.append(bool(scores[i] > scores[col : col + len(row)].max()))
+                    col += len(row)
+                if wins:
+                    logs["swap_acc_in_batch"] = sum(wins) / len(wins)
         return loss, logs
+
+    def _shape_swaps(self, captions: list[str], scenes: list[Any], step: int, taken: set[str]) -> list[list[str]]:
+        """Per caption, up to options.shape_swap_negatives of its shape swaps (drawn by seed, step and row, so a
+        resumed run draws the same), none equal to a caption of the batch or another's swap, none true of a scene
+        of the batch (a hard-negative pair's twin can be exactly a swap)."""
+        batch_scenes = [s if isinstance(s, Scene) else Scene.from_dict(s) for s in scenes]
+        seen, out = set(taken), []
+        for i, caption in enumerate(captions):
+            options = shape_swapped(caption)
+            rng = np.random.default_rng([self.config.seed, step, i, 0x5A9])
+            row = []
+            for j in rng.permutation(len(options)):
+                text = options[int(j)]
+                if text in seen:
+                    continue
+                parsed = parse_caption(text)
+                if any(caption_true_of(parsed, scene) for scene in batch_scenes):
+                    continue
+                seen.add(text)
+                row.append(text)
+                if len(row) == self.options.shape_swap_negatives:
+                    break
+            out.append(row)
+        return out
 
     @torch.no_grad()
     def _caption_targets(self, captions_per_image: list[list[str]]) -> torch.Tensor:
