@@ -209,7 +209,7 @@ class ClipRecipe(Recipe):
                               return_tensors="pt", **extra)  # fmt: skip
 
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """CLIP's symmetric InfoNCE; with relation negatives, each image also faces the flipped captions."""
+        """CLIP's symmetric InfoNCE; with relation negatives or shape swaps, each image also faces those texts."""
         captions = list(batch["caption"])
         # a flipped caption that is already a caption of the batch (a "place" pair's twin) is faced as that one:
         # added again, it would be a negative column identical to its own image's positive
@@ -258,7 +258,7 @@ class ClipRecipe(Recipe):
             pred = out.logits_per_text[:n].argmax(dim=1)
             same = [captions[int(j)] == captions[i] for i, j in enumerate(pred)]
             logs["t2i_top1_in_batch"] = sum(same) / len(same)
-            if swap_start:  # how often an image prefers its caption to the same caption flipped
+            if swap_start:  # (relation negatives) how often an image prefers its caption to the same caption flipped
                 has = torch.tensor([f is not None for f in flipped], device=target.device)
                 own = out.logits_per_image[target, target][has]
                 logs["relation_acc_in_batch"] = float((own > out.logits_per_image[has, n:].diagonal()).float().mean())
@@ -280,11 +280,11 @@ class ClipRecipe(Recipe):
         batch_scenes = [s if isinstance(s, Scene) else Scene.from_dict(s) for s in scenes]
         seen, out = set(taken), []
         for i, caption in enumerate(captions):
-            options = shape_swapped(caption)
+            candidates = shape_swapped(caption)
             rng = np.random.default_rng([self.config.seed, step, i, 0x5A9])
             row = []
-            for j in rng.permutation(len(options)):
-                text = options[int(j)]
+            for j in rng.permutation(len(candidates)):
+                text = candidates[int(j)]
                 if text in seen:
                     continue
                 parsed = parse_caption(text)
