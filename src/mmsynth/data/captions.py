@@ -303,15 +303,9 @@ def shape_swapped(caption: str) -> list[str]:
     named = {(m.group(1), _SINGULAR[m.group(2)]) for m in _GROUP_NOUN_RE.finditer(caption)}
     out = []
     for colour, shape in sorted(named):
+        mention = re.compile(rf"\b{colour} ({vocab.SHAPE_PLURALS[shape]}|{shape})\b")  # group 1: the noun as written
         for new in vocab.SHAPES:
-            if (colour, new) in named:
-                continue
-
-            def swap(m: re.Match, colour: str = colour, shape: str = shape, new: str = new) -> str:
-                if (m.group(1), _SINGULAR[m.group(2)]) != (colour, shape):
-                    return m.group()
-                plural = m.group(2) != shape
-                return f"{colour} {vocab.SHAPE_PLURALS[new] if plural else new}"
-
-            out.append(_GROUP_NOUN_RE.sub(swap, caption))
+            if (colour, new) not in named:
+                noun = {shape: new, vocab.SHAPE_PLURALS[shape]: vocab.SHAPE_PLURALS[new]}
+                out.append(mention.sub(lambda m, noun=noun, colour=colour: f"{colour} {noun[m.group(1)]}", caption))
     return out
