@@ -309,3 +309,46 @@ def shape_swapped(caption: str) -> list[str]:
                 noun = {shape: new, vocab.SHAPE_PLURALS[shape]: vocab.SHAPE_PLURALS[new]}
                 out.append(mention.sub(lambda m, noun=noun, colour=colour: f"{colour} {noun[m.group(1)]}", caption))
     return out
+
+
+_MENTION_RE = re.compile(r"(the )?(?:(?:a|an|one|two|three|four) )?((?:" + "|".join(vocab.SIZES) + r") )?(\w+) (\w+)")
+_TOTAL_RE = re.compile(r"\b(?:" + "|".join(vocab.NUMBER_WORDS.values()) + r") objects: ")
+
+
+def _recounted(mention: str, count: int) -> str:
+    """One group phrase ('two large red circles', 'the red circle') with its count changed, noun and article
+    agreeing."""
+    m = _MENTION_RE.fullmatch(mention)
+    assert m is not None, mention
+    the, size, colour, noun = m.groups()
+    size = size or ""
+    shape = _SINGULAR[noun]
+    noun = shape if count == 1 else vocab.SHAPE_PLURALS[shape]
+    if the:
+        return f"the {'' if count == 1 else vocab.NUMBER_WORDS[count] + ' '}{size}{colour} {noun}"
+    return f"{_article(size or colour) if count == 1 else vocab.NUMBER_WORDS[count]} {size}{colour} {noun}"
+
+
+def count_swapped(caption: str) -> list[str]:
+    """The caption with one group's count changed (1 .. MAX_OBJECTS objects in all), every mention of it ("a red
+    circle ... the red circle" -> "two red circles ... the two red circles"), with a stated total and 'there
+    is / are' kept in agreement: false of any scene the caption is true of, since a caption gives every group's
+    exact count (text-side hard negatives for the zoo's count misses, as shape_swapped for its shape misses)."""
+    parsed = parse_caption(caption)
+    out = []
+    for group, g in enumerate(parsed.groups):
+        for count in range(1, vocab.MAX_OBJECTS + 1):
+            total = parsed.n_objects - g.count + count
+            if count == g.count or total > vocab.MAX_OBJECTS:
+                continue
+            text = caption
+            for index, first, end in reversed(parsed.mentions):  # from the end, so earlier spans stay valid
+                if index == group:
+                    text = text[:first] + _recounted(text[first:end], count) + text[end:]
+            if parsed.total is not None:
+                text = _TOTAL_RE.sub("" if total == 1 else f"{vocab.NUMBER_WORDS[total]} objects: ", text, count=1)
+            if text.startswith(("there is ", "there are ")):
+                body = text.split(" ", 2)[2]
+                text = ("there is " if body.startswith(("a ", "an ")) else "there are ") + body
+            out.append(text)
+    return out
