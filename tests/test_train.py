@@ -665,7 +665,7 @@ def test_patch_targets_give_each_patch_the_shares_of_the_shapes_and_colours_unde
 
 
 def test_clip_shape_swap_negatives_add_false_one_word_captions_every_image_faces(tmp_path, parts):
-    from mmsynth.data.captions import caption_true_of, parse_caption
+    from mmsynth.data.captions import caption_true_of
     from mmsynth.data.scene import Scene
     from mmsynth.train.recipes.clip import ClipRecipe
 
@@ -677,11 +677,11 @@ def test_clip_shape_swap_negatives_add_false_one_word_captions_every_image_faces
     recipe.place(torch.device("cpu"), torch.float32)
     batch = recipe.collate([recipe.dataset()[i] for i in range(8)])
     captions, scenes = list(batch["caption"]), [Scene.from_dict(s) for s in batch["scene"]]
-    swaps = recipe._swaps(captions, batch["scene"], 3, set(captions))
+    swaps = recipe._shape_swaps(captions, batch["scene"], 3, set(captions))
     flat = [t for row in swaps for t in row]
     assert all(len(row) <= 2 for row in swaps) and len(flat) >= 8 and len(set(flat)) == len(flat)
     assert not set(flat) & set(captions) and not any(caption_true_of(t, s) for t in flat for s in scenes)
-    assert swaps == recipe._swaps(captions, batch["scene"], 3, set(captions))  # same step, same draw
+    assert swaps == recipe._shape_swaps(captions, batch["scene"], 3, set(captions))  # same step, same draw
     loss, logs = recipe.loss(batch, 3)
     assert 0.0 <= logs["swap_acc_in_batch"] <= 1.0
     recipe.options.shape_swap_negatives = 0
@@ -693,16 +693,6 @@ def test_clip_shape_swap_negatives_add_false_one_word_captions_every_image_faces
     with pytest.raises(InputError, match=r"shape_swap_negatives' checks .* needs data: shapes"):
         run("clip", tmp_path / "bad2", max_steps="1", batch_size="8", data=str(tmp_path),
             **{"options.shape_swap_negatives": "1"})  # fmt: skip
-    recipe.options.shape_swap_negatives, recipe.options.count_swap_negatives = 2, 2  # count swaps join, drawn
-    # apart: the shape draw stays as it was
-    both = recipe._swaps(captions, batch["scene"], 3, set(captions))
-    assert all(row[: len(old)] == old for row, old in zip(both, swaps, strict=True))
-    extra = [(c, t) for c, row, old in zip(captions, both, swaps, strict=True) for t in row[len(old) :]]
-    assert len(extra) >= 8  # count swaps keep the caption's groups: one group's count differs
-    assert all(len(parse_caption(t).groups) == len(parse_caption(c).groups) for c, t in extra)
-    assert not any(caption_true_of(t, s) for _, t in extra for s in scenes)
-    with pytest.raises(InputError, match="count_swap_negatives' must be >= 0"):
-        run("clip", tmp_path / "bad3", max_steps="1", batch_size="8", **{"options.count_swap_negatives": "-1"})
 
 
 def test_clip_patch_labels_train_a_head_on_the_vision_patches_and_export_without_it(tmp_path, parts):

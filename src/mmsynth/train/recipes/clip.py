@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mmsynth.data.captions import caption_true_of, count_swapped, flip_relations, parse_caption, shape_swapped
+from mmsynth.data.captions import caption_true_of, flip_relations, parse_caption, shape_swapped
 from mmsynth.data.scene import EDIT_KINDS, Scene
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
@@ -94,14 +94,10 @@ class ClipOptions:
     # Swaps true of any scene of the batch, or equal to one of its captions, are left out. Cheap: the texts
     # need no render. Logs swap_acc_in_batch (an image preferring its caption to all its swaps). 0: off.
     shape_swap_negatives: int = 0
-    # The same with count swaps (one group's count changed, every mention, the total kept in agreement:
-    # data.captions.count_swapped), for the count misses; drawn apart from the shape swaps, so a stage with both
-    # faces each image with up to shape_swap_negatives + count_swap_negatives one-group changes of its caption.
-    count_swap_negatives: int = 0
 
     def validate(self) -> None:
         for key in ("relation_probe_weight", "preserve_text_weight", "caption_target_weight", "patch_label_weight",
-                    "shape_swap_negatives", "count_swap_negatives"):
+                    "shape_swap_negatives"):
             if getattr(self, key) < 0:
                 raise InputError(f"config key 'options.{key}' must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if self.freeze_text and (self.relation_probe_weight or self.preserve_text_weight):
@@ -191,8 +187,7 @@ class ClipRecipe(Recipe):
         c = self.config
         for key, why in (("patch_label_weight", "labels patches from the Shapes scenes"),
                          ("hard_negatives", "edits Shapes scenes"),
-                         ("shape_swap_negatives", "checks swapped captions against the scenes"),
-                         ("count_swap_negatives", "checks swapped captions against the scenes")):  # fmt: skip
+                         ("shape_swap_negatives", "checks swapped captions against the scenes")):  # fmt: skip
             if getattr(self.options, key) and c.data != "shapes":
                 raise InputError(f"config key 'options.{key}' {why}, so it needs data: shapes, got data: {c.data}")
         if not self.options.hard_negatives:
@@ -214,7 +209,7 @@ class ClipRecipe(Recipe):
                               return_tensors="pt", **extra)  # fmt: skip
 
     def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """CLIP's symmetric InfoNCE; with relation negatives or shape/count swaps, each image also faces those texts."""
+        """CLIP's symmetric InfoNCE; with relation negatives or shape swaps, each image also faces those texts."""
         captions = list(batch["caption"])
         # a flipped caption that is already a caption of the batch (a "place" pair's twin) is faced as that one:
         # added again, it would be a negative column identical to its own image's positive
@@ -223,8 +218,7 @@ class ClipRecipe(Recipe):
             if self.options.relation_negatives else []  # fmt: skip
         negatives = [f for f in flipped if f is not None]
         o = self.options
-        swaps = self._swaps(captions, batch["scene"], step, in_batch) \
-            if o.shape_swap_negatives or o.count_swap_negatives else []  # fmt: skip
+        swaps = self._shape_swaps(captions, batch["scene"], step, in_batch) if o.shape_swap_negatives else []
         swap_start = len(negatives)
         negatives += [t for row in swaps for t in row]
         tokens = self.tokenize(captions + negatives, return_offsets_mapping=bool(o.relation_probe_weight))
@@ -279,34 +273,27 @@ class ClipRecipe(Recipe):
                     logs["swap_acc_in_batch"] = sum(wins) / len(wins)
         return loss, logs
 
-    def _swaps(self, captions: list[str], scenes: list[Any], step: int, taken: set[str]) -> list[list[str]]:
-        """Per caption, up to options.shape_swap_negatives of its shape swaps and then up to
-        options.count_swap_negatives of its count swaps (each drawn by seed, step, row and kind, so a resumed run
-        draws the same), none equal to a caption of the batch or another's swap, none true of a scene of the batch
-        (a hard-negative pair's twin can be exactly a swap)."""
+    def _shape_swaps(self, captions: list[str], scenes: list[Any], step: int, taken: set[str]) -> list[list[str]]:
+        """Per caption, up to options.shape_swap_negatives of its shape swaps (drawn by seed, step and row, so a
+        resumed run draws the same), none equal to a caption of the batch or another's swap, none true of a scene
+        of the batch (a hard-negative pair's twin can be exactly a swap)."""
         batch_scenes = [s if isinstance(s, Scene) else Scene.from_dict(s) for s in scenes]
         seen, out = set(taken), []
-        kinds = ((shape_swapped, self.options.shape_swap_negatives, 0x5A9),
-                 (count_swapped, self.options.count_swap_negatives, 0xC07))  # fmt: skip
         for i, caption in enumerate(captions):
-            row: list[str] = []
-            for swapped, wanted, salt in kinds:
-                if not wanted:
+            candidates = shape_swapped(caption)
+            rng = np.random.default_rng([self.config.seed, step, i, 0x5A9])
+            row = []
+            for j in rng.permutation(len(candidates)):
+                text = candidates[int(j)]
+                if text in seen:
                     continue
-                candidates, drawn = swapped(caption), 0
-                rng = np.random.default_rng([self.config.seed, step, i, salt])
-                for j in rng.permutation(len(candidates)):
-                    text = candidates[int(j)]
-                    if text in seen:
-                        continue
-                    parsed = parse_caption(text)
-                    if any(caption_true_of(parsed, scene) for scene in batch_scenes):
-                        continue
-                    seen.add(text)
-                    row.append(text)
-                    drawn += 1
-                    if drawn == wanted:
-                        break
+                parsed = parse_caption(text)
+                if any(caption_true_of(parsed, scene) for scene in batch_scenes):
+                    continue
+                seen.add(text)
+                row.append(text)
+                if len(row) == self.options.shape_swap_negatives:
+                    break
             out.append(row)
         return out
 
