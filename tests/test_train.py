@@ -297,11 +297,49 @@ def test_clip_hard_negatives_pair_each_scene_with_its_minimal_edit(tmp_path):
     assert moved >= 3  # 4 of these 60 pairs (seed 3): the other two-object scenes break a rule when swapped
     result = run("clip", tmp_path / "hn", max_steps="2", batch_size="8", **{"options.hard_negatives": "true"})
     assert len(read_log(tmp_path / "hn" / "log.csv")) == 2 and (result.export / "clip").is_dir()
-    with pytest.raises(InputError, match="batch_size must be even, got 7"):
+    with pytest.raises(InputError, match=r"batch_size must be a multiple of options.hard_negative_group \(2\), got 7"):
         run("clip", tmp_path / "hn3", max_steps="1", batch_size="7", **{"options.hard_negatives": "true"})
     with pytest.raises(InputError, match="needs data: shapes"):
         run("clip", tmp_path / "hn2", max_steps="1", batch_size="8", data=str(tmp_path),
             **{"options.hard_negatives": "true"})  # fmt: skip
+
+
+def test_clip_hard_negative_groups_hold_a_scene_and_edits_naming_other_groups(tmp_path):
+    from mmsynth.data.captions import caption_true_of, captions
+    from mmsynth.data.scene import Scene, groups
+    from mmsynth.train.data import HardNegativePairs, ShapesExamples
+
+    pairs, fours = HardNegativePairs("train", seed=3), HardNegativePairs("train", seed=3, group=4, kinds=("shape",) * 2
+                                                                         + ("colour", "count"))  # fmt: skip
+    plain, edits = ShapesExamples("train", seed=3), 0
+    for first in range(0, 80, 4):
+        members = [Scene.from_dict(fours[first + k]["scene"]) for k in range(4)]
+        assert members[0] == Scene.from_dict(plain[first]["scene"])
+        named = []
+        for k, scene in enumerate(members[1:], start=1):
+            if scene == Scene.from_dict(plain[first + k]["scene"]):
+                continue  # no edit found: the index's own plain scene
+            edits += 1
+            key = sorted((scene.objects[m[0]].color, scene.objects[m[0]].shape, len(m)) for m in groups(scene))
+            assert key not in named
+            named.append(key)
+            others = [m for m in members if m is not scene]
+            assert not any(caption_true_of(c, o) for c in captions(scene, 4) for o in others)
+    assert edits >= 50
+    # a group's first edit is the pair's edit, whatever the group size
+    assert Scene.from_dict(HardNegativePairs("train", seed=3, group=4)[9]["scene"]) == \
+        Scene.from_dict(pairs[9]["scene"])  # fmt: skip
+    with pytest.raises(InputError, match="group >= 2, got 1"):
+        HardNegativePairs("train", group=1)
+    with pytest.raises(InputError, match=r"batch_size must be a multiple of options.hard_negative_group \(4\), got 6"):
+        run("clip", tmp_path / "g", max_steps="1", batch_size="6", **{"options.hard_negatives": "true",
+                                                                        "options.hard_negative_group": "4"})
+    with pytest.raises(InputError, match=r"'options.hard_negative_group' .* must be >= 2, got 1"):
+        run("clip", tmp_path / "g1", max_steps="1", batch_size="8", **{"options.hard_negatives": "true",
+                                                                         "options.hard_negative_group": "1"})
+    result = run("clip", tmp_path / "g4", max_steps="2", batch_size="8", **{"options.hard_negatives": "true",
+                                                                            "options.hard_negative_group": "4"})
+    assert len(read_log(tmp_path / "g4" / "log.csv")) == 2 and (result.export / "clip").is_dir()
 
 
 def test_vae_edge_weights_favour_edges_and_keep_the_mean():

@@ -48,39 +48,59 @@ class ShapesExamples(Dataset):
 
 
 class HardNegativePairs(Dataset):
-    """On-the-fly Shapes where odd index 2j+1 is a minimal edit of scene 2j (one object's shape or colour
-    changed, or two objects swapping places: `data.scene.minimal_edit` with `kinds`), so every batch holds
-    pairs that only one caption word, or the relation, tells apart. Where no edit keeps the dataset's rules,
-    index 2j+1 is plain scene 2j+1."""
+    """On-the-fly Shapes in groups of `group` indices: index g*group is scene g*group and the next group-1 are
+    minimal edits of it (one object's shape or colour changed, or two objects swapping places:
+    `data.scene.minimal_edit` with `kinds`), so every batch holds scenes that only one caption word, or the
+    relation, tells apart. Edits of one scene name different groups (colour, shape, count), so no caption of
+    one is true of another. Where no edit keeps the dataset's rules, the index is its own plain scene. Group 2
+    (a scene and one edit) is the default, and group g's first edit is the same for every g."""
 
     def __init__(self, split: str = "train", seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = (),
-                 kinds: tuple[str, ...] = ("shape", "colour")):  # fmt: skip
+                 kinds: tuple[str, ...] = ("shape", "colour"), group: int = 2):  # fmt: skip
+        if group < 2:
+            raise InputError(f"a hard-negative group holds a scene and at least one edit, so group >= 2, got {group}")
         self.plain = ShapesExamples(split, seed, resolution, maps)
-        self.kinds = tuple(kinds)
-        self._last: tuple[int, Any] | None = None  # (index, scene): the pair's second item reuses the first's
+        self.kinds, self.group = tuple(kinds), group
+        self._last: tuple[int, list[Any]] | None = None  # (first index, scenes): a group's members are drawn together
 
     def __len__(self) -> int:
         return len(self.plain)
 
-    def _scene(self, index: int) -> Any:
-        from mmsynth.data.scene import sample_scene
+    def _members(self, first: int) -> list[Any]:
+        """The scene at `first` and its edits (None where none was found), each edit drawn from its own index's
+        stream and redrawn while it names the same groups as an earlier edit."""
+        from mmsynth.data.scene import groups, minimal_edit, sample_scene
 
-        if self._last is None or self._last[0] != index:
-            self._last = (index, sample_scene(self.plain.split, index, self.plain.seed))
-        return self._last[1]
+        if self._last is not None and self._last[0] == first:
+            return self._last[1]
+        p = self.plain
+        scene = sample_scene(p.split, first, p.seed)
+        members, named = [scene], []
+        for k in range(1, self.group):
+            edited = None
+            for attempt in range(4):
+                stream = [p.seed, first + k, 0xED] + ([attempt] if attempt else [])  # the first draw: as before
+                candidate = minimal_edit(scene, np.random.default_rng(stream), kinds=self.kinds)
+                if candidate is None:
+                    break
+                key = sorted((candidate.objects[m[0]].color, candidate.objects[m[0]].shape, len(m))
+                             for m in groups(candidate))  # fmt: skip
+                if key not in named:
+                    edited = candidate
+                    named.append(key)
+                    break
+            members.append(edited)
+        self._last = (first, members)
+        return members
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from mmsynth.data.scene import minimal_edit
         from mmsynth.data.torch_dataset import example_of_scene
 
         p, index = self.plain, int(index)
-        scene = self._scene(index - index % 2)
-        if index % 2 == 0:
-            return example_of_scene(scene, index, p.seed, p.resolution, p.maps)
-        edited = minimal_edit(scene, np.random.default_rng([p.seed, index, 0xED]), kinds=self.kinds)
-        if edited is None:
+        scene = self._members(index - index % self.group)[index % self.group]
+        if scene is None:
             return p[index]
-        return example_of_scene(edited, index, p.seed, p.resolution, p.maps)
+        return example_of_scene(scene, index, p.seed, p.resolution, p.maps)
 
 
 class EpochOrder:

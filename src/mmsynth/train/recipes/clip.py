@@ -45,6 +45,10 @@ class ClipOptions:
     # swap places, so only their relation tells the pair apart: the word order contrastive CLIP otherwise
     # ignores).
     hard_negative_edits: tuple[str, ...] = ("shape", "colour")
+    # How many scenes of a batch share one source: the source and hard_negative_group - 1 edits of it (each
+    # naming other groups), so each caption faces that many images one edit away from its own, the near misses
+    # text->image retrieval gets wrong. A kind listed twice in hard_negative_edits is drawn twice as often.
+    hard_negative_group: int = 2
     # Add each caption with its relation reversed ("left of" -> "right of") as one more text every image is
     # contrasted with (NegCLIP's text-side negatives, Yuksekgonul et al. 2023). In-batch captions almost never
     # differ only in word order, so plain CLIP learns none: the shipped text tower maps "left" and "right" to
@@ -111,6 +115,9 @@ class ClipOptions:
         if not self.hard_negative_edits or set(self.hard_negative_edits) - set(EDIT_KINDS):
             raise InputError(f"config key 'options.hard_negative_edits' takes some of {', '.join(EDIT_KINDS)}, "
                              f"got {list(self.hard_negative_edits)}")  # fmt: skip
+        if self.hard_negative_group < 2:
+            raise InputError(f"config key 'options.hard_negative_group' counts a scene and its edits, so it must be "
+                             f">= 2, got {self.hard_negative_group}")  # fmt: skip
         if self.zoo not in ZOO_SPECS:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
         if self.freeze_text and not self.init:
@@ -192,10 +199,13 @@ class ClipRecipe(Recipe):
                 raise InputError(f"config key 'options.{key}' {why}, so it needs data: shapes, got data: {c.data}")
         if not self.options.hard_negatives:
             return super().dataset()
-        if c.batch_size % 2:
-            raise InputError(f"config key 'options.hard_negatives' puts a scene and its edit in one batch, so "
-                             f"batch_size must be even, got {c.batch_size}")  # fmt: skip
-        return HardNegativePairs(c.data_split, c.data_seed, self.resolution, kinds=self.options.hard_negative_edits)
+        group = self.options.hard_negative_group
+        if c.batch_size % group:
+            raise InputError(f"config key 'options.hard_negatives' puts a scene and its {group - 1} edit(s) in one "
+                             f"batch, so batch_size must be a multiple of options.hard_negative_group ({group}), "
+                             f"got {c.batch_size}")  # fmt: skip
+        return HardNegativePairs(c.data_split, c.data_seed, self.resolution, kinds=self.options.hard_negative_edits,
+                                 group=group)  # fmt: skip
 
     @property
     def resolution(self) -> int:
