@@ -245,3 +245,52 @@ def test_a_clip_stage_card_quotes_the_val_figure_before_it_where_the_shipped_met
     val = {"top1_consistent": {"value": 0.86, "ci95": [0.837, 0.88]}, "seed": 7}
     assert "before it: 0.878 (95% CI 0.856..0.897), 0.860 on val." in ship.clip_record(record, {}, before, "c", val)
     assert "before it: 0.878 (95% CI 0.856..0.897)." in ship.clip_record(record, {}, before, "c")
+
+
+def _soup_clip():
+    spec = importlib.util.spec_from_file_location("soup_clip", ROOT / "scripts" / "soup_clip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_clip_soup_averages_the_vision_towers_and_keeps_the_text_tower(tmp_path):
+    import json
+
+    import torch
+
+    from mmsynth.errors import InputError
+    from mmsynth.models.bundle import load_component, save_components
+    from mmsynth.models.zoo import tiny_bundle
+
+    soup = _soup_clip()
+    bundle = tiny_bundle(seed=4)
+    runs = []
+    for k, shift in enumerate([1.0, 3.0]):  # two vision-side stages from one start
+        clip = tiny_bundle(seed=4).clip
+        with torch.no_grad():
+            clip.vision_model.post_layernorm.bias.add_(shift)
+        runs.append(str(save_components(tmp_path / f"run{k}", clip=clip, text_encoder=bundle.text_encoder,
+                                        tokenizer=bundle.tokenizer)))  # fmt: skip
+    out = tmp_path / "soup"
+    assert soup.main(["--runs", *runs, "--out", str(out)]) == 0
+    mixed = load_component(out, "clip")
+    start = bundle.clip.vision_model.post_layernorm.bias
+    assert torch.allclose(mixed.vision_model.post_layernorm.bias, start + 2.0, atol=1e-3)  # fp32 mean of 1 and 3
+    assert torch.equal(mixed.text_model.final_layer_norm.bias, bundle.clip.text_model.final_layer_norm.bias)
+    assert json.loads((out / "soup.json").read_text()) == {"method": "uniform", "kept": runs}
+    assert load_component(out, "tokenizer") is not None and load_component(out, "text_encoder") is not None
+    # greedy: the first ingredient is the better one alone; the second is kept only if the mean scores higher
+    assert soup.main(["--runs", *runs, "--out", str(tmp_path / "greedy"), "--greedy", "--n", "4"]) == 0
+    record = json.loads((tmp_path / "greedy" / "soup.json").read_text())
+    assert set(record["alone"]) == set(runs) and record["split"] == "val" and len(record["steps"]) == 1
+    assert record["steps"][0]["kept"] == (record["steps"][0]["score"] > max(record["alone"].values()))
+    assert len(record["kept"]) == 1 + record["steps"][0]["kept"]
+    # a stage that moved the text tower (the UNet's text encoder) is refused
+    moved = tiny_bundle(seed=4).clip
+    with torch.no_grad():
+        moved.text_model.final_layer_norm.bias.add_(1.0)
+    save_components(tmp_path / "moved", clip=moved)
+    with pytest.raises(InputError, match="text tower differs"):
+        soup.main(["--runs", runs[0], str(tmp_path / "moved"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -763,3 +763,41 @@ def test_clip_patch_labels_train_a_head_on_the_vision_patches_and_export_without
     with pytest.raises(InputError, match=r"patch_label_weight' labels patches .* needs data: shapes"):
         run("clip", tmp_path / "bad2", max_steps="1", batch_size="8", data=str(tmp_path),
             **{"options.patch_label_weight": "1"})  # fmt: skip
+
+
+def test_clip_consistent_positives_spread_each_target_over_every_scene_its_caption_is_true_of(tmp_path, parts):
+    from mmsynth.data.scene import Scene
+    from mmsynth.train.recipes.clip import ClipRecipe
+
+    config, options = load_config(get_recipe("clip"), overrides={**FAST, "options.init": str(parts),
+                                  "options.freeze_text": "true", "options.consistent_positives": "true"})  # fmt: skip
+    recipe = ClipRecipe(config, options)
+    recipe.build()
+    recipe.place(torch.device("cpu"), torch.float32)
+    one = lambda color, shape, cx: {"color": color, "shape": shape, "size": "large", "cx": cx, "cy": 0.5,  # noqa: E731
+                                    "radius": 0.2, "rotation": 0.0, "rgb": [200, 30, 30]}  # fmt: skip
+    background = Scene.from_dict(recipe.collate([recipe.dataset()[0]])["scene"][0]).to_dict()["background"]
+    scenes = [{"objects": [one("red", "circle", cx)], "background": background} for cx in (0.3, 0.7)]
+    scenes.append({"objects": [one("blue", "star", 0.5)], "background": background})
+    batch = {"caption": ["a red circle", "a large red circle", "a blue star"], "scene": scenes,
+             "pixel_values": torch.randn(3, 3, recipe.resolution, recipe.resolution)}  # fmt: skip
+    true_of = recipe._true_of(batch["caption"], scenes)
+    assert true_of.tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]  # both red circle captions fit both red circles
+    loss, logs = recipe.loss(batch, 0)
+    assert logs["false_negatives_in_batch"] == pytest.approx(2 / 3)
+    out = recipe.models["clip"](input_ids=recipe.tokenize(batch["caption"]).input_ids,
+                                pixel_values=batch["pixel_values"])  # fmt: skip
+    spread = torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1]])
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(out.logits_per_image, spread) + ce(out.logits_per_text, spread)) / 2
+    assert torch.allclose(loss, expected)
+    recipe.options.consistent_positives = False  # off: each caption's own scene only, CLIPModel's own loss
+    plain, plain_logs = recipe.loss(batch, 0)
+    assert "false_negatives_in_batch" not in plain_logs and not torch.allclose(plain, loss)
+    own = recipe.models["clip"](input_ids=recipe.tokenize(batch["caption"]).input_ids,
+                                pixel_values=batch["pixel_values"], return_loss=True)  # fmt: skip
+    assert torch.allclose(plain, own.loss)
+    with pytest.raises(InputError, match=r"consistent_positives' checks .* needs data: shapes"):
+        run("clip", tmp_path / "bad", max_steps="1", batch_size="8", data=str(tmp_path),
+            **{"options.consistent_positives": "true"})  # fmt: skip
+    run("clip", tmp_path / "ok", max_steps="2", batch_size="8", **{"options.consistent_positives": "true"})
