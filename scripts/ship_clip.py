@@ -8,7 +8,8 @@ as it was, so every text-to-image figure of the card still stands and only the c
 Steps: refuse (nothing written) unless the run's text tower is the bundle's text encoder; copy the bundle to a
 temporary folder with clip/ replaced by the run's CLIP in float16; `mmsynth bench components` there; refuse unless
 caption-consistent retrieval beats the bundle's metrics_components.json (--allow-worse ships anyway) and reaches
---at-least (a stage that adds weight to the budget should earn it: a bar, not a gain within the noise); rewrite the
+--at-least (a stage that adds weight to the budget should earn it: a bar, not a gain within the noise; one that adds
+weight without --at-least is refused before it is measured); rewrite the
 card's weights line, its quote of the parts' training table (from --parts) and its Components section (the
 figures, the command, the run's record with the training command and the options it set, and with --val-seed the
 same bench on the val split) and metrics_components.json (with --val-seed, val under `clip_val`, which the next
@@ -105,6 +106,20 @@ def refusal(new: float, old: float | None, at_least: float | None = None, allow_
     return None
 
 
+def weight_refusal(added: int, at_least: float | None, allow_worse: bool = False) -> str | None:
+    """Why a stage whose clip/ is `added` bytes heavier than the shipped one is not even measured (None: go on).
+    Weight is the zoo's scarcest resource (the budget test), so a heavier stage must name the figure it has to
+    earn (--at-least, e.g. the bar) rather than ship on a gain within the noise."""
+    if added > 0 and at_least is None and not allow_worse:
+        return (f"the stage adds {added:,} bytes of weights to {CLIP_FOLDER}/; a heavier stage must earn them: pass "
+                "--at-least F (e.g. the bar, 0.90); nothing shipped")
+    return None
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/clip_vision_deep", help="the CLIP run folder (its export: RUN/final)")
@@ -138,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(out, tmp, ignore=shutil.ignore_patterns(CLIP_FOLDER))
     staged = save_components(reports / "clip_float16", dtype=torch.float16, clip=load_component(export, CLIP_FOLDER))
     shutil.copytree(staged / CLIP_FOLDER, tmp / CLIP_FOLDER)  # (save_components replaces the folder it writes)
+    added = _weight_bytes(tmp / CLIP_FOLDER) - _weight_bytes(out / CLIP_FOLDER)
+    if why := weight_refusal(added, a.at_least, a.allow_worse):
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"ship_clip: {why}")
     json_out, val_out = reports / "components.json", reports / "components_val.json"
     benches = [(json_out, [])]
     if a.val_seed is not None:

@@ -227,6 +227,28 @@ def test_a_clip_stage_ships_only_if_it_beats_the_shipped_one_and_reaches_the_flo
     assert "below --at-least 0.900" in ship.refusal(0.896, 0.895, at_least=0.90)
     assert "below --at-least" in ship.refusal(0.896, 0.895, at_least=0.90, allow_worse=True)  # a floor stays
     assert ship.refusal(0.901, 0.895, at_least=0.90) is None
+    assert "adds 2,048 bytes" in ship.weight_refusal(2048, None) and ship.weight_refusal(0, None) is None
+    assert ship.weight_refusal(2048, 0.90) is None and ship.weight_refusal(2048, None, allow_worse=True) is None
+
+
+def test_a_heavier_clip_stage_is_refused_unmeasured_unless_it_names_what_it_must_earn(tmp_path):
+    import torch
+
+    from mmsynth.models.bundle import save_components
+    from mmsynth.models.grow import deepen_vision_tower
+    from mmsynth.models.zoo import tiny_bundle
+
+    ship = _ship_clip()
+    bundle, out = tiny_bundle(seed=4), tmp_path / "zoo"
+    bundle.save_pretrained(out, dtype=torch.float16)  # as the zoo ships, so one more layer weighs more
+    run = tmp_path / "runs" / "clip_deeper"
+    layers = bundle.clip.config.vision_config.num_hidden_layers
+    save_components(run / "final", dtype=torch.float16, clip=deepen_vision_tower(bundle.clip, layers + 1, where="test"))
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(SystemExit, match=r"adds .* bytes of weights .* pass --at-least"):
+        ship.main(["--run", str(run), "--out", str(out), "--n", "4", "--reports", str(tmp_path / "reports")])
+    assert sorted(p.name for p in out.rglob("*")) == before and not (tmp_path / ".zoo.shipping").exists()
+    assert not (tmp_path / "reports" / "components.json").exists()  # refused before it was measured
 
 
 def test_shipping_a_clip_stage_refreshes_the_parts_table_the_card_quotes():
