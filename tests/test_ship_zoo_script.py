@@ -9,11 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ship_zoo():
-    spec = importlib.util.spec_from_file_location("ship_zoo", ROOT / "scripts" / "ship_zoo.py")
+def _script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _ship_zoo():
+    return _script("ship_zoo")
 
 
 CARD = """# earlier
@@ -137,9 +142,7 @@ def test_a_clip_shipped_with_the_bundle_must_keep_its_text_encoder(tmp_path):
 
 
 def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
-    spec = importlib.util.spec_from_file_location("ship_inpainting", ROOT / "scripts" / "ship_inpainting.py")
-    ship = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship)
+    ship = _script("ship_inpainting")
     bundle = tmp_path / "b"
     (bundle / "unet_inpainting").mkdir(parents=True)
     import torch
@@ -161,10 +164,7 @@ def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
 
 
 def _ship_clip():
-    spec = importlib.util.spec_from_file_location("ship_clip", ROOT / "scripts" / "ship_clip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("ship_clip")
 
 
 def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_only(tmp_path):
@@ -269,13 +269,6 @@ def test_a_clip_stage_card_quotes_the_val_figure_before_it_where_the_shipped_met
     assert "before it: 0.878 (95% CI 0.856..0.897)." in ship.clip_record(record, {}, before, "c")
 
 
-def _soup_clip():
-    spec = importlib.util.spec_from_file_location("soup_clip", ROOT / "scripts" / "soup_clip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_clip_soup_averages_the_vision_towers_and_keeps_the_text_tower(tmp_path):
     import json
 
@@ -285,7 +278,7 @@ def test_a_clip_soup_averages_the_vision_towers_and_keeps_the_text_tower(tmp_pat
     from mmsynth.models.bundle import load_component, save_components
     from mmsynth.models.zoo import tiny_bundle
 
-    soup = _soup_clip()
+    soup = _script("soup_clip")
     bundle = tiny_bundle(seed=4)
     runs = []
     for k, shift in enumerate([1.0, 3.0]):  # two vision-side stages from one start

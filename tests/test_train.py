@@ -40,6 +40,18 @@ def run(recipe, out, resume=False, stop_after=None, export_only=False, **overrid
     config, options = load_config(get_recipe(recipe), overrides={**FAST, "out": str(out), **overrides})
     return train(config, options, resume=resume, progress=False, stop_after=stop_after, export_only=export_only)
 
+def _vision_side_clip(parts, **options: str):
+    """A ClipRecipe built from the parts fixture's CLIP with its text tower fixed and `options` set, on the CPU."""
+    from mmsynth.train.recipes.clip import ClipRecipe
+
+    overrides = {**FAST, "options.init": str(parts), "options.freeze_text": "true",
+                 **{f"options.{k}": v for k, v in options.items()}}  # fmt: skip
+    recipe = ClipRecipe(*load_config(get_recipe("clip"), overrides=overrides))
+    recipe.build()
+    recipe.place(torch.device("cpu"), torch.float32)
+    return recipe
+
+
 
 def read_log(path):
     with open(path, newline="") as f:
@@ -705,14 +717,7 @@ def test_patch_targets_give_each_patch_the_shares_of_the_shapes_and_colours_unde
 def test_clip_shape_swap_negatives_add_false_one_word_captions_every_image_faces(tmp_path, parts):
     from mmsynth.data.captions import caption_true_of
     from mmsynth.data.scene import Scene
-    from mmsynth.train.recipes.clip import ClipRecipe
-
-    config, options = load_config(get_recipe("clip"), overrides={**FAST, "options.init": str(parts),
-                                  "options.freeze_text": "true", "options.hard_negatives": "true",
-                                  "options.shape_swap_negatives": "2"})  # fmt: skip
-    recipe = ClipRecipe(config, options)
-    recipe.build()
-    recipe.place(torch.device("cpu"), torch.float32)
+    recipe = _vision_side_clip(parts, hard_negatives="true", shape_swap_negatives="2")
     batch = recipe.collate([recipe.dataset()[i] for i in range(8)])
     captions, scenes = list(batch["caption"]), [Scene.from_dict(s) for s in batch["scene"]]
     swaps = recipe._shape_swaps(captions, batch["scene"], 3, set(captions))
@@ -735,13 +740,7 @@ def test_clip_shape_swap_negatives_add_false_one_word_captions_every_image_faces
 
 def test_clip_patch_labels_train_a_head_on_the_vision_patches_and_export_without_it(tmp_path, parts):
     from mmsynth.models.bundle import load_component
-    from mmsynth.train.recipes.clip import ClipRecipe
-
-    config, options = load_config(get_recipe("clip"), overrides={**FAST, "options.init": str(parts),
-                                  "options.freeze_text": "true", "options.patch_label_weight": "0.5"})  # fmt: skip
-    recipe = ClipRecipe(config, options)
-    recipe.build()
-    recipe.place(torch.device("cpu"), torch.float32)
+    recipe = _vision_side_clip(parts, patch_label_weight="0.5")
     assert recipe.trainable == ("clip", "patch_labels")
     examples = [recipe.dataset()[i] for i in range(4)]
     batch = recipe.collate(examples)
@@ -767,13 +766,7 @@ def test_clip_patch_labels_train_a_head_on_the_vision_patches_and_export_without
 
 def test_clip_consistent_positives_spread_each_target_over_every_scene_its_caption_is_true_of(tmp_path, parts):
     from mmsynth.data.scene import Scene
-    from mmsynth.train.recipes.clip import ClipRecipe
-
-    config, options = load_config(get_recipe("clip"), overrides={**FAST, "options.init": str(parts),
-                                  "options.freeze_text": "true", "options.consistent_positives": "true"})  # fmt: skip
-    recipe = ClipRecipe(config, options)
-    recipe.build()
-    recipe.place(torch.device("cpu"), torch.float32)
+    recipe = _vision_side_clip(parts, consistent_positives="true")
     one = lambda color, shape, cx: {"color": color, "shape": shape, "size": "large", "cx": cx, "cy": 0.5,  # noqa: E731
                                     "radius": 0.2, "rotation": 0.0, "rgb": [200, 30, 30]}  # fmt: skip
     background = Scene.from_dict(recipe.collate([recipe.dataset()[0]])["scene"][0]).to_dict()["background"]
