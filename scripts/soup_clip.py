@@ -13,7 +13,7 @@ options.freeze_text), so the UNet's text encoder stays bit for bit.
 val, so the test split stays unseen), then, best first, keep an ingredient only if the mean with it scores higher
 than without. Without --greedy: the uniform mean of all. Writes clip/, text_encoder/, tokenizer/ (the first
 ingredient's) and soup.json (ingredients, their scores, the kept ones), like a `mmsynth train clip` export, so
-`scripts/ship_clip.py --run` and `mmsynth bench components --model` take it.
+`mmsynth bench components --model` takes it. Bad input (a missing export, mismatched stages) exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -106,4 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    try:
+        sys.exit(main())
+    except InputError as exc:
+        sys.exit(print(f"soup_clip: {exc}", file=sys.stderr) or 2)
