@@ -309,3 +309,23 @@ def test_a_clip_soup_averages_the_vision_towers_and_keeps_the_text_tower(tmp_pat
     with pytest.raises(InputError, match="text tower differs"):
         soup.main(["--runs", runs[0], str(tmp_path / "moved"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_mine_clip_negatives_writes_a_table_the_clip_recipe_reads_and_refuses_bad_numbers(tmp_path):
+    from mmsynth.errors import InputError
+    from mmsynth.models.zoo import tiny_bundle
+    from mmsynth.train.mining import load_table
+
+    mine = _script("mine_clip_negatives")
+    model = tmp_path / "tiny"
+    tiny_bundle(seed=2).save_pretrained(model)
+    out = tmp_path / "t.npz"
+    assert mine.main(["--model", str(model), "--seed", "3", "--sources", "16", "--batch-size", "8", "--out",
+                      str(out)]) == 0  # fmt: skip
+    table = load_table(out)
+    assert table["neighbours"].shape == (16, 2) and (table["seed"], table["block"]) == (3, 2)
+    with pytest.raises(InputError, match=r"--batch-size must be a multiple of --group \+ --per-source \(4\), got 10"):
+        mine.main(["--model", str(model), "--seed", "3", "--batch-size", "10", "--out", str(tmp_path / "b.npz")])
+    with pytest.raises(InputError, match="--sources must be >= 1, got 0"):
+        mine.main(["--model", str(model), "--seed", "3", "--sources", "0", "--out", str(tmp_path / "b.npz")])
+    assert not (tmp_path / "b.npz").exists()

@@ -794,3 +794,51 @@ def test_clip_consistent_positives_spread_each_target_over_every_scene_its_capti
         run("clip", tmp_path / "bad", max_steps="1", batch_size="8", data=str(tmp_path),
             **{"options.consistent_positives": "true"})  # fmt: skip
     run("clip", tmp_path / "ok", max_steps="2", batch_size="8", **{"options.consistent_positives": "true"})
+
+
+def test_mined_negatives_are_the_clips_confusions_and_extend_the_hard_negative_groups(tmp_path, parts):
+    import numpy as np
+
+    from mmsynth.data.captions import caption_true_of, captions
+    from mmsynth.data.scene import Scene, sample_scene
+    from mmsynth.models.bundle import load_component
+    from mmsynth.train.data import HardNegativePairs, MinedNegatives
+    from mmsynth.train.mining import load_table, mine_confusions, save_table
+
+    clip, tokenizer = load_component(parts, "clip").float(), load_component(parts, "tokenizer")
+    table = mine_confusions(clip, tokenizer, "train", 5, n_sources=24, group=2, per_source=2, block=2)
+    sources, neighbours = table["sources"], table["neighbours"]
+    assert list(sources) == list(range(0, 48, 2)) and neighbours.shape == (24, 2)
+    scenes = {int(i): sample_scene("train", int(i), 5) for i in sources}
+    for s, row in zip(sources, neighbours):
+        assert set(row) <= set(scenes) and int(s) not in row
+        for j in row:  # never a false negative, either way round
+            assert not any(caption_true_of(c, scenes[int(j)]) for c in captions(scenes[int(s)], 4))
+            assert not any(caption_true_of(c, scenes[int(s)]) for c in captions(scenes[int(j)], 4))
+    for b in range(0, 24, 2):  # a batch (block) never holds a scene twice
+        members = [int(x) for x in sources[b : b + 2]] + [int(x) for x in neighbours[b : b + 2].ravel()]
+        assert len(set(members)) == len(members)
+    path = save_table(table, tmp_path / "mined.npz")
+    assert not list(tmp_path.glob("*.tmp*"))
+    loaded = load_table(path)
+    assert (loaded["split"], loaded["seed"], loaded["group"], loaded["block"]) == ("train", 5, 2, 2)
+    data, pairs = MinedNegatives(loaded, resolution=32, extra=2), HardNegativePairs("train", 5, 32)
+    assert torch.equal(data[4 * 3 + 1]["pixel_values"], pairs[int(sources[3]) + 1]["pixel_values"])  # the edit
+    assert Scene.from_dict(data[4 * 3 + 3]["scene"]) == scenes[int(neighbours[3, 1])]
+    with pytest.raises(InputError, match=r"extra members per group must be 1\.\.2, got 3"):
+        MinedNegatives(loaded, extra=3)
+    mined = {"options.init": str(parts), "options.freeze_text": "true", "options.hard_negatives": "true",
+             "options.mined_negatives": str(path), "data_seed": "5"}  # fmt: skip
+    run("clip", tmp_path / "m", max_steps="2", batch_size="8", **mined)
+    assert len(read_log(tmp_path / "m" / "log.csv")) == 2
+    with pytest.raises(InputError, match="was mined for seed 5, this run needs 6"):
+        run("clip", tmp_path / "m2", max_steps="1", batch_size="8", **{**mined, "data_seed": "6"})
+    with pytest.raises(InputError, match="was mined for block 2, this run needs 3"):
+        run("clip", tmp_path / "m3", max_steps="1", batch_size="12", **mined)
+    with pytest.raises(InputError, match=r"needs .options\.hard_negatives: true."):
+        run("clip", tmp_path / "m4", max_steps="1", batch_size="8", **{**mined, "options.hard_negatives": "false"})
+    with pytest.raises(InputError, match="no file at"):
+        load_table(tmp_path / "absent.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(InputError, match="is not a mined table"):
+        load_table(tmp_path / "other.npz")

@@ -24,6 +24,7 @@ __all__ = [
     "EpochOrder",
     "HardNegativePairs",
     "ImageFolderExamples",
+    "MinedNegatives",
     "ShapesExamples",
     "StepBatches",
     "collate",
@@ -101,6 +102,37 @@ class HardNegativePairs(Dataset):
         if scene is None:
             return p[index]
         return example_of_scene(scene, index, p.seed, p.resolution, p.maps)
+
+
+class MinedNegatives(Dataset):
+    """`HardNegativePairs` groups, each followed by the scenes a trained CLIP confused with its source (a table
+    from `train.mining.mine_confusions`, for the same split, seed and group): group g of size group + extra is
+    the pairs' group of source `sources[g]` and then that source's first `extra` mined neighbours. Past the
+    table's end the groups repeat."""
+
+    def __init__(self, table: dict[str, Any], resolution: int = 64, kinds: tuple[str, ...] = ("shape", "colour"),
+                 extra: int = 2):  # fmt: skip
+        if not 1 <= extra <= table["neighbours"].shape[1]:
+            raise InputError(f"the mined table holds {table['neighbours'].shape[1]} neighbours per source, so "
+                             f"the extra members per group must be 1..{table['neighbours'].shape[1]}, got {extra}")
+        self.pairs = HardNegativePairs(table["split"], table["seed"], resolution, kinds=kinds, group=table["group"])
+        self.sources, self.neighbours, self.extra = table["sources"], table["neighbours"], extra
+        self.size = table["group"] + extra
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from mmsynth.data.scene import sample_scene
+        from mmsynth.data.torch_dataset import example_of_scene
+
+        g, k = divmod(int(index), self.size)
+        row, pairs = g % len(self.sources), self.pairs
+        if k < pairs.group:
+            return pairs[int(self.sources[row]) + k]
+        j = int(self.neighbours[row, k - pairs.group])
+        p = pairs.plain
+        return example_of_scene(sample_scene(p.split, j, p.seed), j, p.seed, p.resolution, p.maps)
 
 
 class EpochOrder:

@@ -23,7 +23,8 @@ from mmsynth.models.bundle import load_component, save_components
 from mmsynth.models.grow import deepen_vision_tower, refine_vision_patches
 from mmsynth.models.tokenizer import build_shapes_tokenizer
 from mmsynth.models.zoo import ZOO_SPECS, build_clip, projected, text_encoder_from_clip, unit_means
-from mmsynth.train.data import HardNegativePairs
+from mmsynth.train.data import HardNegativePairs, MinedNegatives
+from mmsynth.train.mining import load_table
 from mmsynth.train.patch_labels import PatchLabelHead, patch_label_loss
 from mmsynth.train.recipe import Recipe
 from mmsynth.train.relation_probe import RelationProbe, relation_probe_loss, token_relation_targets
@@ -110,6 +111,13 @@ class ClipOptions:
     # away from a caption that describes it. Needs data: shapes (the scenes). Logs false_negatives_in_batch (the
     # share of captions true of another scene of the batch).
     consistent_positives: bool = False
+    # A table of mined hard negatives (scripts/mine_clip_negatives.py: for each hard-negative group's source, the
+    # training scenes the current CLIP scores highest against its captions without any being true of them), and
+    # how many of each source's neighbours join its group. A batch then holds the CLIP's own current confusions,
+    # which one-word synthetic edits and random scenes give only by chance.
+    # Needs hard_negatives (the groups it extends) and the table's split, seed, group and batch layout.
+    mined_negatives: str | None = None
+    mined_per_group: int = 2
 
     def validate(self) -> None:
         for key in ("relation_probe_weight", "preserve_text_weight", "caption_target_weight", "patch_label_weight",
@@ -130,6 +138,11 @@ class ClipOptions:
         if self.hard_negative_group < 2:
             raise InputError(f"config key 'options.hard_negative_group' counts a scene and its edits, so it must be "
                              f">= 2, got {self.hard_negative_group}")  # fmt: skip
+        if self.mined_negatives and not self.hard_negatives:
+            raise InputError("config key 'options.mined_negatives' extends the hard-negative groups, so it needs "
+                             "'options.hard_negatives: true'")  # fmt: skip
+        if self.mined_per_group < 1:
+            raise InputError(f"config key 'options.mined_per_group' must be >= 1, got {self.mined_per_group}")
         if self.zoo not in ZOO_SPECS:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
         if self.freeze_text and not self.init:
@@ -217,8 +230,26 @@ class ClipRecipe(Recipe):
             raise InputError(f"config key 'options.hard_negatives' puts a scene and its {group - 1} edit(s) in one "
                              f"batch, so batch_size must be a multiple of options.hard_negative_group ({group}), "
                              f"got {c.batch_size}")  # fmt: skip
+        if self.options.mined_negatives:
+            return self._mined_dataset()
         return HardNegativePairs(c.data_split, c.data_seed, self.resolution, kinds=self.options.hard_negative_edits,
                                  group=group)  # fmt: skip
+
+    def _mined_dataset(self) -> Dataset:
+        """Hard-negative groups extended by a mined table that must fit this run's data and batches."""
+        c, o = self.config, self.options
+        table = load_table(o.mined_negatives)
+        size = o.hard_negative_group + o.mined_per_group
+        want = {"split": c.data_split, "seed": c.data_seed, "group": o.hard_negative_group,
+                "block": c.batch_size // size}  # fmt: skip
+        if c.batch_size % size:
+            raise InputError(f"config key 'options.mined_negatives' makes groups of {size} (hard_negative_group + "
+                             f"mined_per_group), so batch_size must be a multiple of {size}, got {c.batch_size}")
+        for key, value in want.items():
+            if table[key] != value:
+                raise InputError(f"config key 'options.mined_negatives': {o.mined_negatives} was mined for {key} "
+                                 f"{table[key]}, this run needs {value} (mine it again with that)")  # fmt: skip
+        return MinedNegatives(table, self.resolution, kinds=o.hard_negative_edits, extra=o.mined_per_group)
 
     @property
     def resolution(self) -> int:
