@@ -842,3 +842,19 @@ def test_mined_negatives_are_the_clips_confusions_and_extend_the_hard_negative_g
     np.savez(tmp_path / "other.npz", x=np.zeros(2))
     with pytest.raises(InputError, match="is not a mined table"):
         load_table(tmp_path / "other.npz")
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_kept_with_a_warning(monkeypatch, caplog):
+    import mmsynth.train.trainer as trainer
+
+    assert isinstance(trainer.cpu_has_bf16(), bool)  # this machine's answer, whatever it is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="mmsynth.train.trainer"):
+        assert trainer._mixed_precision("bf16") == "bf16"
+    assert "emulated and slower than fp32" in caplog.text and "mixed_precision=no" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="mmsynth.train.trainer"):
+        assert trainer._mixed_precision("bf16") == "bf16" and trainer._mixed_precision("auto") == "no"
+    assert caplog.text == ""
