@@ -3,11 +3,12 @@
     python scripts/mine_clip_negatives.py --model models/shapes-v1 --seed 17 --sources 40000 --out runs/mined/s17.npz
         [--split train --group 2 --per-source 2 --batch-size 128]
 
-Why: the shipped CLIP's retrieval misses are scenes two words from the query's own, which neither random batch
-scenes nor one-word synthetic edits give it to learn from. For each hard-negative group's source (scene index
-0, group, 2 group, ... of the split and seed the stage will train on), this keeps the other sources that the CLIP
-scores highest against the source's captions while none of them is true (`train/mining.py`), so the stage's
-batches hold the CLIP's own confusions. --batch-size is the stage's: a batch's groups never share a scene.
+Why: the shipped CLIP's retrieval misses are scenes close to the query's own (a shape or a binding different),
+which random batch scenes rarely are and one-word synthetic edits only sometimes. For each hard-negative
+group's source (scene index 0, group, 2 group, ... of the split and seed the stage will train on), this keeps
+the other sources that the CLIP scores highest against the source's captions while none of them is true
+(`train/mining.py`), so the stage's batches hold the CLIP's own confusions. --batch-size is the stage's: a
+batch's groups never share a scene.
 Bad input (a missing model, a bad number) exits 2 with one line.
 """
 

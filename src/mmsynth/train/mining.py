@@ -71,10 +71,14 @@ def mine_confusions(clip: Any, tokenizer: Any, split: str, seed: int, n_sources:
             picked = [int(j) for j in top[row] if j not in used and _confusable(parsed, scenes, s, int(j))]
             picked = picked[:per_source]
             rng = np.random.default_rng([seed, s, 0x3A1])
-            while len(picked) < per_source:  # a shortlist with too few: fill with random unrelated sources
-                j = int(rng.integers(n_sources))
-                if j not in used and j not in picked and _confusable(parsed, scenes, s, j):
-                    picked.append(j)
+            for j in rng.permutation(n_sources):  # a shortlist with too few: fill with random unrelated sources
+                if len(picked) == per_source:
+                    break
+                if int(j) not in used and int(j) not in picked and _confusable(parsed, scenes, s, int(j)):
+                    picked.append(int(j))
+            if len(picked) < per_source:
+                raise InputError(f"mining: source {s} has fewer than {per_source} unrelated sources outside its "
+                                 f"batch; mine more sources or a smaller batch")  # fmt: skip
             used.update(picked)
             neighbours[s] = indices[picked]
     return {"split": split, "seed": seed, "group": group, "block": block, "sources": indices, "neighbours": neighbours}
