@@ -33,8 +33,8 @@ VARIANTS = {
 
 def probe(model: str, caption: str, variants: dict[str, str]) -> dict[str, float]:
     """Cosine between `caption` and each variant under the bundle's CLIP text tower."""
-    from mmsynth.evaluate.components import text_features
     from mmsynth.models.bundle import load_component
+    from mmsynth.models.zoo import text_features
 
     clip, tok = load_component(model, "clip").float().eval(), load_component(model, "tokenizer")
     e = text_features(clip, tok, [caption, *variants.values()])

@@ -14,11 +14,10 @@ from mmsynth.evaluate.components import (
     miss_lines,
     retrieval_miss,
     shape_swaps,
-    text_features,
     vae_psnr,
     with_interval,
 )
-from mmsynth.models.zoo import tiny_bundle
+from mmsynth.models.zoo import text_features, tiny_bundle
 
 
 def _scene(*objs):

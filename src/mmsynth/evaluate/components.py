@@ -23,8 +23,7 @@ from mmsynth.data.captions import caption_true_of, captions, parse_caption
 from mmsynth.data.render import render
 from mmsynth.data.scene import Scene, sample_scene
 from mmsynth.errors import InputError
-from mmsynth.models.tokenizer import tokenize_padded
-from mmsynth.models.zoo import projected, run_owners, unit_means
+from mmsynth.models.zoo import image_features, run_owners, text_features, unit_means
 
 
 def _mean_ci(values: np.ndarray) -> dict[str, Any]:
@@ -85,7 +84,7 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
     for k in range(0, n, batch_size):
         imgs = np.stack([render(s, resolution) for s in scenes[k : k + batch_size]])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1.0  # the zoo CLIP reads [-1, 1]
-        img_feats.append(torch.nn.functional.normalize(projected(clip.get_image_features(pixel_values=x)), dim=-1))
+        img_feats.append(image_features(clip, x))
         txt_feats.append(text_features(clip, tokenizer, texts[k : k + batch_size]))
     query_feats = torch.cat(txt_feats)
     best = (query_feats @ torch.cat(img_feats).T).argmax(dim=1).cpu().numpy()
@@ -190,10 +189,3 @@ def caption_kind(caption: str) -> str:
     if len(gs) == 1:
         return "one object" if gs[0].count == 1 else "count"
     return "two groups" if len(gs) == 2 else "three or more groups"
-
-
-@torch.no_grad()
-def text_features(clip: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """Unit-length projected text embeddings (the vectors retrieval compares), one row per text."""
-    ids = tokenize_padded(tokenizer, texts, return_tensors="pt").input_ids.to(next(clip.parameters()).device)
-    return torch.nn.functional.normalize(projected(clip.get_text_features(input_ids=ids)), dim=-1)

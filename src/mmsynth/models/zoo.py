@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 from mmsynth.models.bundle import Bundle
-from mmsynth.models.tokenizer import build_shapes_tokenizer, special_token_ids
+from mmsynth.models.tokenizer import build_shapes_tokenizer, special_token_ids, tokenize_padded
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,19 @@ def projected(out: torch.Tensor | Any) -> torch.Tensor:
     """The projected embeddings of `CLIPModel.get_text_features` / `get_image_features`: a tensor in transformers
     4, the `pooler_output` of the output they return in transformers 5 (every reader of CLIP features needs both)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@torch.no_grad()
+def text_features(clip: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """Unit-length projected text embeddings (the vectors retrieval compares), one row per text."""
+    ids = tokenize_padded(tokenizer, texts, return_tensors="pt").input_ids.to(next(clip.parameters()).device)
+    return torch.nn.functional.normalize(projected(clip.get_text_features(input_ids=ids)), dim=-1)
+
+
+@torch.no_grad()
+def image_features(clip: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Unit-length projected image embeddings of [-1, 1] pixels (the zoo CLIP's input), one row per image."""
+    return torch.nn.functional.normalize(projected(clip.get_image_features(pixel_values=pixel_values)), dim=-1)
 
 
 def run_owners(counts: list[int], device: torch.device | str = "cpu") -> torch.Tensor:

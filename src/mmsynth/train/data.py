@@ -116,7 +116,7 @@ class MinedNegatives(Dataset):
             raise InputError(f"the mined table holds {table['neighbours'].shape[1]} neighbours per source, so "
                              f"the extra members per group must be 1..{table['neighbours'].shape[1]}, got {extra}")
         self.pairs = HardNegativePairs(table["split"], table["seed"], resolution, kinds=kinds, group=table["group"])
-        self.sources, self.neighbours, self.extra = table["sources"], table["neighbours"], extra
+        self.sources, self.neighbours = table["sources"], table["neighbours"]
         self.size = table["group"] + extra
 
     def __len__(self) -> int:

@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mmsynth.data.annotations import N_CAPTIONS
 from mmsynth.data.captions import caption_true_of, captions, parse_caption
 from mmsynth.data.render import render
 from mmsynth.data.scene import sample_scene
 from mmsynth.errors import InputError
-from mmsynth.models.zoo import projected
+from mmsynth.models.zoo import image_features, text_features
 
 TABLE_KEYS = ("split", "seed", "group", "block", "sources", "neighbours")
 
@@ -50,11 +49,8 @@ def mine_confusions(clip: Any, tokenizer: Any, split: str, seed: int, n_sources:
     for k in range(0, n_sources, batch_size):
         x = torch.from_numpy(np.stack([render(s, resolution) for s in scenes[k : k + batch_size]]))
         x = x.permute(0, 3, 1, 2).float().to(device) / 127.5 - 1.0
-        images.append(F.normalize(projected(clip.get_image_features(pixel_values=x)).float(), dim=-1))
-        flat = [c for cs in caps[k : k + batch_size] for c in cs]
-        # padded to the longest caption: CLIP's causal mask keeps the pooled end-of-text output blind to padding
-        ids = tokenizer(flat, padding="longest", return_tensors="pt").input_ids.to(device)
-        feats = F.normalize(projected(clip.get_text_features(input_ids=ids)).float(), dim=-1)
+        images.append(image_features(clip, x).float())
+        feats = text_features(clip, tokenizer, [c for cs in caps[k : k + batch_size] for c in cs]).float()
         texts.append(feats.view(-1, N_CAPTIONS, feats.shape[-1]))
         if progress:
             progress(len(x))
