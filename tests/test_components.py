@@ -11,6 +11,7 @@ from mmsynth.evaluate.components import (
     caption_kind,
     clip_retrieval,
     ideal_image_embeddings,
+    lost_object_sizes,
     miss_lines,
     retrieval_miss,
     shape_swaps,
@@ -56,7 +57,10 @@ def test_component_scores_run_on_tiny_models():
     assert all("->" in k for k in ret["shape_swaps"]) and sum(ret["shape_swaps"].values()) >= ret["misses"].get(
         "a shape", 0)  # every shape miss names at least one swap
     assert miss_lines(ret)[0].startswith("wrong retrievals, by what differs: ")
-    assert len(miss_lines(ret)) == 1 + bool(ret["shape_swaps"])  # the swaps line only when there are swaps
+    assert sum(ret["object_sizes"].values()) == sum(len(sample_scene("test", i, 0).objects) for i in range(6))
+    assert bool(ret["shape_miss_sizes"]) == bool(ret["misses"].get("a shape"))  # a shape miss loses an object
+    # the swaps and the sizes lines only when there are shape misses
+    assert len(miss_lines(ret)) == 1 + bool(ret["shape_swaps"]) + bool(ret["shape_miss_sizes"])
     assert set(ret["text_side_ceiling"]) == {"prototype", "fitted"}
     assert all(0.0 <= r["value"] <= 1.0 and r["n"] == 6 for r in ret["text_side_ceiling"].values())
 
@@ -138,6 +142,22 @@ def test_shape_swaps_name_the_asked_and_the_retrieved_shape_per_colour():
     assert shape_swaps(query, query) == []
     two_red = _scene(red_circle, swap(red_circle, cx=0.75))
     assert shape_swaps(two_red, _scene(red_circle, swap(red_circle, shape="cross", cx=0.75))) == ["circle->cross"]
+
+
+def test_lost_object_sizes_name_the_sizes_of_the_groups_the_retrieved_scene_lacks():
+    red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
+    blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    swap = dataclasses.replace
+    query = _scene(red_circle, blue_square)
+    assert lost_object_sizes(query, _scene(swap(red_circle, shape="star"), blue_square)) == ["small"]
+    assert lost_object_sizes(query, _scene(red_circle, swap(blue_square, shape="cross"))) == ["large"]
+    assert lost_object_sizes(query, query) == []
+    two_red = _scene(red_circle, swap(red_circle, cx=0.75, size="large"))  # a group lacking one: both its objects
+    assert lost_object_sizes(two_red, _scene(red_circle, swap(red_circle, shape="cross"))) == ["small", "large"]
+    lines = miss_lines({"misses": {"a shape": 2}, "shape_swaps": {"square->cross": 2},
+                        "shape_miss_sizes": {"large": 1, "small": 1}, "object_sizes": {"large": 1, "small": 3}})
+    assert lines[-1] == "sizes of the objects those lost: large 1, small 1 (all objects of the queries' scenes: " \
+        "large 0.25, small 0.75)"
 
 
 def test_bench_components_cli(tmp_path, capsys):

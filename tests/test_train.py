@@ -604,6 +604,24 @@ def test_train_cli(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().out
 
 
+def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "clip", "--max-steps", "3", "--batch-size", "4", "--out", str(out), "--no-progress",
+            "--set", "checkpoint_every=100", *[x for k, v in FAST.items() for x in ("--set", f"{k}={v}")]]  # fmt: skip
+    assert main([*args, "--max-minutes", "1e-9"]) == 0  # out of time once the first step is done
+    assert "stopped clip at step 1 of 3" in capsys.readouterr().out
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000001"]  # saved though not due
+    assert not (out / "final").exists()
+    assert main([*args, "--resume", "--max-minutes", "60"]) == 0  # time enough: runs to the end and exports
+    assert [r["step"] for r in read_log(out / "log.csv")] == ["1", "2", "3"]
+    assert (out / "final" / "clip" / "config.json").exists()
+    assert main([*args, "--out", str(tmp_path / "other"), "--max-minutes", "0"]) == 2
+    assert "--max-minutes must be a positive number of minutes, got 0.0" in capsys.readouterr().err
+    config, options = load_config(get_recipe("clip"), overrides={**FAST, "out": str(tmp_path / "x")})
+    with pytest.raises(InputError, match="time limit must be a positive number of seconds"):
+        train(config, options, progress=False, time_limit_s=-1.0)
+
+
 CONFIGS = sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 

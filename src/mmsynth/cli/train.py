@@ -36,10 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--export-only", action="store_true",
                    help="write DIR/final from the newest checkpoint (EMA weights) and train nothing; "
                         "safe while the run is still training")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, metavar="M",
+                   help="stop after M minutes of wall time (set-up included) with a checkpoint at that step and no "
+                        "export; --resume continues it (for a GPU call or batch slot of fixed length)")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmsynth.errors import InputError
     from mmsynth.train.config import load_config, parse_set
     from mmsynth.train.recipes import get_recipe
     from mmsynth.train.trainer import train
@@ -49,10 +53,18 @@ def run(args: argparse.Namespace) -> int:
     for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size), ("out", args.out)):
         if value is not None:
             overrides[key] = value
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise InputError(f"--max-minutes must be a positive number of minutes, got {args.max_minutes}")
     config, options = load_config(recipe_cls, args.config, overrides)
-    result = train(config, options, resume=args.resume, progress=not args.no_progress, export_only=args.export_only)
+    result = train(config, options, resume=args.resume, progress=not args.no_progress, export_only=args.export_only,
+                   time_limit_s=None if args.max_minutes is None else 60.0 * args.max_minutes)  # fmt: skip
     if args.export_only:
         print(f"exported {config.recipe} at step {result.step} to {result.export}")
+        return 0
+    if result.step < config.max_steps:
+        print(f"stopped {config.recipe} at step {result.step} of {config.max_steps} (--max-minutes "
+              f"{args.max_minutes:g}), checkpoint in {config.out}/checkpoints: continue with --resume, or write "
+              f"{result.export} from it with --export-only")  # fmt: skip
         return 0
     print(
         f"trained {config.recipe} to step {result.step} (last loss {result.last_loss:.4f}, "

@@ -5,7 +5,8 @@ Shapes captions fit several images ("a blue star" fits every scene with one blue
 `top1_exact` (the retrieved image is the caption's own) and `top1_consistent` (the retrieved image's
 scene makes the caption true: same colour-shape groups and counts, stated sizes, and every stated
 relation holds by the dataset's own rule). The zoo's bar is stated on `top1_consistent`. Each wrong
-retrieval is named by what differs (`misses`; a wrong shape also by which shapes, `shape_swaps`), and
+retrieval is named by what differs (`misses`; a wrong shape also by which shapes, `shape_swaps`, and by the
+sizes of the objects it lost, `shape_miss_sizes` beside `object_sizes` of all the query scenes), and
 `text_side_ceiling` is the retrieval an image side that matched the text tower perfectly could reach: together
 they say which tower to train.
 """
@@ -95,13 +96,17 @@ def clip_retrieval(clip: Any, tokenizer: Any, n: int = 1000, split: str = "test"
     missed = [(scenes[i], scenes[int(j)]) for i, j in enumerate(best) if not consistent[i]]
     miss_kinds = [retrieval_miss(q, r) for q, r in missed]
     misses = Counter(miss_kinds)
-    swaps = Counter(s for (q, r), kind in zip(missed, miss_kinds) if kind == "a shape" for s in shape_swaps(q, r))
+    shape_missed = [(q, r) for (q, r), kind in zip(missed, miss_kinds) if kind == "a shape"]
+    swaps = Counter(s for q, r in shape_missed for s in shape_swaps(q, r))
+    lost_sizes = Counter(size for q, r in shape_missed for size in lost_object_sizes(q, r))
     ceiling = {}
     for name, ideal in ideal_image_embeddings(clip, tokenizer, scenes, texts, batch_size).items():
         picks = (query_feats @ ideal.T).argmax(dim=1).cpu().numpy()
         ceiling[name] = _rate(np.array([caption_true_of(texts[i], scenes[int(j)]) for i, j in enumerate(picks)]))
     return {"top1_exact": _rate(exact), "top1_consistent": _rate(consistent), "consistent_by_kind": by_kind,
             "misses": dict(misses.most_common()), "shape_swaps": dict(swaps.most_common()),
+            "shape_miss_sizes": dict(sorted(lost_sizes.items())),
+            "object_sizes": dict(sorted(Counter(o.size for s in scenes for o in s.objects).items())),
             "text_side_ceiling": ceiling, "split": split}  # fmt: skip
 
 
@@ -162,6 +167,15 @@ def shape_swaps(query: Scene, retrieved: Scene) -> list[str]:
     return out
 
 
+def lost_object_sizes(query: Scene, retrieved: Scene) -> list[str]:
+    """The sizes of the query's objects in the colour-shape groups that the retrieved scene has fewer of (each
+    object of such a group once): set beside the sizes of all objects, they say whether a CLIP's shape errors
+    sit on small objects, which finer patches would resolve, or on objects of every size, which they would not."""
+    groups = [Counter((o.color, o.shape) for o in scene.objects) for scene in (query, retrieved)]
+    lacking = groups[0] - groups[1]
+    return [o.size for o in query.objects if (o.color, o.shape) in lacking]
+
+
 def with_interval(metric: dict[str, Any], digits: int = 3, unit: str = "", then: str = "") -> str:
     """A figure with its 95% interval, in the one wording that `mmsynth bench components` and the model cards use:
     "0.895 (95% CI 0.875..0.912)"; `unit` follows the value, `then` goes inside the parentheses (", n=1000")."""
@@ -177,6 +191,11 @@ def miss_lines(clip_scores: dict[str, Any]) -> list[str]:
     if clip_scores.get("shape_swaps"):
         lines.append("shapes confused in those with a shape wrong (asked->retrieved): " + ", ".join(
             f"{k} {n}" for k, n in clip_scores["shape_swaps"].items()))  # fmt: skip
+    if clip_scores.get("shape_miss_sizes"):
+        total = sum(clip_scores["object_sizes"].values())
+        lines.append("sizes of the objects those lost: " + ", ".join(
+            f"{k} {n}" for k, n in clip_scores["shape_miss_sizes"].items()) + " (all objects of the queries' scenes: "
+            + ", ".join(f"{k} {n / total:.2f}" for k, n in clip_scores["object_sizes"].items()) + ")")  # fmt: skip
     return lines
 
 

@@ -62,6 +62,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     export_only: bool = False,
+    time_limit_s: float | None = None,
 ) -> TrainResult:
     """Train `config.recipe` to `config.max_steps` and export the result to OUT/final.
 
@@ -70,7 +71,13 @@ def train(
     `export_only` exports the newest checkpoint's (EMA) weights to OUT/final and trains nothing, so a
     long run can be used, or stopped, at any checkpoint; it leaves the run folder's log and config alone,
     so it is safe beside a run that is still training.
+    `time_limit_s` stops at the first step boundary after that much wall time (set-up included), with a checkpoint
+    there and no export, so a call with a fixed length (a lent GPU, a batch-job slot, a working session) ends with
+    every step it made kept and `resume` takes it on. All processes stop at the same step.
     """
+    started = time.perf_counter()
+    if time_limit_s is not None and not time_limit_s > 0:
+        raise InputError(f"the time limit must be a positive number of seconds, got {time_limit_s}")
     # ---------------------------------------------------------------- set-up
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum
@@ -203,10 +210,19 @@ def train(
                 if grid is not None:
                     save_image(grid, out / "samples" / f"step_{step:07d}.png")
             accelerator.wait_for_everyone()
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
+        checkpointed = step % config.checkpoint_every == 0 or step == config.max_steps
+        if checkpointed:
             _save_checkpoint(accelerator, ckpt_root, step, config)
         if stop_after is not None and step >= stop_after:
             break
+        if time_limit_s is not None and step < config.max_steps:
+            if time.perf_counter() - started >= time_limit_s:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():  # any process out of time: all stop at this step
+                if not checkpointed:
+                    _save_checkpoint(accelerator, ckpt_root, step, config)
+                logger.info("mmsynth train: time limit reached at step %d of %d", step, config.max_steps)
+                break
         if step % config.log_every == 0 or step == config.max_steps:
             window_start = time.perf_counter()
         else:
