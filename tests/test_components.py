@@ -264,6 +264,37 @@ def test_denoiser_relation_probe_script(tmp_path, capsys, monkeypatch):
     assert probe.swap_colours("two red circles") is None and probe.swap_colours("a red circle and a red star") is None
 
 
+def test_terminal_snr_probe_script(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    from mmsynth.models.zoo import tiny_bundle
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "terminal_snr_probe.py"
+    spec = importlib.util.spec_from_file_location("terminal_snr_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    x0, eps, a = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), 0.3
+    x = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    v = a**0.5 * eps - (1 - a) ** 0.5 * x0  # diffusers' get_velocity
+    torch.testing.assert_close(probe.x0_guess(eps, x, a, "epsilon"), x0)
+    torch.testing.assert_close(probe.x0_guess(v, x, a, "v_prediction"), x0)
+    assert probe.layout_correlation(x0 + 5.0, x0) == pytest.approx(1.0)  # a brightness offset is not layout
+    assert probe.layout_correlation(-x0, x0) == pytest.approx(-1.0)
+    assert abs(probe.layout_correlation(eps, x0)) < 0.3
+    tiny_bundle(seed=0).save_pretrained(tmp_path / "m")
+    rows = probe.probe(str(tmp_path / "m"), n=3, timesteps=(999, 500))
+    assert [(r["t"], r["start"], r["caption"]) for r in rows[:4]] == [
+        (999, s, c) for s in ("training noise", "pure noise") for c in ("scene", "empty")]  # fmt: skip
+    assert len(rows) == 8 and all(r["mse"] > 0 and -1 <= r["corr"] <= 1 for r in rows)
+    assert probe.main(["--model", str(tmp_path / "m"), "--n", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2 + 4 * len(probe.TIMESTEPS)
+
+
 def test_with_interval_rounds_value_and_bounds_alike() -> None:
     metric = {"value": 0.89549, "ci95": (0.87451, 0.9125), "n": 1000}
     assert with_interval(metric) == "0.895 (95% CI 0.875..0.912)"

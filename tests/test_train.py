@@ -495,6 +495,24 @@ def test_t2i_cubic_timesteps_favour_high_noise(parts):
         recipe("logit")
 
 
+def test_t2i_zero_terminal_snr_trains_v_at_pure_noise_and_exports_a_trailing_schedule(tmp_path, parts):
+    zero = {"options.base": str(parts), "options.prediction_type": "v_prediction", "options.zero_terminal_snr": "true",
+            "options.snr_gamma": "none"}  # fmt: skip
+    result = run("t2i", tmp_path / "zero", max_steps="2", batch_size="4", **zero)
+    assert all(float(r["loss"]) == float(r["loss"]) for r in read_log(tmp_path / "zero" / "log.csv"))  # finite
+    scheduler = Bundle.from_pretrained(result.export).scheduler
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # t = T is pure noise (the base's was 0.0047-like)
+    scheduler.set_timesteps(4)
+    assert int(scheduler.timesteps[0]) == 999  # sampling starts where training saw pure noise
+    base = Bundle.from_pretrained(parts).scheduler
+    assert float(base.alphas_cumprod[-1]) > 1e-4 and not base.config.get("rescale_betas_zero_snr", False)
+    with pytest.raises(InputError, match=r"zero_terminal_snr' needs options\.prediction_type 'v_prediction'"):
+        run("t2i", tmp_path / "eps", max_steps="1", batch_size="4", **{**zero, "options.prediction_type": "epsilon"})
+    with pytest.raises(InputError, match=r"zero_terminal_snr' needs options\.snr_gamma none"):
+        run("t2i", tmp_path / "minsnr", max_steps="1", batch_size="4", **{**zero, "options.snr_gamma": "5"})
+
+
 def test_t2i_relation_contrast_scores_each_relation_caption_against_its_flip(tmp_path, parts, monkeypatch):
     from mmsynth.train.recipes import t2i as t2i_module
 

@@ -63,6 +63,13 @@ class TextToImageOptions:
     zoo: str = "shapes-v1"  # UNet size when training from scratch
     attention_depth: tuple[int, ...] = ()  # transformer layers per level, e.g. 1,2,2: the UNet grown (models/grow.py)
     prediction_type: str = "epsilon"
+    # True: Lin et al. 2024's fix of a noise schedule whose last step still shows the image: betas rescaled to zero
+    # SNR at t = T (diffusers' rescale_betas_zero_snr) and "trailing" timesteps, so sampling starts at t = T,
+    # where training now shows pure noise. Needs v_prediction (epsilon says nothing of the image at zero SNR). Why:
+    # at the zoo's t = 999 (alpha_bar 0.0047) the shipped UNet's x0 guess still correlates 0.29 with the true
+    # layout (0.05 from the pure noise sampling starts from), so it learned to read the layout from the noise
+    # rather than from the caption (docs/training.md).
+    zero_terminal_snr: bool = False
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
     # how training timesteps are drawn: uniform, or T2I-Adapter's cubic t = (1 - u^3) T (u uniform), which puts
     # more of them at high noise, where a sample's layout (which objects, how many, where) is decided
@@ -92,6 +99,13 @@ class TextToImageOptions:
             raise InputError(f"config key 'options.zoo' must be one of {', '.join(ZOO_SPECS)}, got '{self.zoo}'")
         if self.prediction_type not in PREDICTION_TYPES:
             raise InputError(f"config key 'options.prediction_type' must be one of {', '.join(PREDICTION_TYPES)}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise InputError("config key 'options.zero_terminal_snr' needs options.prediction_type 'v_prediction' "
+                             f"(at zero SNR an epsilon prediction says nothing of the image), got "
+                             f"'{self.prediction_type}'")
+        if self.zero_terminal_snr and self.snr_gamma is not None:
+            raise InputError("config key 'options.zero_terminal_snr' needs options.snr_gamma none: min-SNR weighting "
+                             "gives the zero-SNR step, where the layout is decided, no weight")
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise InputError(f"config key 'options.timestep_sampling' must be one of {', '.join(TIMESTEP_SAMPLING)}, "
                              f"got '{self.timestep_sampling}'")
@@ -167,6 +181,9 @@ class TextToImageRecipe(Recipe):
         self.tokenizer, self.clip = tokenizer, clip
         self.scheduler = scheduler
         self.scheduler.register_to_config(prediction_type=o.prediction_type)
+        if o.zero_terminal_snr:  # rebuilt, because the betas are computed when a scheduler is made
+            self.scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True,
+                                                         timestep_spacing="trailing")  # fmt: skip
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         self.models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
         self.trainable = ("unet", "text_encoder") if o.train_text_encoder else ("unet",)
