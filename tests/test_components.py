@@ -116,9 +116,13 @@ def test_a_text_tower_that_tells_captions_apart_has_a_full_ceiling_and_one_that_
             assert rates["fitted"] >= rates["prototype"], rates
 
 
+# a small red circle left of a large blue square: the query the miss-naming tests edit
+RED_CIRCLE = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
+BLUE_SQUARE = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+
+
 def test_retrieval_misses_are_named_by_what_differs():
-    red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
-    blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    red_circle, blue_square = RED_CIRCLE, BLUE_SQUARE
     query = _scene(red_circle, blue_square)
     swap = dataclasses.replace
     assert retrieval_miss(query, _scene(red_circle)) == "object count"
@@ -132,8 +136,7 @@ def test_retrieval_misses_are_named_by_what_differs():
 
 
 def test_shape_swaps_name_the_asked_and_the_retrieved_shape_per_colour():
-    red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
-    blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    red_circle, blue_square = RED_CIRCLE, BLUE_SQUARE
     swap = dataclasses.replace
     query = _scene(red_circle, blue_square)
     assert shape_swaps(query, _scene(swap(red_circle, shape="star"), blue_square)) == ["circle->star"]
@@ -145,8 +148,7 @@ def test_shape_swaps_name_the_asked_and_the_retrieved_shape_per_colour():
 
 
 def test_lost_object_sizes_name_the_sizes_of_the_groups_the_retrieved_scene_lacks():
-    red_circle = ShapeObject("circle", "red", "small", 0.25, 0.5, 0.12)
-    blue_square = ShapeObject("square", "blue", "large", 0.75, 0.5, 0.19)
+    red_circle, blue_square = RED_CIRCLE, BLUE_SQUARE
     swap = dataclasses.replace
     query = _scene(red_circle, blue_square)
     assert lost_object_sizes(query, _scene(swap(red_circle, shape="star"), blue_square)) == ["small"]
