@@ -511,6 +511,8 @@ def test_t2i_zero_terminal_snr_trains_v_at_pure_noise_and_exports_a_trailing_sch
         run("t2i", tmp_path / "eps", max_steps="1", batch_size="4", **{**zero, "options.prediction_type": "epsilon"})
     with pytest.raises(InputError, match=r"zero_terminal_snr' needs options\.snr_gamma none"):
         run("t2i", tmp_path / "minsnr", max_steps="1", batch_size="4", **{**zero, "options.snr_gamma": "5"})
+    with pytest.raises(InputError, match=r"samples with zero terminal SNR; set options\.zero_terminal_snr true"):
+        run("t2i", tmp_path / "plain", max_steps="1", batch_size="4", **{"options.base": str(result.export)})
 
 
 def test_t2i_relation_contrast_scores_each_relation_caption_against_its_flip(tmp_path, parts, monkeypatch):

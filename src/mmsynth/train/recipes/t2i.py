@@ -67,7 +67,7 @@ class TextToImageOptions:
     # SNR at t = T (diffusers' rescale_betas_zero_snr) and "trailing" timesteps, so sampling starts at t = T,
     # where training now shows pure noise. Needs v_prediction (epsilon says nothing of the image at zero SNR). Why:
     # at the zoo's t = 999 (alpha_bar 0.0047) the shipped UNet's x0 guess still correlates 0.29 with the true
-    # layout (0.05 from the pure noise sampling starts from), so it learned to read the layout from the noise
+    # layout (0.07 from the pure noise sampling starts from), so it learned to read the layout from the noise
     # rather than from the caption (docs/training.md).
     zero_terminal_snr: bool = False
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
@@ -181,6 +181,9 @@ class TextToImageRecipe(Recipe):
         self.tokenizer, self.clip = tokenizer, clip
         self.scheduler = scheduler
         self.scheduler.register_to_config(prediction_type=o.prediction_type)
+        if scheduler.config.get("rescale_betas_zero_snr", False) and not o.zero_terminal_snr:
+            raise InputError(f"options.base ({o.base}) samples with zero terminal SNR; set options.zero_terminal_snr "
+                             "true (with options.prediction_type v_prediction, options.snr_gamma none) to train it on")
         if o.zero_terminal_snr:  # rebuilt, because the betas are computed when a scheduler is made
             self.scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True,
                                                          timestep_spacing="trailing")  # fmt: skip
