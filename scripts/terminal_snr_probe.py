@@ -20,17 +20,6 @@ import argparse
 TIMESTEPS = (999, 961, 900, 800)  # 961: the first of 25 DDIM steps with "leading" spacing
 
 
-def x0_guess(output, latents, alpha_bar: float, prediction_type: str):
-    """The x0 a UNet output implies at `latents` (diffusers' DDIM step formulas)."""
-    a = alpha_bar**0.5
-    s = (1 - alpha_bar) ** 0.5
-    if prediction_type == "v_prediction":
-        return a * latents - s * output
-    if prediction_type == "epsilon":
-        return (latents - s * output) / a
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
 def layout_correlation(guess, truth):
     """Per image, the cosine between guess and truth with each channel's spatial mean removed, averaged."""
     g = (guess - guess.mean((2, 3), keepdim=True)).flatten(1)
@@ -50,6 +39,7 @@ def probe(model: str, n: int = 256, split: str = "test", seed: int = 0,
     from mmsynth.data.scene import sample_scene
     from mmsynth.models import Bundle
     from mmsynth.models.tokenizer import tokenize_padded
+    from mmsynth.sample.controls import Step
 
     b = Bundle.from_pretrained(model)
     scenes = [sample_scene(split, i, seed) for i in range(n)]
@@ -71,7 +61,7 @@ def probe(model: str, n: int = 256, split: str = "test", seed: int = 0,
                 x = a**0.5 * latents + (1 - a) ** 0.5 * noise if start == "training noise" else noise
                 for caption, h in hidden.items():
                     out = b.unet(x, torch.full((n,), t), encoder_hidden_states=h).sample
-                    guess = x0_guess(out, x, a, kind)
+                    guess = Step(0, 1, torch.tensor(t), a, a).to_x0(x, out, kind)
                     rows.append({"t": t, "alpha_bar": a, "start": start, "caption": caption,
                                  "mse": float(((guess - latents) ** 2).mean()),
                                  "corr": layout_correlation(guess, latents)})  # fmt: skip

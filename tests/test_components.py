@@ -274,6 +274,7 @@ def test_terminal_snr_probe_script(tmp_path, capsys):
     import torch
 
     from mmsynth.models.zoo import tiny_bundle
+    from mmsynth.sample.controls import Step
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "terminal_snr_probe.py"
     spec = importlib.util.spec_from_file_location("terminal_snr_probe", path)
@@ -283,8 +284,11 @@ def test_terminal_snr_probe_script(tmp_path, capsys):
     x0, eps, a = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), 0.3
     x = a**0.5 * x0 + (1 - a) ** 0.5 * eps
     v = a**0.5 * eps - (1 - a) ** 0.5 * x0  # diffusers' get_velocity
-    torch.testing.assert_close(probe.x0_guess(eps, x, a, "epsilon"), x0)
-    torch.testing.assert_close(probe.x0_guess(v, x, a, "v_prediction"), x0)
+    step = Step(0, 1, torch.tensor(500), a, a)  # the probe's x0 guess is the sampler's
+    torch.testing.assert_close(step.to_x0(x, eps, "epsilon"), x0)
+    torch.testing.assert_close(step.to_x0(x, v, "v_prediction"), x0)
+    zero = Step(0, 1, torch.tensor(999), 0.0, 0.0)  # zero terminal SNR: x_T is pure noise and v = -x0
+    torch.testing.assert_close(zero.to_x0(eps, -x0, "v_prediction"), x0)
     assert probe.layout_correlation(x0 + 5.0, x0) == pytest.approx(1.0)  # a brightness offset is not layout
     assert probe.layout_correlation(-x0, x0) == pytest.approx(-1.0)
     assert abs(probe.layout_correlation(eps, x0)) < 0.3

@@ -172,6 +172,8 @@ class Step:
     def to_x0(self, latents: torch.Tensor, output: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """The one-step clean latent estimate x0_hat (what universal guidance decodes)."""
         a, z = self.alpha_bar, latents * self.input_scale
+        if prediction_type == "v_prediction":  # directly: also defined at zero SNR (alpha_bar 0), unlike via eps
+            return math.sqrt(a) * z - math.sqrt(1 - a) * output
         eps = self.to_eps(latents, output, prediction_type)
         return (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
 
