@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.val_seed is not None:
         benches.append((val_out, ["--split", "val", "--seed", str(a.val_seed)]))
     for path, split in benches:
-        bench = ["bench", "components", "--model", str(tmp), "--n", str(a.n), "--json", str(path), *split]
+        bench = ["bench", "components", "--model", str(tmp), "--n", str(a.n), "--json", str(path), "--overwrite",
+                 *split]
         print("$ mmsynth " + " ".join(bench), flush=True)
         if mmsynth(bench) != 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                f"--rows {ROWS}")  # fmt: skip
     json_out = reports / "inpaint.json"
     args = ["bench", "run", "--suite", "edit", "--categories", "inpaint", "--n", str(a.n), "--seed", str(a.seed),
-            "--model", str(tmp), "--rows", ROWS, "--json", str(json_out), "--quiet"]  # fmt: skip
+            "--model", str(tmp), "--rows", ROWS, "--json", str(json_out), "--quiet", "--overwrite"]  # fmt: skip
     print("$ mmsynth " + " ".join(args), flush=True)
     if mmsynth(args) != 0:
         sys.exit("ship_inpainting: the bench run failed")

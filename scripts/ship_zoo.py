@@ -320,14 +320,15 @@ def main(argv: list[str] | None = None) -> int:
                  f"--rows t2i,base_uncond --sweep cfg={a.cfg}",
     }  # fmt: skip
     _run(["bench", "components", "--model", str(tmp), "--n", str(a.components_n),
-          "--json", str(reports / "components.json")])  # fmt: skip
+          "--json", str(reports / "components.json"), "--overwrite"])  # fmt: skip
     _run(["bench", "run", "--suite", "t2i", "--n", str(a.n), "--seed", str(a.seed), "--model", str(tmp),
-          "--rows", "ground_truth,vae_ceiling,t2i", "--json", str(reports / "t2i.json"), "--quiet"])  # fmt: skip
+          "--rows", "ground_truth,vae_ceiling,t2i", "--json", str(reports / "t2i.json"), "--quiet",
+          "--overwrite"])  # fmt: skip
     sweep = None
     if a.cfg:
         _run(["bench", "run", "--suite", "t2i", "--n", str(a.sweep_n), "--seed", str(a.seed + 1),
               "--model", str(tmp), "--rows", "t2i,base_uncond", "--sweep", f"cfg={a.cfg}",
-              "--json", str(reports / "cfg_sweep.json"), "--quiet"])  # fmt: skip
+              "--json", str(reports / "cfg_sweep.json"), "--quiet", "--overwrite"])  # fmt: skip
         sweep = json.loads((reports / "cfg_sweep.json").read_text())
         shutil.copy(reports / "cfg_sweep_report" / "plots" / "t2i_overall_vs_cfg.png", tmp / "cfg_sweep.png")
     components = json.loads((reports / "components.json").read_text())

@@ -240,15 +240,13 @@ def test_cli_converts_rgba_grey_and_16bit(cli, tmp_path, photo):
 
 
 def test_cli_help_lists_kinds_and_parameters(cli):
-    with pytest.raises(SystemExit) as exc:
-        cli("annotate", "--help")
-    assert exc.value.code == 0
+    code, out, _err = cli("annotate", "--help")
+    assert code == 0 and "canny" in out
 
 
 def test_cli_help_text(capsys, monkeypatch):
     monkeypatch.setattr(cli_main, "COMMAND_MODULES", ("annotate",))
-    with pytest.raises(SystemExit):
-        cli_main.main(["annotate", "--help"])
+    assert cli_main.main(["annotate", "--help"]) == 0
     text = capsys.readouterr().out
     for a in list_annotators():
         assert a.name in text
@@ -265,7 +263,7 @@ def test_cli_help_text(capsys, monkeypatch):
         (["annotate", "canny", "{img}", "-o", "{out}", "--param", "low=2000"], "'low' must be int in [0, 1000]"),
         (["annotate", "canny", "{img}", "-o", "{out}", "--param", "lo=20"], "unknown parameter 'lo'"),
         (["annotate", "canny", "{img}", "-o", "{out}", "--param", "low"], "NAME=VALUE"),
-        (["annotate", "canny", "{img}", "-o", "{dir}/out.jpg"], "suffix"),
+        (["annotate", "canny", "{img}", "-o", "{dir}/out.jpg"], "must end with .png or .npy"),
         (["annotate", "depth", "{img}", "-o", "{out}"], "scene spec"),
         (["annotate", "depth", "--scene", "{dir}/junk.png", "-o", "{out}"], "not valid JSON"),
         (["annotate", "canny", "-o", "{out}"], "needs an IMAGE"),

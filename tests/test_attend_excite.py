@@ -170,7 +170,7 @@ def test_cli_excite_writes_a_replayable_request(model_dir, tmp_path):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--excite-step", "5"], "--excite-step needs --excite"),
     (["--excite", "auto", "--excite-end", "0"], "--excite-end must be in"),
-    (["--excite", "auto", "--excite-step", "-1"], "step_size must be a number > 0"),
+    (["--excite", "auto", "--excite-step", "-1"], "--excite-step: must be a number > 0"),
     (["--excite", "green"], "'green' is not in the prompt"),
     (["--excite", ","], "--excite must name words"),
 ])

@@ -77,7 +77,8 @@ def test_cli_best_of_records_the_pick_and_rejects_bad_k(bundle, tmp_path, capsys
     capsys.readouterr()
     assert main([*argv, "--best-of", "0", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "best_of must be" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert "--best-of: must be an integer >= 1" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bench_rows_pass_best_of_to_the_sampler():

@@ -428,13 +428,13 @@ def _bad_latents(path):
     (["--latents", "missing.safetensors"], "does not exist"),
     (["--guide", "sharpness"], "valid: box, clip, palette, region"),
     (["--guide", "palette", "--guide-target", "IMG", "--s0", "-1"], "s0"),
-    (["--guide", "palette", "--guide-target", "IMG", "--k", "0"], "k (self-recurrence"),
+    (["--guide", "palette", "--guide-target", "IMG", "--k", "0"], "--k: must be an integer >= 1"),
     (["--s0", "3"], "needs --guide"),
     (["--init-image", "IMG", "--mask", "SMALLMASK"], "same size"),
     (["--init-image", "IMG", "--mask", "GREYMASK"], "binary"),
     (["--mask", "GREYMASK"], "needs --init-image"),
     (["--resample", "3"], "--resample needs --mask"),
-    (["--init-image", "IMG", "--mask", "MASK", "--resample", "0"], "resample (passes per step"),
+    (["--init-image", "IMG", "--mask", "MASK", "--resample", "0"], "--resample: must be an integer >= 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_no_output(model_dir, image, tmp_path, capsys, extra, message):
     Image.fromarray(image).save(tmp_path / "img.png")

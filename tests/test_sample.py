@@ -169,7 +169,7 @@ def test_bad_json_and_sizes(bundle):
         GenerationRequest.from_json("{nope")
     with pytest.raises(InputError, match="unknown field"):
         GenerationRequest.from_dict({"prompt": "x", "guidance": 3})
-    with pytest.raises(InputError, match="multiples"):
+    with pytest.raises(InputError, match="not a multiple of the model's VAE factor 4; the nearest valid height is 32"):
         sample(bundle, GenerationRequest(steps=1, height=30), progress=False)
     with pytest.raises(InputError, match="strength"):  # 0.1 * 3 steps runs no step
         sample(bundle, GenerationRequest(steps=3), [Img2Img(image=np.zeros((8, 8, 3), np.uint8), strength=0.1)],
@@ -310,7 +310,7 @@ def test_cli_generate_writes_replayable_outputs(model_dir, tmp_path, init_image)
     [
         (["--steps", "0"], "steps"),
         (["--cfg", "-2"], "cfg"),
-        (["-n", "0"], "n must"),
+        (["-n", "0"], "--n: must be an integer >= 1"),
         (["--scheduler", "plms"], "valid"),
         (["--strength", "0.5"], "--init-image"),
         (["--init-image", "missing.png"], "does not exist"),

@@ -619,8 +619,7 @@ def test_train_cli(tmp_path, capsys):
     assert "unknown config key 'options.zom'" in capsys.readouterr().err
     assert main(["train", "clip", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert main(["train", "nope"]) == 2
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
+    assert main(["train", "--help"]) == 0
     assert "--resume" in capsys.readouterr().out
 
 
@@ -636,7 +635,7 @@ def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(tmp_pa
     assert [r["step"] for r in read_log(out / "log.csv")] == ["1", "2", "3"]
     assert (out / "final" / "clip" / "config.json").exists()
     assert main([*args, "--out", str(tmp_path / "other"), "--max-minutes", "0"]) == 2
-    assert "--max-minutes must be a positive number of minutes, got 0.0" in capsys.readouterr().err
+    assert "--max-minutes: must be a number > 0, got 0" in capsys.readouterr().err
     config, options = load_config(get_recipe("clip"), overrides={**FAST, "out": str(tmp_path / "x")})
     with pytest.raises(InputError, match="time limit must be a positive number of seconds"):
         train(config, options, progress=False, time_limit_s=-1.0)

@@ -1,9 +1,15 @@
-"""File I/O shared by every layer: tolerant image loading and atomic writes (no half-written files)."""
+"""File I/O shared by every layer: tolerant image loading, output checks made before any work starts, and atomic
+writes (no half-written files, nothing replaced that the caller did not ask for).
+
+Files and folders written here get the permissions any file the user creates gets (the umask applies), not the
+private 0600/0700 of Python's tempfile helpers.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +21,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mmsynth.errors import InputError
+
+OVERWRITE_HINT = "pass --overwrite to replace it"
 
 
 def to_rgb_uint8(img: Image.Image) -> np.ndarray:
@@ -28,7 +36,7 @@ def to_rgb_uint8(img: Image.Image) -> np.ndarray:
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         arr = arr / max(float(arr.max()), 1.0) * 255.0 if arr.max() > 1.0 else arr * 255.0
         return np.repeat(np.clip(arr + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -49,24 +57,133 @@ def load_image(path: str | os.PathLike, what: str = "image") -> np.ndarray:
         with Image.open(p) as img:
             img.load()
             return to_rgb_uint8(img)
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{what} '{p}' is too large to open safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"{what} '{p}' is not a readable image ({exc.__class__.__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------ output checks
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself or its closest ancestor that exists (the folder new folders would be made in)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(folder: Path, what: str, target: Path) -> None:
+    """Refuse `target` when `folder` (to be created if absent) cannot hold new files, trying it for real.
+
+    A real probe rather than os.access: it also sees read-only mounts and works for root.
+    """
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise InputError(f"{what} '{target}': '{base}' is a file, not a folder")
+    probe = base / f".mmsynth-probe-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or exc.__class__.__name__
+        raise InputError(f"{what} '{target}': cannot write in '{base}' ({why})") from None
+
+
+def check_output_file(
+    path: str | os.PathLike, what: str = "--out", *, suffixes: tuple[str, ...] = (), overwrite: bool = False
+) -> Path:
+    """Check an output file before any work: a file path (not a folder), an allowed suffix, a folder that can be
+    written, and no existing file unless `overwrite`. Returns it as a Path."""
+    if not str(path).strip():
+        raise InputError(f"{what} is empty; give a file path")
+    p = Path(path)
+    if p.is_dir() or str(path).endswith(("/", os.sep)):
+        example = p / f"out{suffixes[0] if suffixes else ''}"
+        raise InputError(f"{what} '{path}' is a folder; expected a file path (e.g. '{example}')")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise InputError(f"{what} '{p}' must end with {' or '.join(suffixes)}")
+    if p.exists() and not p.is_file():
+        raise InputError(f"{what} '{p}' exists and is not a regular file")
+    if p.exists() and not overwrite:
+        raise InputError(f"{what} '{p}' already exists ({OVERWRITE_HINT})")
+    check_writable(p.parent, what, p)
+    return p
+
+
+def _non_empty_dir(p: Path) -> bool:
+    return p.is_dir() and any(p.iterdir())
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out", *, overwrite: bool = False) -> Path:
+    """Check an output folder before any work: absent, empty, or (with `overwrite`) a folder whose entries of the
+    same names the command may replace; never a file. Returns it as a Path."""
+    if not str(path).strip():
+        raise InputError(f"{what} is empty; give a folder path")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what} '{p}' is a file; expected a folder")
+    if _non_empty_dir(p) and not overwrite:
+        raise InputError(
+            f"{what} '{p}' already exists and is not empty (pass --overwrite to replace what this command writes "
+            "in it; nothing else in it is touched)"
+        )
+    check_writable(p, what, p)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those created, deepest first (to undo on failure)."""
+    made = []
+    p = folder.absolute()
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            break
+
+
+def _fresh_name(folder: Path, prefix: str, suffix: str = "") -> Path:
+    return folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a new empty temp file beside `path`; rename it onto `path` only if the block succeeds.
+
+    On failure nothing is left: neither the temp file nor parent folders this call created.
+    """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    made = _make_parents(dest.parent)
+    while True:
+        tmp = _fresh_name(dest.parent, f".{dest.name}.", ".tmp" + dest.suffix)
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
+            break
+        except FileExistsError:
+            continue
+    ok = False
     try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
+        yield tmp
+        os.replace(tmp, dest)
+        ok = True
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        if tmp.exists():
+            tmp.unlink()
+        if not ok:
+            _remove_empty(made)
 
 
 def save_image(arr: np.ndarray, path: str | os.PathLike) -> None:
@@ -102,21 +219,57 @@ def replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder beside `path`; it replaces `path` only if the block succeeds.
+def _replace_entry(src: Path, dest: Path) -> None:
+    """Put file or folder `src` at `dest`, whatever `dest` is now."""
+    if src.is_dir() and not src.is_symlink():
+        if dest.exists() and not dest.is_dir():
+            dest.unlink()
+        replace_dir(src, dest)
+    else:
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(src, dest)
 
-    A failure (or Ctrl-C) leaves `path` as it was and no temp folder behind.
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, whole: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; its contents go to `path` only if the block succeeds.
+
+    An absent `path` is created by one rename. An existing one is never removed: each entry the block wrote
+    replaces the entry of the same name (a non-empty `path` only with `overwrite`, checked again at the end in
+    case it appeared meanwhile), and everything else in it stays. `whole=True` replaces the folder itself instead
+    (a model bundle, whose stale components must not survive). A failure (or Ctrl-C) leaves `path` as it was and
+    no temp folder, nor parent folders this call created, behind.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    made = _make_parents(dest.absolute().parent)
+    while True:
+        tmp = _fresh_name(dest.absolute().parent, f".{dest.absolute().name}.tmp-")
+        try:
+            tmp.mkdir(mode=0o777)  # the umask applies
+            break
+        except FileExistsError:
+            continue
+    ok = False
     try:
         yield tmp
-        replace_dir(tmp, dest)
+        if not dest.exists() or whole:
+            if dest.exists() and not dest.is_dir():
+                raise InputError(f"'{dest}' is a file; expected a folder")
+            replace_dir(tmp, dest)
+        else:
+            if not dest.is_dir():
+                raise InputError(f"'{dest}' is a file; expected a folder")
+            if _non_empty_dir(dest) and not overwrite:
+                raise InputError(f"'{dest}' appeared while this command ran and is not empty ({OVERWRITE_HINT})")
+            for entry in sorted(tmp.iterdir()):
+                _replace_entry(entry, dest / entry.name)
+        ok = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            _remove_empty(made)
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -12,7 +11,7 @@ from mmsynth.annotate import from_scene, get_annotator, list_annotators
 from mmsynth.annotate.color import histogram_plot
 from mmsynth.data.scene import load_scene_file
 from mmsynth.errors import InputError
-from mmsynth.io import atomic_path, load_image, save_image, write_json
+from mmsynth.io import atomic_path, check_output_file, load_image, save_image, write_json
 
 MAP_SUFFIXES = (".png", ".npy")
 VECTOR_SUFFIXES = (".npy", ".json", ".png")
@@ -47,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="annotator parameter")
     p.add_argument("--scene", metavar="SCENE.json", help="a Shapes scene spec instead of IMAGE")
     p.add_argument("--resolution", type=int, default=64, help="render resolution with --scene (32..512)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
 
@@ -63,12 +63,10 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     spec = get_annotator(args.kind) if args.scene is None else None
-    out = Path(args.out)
-    suffix = out.suffix.lower()
     output_kind = spec.output if spec else ("vector" if args.kind == "histogram" else "map")
     valid = VECTOR_SUFFIXES if output_kind == "vector" else MAP_SUFFIXES
-    if suffix not in valid:
-        raise InputError(f"output '{out}': suffix must be one of {', '.join(valid)} for '{args.kind}'")
+    out = check_output_file(args.out, "--out", suffixes=valid, overwrite=args.overwrite)
+    suffix = out.suffix.lower()
     params = parse_params(args.param)
     if args.scene is not None:
         if args.image is not None:

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mmsynth.cli.arguments import non_negative_float, non_negative_int, positive_int, resolve_device, seed
 from mmsynth.errors import InputError
+from mmsynth.io import check_output_dir, check_output_file
 from mmsynth.models.shipped import DEFAULT_MODEL
 
 USAGE = __doc__.split("\n\n", 1)[1].split("Multi-process")[0].rstrip() if __doc__ else ""
@@ -37,9 +39,10 @@ def register(sub: Any) -> None:
 
     m = bsub.add_parser("make-cases", help="write a case file (JSONL, format in docs/bench.md)")
     m.add_argument("--suite", required=True, action="append", help="suite name (repeatable), or 'all'")
-    m.add_argument("--n", type=int, default=None, help="cases per category (default: the suite's, ~500)")
-    m.add_argument("--seed", type=int, default=0, help="scene and generation seed stream (default 0)")
+    m.add_argument("--n", type=positive_int, default=None, help="cases per category (default: the suite's, ~500)")
+    m.add_argument("--seed", type=seed, default=0, help="scene and generation seed stream (default 0)")
     m.add_argument("--out", required=True, help="case file to write (JSONL)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing case file")
     m.set_defaults(func=_make_cases)
 
     r = bsub.add_parser("run", help="run the benchmark on a case file (or generated cases) and write a report")
@@ -47,15 +50,16 @@ def register(sub: Any) -> None:
     src.add_argument("--cases", action="append", help="case file(s) (JSONL); repeatable")
     src.add_argument("--suite", action="append", help="generate cases of this suite on the fly (repeatable, or 'all')")
     src.add_argument("--quick", action="store_true", help="every suite with a small n (a few minutes on a CPU)")
-    r.add_argument("--n", type=int, default=None, help="with --suite: cases per category (default: the suite's)")
-    r.add_argument("--seed", type=int, default=0, help="with --suite/--quick: case seed (default 0)")
+    r.add_argument("--n", type=positive_int, default=None,
+                   help="with --suite: cases per category (default: the suite's)")
+    r.add_argument("--seed", type=seed, default=0, help="with --suite/--quick: case seed (default 0)")
     r.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
     r.add_argument("--rows", default=None, help="comma-separated rows to run (default: all), e.g. ground_truth,t2i")
     r.add_argument("--categories", default=None,
                    help="comma-separated case categories to keep (default: all), e.g. palette; fidelity "
                         "reference cases are always kept")  # fmt: skip
-    r.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    r.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    r.add_argument("--steps", type=positive_int, default=25, help="sampling steps (default 25)")
+    r.add_argument("--cfg", type=non_negative_float, default=5.0, help="classifier-free guidance scale (default 5)")
     r.add_argument("--scheduler", default="ddim", help="sampler scheduler (default ddim)")
     r.add_argument("--sweep", action="append", default=[], metavar="PARAM=V1,V2",
                    help="extra rows of each row that can vary PARAM, plotted: cfg, steps, eta, best_of (model rows), "
@@ -73,10 +77,13 @@ def register(sub: Any) -> None:
                    help="write OUT.json, OUT.md, OUT.cases.jsonl (each case's verdict, row by row) and an HTML report")
     r.add_argument("--html", default=None, help="HTML report folder (default: OUT_report/ beside --json)")
     r.add_argument("--no-html", action="store_true", help="skip the HTML report")
-    r.add_argument("--batch", type=int, default=8, metavar="B",
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing report (OUT.json, OUT.md, OUT.cases.jsonl and the HTML folder's files)")
+    r.add_argument("--batch", type=positive_int, default=8, metavar="B",
                    help="cases per sampler call, each with its own prompt, seed and control inputs "
                         "(default 8; 1: each case alone)")
-    r.add_argument("--panels", type=int, default=4, help="cases drawn per row in the HTML report (default 4)")
+    r.add_argument("--panels", type=non_negative_int, default=4,
+                   help="cases drawn per row in the HTML report (default 4)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
@@ -87,8 +94,9 @@ def register(sub: Any) -> None:
     f.add_argument("--extractor", default="shapesclip", help="shapesclip (default: --model's CLIP) or inception")
     f.add_argument("--weights", default=None, help="local Inception weights file for --extractor inception")
     f.add_argument("--model", default=None, help=f"bundle whose CLIP gives the features (default: {DEFAULT_MODEL})")
-    f.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets (default 0)")
+    f.add_argument("--seed", type=seed, default=0, help="seed of KID's random subsets (default 0)")
     f.add_argument("--json", dest="json_out", default=None, help="also write the metrics as JSON (and OUT.md)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing OUT.json and OUT.md")
     f.add_argument("--device", default=None, help="torch device (default cpu)")
     f.set_defaults(func=_fidelity)
     _register_components(bsub)
@@ -100,10 +108,11 @@ def _register_components(bsub: Any) -> None:
                         "caption-consistent top-1) on test-split scenes. Works on full bundles and on the partial "
                         "exports of `mmsynth train clip|vae` (missing parts are skipped with a note).")  # fmt: skip
     c.add_argument("--model", default=None, help="bundle or partial export (default: the shipped zoo)")
-    c.add_argument("--n", type=int, default=1000, help="test scenes (default 1000)")
+    c.add_argument("--n", type=positive_int, default=1000, help="test scenes (default 1000)")
     c.add_argument("--split", default="test", help="data split (default test)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed, default=0)
     c.add_argument("--json", default=None, help="also write the scores as JSON")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     c.set_defaults(func=_components)
 
 
@@ -114,7 +123,7 @@ def _components(args: argparse.Namespace) -> int:
     from mmsynth.models.shipped import resolve_model
 
     if args.json:
-        _check_out(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     model = resolve_model(args.model)
     if not model.is_dir():
         raise InputError(f"--model '{model}' is not a directory")
@@ -192,34 +201,30 @@ def _generated_cases(suites: list[str], n: int | None, seed: int, quick: bool) -
     return cases
 
 
-def _check_out(path: str, flag: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{flag} '{p}' is a folder; expected a file path")
-    if p.parent.exists() and not p.parent.is_dir():
-        raise InputError(f"{flag} '{p}': '{p.parent}' is not a folder")
-    return p
+def _check_report(
+    json_out: str, overwrite: bool, html: str | None = None, no_html: bool = True
+) -> tuple[Path, Path | None]:
+    """Check, before any work, every file a report writes (OUT.json, OUT.md, OUT.cases.jsonl, the HTML folder)."""
+    from mmsynth.evaluate.bench.report import cases_path, default_html_dir, markdown_path
+
+    out = check_output_file(json_out, "--json", suffixes=(".json",), overwrite=overwrite)
+    for path in (markdown_path(out), cases_path(out)):
+        check_output_file(path, f"--json '{out}' (its report file)", overwrite=overwrite)
+    if no_html:
+        return out, None
+    html_dir = Path(html) if html else default_html_dir(out)
+    return out, check_output_dir(html_dir, "--html" if html else f"--json '{out}' (its HTML report folder)",
+                                 overwrite=overwrite)
 
 
 def _make_cases(args: argparse.Namespace) -> int:
     from mmsynth.evaluate.bench import write_cases
 
-    out = _check_out(args.out, "--out")
+    out = check_output_file(args.out, "--out", overwrite=args.overwrite)
     cases = _generated_cases(_suite_list(args.suite), args.n, args.seed, quick=False)
     write_cases(cases, out)
     print(f"wrote {len(cases)} case(s) to {out}")
     return 0
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device '{device}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    return device
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -234,26 +239,22 @@ def _run(args: argparse.Namespace) -> int:
     )
     from mmsynth.evaluate.bench.cases import keep_categories
     from mmsynth.evaluate.bench.generation import check_extractor
-    from mmsynth.evaluate.bench.report import default_html_dir, write_report
+    from mmsynth.evaluate.bench.report import write_report
     from mmsynth.evaluate.bench.runner import run_bench
     from mmsynth.sample.request import GenerationRequest
 
     given = [bool(args.cases), bool(args.suite), args.quick]
     if sum(given) != 1:
         raise InputError("bench run: give exactly one of --cases FILE, --suite NAME or --quick")
-    json_out = _check_out(args.json_out, "--json") if args.json_out else None
-    if args.html and not json_out:
+    if args.html and not args.json_out:
         raise InputError("--html needs --json (the report sits beside the JSON)")
-    html_dir = None if args.no_html or json_out is None else Path(args.html or default_html_dir(json_out))
+    json_out, html_dir = (None, None) if not args.json_out else _check_report(
+        args.json_out, args.overwrite, args.html, args.no_html)
     check_extractor(args.extractor, args.weights)
     GenerationRequest(steps=args.steps, cfg=args.cfg, scheduler=args.scheduler).validate()  # same errors as generate
     sweeps = dict(parse_sweep(s) for s in args.sweep)
     variants = [parse_variant(v) for v in args.variant]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    if args.panels < 0:
-        raise InputError(f"--panels must be >= 0, got {args.panels}")
-    if args.batch < 1:
-        raise InputError(f"--batch must be >= 1, got {args.batch}")
 
     if args.cases:
         cases = [c for path in args.cases for c in read_cases(path)]
@@ -270,7 +271,7 @@ def _run(args: argparse.Namespace) -> int:
         cases = keep_categories(cases, args.categories)
         source["categories"] = args.categories
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     dist = Distributed.from_env(device)
     ctx = RunContext(
         model=args.model,
@@ -288,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     result.environment["cases"] = source
     if json_out is not None:
-        written = write_report(result, json_out, html_dir)
+        written = write_report(result, json_out, html_dir, overwrite=args.overwrite)
         print(result.markdown())
         print("wrote " + ", ".join(str(w) for w in written), file=sys.stderr)
     else:
@@ -311,10 +312,10 @@ def _fidelity(args: argparse.Namespace) -> int:
     from mmsynth.io import write_json, write_text
 
     check_extractor(args.extractor, args.weights)
-    json_out = _check_out(args.json_out, "--json") if args.json_out else None
+    json_out = _check_report(args.json_out, args.overwrite)[0] if args.json_out else None
     png_files(args.real, "--real")  # folder errors before loading any model
     png_files(args.fake, "--fake")
-    device = _device(args.device or "cpu")
+    device = resolve_device(args.device or "cpu")
     ctx = RunContext(model=args.model, device=device, extractor=args.extractor, weights=args.weights)
     t = time.perf_counter()
     scored = folder_fidelity(args.real, args.fake, ctx.features(), seed=args.seed)

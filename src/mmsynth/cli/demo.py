@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from mmsynth.cli.arguments import non_negative_float, positive_int
 from mmsynth.data.scene import Scene
-from mmsynth.io import atomic_dir, save_image, write_text
+from mmsynth.io import atomic_dir, check_output_dir, save_image, write_text
 from mmsynth.viz import colorize_labels, grid, label, upscale
 
 DEMO_PROMPTS = (
@@ -33,11 +34,16 @@ DEMO_PROMPTS = (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a one-minute tour: dataset, annotators, judge, text-to-image",
                        description="Write a showcase of mmsynth into one folder (PNG grids + summary.md).")  # fmt: skip
-    p.add_argument("--out", "-o", default="demo", help="output folder (default: demo/; replaced if it exists)")
-    p.add_argument("--model", default=None, help="text-to-image bundle (default: the shipped zoo models/shapes-v1)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt in the text-to-image section (default 4)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=float, default=5.0, help="guidance scale (default 5)")
+    p.add_argument("--out", "-o", default="demo", help="output folder (default: demo/; must be absent or empty "
+                   "unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out, replacing only the files the demo writes")
+    p.add_argument("--model", default=None, help="text-to-image bundle (default: the shipped zoo models/shapes-v1; "
+                   "without it the demo skips its model sections)")
+    p.add_argument("--seeds", type=positive_int, default=4,
+                   help="images per prompt in the text-to-image section (default 4)")
+    p.add_argument("--steps", type=positive_int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--cfg", type=non_negative_float, default=5.0, help="guidance scale (default 5)")
     p.set_defaults(func=run)
 
 
@@ -180,19 +186,23 @@ def run(args: argparse.Namespace) -> int:
     from mmsynth.models.bundle import Bundle
     from mmsynth.models.shipped import resolve_model
 
-    out = Path(args.out)
-    with atomic_dir(out) as tmp:
+    out = check_output_dir(args.out, overwrite=args.overwrite)
+    bundle, skipped = None, None
+    try:  # before any work: a model the user named must exist; only the default zoo may be missing
+        bundle = Bundle.from_pretrained(resolve_model(args.model))
+    except InputError as exc:
+        if args.model is not None:
+            raise
+        skipped = f"## Text to image, guidance and editing\nSkipped: {exc}\n"
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
         parts = ["# mmsynth demo\n"]
         for name, fn in (("dataset", _dataset_section), ("annotators", _annotator_section), ("judge", _judge_section)):
             t = time.perf_counter()
             parts.append(fn(tmp))
             print(f"demo: {name} ({time.perf_counter() - t:.1f} s)")
-        try:
-            bundle = Bundle.from_pretrained(resolve_model(args.model))
-        except InputError as exc:
-            bundle = None
-            parts.append(f"## Text to image, guidance and editing\nSkipped: {exc}\n")
-        if bundle is not None:
+        if bundle is None:
+            parts.append(skipped)
+        else:
             for name, section in (("text to image", _t2i_section), ("guidance and editing", _guidance_edit_section)):
                 t = time.perf_counter()
                 parts.append(section(tmp, args, bundle))

@@ -14,10 +14,10 @@ adds universal guidance. The output folder is `mmsynth generate`'s; its request 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from mmsynth.cli import guidance_options
+from mmsynth.cli.arguments import finite_float, fraction, non_negative_float, non_negative_int, positive_int, seed
 from mmsynth.models.shipped import DEFAULT_MODEL
 
 
@@ -34,23 +34,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--source-prompt", required=True, help="the image's caption, e.g. 'a red circle'")
     p.add_argument("--prompt", required=True, help="the edited caption, e.g. 'a blue circle'")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and generation (default 50)")
-    p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the edit (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed (used by stochastic schedulers and inpainting noise)")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of inversion and generation (default 50)")
+    p.add_argument("--cfg", type=non_negative_float, default=5.0, help="guidance scale of the edit (default 5)")
+    p.add_argument("--seed", type=seed, default=0, help="seed (used by stochastic schedulers and inpainting noise)")
     p.add_argument("--scheduler", default="ddim", help=f"generation scheduler: {', '.join(scheduler_names())}")
-    p.add_argument("--keep-attention", type=float, default=0.0,
+    p.add_argument("--keep-attention", type=fraction, default=0.0,
                    help="keep the source's self-attention for this fraction of the steps (0 = off, e.g. 0.5)")
-    p.add_argument("--cross-attention", type=float, default=0.0,
+    p.add_argument("--cross-attention", type=fraction, default=0.0,
                    help="prompt-to-prompt: the edited prompt attends where the source's words did for this fraction "
                    "of the steps (0 = off, e.g. 0.8; the prompts must differ only by swapped words)")
-    p.add_argument("--strength", type=float, default=1.0,
+    p.add_argument("--strength", type=finite_float, default=1.0,
                    help="partial inversion: invert only this fraction of the steps and edit from there (default 1 = "
                    "from x_T; 0.5 keeps more of the image and edited the zoo's test renders best: docs/editing.md)")
-    p.add_argument("--null-text", type=int, default=0, metavar="N",
+    p.add_argument("--null-text", type=non_negative_int, default=0, metavar="N",
                    help="null-text inversion: tune the unconditional embedding of each step with N Adam steps "
                    "(0 = off; the paper: 10; DDIM only, cfg > 1; the bench's inversion_null_text row costs ~15x plain "
                    "inversion: docs/editing.md)")
-    p.add_argument("--recolour", type=int, default=0, metavar="M",
+    p.add_argument("--recolour", type=non_negative_int, default=0, metavar="M",
                    help="the prompts differ by one colour word: draw the new colour where the old one was with M "
                    "backward steps of the region guide per step, confined to the old colour's pixels (0 = off; "
                    "5 with --strength 0.5 edited the zoo's test renders best: docs/editing.md)")
@@ -59,20 +59,20 @@ def register(subparsers: Any) -> None:
     guidance_options.add_arguments(p, latents=False)
     p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out, replacing only the files edit writes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmsynth.cli.generate import check_out, write_outputs
+    from mmsynth.cli.generate import write_outputs
     from mmsynth.cli.invert import load_bundle
-    from mmsynth.io import load_image
+    from mmsynth.io import check_output_dir, load_image
     from mmsynth.sample import sample
     from mmsynth.sample.inversion import edit_request
 
-    out = Path(args.out)
-    check_out(out, args.overwrite)
+    out = check_output_dir(args.out, overwrite=args.overwrite)
     image = load_image(args.image, "IMAGE")
     request = edit_request(image, args.source_prompt, args.prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
                            scheduler=args.scheduler, keep_attention=args.keep_attention,

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from mmsynth.cli import guidance_options
+from mmsynth.cli.arguments import finite_float, fraction, non_negative_float, positive_int, resolve_device, seed
 from mmsynth.errors import InputError
-from mmsynth.io import atomic_dir
+from mmsynth.io import atomic_dir, check_output_dir
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
 from mmsynth.viz import grid
 
@@ -41,24 +42,29 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--prompt", default=None, help="text prompt (empty: unconditional generation)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
-    p.add_argument("-n", "--n", type=int, default=None, help="number of images (default 4)")
-    p.add_argument("--seed", type=int, default=None, help="seed of image 0; image i uses seed + i (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 5; 1 = off)")
+    p.add_argument("-n", "--n", type=positive_int, default=None, help="number of images (default 4)")
+    p.add_argument("--seed", type=seed, default=None, help="seed of image 0; image i uses seed + i (default 0)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 25)")
+    p.add_argument("--cfg", type=non_negative_float, default=None,
+                   help="classifier-free guidance scale (default 5; 1 = off)")
     p.add_argument("--scheduler", default=None, help=f"one of {', '.join(scheduler_names())} (default ddim)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's resolution)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's resolution)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default 0: deterministic)")
-    p.add_argument("--best-of", type=int, default=None, metavar="K",
+    p.add_argument("--height", type=positive_int, default=None,
+                   help="image height, a multiple of the model's VAE factor (default: the model's resolution)")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="image width, a multiple of the model's VAE factor (default: the model's resolution)")
+    p.add_argument("--eta", type=fraction, default=None, help="DDIM eta in [0, 1] (default 0: deterministic)")
+    p.add_argument("--best-of", type=positive_int, default=None, metavar="K",
                    help="draw K candidates per image and keep the one the bundle's CLIP finds closest to the prompt "
                    "(candidate 0 is the plain image; K times the time; default 1)")
     p.add_argument("--init-image", default=None, help="image-to-image (SDEdit): start from this image")
-    p.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.8)")
+    p.add_argument("--strength", type=finite_float, default=None, help="img2img strength in (0, 1] (default 0.8)")
     guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
     p.add_argument("--replay", default=None, help="a request.json written by a previous run: regenerate it exactly")
     p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL}, the shipped zoo)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out, replacing only the files generate writes")
+    add_limit_arguments(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--eval", action="store_true", help="score the outputs with the judge afterwards")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,7 +83,8 @@ def build_request(args: argparse.Namespace) -> Any:
         path = Path(args.replay)
         if not path.is_file():
             raise InputError(f"--replay '{path}' does not exist or is not a file (expected a request JSON)")
-        request = GenerationRequest.from_json(path.read_text(encoding="utf-8"), where=f"--replay '{path}'")
+        request = GenerationRequest.from_json(path.read_text(encoding="utf-8"), where=f"--replay '{path}'",
+                                              limits=limits_from_args(args))
         if args.model is not None:
             request.model = args.model
         return request
@@ -108,21 +115,30 @@ def build_request(args: argparse.Namespace) -> Any:
         best_of=1 if args.best_of is None else args.best_of,
         model=args.model or DEFAULT_MODEL,
     )
-    return request.validate()
+    return request.validate(limits_from_args(args))
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out '{out}' is a file; expected a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out '{out}' already exists and is not empty (pass --overwrite to replace it)")
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-side and --max-images: the bounds a request must stay within (GenerationRequest's Limits)."""
+    from mmsynth.sample.request import DEFAULT_LIMITS
+
+    p.add_argument("--max-side", type=positive_int, default=DEFAULT_LIMITS.max_side, metavar="PX",
+                   help=f"refuse a height or width above PX pixels (default {DEFAULT_LIMITS.max_side})")
+    p.add_argument("--max-images", type=positive_int, default=DEFAULT_LIMITS.max_images, metavar="N",
+                   help=f"refuse more than N images in one call (default {DEFAULT_LIMITS.max_images})")
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    from mmsynth.sample.request import Limits
+
+    return Limits(max_side=args.max_side, max_images=args.max_images)
 
 
 def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None:
     """Write every file into a temp folder beside `out`, then rename it into place (nothing half-written)."""
     from PIL import Image
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "requests").mkdir()
         rows = []
@@ -138,7 +154,6 @@ def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None
         Image.fromarray(grid(list(result.images), cols=cols)).save(tmp / "grid.png")
         (tmp / "request.json").write_text(request.to_json() + "\n", encoding="utf-8")
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        check_out(out, overwrite)  # again, just before replacing: the folder may have appeared meanwhile
 
 
 def run_eval(out: Path) -> None:
@@ -152,20 +167,13 @@ def run_eval(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from mmsynth.models import Bundle
     from mmsynth.sample import sample
 
-    out = Path(args.out)
-    check_out(out, args.overwrite)
+    out = check_output_dir(args.out, overwrite=args.overwrite)
     request = build_request(args)
     model_dir = resolve_model(request.model or DEFAULT_MODEL)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device '{device}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    device = resolve_device(args.device)
     bundle = Bundle.from_pretrained(model_dir).to(device)
     result = sample(bundle, request, progress=not args.quiet)
     write_outputs(out, result, request, args.overwrite)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mmsynth.cli.arguments import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from mmsynth.errors import InputError
 
 # argparse destinations these options fill (generate's --replay refuses them, like the other request options)
@@ -33,14 +34,14 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
                        "reconstruction")
     p.add_argument("--mask", default=None, help="inpaint: binary PNG, white = repaint, the size of --init-image (the "
                    "source); img2img is then used only if --strength is given")
-    p.add_argument("--feather", type=float, default=None,
+    p.add_argument("--feather", type=non_negative_float, default=None,
                    help="inpaint seam width in pixels, inside the mask (default 2)")
-    p.add_argument("--resample", type=int, default=None,
+    p.add_argument("--resample", type=positive_int, default=None,
                    help="inpaint: passes per step (RePaint-style resampling: the blended latent is re-noised and the "
                    "step redone, so the new content fits its surroundings; default 1 = off, e.g. 5)")
-    p.add_argument("--resample-until", type=float, default=None,
+    p.add_argument("--resample-until", type=fraction, default=None,
                    help="inpaint: resample only the first fraction of the steps (default 1 = all, e.g. 0.5)")
-    p.add_argument("--jump-length", type=int, default=None,
+    p.add_argument("--jump-length", type=positive_int, default=None,
                    help="inpaint: resample stretches of this many steps at once (RePaint's jumps: re-noised back "
                    "over the stretch and redone; default 1 = each step on its own)")
     p.add_argument("--unet", default=None, choices=("auto", "inpainting", "base"),
@@ -53,17 +54,18 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
     p.add_argument("--guide-params", default=None,
                    help='more guide parameters as JSON, e.g. \'{"boxes": [[0.1, 0.1, 0.5, 0.5]], "phrases": '
                    '["a red circle"]}\' (box) or \'{"mask": "m.png", "color": "red"}\' (region)')
-    p.add_argument("--s0", type=float, default=None, help="forward guidance strength >= 0 (default 1)")
-    p.add_argument("--k", type=int, default=None, help="self-recurrence: passes per step >= 1 (default 1)")
-    p.add_argument("--m", type=int, default=None, help="backward guidance steps per step >= 0 (default 0)")
-    p.add_argument("--guide-lr", type=float, default=None, help="backward guidance Adam step (default 0.05)")
-    p.add_argument("--guide-start", type=float, default=None, help="guidance from this fraction of the steps (0)")
-    p.add_argument("--guide-end", type=float, default=None, help="guidance until this fraction of the steps (1)")
+    p.add_argument("--s0", type=non_negative_float, default=None, help="forward guidance strength >= 0 (default 1)")
+    p.add_argument("--k", type=positive_int, default=None, help="self-recurrence: passes per step >= 1 (default 1)")
+    p.add_argument("--m", type=non_negative_int, default=None, help="backward guidance steps per step >= 0 (default 0)")
+    p.add_argument("--guide-lr", type=positive_float, default=None, help="backward guidance Adam step (default 0.05)")
+    p.add_argument("--guide-start", type=fraction, default=None, help="guidance from this fraction of the steps (0)")
+    p.add_argument("--guide-end", type=fraction, default=None, help="guidance until this fraction of the steps (1)")
     p.add_argument("--excite", default=None, metavar="WORDS",
                    help="Attend-and-Excite: comma-separated words of the prompt whose objects must appear (e.g. "
                    "'cat,frog'), or 'auto' for the nouns of a Shapes caption's groups")
-    p.add_argument("--excite-step", type=float, default=None, help="Attend-and-Excite step scale > 0 (default 20)")
-    p.add_argument("--excite-end", type=float, default=None,
+    p.add_argument("--excite-step", type=positive_float, default=None,
+                   help="Attend-and-Excite step scale > 0 (default 20)")
+    p.add_argument("--excite-end", type=fraction, default=None,
                    help="Attend-and-Excite until this fraction of the steps, in (0, 1] (default 0.5)")
 
 

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from mmsynth.cli.arguments import positive_int, seed
 from mmsynth.errors import InputError
-from mmsynth.io import write_json
+from mmsynth.io import check_output_file, write_json
 
 USAGE = """\
   mmsynth judge DIR [--json OUT] [--layout]         score DIR/metadata.jsonl (file_name + prompt/scene/caption)
@@ -28,21 +29,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target", help="a folder with metadata.jsonl, an image file, or the word 'validate'")
     p.add_argument("--json", dest="json_out", help="also write the full report as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--prompt", help="(IMAGE) the caption the image should satisfy, e.g. 'two red circles left of "
                    "a blue square'")  # fmt: skip
     p.add_argument("--scene", help="(IMAGE) a scene spec JSON file the image should show")
     p.add_argument("--layout", action="store_true", help="(DIR, IMAGE with --scene) also score boxes: IoU, AP50")
-    p.add_argument("--n", type=int, default=2000, help="(validate) number of test scenes (default 2000)")
+    p.add_argument("--n", type=positive_int, default=2000, help="(validate) number of test scenes (default 2000)")
     p.add_argument("--resolution", type=int, nargs="+", default=[64], help="(validate) render sizes (default 64)")
     p.add_argument("--split", default="test", help="(validate) split of the scenes (default test)")
-    p.add_argument("--seed", type=int, default=0, help="(validate) scene and noise seed (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="(validate) processes (default 1)")
+    p.add_argument("--seed", type=seed, default=0, help="(validate) scene and noise seed (default 0)")
+    p.add_argument("--workers", type=positive_int, default=1, help="(validate) processes (default 1)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from mmsynth.evaluate import judge as J  # heavy imports only when the command runs
 
+    if args.json_out is not None:  # before any work
+        check_output_file(args.json_out, "--json", overwrite=args.overwrite)
     if args.target == "validate" and not Path("validate").exists():
         return _validate(args, J)
     target = Path(args.target)
@@ -125,10 +129,10 @@ def _print_verdict(target: Path, prompt: str | None, s) -> None:
 
 
 def _validate(args: argparse.Namespace, J) -> int:
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1, got {args.n}")
-    if args.workers < 1:
-        raise InputError(f"--workers must be >= 1, got {args.workers}")
+    from mmsynth.data.render import check_resolution
+
+    for res in args.resolution:
+        check_resolution(res)
     out = {}
     for res in args.resolution:
         reports = J.validate(args.n, res, split=args.split, seed=args.seed, workers=args.workers,

@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from mmsynth.errors import InputError
 
@@ -18,7 +19,11 @@ COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "annotate", "generate", "inv
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse already exits 2 on usage errors; keep its message to one line plus usage."""
+    """Usage errors exit 2 with one line naming the argument and what is valid, like every other bad input (argparse
+    would print the whole usage first). Sub-parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted, 141 output pipe closed)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # the libraries' per-file loading/saving bars drown mmsynth's own output (HF_HUB_DISABLE_PROGRESS_BARS=0
     # brings them back)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), --help and --version (0): a code, as every other outcome
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -55,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mmsynth ... | head`: the reader left; not an error of ours, and no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would hit the closed pipe again
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
 
 
 if __name__ == "__main__":

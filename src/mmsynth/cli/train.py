@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mmsynth.cli.arguments import positive_float, positive_int
 from mmsynth.train.recipes import RECIPES
 
 EPILOG = """\
@@ -27,23 +28,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", metavar="RECIPE", help="what to train: " + ", ".join(sorted(RECIPES)))
     p.add_argument("--config", metavar="FILE", help="YAML config (e.g. configs/t2i.yaml)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps in total (also when resuming)")
-    p.add_argument("--batch-size", type=int, metavar="B", help="examples per process per micro-step")
+    p.add_argument("--max-steps", type=positive_int, metavar="N", help="optimiser steps in total (also when resuming)")
+    p.add_argument("--batch-size", type=positive_int, metavar="B", help="examples per process per micro-step")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/RECIPE)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR/checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty DIR: replaces the run's own entries (config.yaml, log.csv, "
+                        "samples/, checkpoints/, final/, summary.json) and nothing else")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is still written)")
     p.add_argument("--export-only", action="store_true",
                    help="write DIR/final from the newest checkpoint (EMA weights) and train nothing; "
                         "safe while the run is still training")  # fmt: skip
-    p.add_argument("--max-minutes", type=float, metavar="M",
+    p.add_argument("--max-minutes", type=positive_float, metavar="M",
                    help="stop after M minutes of wall time (set-up included) with a checkpoint at that step and no "
                         "export; --resume continues it (for a GPU call or batch slot of fixed length)")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmsynth.errors import InputError
     from mmsynth.train.config import load_config, parse_set
     from mmsynth.train.recipes import get_recipe
     from mmsynth.train.trainer import train
@@ -53,11 +56,10 @@ def run(args: argparse.Namespace) -> int:
     for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size), ("out", args.out)):
         if value is not None:
             overrides[key] = value
-    if args.max_minutes is not None and not args.max_minutes > 0:
-        raise InputError(f"--max-minutes must be a positive number of minutes, got {args.max_minutes}")
     config, options = load_config(recipe_cls, args.config, overrides)
     result = train(config, options, resume=args.resume, progress=not args.no_progress, export_only=args.export_only,
-                   time_limit_s=None if args.max_minutes is None else 60.0 * args.max_minutes)  # fmt: skip
+                   time_limit_s=None if args.max_minutes is None else 60.0 * args.max_minutes,
+                   overwrite=args.overwrite)  # fmt: skip
     if args.export_only:
         print(f"exported {config.recipe} at step {result.step} to {result.export}")
         return 0

@@ -19,7 +19,7 @@ from mmsynth.data.annotations import MAP_NAMES, annotate_scene
 from mmsynth.data.render import check_resolution
 from mmsynth.data.scene import sample_scene
 from mmsynth.errors import InputError
-from mmsynth.io import atomic_dir, read_jsonl
+from mmsynth.io import atomic_dir, check_output_dir, read_jsonl
 
 METADATA = "metadata.jsonl"
 
@@ -38,11 +38,9 @@ def export_split(
     if n <= 0:
         raise InputError(f"--n must be a positive number of images, got {n}")
     check_resolution(resolution)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"output '{out}' already exists and is not empty (pass --overwrite to replace it)")
+    out = check_output_dir(out, "output", overwrite=overwrite)
     sample_scene(split, start, seed)  # validate the split before writing anything
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         for name in MAP_NAMES:
             (tmp / "conditions" / name).mkdir(parents=True)

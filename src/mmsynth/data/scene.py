@@ -111,6 +111,20 @@ def _number(d: dict, key: str, where: str, lo: float, hi: float) -> float:
     return float(v)
 
 
+def _integer(d: dict, key: str, where: str, default: int, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    """An optional integer field in [lo, hi] (provenance and seeds: what numpy's generators accept)."""
+    v = d.get(key, default)
+    _require(isinstance(v, int) and not isinstance(v, bool), f"{where}.{key}: expected an integer, got {v!r}")
+    _require(lo <= v <= hi, f"{where}.{key}: {v} is out of range [{lo}, {hi}]")
+    return int(v)
+
+
+def _mapping(d: dict, key: str, where: str) -> dict:
+    v = d.get(key, {})
+    _require(isinstance(v, dict), f"{where}.{key}: expected a JSON object, got {type(v).__name__}")
+    return dict(v)
+
+
 def _rgb(v: Any, where: str) -> tuple[int, int, int]:
     ok = isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in v)
     _require(ok, f"{where}: expected [r, g, b] integers in 0..255, got {v!r}")
@@ -158,18 +172,18 @@ def _scene_from_dict(d: Any, where: str) -> Scene:
     background = Background(
         kind=kind,
         colors=[_rgb(c, f"{where}.background.colors[{i}]") for i, c in enumerate(colors)],
-        angle=float(bg.get("angle", 0.0)),
-        texture_seed=int(bg.get("texture_seed", 0)),
+        angle=_number(bg, "angle", f"{where}.background", -360.0, 360.0) if "angle" in bg else 0.0,
+        texture_seed=_integer(bg, "texture_seed", f"{where}.background", 0, hi=2**32 - 1),
     )
     split = d.get("split", "custom")
     return Scene(
         objects=objects,
         background=background,
         split=str(split),
-        index=int(d.get("index", 0)),
-        seed=int(d.get("seed", 0)),
-        version=int(d.get("version", SPEC_VERSION)),
-        extra=dict(d.get("extra", {})),
+        index=_integer(d, "index", where, 0),
+        seed=_integer(d, "seed", where, 0),
+        version=_integer(d, "version", where, SPEC_VERSION),
+        extra=_mapping(d, "extra", where),
     )
 
 
@@ -351,6 +365,8 @@ def sample_scene(split: str, index: int, seed: int = 0, n_objects: int | None = 
     """
     if index < 0:
         raise InputError(f"index must be >= 0, got {index}")
+    if not 0 <= seed < 2**63:
+        raise InputError(f"seed must be an integer in [0, 2**63 - 1], got {seed}")
     if n_objects is not None and not 1 <= n_objects <= vocab.MAX_OBJECTS:
         raise InputError(f"n_objects must be in 1..{vocab.MAX_OBJECTS}, got {n_objects}")
     rng = np.random.default_rng([_split_id(split), int(seed), int(index), 0x5EED])

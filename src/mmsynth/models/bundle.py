@@ -113,8 +113,8 @@ class Bundle:
         """
         from diffusers import StableDiffusionPipeline
 
-        dest = Path(path)
-        with atomic_dir(dest) as tmp:
+        dest = _replaceable(path)
+        with atomic_dir(dest, whole=True) as tmp:
             modules = self._copies_in(dtype) if dtype is not None else self
             pipe = StableDiffusionPipeline(
                 vae=modules.vae,
@@ -231,14 +231,28 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
     return component
 
 
+def _replaceable(path: str | os.PathLike) -> Path:
+    """`path` as a Path, if saving a model there replaces nothing but a model: it must be absent, empty, or hold a
+    model folder (model_index.json or a component folder), so that a mistyped path never wipes a user's folder."""
+    dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"cannot save a model to '{dest}': it is a file")
+    if dest.is_dir() and any(dest.iterdir()):
+        known = {"model_index.json", CLIP_FOLDER, INPAINTING_UNET, *COMPONENTS}
+        if not any((dest / name).exists() for name in known):
+            raise InputError(f"cannot save a model to '{dest}': it is a non-empty folder that holds no model "
+                             "(model_index.json or a component folder); choose a new folder")
+    return dest
+
+
 def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, **components: Any) -> Path:
     """Save some components (e.g. tokenizer + text_encoder + clip after CLIP training) as a partial bundle.
 
     Same folder names and formats as a full bundle, written atomically; `Bundle.from_pretrained` on a
     partial bundle names what is missing, and `load_component` reads the parts it has.
     """
-    dest = Path(path)
-    with atomic_dir(dest) as tmp:
+    dest = _replaceable(path)
+    with atomic_dir(dest, whole=True) as tmp:
         for name, component in components.items():
             if component is None:
                 continue

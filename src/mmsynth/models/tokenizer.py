@@ -130,3 +130,28 @@ def warn_unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[st
             "them" if len(words) > 1 else "it",
         )
     return words
+
+
+def warn_if_truncated(tokenizer: Any, text: str) -> str:
+    """Log a warning when `text` is longer than the tokenizer's limit; return the part the model will not read.
+
+    Every text encoder here truncates to `model_max_length` (as diffusers' pipelines do): a long prompt still runs,
+    but the user must learn which words were dropped rather than wonder why they were ignored.
+    """
+    limit = tokenizer.model_max_length
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
+        enc, offsets = tokenizer(text), None
+    ids = enc["input_ids"]
+    if len(ids) <= limit:
+        return ""
+    # truncation keeps limit - 1 tokens and the end-of-text token: the token at limit - 1 is the first one cut
+    cut = text[offsets[limit - 1][0] :] if offsets is not None else ""
+    logger.warning(
+        "mmsynth: the prompt is %d tokens, more than the model's limit of %d; the model reads it only up to the "
+        "limit%s",
+        len(ids), limit, f" and does not see: {cut!r}" if cut else "",
+    )  # fmt: skip
+    return cut or text

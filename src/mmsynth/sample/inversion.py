@@ -151,6 +151,8 @@ class InitialLatents(Control):
         arr = np.asarray(self.latents.detach().cpu() if isinstance(self.latents, torch.Tensor) else self.latents)
         if arr.ndim != 4 or not np.issubdtype(arr.dtype, np.floating):
             raise InputError(f"latents must be a float array n x C x h x w, got shape {arr.shape} ({arr.dtype})")
+        if not np.isfinite(arr).all():
+            raise InputError("latents hold NaN or infinite values; x_T must be finite")
         self.latents = arr.astype(np.float32)
 
     def start(self, ctx: Context) -> bool:
@@ -553,6 +555,11 @@ def load_latents(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
         raise
     except Exception:
         raise InputError(f"latents file '{p}' is not a readable safetensors file") from None
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise InputError(f"latents file '{p}' holds NaN, infinite or non-float values; x_T must be finite floats")
     if "request" in meta:
-        meta["request"] = json.loads(meta["request"])
+        try:
+            meta["request"] = json.loads(meta["request"])
+        except json.JSONDecodeError:
+            raise InputError(f"latents file '{p}': its 'request' metadata is not valid JSON") from None
     return x, meta

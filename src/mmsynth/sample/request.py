@@ -20,6 +20,28 @@ MAX_SEED = 2**63 - 1
 MAX_BEST_OF = 64  # candidates per image: each is a full sampling run
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on what one request may allocate, so that a typo (`--height 100000`) or a hostile request file
+    is refused at once instead of allocating until the machine gives out. Each names the option that raises it."""
+
+    max_side: int = 2048  # pixels per image side (--max-side)
+    max_images: int = 64  # images sampled together in one call, n (--max-images)
+
+    def check(self, request: GenerationRequest) -> None:
+        for side in ("height", "width"):
+            value = getattr(request, side)
+            if value is not None and value > self.max_side:
+                raise InputError(f"{side} {value} is above the limit of {self.max_side} pixels per side "
+                                 "(--max-side raises it)")
+        if request.n > self.max_images:
+            raise InputError(f"n {request.n} is above the limit of {self.max_images} images per call "
+                             "(--max-images raises it; or run several calls with other seeds)")
+
+
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass
 class GenerationRequest:
     """What to generate. `controls` are dicts as written by `Control.to_dict` (name + options).
@@ -44,8 +66,11 @@ class GenerationRequest:
     model: str | None = None
     best_of: int = 1
 
-    def validate(self) -> GenerationRequest:
-        """Raise InputError naming the first bad field and what is valid; returns self for chaining."""
+    def validate(self, limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
+        """Raise InputError naming the first bad field and what is valid; returns self for chaining.
+
+        `limits` bound the size and batch (None: no bound, for library callers who sized the request themselves).
+        """
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -71,6 +96,8 @@ class GenerationRequest:
             value = getattr(self, side)
             if value is not None:
                 _int(value, side, lo=1, hint="image size in pixels, a multiple of the model's VAE factor")
+        if limits is not None:
+            limits.check(self)
         if self.model is not None and not isinstance(self.model, str):
             raise InputError(f"model must be a directory path string, got {type(self.model).__name__}")
         if not isinstance(self.controls, list):
@@ -113,7 +140,7 @@ class GenerationRequest:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "request") -> GenerationRequest:
+    def from_dict(cls, d: Any, where: str = "request", limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
         if not isinstance(d, dict):
             raise InputError(f"{where} must be a JSON object, got {type(d).__name__}")
         d = dict(d)
@@ -124,15 +151,18 @@ class GenerationRequest:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise InputError(f"{where} has unknown field(s) {unknown}; valid: {', '.join(names)}")
-        return cls(**d).validate()
+        try:
+            return cls(**d).validate(limits)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
 
     @classmethod
-    def from_json(cls, text: str, where: str = "request") -> GenerationRequest:
+    def from_json(cls, text: str, where: str = "request", limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data, where)
+        return cls.from_dict(data, where, limits)
 
 
 def _real(x: Any) -> bool:

@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from mmsynth.errors import InputError
-from mmsynth.models.tokenizer import tokenize_padded, warn_unknown_words
+from mmsynth.models.tokenizer import tokenize_padded, warn_if_truncated, warn_unknown_words
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, controls_from_dicts, merge_inputs
 from mmsynth.sample.request import GenerationRequest
 from mmsynth.sample.schedulers import make_scheduler
@@ -52,8 +52,12 @@ def encode_text(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
 
 
 def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
-    """Warn (log) about words the tokenizer cannot read; returns them."""
-    return warn_unknown_words(bundle.tokenizer, prompt) if prompt else []
+    """Warn (log) about words the tokenizer cannot read, and about a prompt cut at its length limit; returns the
+    unknown words."""
+    if not prompt:
+        return []
+    warn_if_truncated(bundle.tokenizer, prompt)
+    return warn_unknown_words(bundle.tokenizer, prompt)
 
 
 def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch]:
@@ -96,8 +100,15 @@ class Context:
     def create(cls, bundle: Bundle, request: GenerationRequest, controls: list[Control]) -> Context:
         f = bundle.vae_scale_factor
         height, width = request.height or bundle.resolution, request.width or bundle.resolution
-        if height % f or width % f:
-            raise InputError(f"height/width must be multiples of the model's VAE factor {f}, got {height}x{width}")
+        for side, value in (("height", height), ("width", width)):
+            if value % f:
+                nearest = max(f, round(value / f) * f)
+                raise InputError(f"{side} {value} is not a multiple of the model's VAE factor {f}; the nearest valid "
+                                 f"{side} is {nearest}")
+        most = bundle.scheduler.config.num_train_timesteps
+        if request.steps > most:
+            raise InputError(f"steps {request.steps} is more than the model's {most} training timesteps; use at most "
+                             f"{most}")
         for text in dict.fromkeys([*request.prompts(), *request.negative_prompts()]):
             warn_about_prompt(bundle, text)
         scheduler = make_scheduler(request.scheduler, bundle.scheduler)
@@ -402,7 +413,7 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
     decode=False skips the VAE (inversion, latent pipelines): images is then an empty array.
     With `request.best_of` K > 1 each image is the bundle CLIP's pick of K candidates (best_of.py).
     """
-    request.validate()
+    request.validate(limits=None)  # the caller sized it (the CLI checked its --max-side / --max-images)
     if controls is None:
         controls = controls_from_dicts(request.controls)
     else:

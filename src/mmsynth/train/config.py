@@ -9,6 +9,7 @@ with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -63,6 +64,9 @@ class TrainConfig:
         for name in ("warmup_steps", "decay_steps", "sample_every", "num_workers", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise InputError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**63:
+                raise InputError(f"config key '{name}' must be an integer in [0, 2**63 - 1], got {getattr(self, name)}")
         if self.lr <= 0:
             raise InputError(f"config key 'lr' must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -122,12 +126,15 @@ def convert(value: Any, tp: Any, key: str) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise InputError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError(value)
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}") from None
     return value
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmsynth.errors import InputError
-from mmsynth.io import read_jsonl, write_json
+from mmsynth.io import check_writable, read_jsonl, write_json
 from mmsynth.train.data import EpochOrder, ShapesExamples, collate
 
 __all__ = ["CACHE_FILE", "LatentCacheExamples", "build_latent_cache", "is_latent_cache", "vae_fingerprint"]
@@ -94,6 +94,11 @@ def build_latent_cache(
         raise InputError(f"mixed precision must be 'no' or 'bf16', got '{mixed_precision}'")
     bf16 = mixed_precision == "bf16"
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; expected a cache folder")
+    if not is_latent_cache(out) and out.is_dir() and any(out.iterdir()):
+        raise InputError(f"'{out}' exists and is not a latent cache; use an empty or new folder")
+    check_writable(out, "--out", out)
     vae = load_component(vae_source, "vae").eval()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     size = vae.config.sample_size
@@ -121,8 +126,6 @@ def build_latent_cache(
                     "use another --out folder"
                 )
         info["n"] = max(n, int(old["n"]))  # extending keeps every scene already cached
-    elif out.exists() and any(out.iterdir()):
-        raise InputError(f"'{out}' exists and is not a latent cache; use an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     write_json(info, out / CACHE_FILE)
 

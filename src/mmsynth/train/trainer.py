@@ -44,6 +44,8 @@ from mmsynth.train.recipes import get_recipe
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+# what a run writes into its folder: `overwrite` replaces these and never touches anything else
+RUN_ENTRIES = ("config.yaml", "log.csv", "samples", "checkpoints", "final", "summary.json")
 
 
 @dataclass
@@ -63,6 +65,7 @@ def train(
     stop_after: int | None = None,
     export_only: bool = False,
     time_limit_s: float | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train `config.recipe` to `config.max_steps` and export the result to OUT/final.
 
@@ -74,6 +77,9 @@ def train(
     `time_limit_s` stops at the first step boundary after that much wall time (set-up included), with a checkpoint
     there and no export, so a call with a fixed length (a lent GPU, a batch-job slot, a working session) ends with
     every step it made kept and `resume` takes it on. All processes stop at the same step.
+    The run folder must be new or empty unless `resume` (continue it), `export_only`, or `overwrite` (start over,
+    replacing only the entries a run writes, RUN_ENTRIES) says otherwise; nothing is written before the recipe,
+    its data and the folder have been checked.
     """
     started = time.perf_counter()
     if time_limit_s is not None and not time_limit_s > 0:
@@ -89,6 +95,7 @@ def train(
         weight_dtype = torch.float32
     out = Path(config.out)
     ckpt_root = out / "checkpoints"
+    _check_run_folder(out, resume=resume, export_only=export_only, overwrite=overwrite)
     recipe = get_recipe(config.recipe)(config, options)
     torch.manual_seed(config.seed)  # model initialisation
     recipe.build()
@@ -131,16 +138,22 @@ def train(
             logger.warning("mmsynth train: --resume given but no checkpoint in %s; starting from step 0", ckpt_root)
         else:
             step = _load_checkpoint(accelerator, latest, config)
-    elif latest_checkpoint(ckpt_root) is not None:
-        raise InputError(f"'{out}' already has checkpoints: pass --resume to continue, or choose another --out")
+    dataset = recipe.dataset()  # a bad data path fails here, before the run folder is written
     if accelerator.is_main_process:
+        if overwrite and not resume:
+            for name in RUN_ENTRIES:
+                entry = out / name
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         write_text(yaml.safe_dump(to_dict(config, options), sort_keys=False), out / "config.yaml")
         _truncate_log(out / "log.csv", step)
         recipe.started(step)
 
     loader = DataLoader(
-        recipe.dataset(),
+        dataset,
         batch_sampler=StepBatches(
             step, config.max_steps, config.batch_size, config.grad_accum, accelerator.num_processes,
             accelerator.process_index,
@@ -321,6 +334,22 @@ def _ema_weights(emas: dict[str, EMAModel], recipe: Any, accelerator: Accelerato
     finally:
         for name, ema in emas.items():
             ema.restore(params[name])
+
+
+def _check_run_folder(out: Path, resume: bool, export_only: bool, overwrite: bool) -> None:
+    """Refuse, before any work, a run folder that cannot be written or holds something this run would replace."""
+    from mmsynth.io import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; expected a run folder")
+    check_writable(out, "--out", out)
+    if resume or export_only or overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    if latest_checkpoint(out / "checkpoints") is not None:
+        raise InputError(f"'{out}' already has checkpoints: pass --resume to continue, --overwrite to start over, or "
+                         "choose another --out")
+    raise InputError(f"--out '{out}' already exists and is not empty: pass --overwrite to start a run there (replacing "
+                     f"only {', '.join(RUN_ENTRIES)}), or choose another --out")
 
 
 def checkpoint_name(step: int) -> str:

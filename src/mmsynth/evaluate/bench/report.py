@@ -169,12 +169,13 @@ def _html(result: BenchResult, grids: dict[tuple[str, str], str], plots: list[tu
     return "\n".join(parts) + "\n"
 
 
-def write_html(result: BenchResult, folder: str | Path) -> Path:
-    """Build the report in a temp folder beside `folder`, then swap it into place."""
+def write_html(result: BenchResult, folder: str | Path, overwrite: bool = False) -> Path:
+    """Build the report in a temp folder beside `folder`, then move it into place (with `overwrite`, replacing the
+    report's own files in a non-empty folder and nothing else)."""
     from PIL import Image
 
     dest = Path(folder)
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "plots").mkdir()
         grids = {}
@@ -189,11 +190,12 @@ def write_html(result: BenchResult, folder: str | Path) -> Path:
     return dest
 
 
-def write_report(result: BenchResult, json_path: str | Path, html_dir: str | Path | None = None) -> list[Path]:
+def write_report(result: BenchResult, json_path: str | Path, html_dir: str | Path | None = None,
+                 overwrite: bool = False) -> list[Path]:
     """JSON, Markdown beside it, and (optionally) the HTML folder; returns what was written."""
     written = []
     if html_dir is not None:
-        written.append(write_html(result, html_dir))
+        written.append(write_html(result, html_dir, overwrite))
     md = markdown_path(json_path)
     write_text(result.markdown(), md)
     records = [json.dumps({"suite": r.suite, "row": r.row, **c}) + "\n" for r in result.rows for c in r.cases]

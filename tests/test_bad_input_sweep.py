@@ -1,0 +1,314 @@
+"""Bad input never costs a user data or a traceback: a sweep over every command and class of bad input.
+
+Each row runs one command line in-process and expects: exit 2, one `error:` line and no traceback, and the output
+location exactly as it was (same files, bytes and modes; no temp files or new folders beside it). A new command adds
+its rows here. The rows are cheap: every one is refused before a model runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmsynth.cli.main import main
+
+ROOT_WRITES_ANYWHERE = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@dataclass
+class Inputs:
+    """Valid inputs every row can use, so that the one bad input is what a row tests."""
+
+    model: str
+    image: str
+    mask: str
+    scene: str
+    cases: str
+    nan_latents: str
+    big_replay: str
+    real: str
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Inputs:
+    from mmsynth.data import render, sample_scene
+    from mmsynth.models.zoo import tiny_bundle
+
+    d = tmp_path_factory.mktemp("inputs")
+    bundle = tiny_bundle(0)
+    bundle.save_pretrained(d / "model")
+    r = bundle.resolution
+    Image.fromarray(render(sample_scene("test", 1), r)).save(d / "image.png")
+    mask = np.zeros((r, r), np.uint8)
+    mask[: r // 2] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    (d / "scene.json").write_text(json.dumps(sample_scene("test", 2).to_dict()))
+    assert main(["bench", "make-cases", "--suite", "t2i", "--n", "1", "--out", str(d / "cases.jsonl")]) == 0
+    from safetensors.torch import save_file
+
+    f = bundle.vae_scale_factor
+    save_file({"latents": torch.full((1, 4, r // f, r // f), float("nan"))}, str(d / "nan.safetensors"))
+    (d / "big.json").write_text(json.dumps({"prompt": "a red circle", "height": 100000, "width": 64}))
+    (d / "real").mkdir()
+    Image.fromarray(render(sample_scene("test", 3), r)).save(d / "real" / "a.png")
+    return Inputs(str(d / "model"), str(d / "image.png"), str(d / "mask.png"), str(d / "scene.json"),
+                  str(d / "cases.jsonl"), str(d / "nan.safetensors"), str(d / "big.json"), str(d / "real"))
+
+
+# ------------------------------------------------------------------------------------------ output locations
+# Each makes the output location a row writes to (under `tmp`) and returns the path to pass on the command line.
+
+
+def _precious_folder(tmp: Path) -> str:
+    (tmp / "precious").mkdir()
+    (tmp / "precious" / "thesis.txt").write_text("thesis")
+    return str(tmp / "precious")
+
+
+def _existing_file(tmp: Path, name: str = "thesis.txt") -> str:
+    (tmp / name).write_text("thesis")
+    return str(tmp / name)
+
+
+def _existing_folder(tmp: Path) -> str:
+    (tmp / "folder").mkdir()
+    return str(tmp / "folder")
+
+
+def _under_a_file(tmp: Path, name: str = "out.png") -> str:
+    (tmp / "file").write_text("not a folder")
+    return str(tmp / "file" / name)
+
+
+def _unwritable(tmp: Path, name: str = "out") -> str:
+    if ROOT_WRITES_ANYWHERE:
+        return f"/sys/{name}"  # read-only for root too
+    (tmp / "locked").mkdir()
+    (tmp / "locked").chmod(0o555)
+    return str(tmp / "locked" / name)
+
+
+def _fresh(tmp: Path, name: str = "out") -> str:
+    return str(tmp / name)
+
+
+def _cwd(tmp: Path) -> str:
+    (tmp / "thesis.txt").write_text("thesis")
+    os.chdir(tmp)
+    return "."
+
+
+@dataclass
+class Row:
+    id: str
+    argv: Callable[[Inputs, str], list[str]]  # (inputs, output path) -> command line
+    out: Callable[[Path], str] = _fresh
+
+
+def _rows() -> list[Row]:
+    rows: list[Row] = []
+
+    def add(cmd: str, argv: Callable[[Inputs, str], list[str]], **kinds: Callable[[Path], str]) -> None:
+        for kind, make in kinds.items():
+            rows.append(Row(f"{cmd}:{kind}", argv, make))
+
+    folder_out = dict(existing_non_empty_folder=_precious_folder, existing_file=_existing_file, dot=_cwd,
+                      unwritable=_unwritable, under_a_file=lambda t: _under_a_file(t, "out"))  # fmt: skip
+
+    def file_out(suffix: str) -> dict[str, Callable[[Path], str]]:
+        return dict(existing_folder=_existing_folder, existing_file=lambda t: _existing_file(t, "old" + suffix),
+                    dot=_cwd, unwritable=lambda t: _unwritable(t, "out" + suffix),
+                    under_a_file=lambda t: _under_a_file(t, "out" + suffix))  # fmt: skip
+
+    # ---- commands that write a folder
+    add("demo", lambda i, o: ["demo", "--out", o, "--model", i.model, "--seeds", "1", "--steps", "2"], **folder_out)
+    add("generate", lambda i, o: ["generate", "--model", i.model, "--prompt", "a red circle", "--steps", "1", "-n", "1",
+                                  "--out", o], **folder_out)  # fmt: skip
+    add("edit", lambda i, o: ["edit", i.image, "--source-prompt", "a red circle", "--prompt", "a blue circle",
+                              "--model", i.model, "--steps", "1", "--out", o], **folder_out)  # fmt: skip
+    add("data-export", lambda i, o: ["data", "export", "--n", "1", "--out", o], **folder_out)
+    add("train", lambda i, o: ["train", "vae", "--max-steps", "1", "--batch-size", "1", "--out", o,
+                               "--no-progress"], **folder_out)  # fmt: skip
+    add("data-cache-latents", lambda i, o: ["data", "cache-latents", "--vae", i.model, "--n", "1", "--out", o],
+        existing_non_empty_folder=_precious_folder, existing_file=_existing_file, unwritable=_unwritable,
+        under_a_file=lambda t: _under_a_file(t, "out"))  # fmt: skip
+    # ---- commands that write a file
+    add("data-show", lambda i, o: ["data", "show", "--n", "1", "--out", o], **file_out(".png"))
+    add("data-render", lambda i, o: ["data", "render", i.scene, "--out", o], **file_out(".png"))
+    add("annotate", lambda i, o: ["annotate", "canny", i.image, "--out", o], **file_out(".png"))
+    add("judge-json", lambda i, o: ["judge", i.image, "--prompt", "a red circle", "--json", o], **file_out(".json"))
+    add("judge-validate-json", lambda i, o: ["judge", "validate", "--n", "1", "--json", o], **file_out(".json"))
+    add("invert", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model", i.model, "--steps", "1",
+                                "--out", o], **file_out(".safetensors"))  # fmt: skip
+    add("invert-reconstruct", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model", i.model,
+                                            "--steps", "1", "--out", o + ".safetensors", "--reconstruct", o],
+        **file_out(".png"))  # fmt: skip
+    add("bench-make-cases", lambda i, o: ["bench", "make-cases", "--suite", "t2i", "--n", "1", "--out", o],
+        **file_out(".jsonl"))
+    add("bench-run", lambda i, o: ["bench", "run", "--cases", i.cases, "--rows", "ground_truth", "--model", i.model,
+                                   "--json", o, "--quiet"], **file_out(".json"))  # fmt: skip
+    add("bench-fidelity", lambda i, o: ["bench", "fidelity", "--real", i.real, "--fake", i.real, "--model", i.model,
+                                        "--json", o], **file_out(".json"))  # fmt: skip
+    add("bench-components", lambda i, o: ["bench", "components", "--model", i.model, "--n", "2", "--json", o],
+        **file_out(".json"))
+
+    # ---- numbers, sizes, devices and silently ignored options (the output must not appear)
+    def number(cmd: str, argv: Callable[[Inputs, str], list[str]], name: str = "out") -> None:
+        rows.append(Row(cmd, argv, lambda t: _fresh(t, name)))
+
+    gen = ["generate", "--prompt", "a red circle", "--steps", "1", "-n", "1"]
+    number("generate:height-huge", lambda i, o: [*gen, "--model", i.model, "--height", "100000", "--out", o])
+    number("generate:n-huge", lambda i, o: [*gen[:-2], "-n", "100000", "--model", i.model, "--out", o])
+    number("generate:replay-height-huge", lambda i, o: ["generate", "--replay", i.big_replay, "--model", i.model,
+                                                        "--out", o])  # fmt: skip
+    number("generate:height-not-multiple", lambda i, o: [*gen, "--model", i.model, "--height", "30", "--out", o])
+    number("generate:steps-past-training", lambda i, o: [*gen[:-4], "--steps", "5000", "--model", i.model,
+                                                         "--out", o])  # fmt: skip
+    for value in ("nan", "inf", "-1"):
+        number(f"generate:cfg={value}", lambda i, o, v=value: [*gen, "--model", i.model, "--cfg", v, "--out", o])
+    number("generate:seed=-1", lambda i, o: [*gen, "--model", i.model, "--seed", "-1", "--out", o])
+    number("generate:eta=nan", lambda i, o: [*gen, "--model", i.model, "--eta", "nan", "--out", o])
+    number("generate:s0=nan", lambda i, o: [*gen, "--model", i.model, "--guide", "palette", "--guide-target", i.image,
+                                            "--s0", "nan", "--out", o])  # fmt: skip
+    number("generate:nan-latents", lambda i, o: [*gen, "--model", i.model, "--latents", i.nan_latents, "--out", o])
+    number("generate:device-bogus", lambda i, o: [*gen, "--model", i.model, "--device", "gpu7", "--out", o])
+    if not torch.cuda.is_available():
+        number("generate:device-cuda", lambda i, o: [*gen, "--model", i.model, "--device", "cuda", "--out", o])
+        number("invert:device-cuda", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model", i.model,
+                                                   "--device", "cuda", "--out", o], "x.safetensors")  # fmt: skip
+        number("bench-run:device-cuda", lambda i, o: ["bench", "run", "--cases", i.cases, "--model", i.model,
+                                                      "--device", "cuda", "--json", o], "r.json")  # fmt: skip
+    number("generate:mask-feather-nan", lambda i, o: [*gen, "--model", i.model, "--init-image", i.image, "--mask",
+                                                      i.mask, "--feather", "nan", "--out", o])  # fmt: skip
+    number("edit:strength-nan", lambda i, o: ["edit", i.image, "--source-prompt", "a red circle", "--prompt",
+                                              "a blue circle", "--model", i.model, "--strength", "nan", "--out", o])
+    number("invert:reconstruct-scheduler-alone", lambda i, o: ["invert", i.image, "--prompt", "a red circle",
+                                                               "--model", i.model, "--reconstruct-scheduler", "euler",
+                                                               "--out", o], "x.safetensors")  # fmt: skip
+    number("invert:reconstruct-cfg-alone", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model",
+                                                         i.model, "--reconstruct-cfg", "3", "--out", o],
+           "x.safetensors")  # fmt: skip
+    number("invert:reconstruct-bad-suffix", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model",
+                                                          i.model, "--reconstruct", o + ".txt", "--out", o],
+           "x.safetensors")  # fmt: skip
+    number("invert:cfg-nan", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model", i.model,
+                                           "--cfg", "nan", "--out", o], "x.safetensors")  # fmt: skip
+    number("data-spec:seed=-1", lambda i, o: ["data", "spec", "--seed", "-1"])
+    number("data-spec:index=-1", lambda i, o: ["data", "spec", "--index", "-1"])
+    number("data-show:n-huge", lambda i, o: ["data", "show", "--n", "100000", "--out", o], "g.png")
+    number("data-show:resolution-huge", lambda i, o: ["data", "show", "--resolution", "100000", "--out", o], "g.png")
+    number("data-export:seed=-1", lambda i, o: ["data", "export", "--n", "1", "--seed", "-1", "--out", o])
+    number("data-export:start=-1", lambda i, o: ["data", "export", "--n", "1", "--start", "-1", "--out", o])
+    number("data-cache-latents:workers=-1", lambda i, o: ["data", "cache-latents", "--vae", i.model, "--n", "1",
+                                                     "--workers", "-1", "--out", o])  # fmt: skip
+    number("bench-make-cases:seed=-1", lambda i, o: ["bench", "make-cases", "--suite", "t2i", "--seed", "-1",
+                                                     "--out", o], "c.jsonl")  # fmt: skip
+    number("bench-run:cfg=nan", lambda i, o: ["bench", "run", "--cases", i.cases, "--model", i.model, "--cfg", "nan",
+                                              "--json", o], "r.json")  # fmt: skip
+    number("bench-run:json-md", lambda i, o: ["bench", "run", "--cases", i.cases, "--model", i.model, "--json", o],
+           "r.md")
+    number("bench-components:n=-1", lambda i, o: ["bench", "components", "--model", i.model, "--n", "-1", "--json", o],
+           "c.json")
+    number("judge-validate:seed=-1", lambda i, o: ["judge", "validate", "--n", "1", "--seed", "-1", "--json", o],
+           "v.json")
+    number("judge-validate:resolution-huge", lambda i, o: ["judge", "validate", "--n", "1", "--resolution", "100000",
+                                                           "--json", o], "v.json")  # fmt: skip
+    train = ["train", "vae", "--max-steps", "1", "--batch-size", "1", "--no-progress"]
+    for setting in ("lr=nan", "lr=inf", "lr=-1", "seed=-1", "ema_decay=nan", "warmup_steps=1e400", "data=../nope"):
+        number(f"train:set-{setting}", lambda i, o, s=setting: [*train, "--set", s, "--out", o])
+    number("train:max-minutes-nan", lambda i, o: [*train, "--max-minutes", "nan", "--out", o])
+    number("annotate:param-nan", lambda i, o: ["annotate", "canny", i.image, "-p", "low=nan", "--out", o], "e.png")
+    return rows
+
+
+ROWS = _rows()
+
+# what the one error line of a numbers row must name (an output row's line names its output path)
+EXPECT = {
+    "generate:height-huge": "--max-side", "generate:n-huge": "--max-images",
+    "generate:replay-height-huge": "--max-side",
+    "generate:height-not-multiple": "nearest valid height is 32", "generate:steps-past-training": "training timesteps",
+    "generate:cfg=nan": "--cfg", "generate:cfg=inf": "--cfg", "generate:cfg=-1": "--cfg", "generate:seed=-1": "--seed",
+    "generate:eta=nan": "--eta", "generate:s0=nan": "--s0", "generate:nan-latents": "NaN",
+    "generate:device-bogus": "gpu7", "generate:device-cuda": "has: cpu", "invert:device-cuda": "has: cpu",
+    "bench-run:device-cuda": "has: cpu", "generate:mask-feather-nan": "--feather", "edit:strength-nan": "--strength",
+    "invert:reconstruct-scheduler-alone": "needs --reconstruct", "invert:reconstruct-cfg-alone": "needs --reconstruct",
+    "invert:reconstruct-bad-suffix": ".png", "invert:cfg-nan": "--cfg", "data-spec:seed=-1": "--seed",
+    "data-spec:index=-1": "--index", "data-show:n-huge": "100000", "data-show:resolution-huge": "resolution",
+    "data-export:seed=-1": "--seed", "data-export:start=-1": "--start", "data-cache-latents:workers=-1": "--workers",
+    "bench-make-cases:seed=-1": "--seed", "bench-run:cfg=nan": "--cfg", "bench-run:json-md": ".json",
+    "bench-components:n=-1": "--n", "judge-validate:seed=-1": "--seed", "judge-validate:resolution-huge": "resolution",
+    "train:set-lr=nan": "'lr'", "train:set-lr=inf": "'lr'", "train:set-lr=-1": "'lr'", "train:set-seed=-1": "'seed'",
+    "train:set-ema_decay=nan": "'ema_decay'", "train:set-warmup_steps=1e400": "'warmup_steps'",
+    "train:set-data=../nope": "../nope", "train:max-minutes-nan": "--max-minutes", "annotate:param-nan": "low",
+}  # fmt: skip
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every path under `root` (itself included) with its content hash and permission bits."""
+    out = {}
+    for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+        mode = stat.S_IMODE(p.lstat().st_mode)
+        content = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(root))] = (content, mode)
+    return out
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(row, inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = row.out(work)
+    watched = tmp_path  # the output location, what lies beside it, and the working folder
+    before = _snapshot(watched)
+    try:
+        code = main(row.argv(inputs, out))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == 2, f"exit {code}, expected 2\n{text}"
+    assert "Traceback" not in text
+    lines = captured.err.strip().splitlines()
+    assert lines and sum("error:" in line for line in lines) == 1 and "error:" in lines[-1], captured.err
+    assert EXPECT.get(row.id, out if out != "." else "'.'") in lines[-1]
+    assert _snapshot(watched) == before, "the output location changed"
+    if out.startswith("/sys/"):
+        assert not Path(out).exists()
+
+
+def test_every_numbers_row_says_what_its_error_names():
+    numbers = [r.id for r in ROWS if r.id.split(":")[1] not in {"existing_non_empty_folder", "existing_file", "dot",
+                                                                "unwritable", "under_a_file", "existing_folder"}]
+    assert not [r for r in numbers if r not in EXPECT], "give each numbers row its expected word in EXPECT"
+
+
+def test_the_sweep_covers_every_command():
+    """A new command (or subcommand) without rows here fails this test: add its rows to the sweep."""
+    import argparse
+
+    from mmsynth.cli.main import build_parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(actions[0].choices) if actions else {}
+
+    names = []
+    for cmd, sub in subcommands(build_parser()).items():
+        names += [f"{cmd}-{s}" for s in subcommands(sub)] or [cmd]
+    covered = {r.id.split(":")[0] for r in ROWS}
+    takes_no_input = {"bench-suites"}
+    missing = [n for n in names
+               if n not in takes_no_input and not any(c == n or c.startswith(n + "-") for c in covered)]
+    assert not missing, f"commands without rows in the sweep: {missing}"
