@@ -37,6 +37,7 @@ class Inputs:
     nan_latents: str
     big_replay: str
     real: str
+    tall: str  # 8 x 2100 pixels: taller than the default --max-side
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,10 @@ def inputs(tmp_path_factory) -> Inputs:
     (d / "big.json").write_text(json.dumps({"prompt": "a red circle", "height": 100000, "width": 64}))
     (d / "real").mkdir()
     Image.fromarray(render(sample_scene("test", 3), r)).save(d / "real" / "a.png")
+    Image.fromarray(np.zeros((2100, 8, 3), np.uint8)).save(d / "tall.png")
     return Inputs(str(d / "model"), str(d / "image.png"), str(d / "mask.png"), str(d / "scene.json"),
-                  str(d / "cases.jsonl"), str(d / "nan.safetensors"), str(d / "big.json"), str(d / "real"))
+                  str(d / "cases.jsonl"), str(d / "nan.safetensors"), str(d / "big.json"), str(d / "real"),
+                  str(d / "tall.png"))
 
 
 # ------------------------------------------------------------------------------------------ output locations
@@ -201,6 +204,10 @@ def _rows() -> list[Row]:
     number("invert:reconstruct-bad-suffix", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model",
                                                           i.model, "--reconstruct", o + ".txt", "--out", o],
            "x.safetensors")  # fmt: skip
+    number("invert:image-huge", lambda i, o: ["invert", i.tall, "--prompt", "a red circle", "--model", i.model,
+                                              "--out", o], "x.safetensors")  # fmt: skip
+    number("edit:image-huge", lambda i, o: ["edit", i.tall, "--source-prompt", "a red circle", "--prompt",
+                                            "a blue circle", "--model", i.model, "--out", o])  # fmt: skip
     number("invert:cfg-nan", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model", i.model,
                                            "--cfg", "nan", "--out", o], "x.safetensors")  # fmt: skip
     number("data-spec:seed=-1", lambda i, o: ["data", "spec", "--seed", "-1"])
@@ -243,7 +250,8 @@ EXPECT = {
     "generate:device-bogus": "gpu7", "generate:device-cuda": "has: cpu", "invert:device-cuda": "has: cpu",
     "bench-run:device-cuda": "has: cpu", "generate:mask-feather-nan": "--feather", "edit:strength-nan": "--strength",
     "invert:reconstruct-scheduler-alone": "needs --reconstruct", "invert:reconstruct-cfg-alone": "needs --reconstruct",
-    "invert:reconstruct-bad-suffix": ".png", "invert:cfg-nan": "--cfg", "data-spec:seed=-1": "--seed",
+    "invert:reconstruct-bad-suffix": ".png", "invert:image-huge": "--max-side", "edit:image-huge": "--max-side",
+    "invert:cfg-nan": "--cfg", "data-spec:seed=-1": "--seed",
     "data-spec:index=-1": "--index", "data-show:n-huge": "100000", "data-show:resolution-huge": "resolution",
     "data-export:seed=-1": "--seed", "data-export:start=-1": "--start", "data-cache-latents:workers=-1": "--workers",
     "bench-make-cases:seed=-1": "--seed", "bench-run:cfg=nan": "--cfg", "bench-run:json-md": ".json",

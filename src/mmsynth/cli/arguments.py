@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from mmsynth.errors import InputError
 
@@ -105,3 +106,21 @@ def resolve_device(name: str | None, what: str = "--device") -> str:
     if full not in devices:
         raise InputError(f"{what} '{name}' is not available on this machine; it has: {', '.join(devices)}")
     return name
+
+
+def add_limit_arguments(p: argparse.ArgumentParser, images: bool = True) -> None:
+    """--max-side (and, for commands that draw a batch, --max-images): the bounds a request must stay within."""
+    from mmsynth.sample.request import DEFAULT_LIMITS
+
+    p.add_argument("--max-side", type=positive_int, default=DEFAULT_LIMITS.max_side, metavar="PX",
+                   help=f"refuse an image wider or taller than PX pixels (default {DEFAULT_LIMITS.max_side})")
+    if images:
+        p.add_argument("--max-images", type=positive_int, default=DEFAULT_LIMITS.max_images, metavar="N",
+                       help=f"refuse more than N images in one call (default {DEFAULT_LIMITS.max_images})")
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    """The request Limits the --max-side / --max-images options give."""
+    from mmsynth.sample.request import DEFAULT_LIMITS, Limits
+
+    return Limits(max_side=args.max_side, max_images=getattr(args, "max_images", DEFAULT_LIMITS.max_images))

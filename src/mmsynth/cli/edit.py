@@ -17,7 +17,16 @@ import argparse
 from typing import Any
 
 from mmsynth.cli import guidance_options
-from mmsynth.cli.arguments import finite_float, fraction, non_negative_float, non_negative_int, positive_int, seed
+from mmsynth.cli.arguments import (
+    add_limit_arguments,
+    finite_float,
+    fraction,
+    limits_from_args,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    seed,
+)
 from mmsynth.models.shipped import DEFAULT_MODEL
 
 
@@ -59,6 +68,7 @@ def register(subparsers: Any) -> None:
     guidance_options.add_arguments(p, latents=False)
     p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_limit_arguments(p, images=False)
     p.add_argument("--overwrite", action="store_true",
                    help="write into an existing non-empty --out, replacing only the files edit writes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                            model=args.model or DEFAULT_MODEL, strength=args.strength, null_text=args.null_text,
                            recolour=args.recolour)
     request.controls += guidance_options.controls_from_args(args, image)
-    request.validate()
+    request.validate(limits_from_args(args))
     bundle = load_bundle(args.model, args.device)
     result = sample(bundle, request, progress=not args.quiet)
     write_outputs(out, result, request, args.overwrite)

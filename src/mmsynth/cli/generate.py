@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from mmsynth.cli import guidance_options
-from mmsynth.cli.arguments import finite_float, fraction, non_negative_float, positive_int, resolve_device, seed
+from mmsynth.cli.arguments import (
+    add_limit_arguments,
+    finite_float,
+    fraction,
+    limits_from_args,
+    non_negative_float,
+    positive_int,
+    resolve_device,
+    seed,
+)
 from mmsynth.errors import InputError
 from mmsynth.io import atomic_dir, check_output_dir
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
@@ -116,22 +125,6 @@ def build_request(args: argparse.Namespace) -> Any:
         model=args.model or DEFAULT_MODEL,
     )
     return request.validate(limits_from_args(args))
-
-
-def add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    """--max-side and --max-images: the bounds a request must stay within (GenerationRequest's Limits)."""
-    from mmsynth.sample.request import DEFAULT_LIMITS
-
-    p.add_argument("--max-side", type=positive_int, default=DEFAULT_LIMITS.max_side, metavar="PX",
-                   help=f"refuse a height or width above PX pixels (default {DEFAULT_LIMITS.max_side})")
-    p.add_argument("--max-images", type=positive_int, default=DEFAULT_LIMITS.max_images, metavar="N",
-                   help=f"refuse more than N images in one call (default {DEFAULT_LIMITS.max_images})")
-
-
-def limits_from_args(args: argparse.Namespace) -> Any:
-    from mmsynth.sample.request import Limits
-
-    return Limits(max_side=args.max_side, max_images=args.max_images)
 
 
 def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None:

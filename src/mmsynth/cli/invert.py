@@ -11,7 +11,13 @@ import argparse
 import contextlib
 from typing import Any
 
-from mmsynth.cli.arguments import non_negative_float, positive_int, resolve_device
+from mmsynth.cli.arguments import (
+    add_limit_arguments,
+    limits_from_args,
+    non_negative_float,
+    positive_int,
+    resolve_device,
+)
 from mmsynth.errors import InputError
 from mmsynth.io import check_output_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
@@ -45,6 +51,7 @@ def register(subparsers: Any) -> None:
                    "faithful)")
     p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_limit_arguments(p, images=False)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (--out, --reconstruct)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -77,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--reconstruct must be another file than --out")
         check_scheduler_name(args.reconstruct_scheduler or "ddim", "--reconstruct-scheduler")
     image = load_image(args.image, "IMAGE")
+    limits_from_args(args).check_size(*image.shape[:2], what=f"IMAGE '{args.image}': ")
     bundle = load_bundle(args.model, args.device)
     result = invert(bundle, image, args.prompt, steps=args.steps, cfg=args.cfg, negative_prompt=args.negative_prompt,
                     progress=not args.quiet)

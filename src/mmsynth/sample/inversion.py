@@ -514,7 +514,7 @@ def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[
     request = GenerationRequest(prompt=prompt, negative_prompt=source_prompt if negative_prompt_inversion else "",
                                 controls=[c.to_dict() for c in controls], scheduler=scheduler, steps=steps, cfg=cfg,
                                 seed=seed, n=n, height=images[0].shape[0], width=images[0].shape[1], model=model)
-    return request.validate()
+    return request.validate(limits=None)  # the caller bounds the size (the CLI by its --max-side)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:

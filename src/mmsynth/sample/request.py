@@ -28,12 +28,14 @@ class Limits:
     max_side: int = 2048  # pixels per image side (--max-side)
     max_images: int = 64  # images sampled together in one call, n (--max-images)
 
-    def check(self, request: GenerationRequest) -> None:
-        for side in ("height", "width"):
-            value = getattr(request, side)
+    def check_size(self, height: int | None, width: int | None, what: str = "") -> None:
+        for side, value in (("height", height), ("width", width)):
             if value is not None and value > self.max_side:
-                raise InputError(f"{side} {value} is above the limit of {self.max_side} pixels per side "
+                raise InputError(f"{what}{side} {value} is above the limit of {self.max_side} pixels per side "
                                  "(--max-side raises it)")
+
+    def check(self, request: GenerationRequest) -> None:
+        self.check_size(request.height, request.width)
         if request.n > self.max_images:
             raise InputError(f"n {request.n} is above the limit of {self.max_images} images per call "
                              "(--max-images raises it; or run several calls with other seeds)")
