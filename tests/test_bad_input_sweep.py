@@ -38,6 +38,9 @@ class Inputs:
     big_replay: str
     real: str
     tall: str  # 8 x 2100 pixels: taller than the default --max-side
+    deep: str  # JSON nested deeper than the parser's recursion limit
+    latin1: str  # a request that is not UTF-8
+    typo_scene: str  # a scene spec with a misspelt field
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +66,14 @@ def inputs(tmp_path_factory) -> Inputs:
     (d / "real").mkdir()
     Image.fromarray(render(sample_scene("test", 3), r)).save(d / "real" / "a.png")
     Image.fromarray(np.zeros((2100, 8, 3), np.uint8)).save(d / "tall.png")
+    (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "latin1.json").write_bytes('{"prompt": "a red circle caf\u00e9"}'.encode("latin-1"))
+    spec = sample_scene("test", 2).to_dict()
+    spec["backgroud"] = spec.pop("background")
+    (d / "typo.json").write_text(json.dumps(spec))
     return Inputs(str(d / "model"), str(d / "image.png"), str(d / "mask.png"), str(d / "scene.json"),
                   str(d / "cases.jsonl"), str(d / "nan.safetensors"), str(d / "big.json"), str(d / "real"),
-                  str(d / "tall.png"))
+                  str(d / "tall.png"), str(d / "deep.json"), str(d / "latin1.json"), str(d / "typo.json"))
 
 
 # ------------------------------------------------------------------------------------------ output locations
@@ -234,6 +242,13 @@ def _rows() -> list[Row]:
     for setting in ("lr=nan", "lr=inf", "lr=-1", "seed=-1", "ema_decay=nan", "warmup_steps=1e400", "data=../nope"):
         number(f"train:set-{setting}", lambda i, o, s=setting: [*train, "--set", s, "--out", o])
     number("train:max-minutes-nan", lambda i, o: [*train, "--max-minutes", "nan", "--out", o])
+    number("annotate:resolution-without-scene", lambda i, o: ["annotate", "canny", i.image, "--resolution", "64",
+                                                              "--out", o], "e.png")  # fmt: skip
+    number("generate:k-huge", lambda i, o: [*gen, "--model", i.model, "--guide", "palette", "--guide-target", i.image,
+                                            "--k", "1000000000", "--out", o])  # fmt: skip
+    number("generate:replay-deep-json", lambda i, o: ["generate", "--replay", i.deep, "--model", i.model, "--out", o])
+    number("generate:replay-latin1", lambda i, o: ["generate", "--replay", i.latin1, "--model", i.model, "--out", o])
+    number("data-render:unknown-field", lambda i, o: ["data", "render", i.typo_scene, "--out", o], "r.png")
     number("annotate:param-nan", lambda i, o: ["annotate", "canny", i.image, "-p", "low=nan", "--out", o], "e.png")
     return rows
 
@@ -258,7 +273,10 @@ EXPECT = {
     "bench-components:n=-1": "--n", "judge-validate:seed=-1": "--seed", "judge-validate:resolution-huge": "resolution",
     "train:set-lr=nan": "'lr'", "train:set-lr=inf": "'lr'", "train:set-lr=-1": "'lr'", "train:set-seed=-1": "'seed'",
     "train:set-ema_decay=nan": "'ema_decay'", "train:set-warmup_steps=1e400": "'warmup_steps'",
-    "train:set-data=../nope": "../nope", "train:max-minutes-nan": "--max-minutes", "annotate:param-nan": "low",
+    "train:set-data=../nope": "../nope", "annotate:resolution-without-scene": "--resolution needs --scene",
+    "generate:k-huge": "k (self-recurrence", "generate:replay-deep-json": "nested too deeply",
+    "generate:replay-latin1": "not UTF-8", "data-render:unknown-field": "backgroud",
+    "train:max-minutes-nan": "--max-minutes", "annotate:param-nan": "low",
 }  # fmt: skip
 
 

@@ -99,7 +99,7 @@ def test_malformed_case_lines_name_the_line_and_field(tmp_path, cases, change, m
     with pytest.raises(InputError, match=message):
         read_cases(path)
     path.write_text(json.dumps(first) + "\n{not json\n")
-    with pytest.raises(InputError, match="line 2: not valid JSON"):
+    with pytest.raises(InputError, match="line 2 is not valid JSON"):
         read_cases(path)
 
 

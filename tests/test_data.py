@@ -183,7 +183,7 @@ def test_export_refuses_to_clobber_and_leaves_nothing_on_error(tmp_path):
 
 def test_read_metadata_names_bad_lines(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{not json\n')
-    with pytest.raises(InputError, match=r"metadata.jsonl line 2: not valid JSON"):
+    with pytest.raises(InputError, match=r"metadata.jsonl line 2 is not valid JSON"):
         read_metadata(tmp_path)
 
 

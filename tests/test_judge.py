@@ -253,7 +253,7 @@ def test_cli_one_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
-        ("{not json", "line 2: not valid JSON"),
+        ("{not json", "line 2 is not valid JSON"),
         (json.dumps({"prompt": "a red circle"}), "line 2: field 'file_name'"),
         (json.dumps({"file_name": "missing.png", "prompt": "a red circle"}), "line 2: field 'file_name'"),
         (json.dumps({"file_name": "1.png", "scene": {"objects": []}}), "line 2: field 'scene'"),

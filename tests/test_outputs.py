@@ -40,10 +40,17 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, umask):
         save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "b.png")
         with atomic_dir(tmp_path / "folder") as tmp:
             (tmp / "c.txt").write_text("c")
+            fd = os.open(tmp / "private.bin", os.O_CREAT | os.O_WRONLY, 0o600)  # as safetensors writes its files
+            os.close(fd)
+        from mmsynth.models.zoo import tiny_bundle
+
+        tiny_bundle(0).save_pretrained(tmp_path / "model")
     finally:
         os.umask(old)
     assert _mode(tmp_path / "a.txt") == _mode(tmp_path / "b.png") == 0o666 & ~umask
-    assert _mode(tmp_path / "folder") == 0o777 & ~umask
+    assert _mode(tmp_path / "folder") == _mode(tmp_path / "model" / "unet") == 0o777 & ~umask
+    assert _mode(tmp_path / "folder" / "private.bin") == 0o666 & ~umask
+    assert _mode(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors") == 0o666 & ~umask
 
 
 def test_a_failed_write_leaves_no_temp_file_and_no_folder_it_made(tmp_path):
@@ -161,3 +168,16 @@ def test_a_closed_output_pipe_is_not_a_traceback():
                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
     assert "Traceback" not in shell.stderr, shell.stderr
     assert shell.stdout == "x 141\n"
+
+
+def test_a_model_that_gives_nan_is_an_error_not_a_garbage_image():
+    import torch
+
+    from mmsynth.models.zoo import tiny_bundle
+    from mmsynth.sample import GenerationRequest, sample
+
+    bundle = tiny_bundle(0)
+    with torch.no_grad():
+        bundle.unet.conv_out.bias.fill_(float("nan"))  # as a corrupt weights file would
+    with pytest.raises(InputError, match="NaN or infinite latents"):
+        sample(bundle, GenerationRequest(prompt="a red circle", steps=2), progress=False)

@@ -63,6 +63,32 @@ def load_image(path: str | os.PathLike, what: str = "image") -> np.ndarray:
         raise InputError(f"{what} '{p}' is not a readable image ({exc.__class__.__name__})") from None
 
 
+# ------------------------------------------------------------------------------------------ JSON input
+
+
+def parse_json(text: str, where: str) -> Any:
+    """JSON a user gave (a file's text, an option's value); InputError naming `where` for bad syntax or nesting too
+    deep for the parser."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where} is not valid input: its JSON is nested too deeply") from None
+
+
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """The JSON in file `path` (`what` names it in errors: missing, a folder, not UTF-8, not valid JSON)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} '{p}' does not exist or is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{what} '{p}' is not UTF-8 text (JSON must be)") from None
+    return parse_json(text, f"{what} '{p}'")
+
+
 # ------------------------------------------------------------------------------------------ output checks
 
 
@@ -155,6 +181,22 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _user_permissions(root: Path) -> None:
+    """Give `root` (a file, or a folder and all it holds) the modes a file the user creates gets: libraries that write
+    through their own temp files (safetensors) leave 0600, which a shared model folder must not have."""
+    mask = _umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _fresh_name(folder: Path, prefix: str, suffix: str = "") -> Path:
     return folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
 
@@ -170,13 +212,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     while True:
         tmp = _fresh_name(dest.parent, f".{dest.name}.", ".tmp" + dest.suffix)
         try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             break
         except FileExistsError:
             continue
     ok = False
     try:
         yield tmp
+        _user_permissions(tmp)
         os.replace(tmp, dest)
         ok = True
     finally:
@@ -246,13 +289,14 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, whole: bool 
     while True:
         tmp = _fresh_name(dest.absolute().parent, f".{dest.absolute().name}.tmp-")
         try:
-            tmp.mkdir(mode=0o777)  # the umask applies
+            tmp.mkdir(mode=0o700)
             break
         except FileExistsError:
             continue
     ok = False
     try:
         yield tmp
+        _user_permissions(tmp)
         if not dest.exists() or whole:
             if dest.exists() and not dest.is_dir():
                 raise InputError(f"'{dest}' is a file; expected a folder")
@@ -272,14 +316,18 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, whole: bool 
             _remove_empty(made)
 
 
+def _utf8_lines(f: Any, path: Path) -> Iterator[str]:
+    try:
+        yield from f
+    except UnicodeDecodeError:
+        raise InputError(f"'{path}' is not UTF-8 text (JSON lines must be)") from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any, str]]:
     """Yield (line number, parsed JSON, where) for each non-blank line; bad JSON names the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(_utf8_lines(f, path), start=1):
             if not line.strip():
                 continue
             where = f"{path} line {lineno}"
-            try:
-                yield lineno, json.loads(line), where
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            yield lineno, parse_json(line, where), where

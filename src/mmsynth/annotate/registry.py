@@ -82,7 +82,7 @@ class Param:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise InputError(bad) from None
         if self.type == "phrases":
             if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):

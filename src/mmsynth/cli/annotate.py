@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .png/.npy (histogram .npy/.json/.png)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="annotator parameter")
     p.add_argument("--scene", metavar="SCENE.json", help="a Shapes scene spec instead of IMAGE")
-    p.add_argument("--resolution", type=int, default=64, help="render resolution with --scene (32..512)")
+    p.add_argument("--resolution", type=int, default=None, help="render resolution with --scene (32..512, default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
@@ -68,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out", suffixes=valid, overwrite=args.overwrite)
     suffix = out.suffix.lower()
     params = parse_params(args.param)
+    if args.resolution is not None and args.scene is None:
+        raise InputError("--resolution needs --scene (an IMAGE is annotated at its own size)")
     if args.scene is not None:
         if args.image is not None:
             raise InputError("give either IMAGE or --scene, not both")
-        result = from_scene(args.kind, load_scene_file(args.scene), args.resolution, **params)
+        result = from_scene(args.kind, load_scene_file(args.scene), args.resolution or 64, **params)
     else:
         if args.image is None:
             raise InputError(f"'{args.kind}' needs an IMAGE (or --scene SCENE.json)")

@@ -31,7 +31,7 @@ from mmsynth.cli.arguments import (
     seed,
 )
 from mmsynth.errors import InputError
-from mmsynth.io import atomic_dir, check_output_dir
+from mmsynth.io import atomic_dir, check_output_dir, read_json_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
 from mmsynth.viz import grid
 
@@ -89,11 +89,8 @@ def build_request(args: argparse.Namespace) -> Any:
         if given:
             given_text = ", ".join(given)
             raise InputError(f"--replay takes the whole request from its file; do not combine it with {given_text}")
-        path = Path(args.replay)
-        if not path.is_file():
-            raise InputError(f"--replay '{path}' does not exist or is not a file (expected a request JSON)")
-        request = GenerationRequest.from_json(path.read_text(encoding="utf-8"), where=f"--replay '{path}'",
-                                              limits=limits_from_args(args))
+        data = read_json_file(args.replay, "--replay")
+        request = GenerationRequest.from_dict(data, where=f"--replay '{args.replay}'", limits=limits_from_args(args))
         if args.model is not None:
             request.model = args.model
         return request

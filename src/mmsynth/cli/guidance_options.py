@@ -8,13 +8,13 @@ with `controls_from_args`, so a guided, masked or inverted-latent generation is 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import numpy as np
 
 from mmsynth.cli.arguments import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from mmsynth.errors import InputError
+from mmsynth.io import parse_json
 
 # argparse destinations these options fill (generate's --replay refuses them, like the other request options)
 INPAINT_OPTIONS = ("mask", "feather", "resample", "resample_until", "jump_length", "unet")
@@ -82,10 +82,7 @@ def guide_control(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     params: dict[str, Any] = {}
     if args.guide_params is not None:
-        try:
-            params = json.loads(args.guide_params)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--guide-params is not valid JSON ({exc.msg})") from None
+        params = parse_json(args.guide_params, "--guide-params")
         if not isinstance(params, dict):
             raise InputError("--guide-params must be a JSON object of the guide's parameters")
     for key in ("mask", "target", "image"):  # image paths inside the JSON: embed them, so the request replays

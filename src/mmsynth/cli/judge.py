@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from mmsynth.cli.arguments import positive_int, seed
 from mmsynth.errors import InputError
-from mmsynth.io import check_output_file, write_json
+from mmsynth.io import check_output_file, read_json_file, write_json
 
 USAGE = """\
   mmsynth judge DIR [--json OUT] [--layout]         score DIR/metadata.jsonl (file_name + prompt/scene/caption)
@@ -71,13 +70,7 @@ def _one_image(args: argparse.Namespace, J, target: Path) -> int:
         raise InputError("judge IMAGE: give --prompt or --scene, not both")
     scene = None
     if args.scene:
-        p = Path(args.scene)
-        try:
-            scene = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"--scene: '{p}' does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"--scene: '{p}' is not valid JSON ({exc})") from None
+        scene = read_json_file(args.scene, "--scene")
     image = load_image(target)
     if args.prompt is None and scene is None:
         dets = detect_objects(image)

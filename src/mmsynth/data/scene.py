@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,8 +136,20 @@ def _choice(d: dict, key: str, where: str, valid: tuple[str, ...]) -> str:
     return str(d[key])
 
 
+SCENE_FIELDS = ("objects", "background", "split", "index", "seed", "version", "extra")
+OBJECT_FIELDS = ("shape", "color", "size", "cx", "cy", "radius", "rotation", "rgb")
+BACKGROUND_FIELDS = ("kind", "colors", "angle", "texture_seed")
+
+
+def _known_fields(d: dict, valid: tuple[str, ...], where: str) -> None:
+    """A misspelt field ("backgroud", "raduis") is an error, never silently a default."""
+    unknown = [k for k in d if k not in valid]
+    _require(not unknown, f"{where}: unknown field(s) {unknown}; valid: {', '.join(valid)}")
+
+
 def _scene_from_dict(d: Any, where: str) -> Scene:
     _require(isinstance(d, dict), f"{where}: expected a JSON object, got {type(d).__name__}")
+    _known_fields(d, SCENE_FIELDS, where)
     objs = d.get("objects")
     _require(isinstance(objs, list), f"{where}.objects: expected a list of objects")
     n_max = vocab.MAX_OBJECTS
@@ -147,6 +158,7 @@ def _scene_from_dict(d: Any, where: str) -> Scene:
     for i, o in enumerate(objs):
         w = f"{where}.objects[{i}]"
         _require(isinstance(o, dict), f"{w}: expected a JSON object")
+        _known_fields(o, OBJECT_FIELDS, w)
         color = _choice(o, "color", w, vocab.COLOR_NAMES)
         objects.append(
             ShapeObject(
@@ -162,6 +174,7 @@ def _scene_from_dict(d: Any, where: str) -> Scene:
         )
     bg = d.get("background")
     _require(isinstance(bg, dict), f"{where}.background: expected a JSON object")
+    _known_fields(bg, BACKGROUND_FIELDS, f"{where}.background")
     kind = _choice(bg, "kind", f"{where}.background", vocab.BACKGROUND_KINDS)
     colors = bg.get("colors")
     n_colors = 2 if kind == "gradient" else 1
@@ -189,13 +202,10 @@ def _scene_from_dict(d: Any, where: str) -> Scene:
 
 def load_scene_file(path: str | Path) -> Scene:
     """A scene spec from a JSON file: the spec itself, or a record holding it under "scene" (a metadata line)."""
+    from mmsynth.io import read_json_file
+
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"scene file '{p}' does not exist")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"scene file '{p}' is not valid JSON ({exc})") from None
+    d = read_json_file(p, "scene file")
     if isinstance(d, dict) and "scene" in d and "objects" not in d:
         d = d["scene"]
     return Scene.from_dict(d, where=f"scene file '{p}'")

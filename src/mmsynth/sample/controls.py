@@ -48,6 +48,11 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+# passes a control may ask for per step (self-recurrence, backward guidance, RePaint resampling): each is a model
+# call, and the papers use at most tens; a larger count is a typo that would run for days
+MAX_PASSES = 100
+
+
 def is_integer(x: Any) -> bool:
     """An int (not a bool): what a count option of a control or a guide (passes, steps, cells) accepts."""
     return isinstance(x, int) and not isinstance(x, bool)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import INPAINTING_UNET
 from mmsynth.sample.controls import (
+    MAX_PASSES,
     Control,
     ModelInputs,
     Step,
@@ -119,8 +120,9 @@ class BlendedInpaint(Control):
             raise InputError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
         if not isinstance(self.paste, bool):
             raise InputError(f"paste must be true or false, got {self.paste!r}")
-        if not is_integer(self.resample) or self.resample < 1:
-            raise InputError(f"resample (passes per step, RePaint) must be an integer >= 1, got {self.resample!r}")
+        if not is_integer(self.resample) or not 1 <= self.resample <= MAX_PASSES:
+            raise InputError(f"resample (passes per step, RePaint) must be an integer in [1, {MAX_PASSES}], got "
+                             f"{self.resample!r}")
         if not is_number(self.resample_until) or not 0 <= self.resample_until <= 1:
             raise InputError(f"resample_until must be a fraction of the steps in [0, 1], got {self.resample_until!r}")
         j = self.jump_length

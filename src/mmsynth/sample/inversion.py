@@ -30,7 +30,6 @@ of the timestep the model is evaluated at (DDIMInverseScheduler's target level),
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -558,8 +557,10 @@ def load_latents(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
         raise InputError(f"latents file '{p}' holds NaN, infinite or non-float values; x_T must be finite floats")
     if "request" in meta:
-        try:
-            meta["request"] = json.loads(meta["request"])
-        except json.JSONDecodeError:
-            raise InputError(f"latents file '{p}': its 'request' metadata is not valid JSON") from None
+        from mmsynth.io import parse_json
+
+        meta["request"] = parse_json(meta["request"], f"latents file '{p}': its 'request' metadata")
+    if meta.get("format", LATENTS_FORMAT) != LATENTS_FORMAT:
+        raise InputError(f"latents file '{p}' has format {meta['format']!r}; expected {LATENTS_FORMAT!r} (an x_T "
+                         "written by `mmsynth invert`)")
     return x, meta

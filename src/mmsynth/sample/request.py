@@ -160,11 +160,9 @@ class GenerationRequest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "request", limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data, where, limits)
+        from mmsynth.io import parse_json
+
+        return cls.from_dict(parse_json(text, where), where, limits)
 
 
 def _real(x: Any) -> bool:

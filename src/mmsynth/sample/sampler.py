@@ -428,6 +428,9 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
             c.prepare(ctx)
         _start(ctx)
         _run_steps(ctx, progress)
+        if not bool(torch.isfinite(ctx.latents).all()):  # never a garbage image with exit 0
+            raise InputError("sampling produced NaN or infinite latents: the model's weights or config may be corrupt, "
+                             "or a scale (cfg, guidance strength) is far too large")
         images = np.zeros((0, ctx.height, ctx.width, 3), np.uint8)
         if decode:
             pixels = ctx.decode(ctx.latents)

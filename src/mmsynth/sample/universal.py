@@ -29,6 +29,7 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.sample.controls import (
+    MAX_PASSES,
     Control,
     Step,
     check_batch_length,
@@ -72,10 +73,11 @@ class UniversalGuidance(Control):
     def __post_init__(self) -> None:
         if not is_number(self.s0) or self.s0 < 0:
             raise InputError(f"s0 (forward guidance strength) must be a number >= 0, got {self.s0!r}")
-        if not is_integer(self.k) or self.k < 1:
-            raise InputError(f"k (self-recurrence passes per step) must be an integer >= 1, got {self.k!r}")
-        if not is_integer(self.m) or self.m < 0:
-            raise InputError(f"m (backward guidance steps) must be an integer >= 0, got {self.m!r}")
+        if not is_integer(self.k) or not 1 <= self.k <= MAX_PASSES:
+            raise InputError(f"k (self-recurrence passes per step) must be an integer in [1, {MAX_PASSES}], got "
+                             f"{self.k!r}")
+        if not is_integer(self.m) or not 0 <= self.m <= MAX_PASSES:
+            raise InputError(f"m (backward guidance steps) must be an integer in [0, {MAX_PASSES}], got {self.m!r}")
         if not is_number(self.lr) or self.lr <= 0:
             raise InputError(f"lr (backward guidance step size) must be a number > 0, got {self.lr!r}")
         if isinstance(self.guide, list):  # one shipped guide per image

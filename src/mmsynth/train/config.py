@@ -182,6 +182,10 @@ def load_config(
             raise InputError(f"config file '{p}' does not exist")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise InputError(f"config file '{p}' is not UTF-8 text (YAML must be)") from None
+        except RecursionError:
+            raise InputError(f"config file '{p}' is nested too deeply to be a config") from None
         except yaml.YAMLError as exc:
             raise InputError(f"config file '{p}' is not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(data, dict):
