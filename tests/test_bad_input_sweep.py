@@ -241,6 +241,8 @@ def _rows() -> list[Row]:
     train = ["train", "vae", "--max-steps", "1", "--batch-size", "1", "--no-progress"]
     for setting in ("lr=nan", "lr=inf", "lr=-1", "seed=-1", "ema_decay=nan", "warmup_steps=1e400", "data=../nope"):
         number(f"train:set-{setting}", lambda i, o, s=setting: [*train, "--set", s, "--out", o])
+    number("train:max-steps-twice", lambda i, o: [*train, "--set", "max_steps=5", "--out", o])
+    number("train:workers-huge", lambda i, o: [*train, "--set", "num_workers=100000", "--out", o])
     number("train:max-minutes-nan", lambda i, o: [*train, "--max-minutes", "nan", "--out", o])
     number("annotate:resolution-without-scene", lambda i, o: ["annotate", "canny", i.image, "--resolution", "64",
                                                               "--out", o], "e.png")  # fmt: skip
@@ -276,7 +278,8 @@ EXPECT = {
     "train:set-data=../nope": "../nope", "annotate:resolution-without-scene": "--resolution needs --scene",
     "generate:k-huge": "k (self-recurrence", "generate:replay-deep-json": "nested too deeply",
     "generate:replay-latin1": "not UTF-8", "data-render:unknown-field": "backgroud",
-    "train:max-minutes-nan": "--max-minutes", "annotate:param-nan": "low",
+    "train:max-minutes-nan": "--max-minutes", "train:max-steps-twice": "give it once",
+    "train:workers-huge": "num_workers", "annotate:param-nan": "low",
 }  # fmt: skip
 
 

@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmsynth.errors import InputError
     from mmsynth.train.config import load_config, parse_set
     from mmsynth.train.recipes import get_recipe
     from mmsynth.train.trainer import train
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_set(args.set)
     for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size), ("out", args.out)):
         if value is not None:
+            if key in overrides:  # never silently one of two values
+                raise InputError(f"--{key.replace('_', '-')} and --set {key}= both give {key}; give it once")
             overrides[key] = value
     config, options = load_config(recipe_cls, args.config, overrides)
     result = train(config, options, resume=args.resume, progress=not args.no_progress, export_only=args.export_only,

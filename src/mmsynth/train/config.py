@@ -21,6 +21,7 @@ import yaml
 from mmsynth.errors import InputError
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MAX_WORKERS = 64  # DataLoader processes; more is a typo that forks until the machine gives out
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "warmup_stable_decay")
 
 
@@ -67,6 +68,8 @@ class TrainConfig:
         for name in ("seed", "data_seed"):
             if not 0 <= getattr(self, name) < 2**63:
                 raise InputError(f"config key '{name}' must be an integer in [0, 2**63 - 1], got {getattr(self, name)}")
+        if self.num_workers > MAX_WORKERS:
+            raise InputError(f"config key 'num_workers' must be at most {MAX_WORKERS}, got {self.num_workers}")
         if self.lr <= 0:
             raise InputError(f"config key 'lr' must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:

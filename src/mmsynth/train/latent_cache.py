@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mmsynth.errors import InputError
 from mmsynth.io import check_writable, read_jsonl, write_json
+from mmsynth.train.config import MAX_WORKERS
 from mmsynth.train.data import EpochOrder, ShapesExamples, collate
 
 __all__ = ["CACHE_FILE", "LatentCacheExamples", "build_latent_cache", "is_latent_cache", "vae_fingerprint"]
@@ -90,6 +91,8 @@ def build_latent_cache(
 
     if n <= 0 or shard_size <= 0 or batch_size <= 0:
         raise InputError(f"n, shard size and batch size must be positive, got {n}, {shard_size}, {batch_size}")
+    if not 0 <= num_workers <= MAX_WORKERS:
+        raise InputError(f"--workers must be in [0, {MAX_WORKERS}], got {num_workers}")
     if mixed_precision not in ("no", "bf16"):
         raise InputError(f"mixed precision must be 'no' or 'bf16', got '{mixed_precision}'")
     bf16 = mixed_precision == "bf16"
