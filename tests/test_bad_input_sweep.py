@@ -239,8 +239,10 @@ def _rows() -> list[Row]:
     number("judge-validate:resolution-huge", lambda i, o: ["judge", "validate", "--n", "1", "--resolution", "100000",
                                                            "--json", o], "v.json")  # fmt: skip
     train = ["train", "vae", "--max-steps", "1", "--batch-size", "1", "--no-progress"]
-    for setting in ("lr=nan", "lr=inf", "lr=-1", "seed=-1", "ema_decay=nan", "warmup_steps=1e400", "data=../nope"):
+    for setting in ("lr=nan", "lr=inf", "lr=-1", "seed=-1", "ema_decay=nan", "warmup_steps=1e400", "data=../nope",
+                    "adam_beta1=1", "grad_accum=99999999999"):
         number(f"train:set-{setting}", lambda i, o, s=setting: [*train, "--set", s, "--out", o])
+    number("train:batch-huge", lambda i, o: [*train[:4], "--batch-size", "99999999999", "--out", o])
     number("train:max-steps-twice", lambda i, o: [*train, "--set", "max_steps=5", "--out", o])
     number("train:workers-huge", lambda i, o: [*train, "--set", "num_workers=100000", "--out", o])
     number("train:max-minutes-nan", lambda i, o: [*train, "--max-minutes", "nan", "--out", o])
@@ -279,7 +281,8 @@ EXPECT = {
     "generate:k-huge": "k (self-recurrence", "generate:replay-deep-json": "nested too deeply",
     "generate:replay-latin1": "not UTF-8", "data-render:unknown-field": "backgroud",
     "train:max-minutes-nan": "--max-minutes", "train:max-steps-twice": "give it once",
-    "train:workers-huge": "num_workers", "annotate:param-nan": "low",
+    "train:workers-huge": "num_workers", "train:set-adam_beta1=1": "'adam_beta1'",
+    "train:set-grad_accum=99999999999": "'grad_accum'", "train:batch-huge": "'batch_size'", "annotate:param-nan": "low",
 }  # fmt: skip
 
 

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted, 141 output pipe closed)."""
+    """Run the CLI; returns the exit code (0 ok, 1 out of memory, 2 bad input, 130 interrupted, 141 output pipe
+    closed)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # the libraries' per-file loading/saving bars drown mmsynth's own output (HF_HUB_DISABLE_PROGRESS_BARS=0
     # brings them back)
@@ -63,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # a size the machine cannot hold: say so in one line (exit 1: not a malformed input)
+        print(f"mmsynth {args.command}: error: out of memory; lower the size, batch or count asked for",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `mmsynth ... | head`: the reader left; not an error of ours, and no traceback
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would hit the closed pipe again

@@ -21,6 +21,7 @@ import yaml
 from mmsynth.errors import InputError
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MAX_BATCH = 65536  # examples per micro-step, and micro-steps per step: far beyond any machine's memory at 64 px
 MAX_WORKERS = 64  # DataLoader processes; more is a typo that forks until the machine gives out
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "warmup_stable_decay")
 
@@ -68,6 +69,12 @@ class TrainConfig:
         for name in ("seed", "data_seed"):
             if not 0 <= getattr(self, name) < 2**63:
                 raise InputError(f"config key '{name}' must be an integer in [0, 2**63 - 1], got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum"):  # each micro-step's indices are materialised
+            if getattr(self, name) > MAX_BATCH:
+                raise InputError(f"config key '{name}' must be at most {MAX_BATCH}, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise InputError(f"config key '{name}' must be in [0, 1), got {getattr(self, name)}")
         if self.num_workers > MAX_WORKERS:
             raise InputError(f"config key 'num_workers' must be at most {MAX_WORKERS}, got {self.num_workers}")
         if self.lr <= 0:
