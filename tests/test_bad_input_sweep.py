@@ -238,6 +238,14 @@ def _rows() -> list[Row]:
            "v.json")
     number("judge-validate:resolution-huge", lambda i, o: ["judge", "validate", "--n", "1", "--resolution", "100000",
                                                            "--json", o], "v.json")  # fmt: skip
+    number("judge-validate:prompt", lambda i, o: ["judge", "validate", "--n", "1", "--prompt", "a red circle",
+                                                  "--json", o], "v.json")  # fmt: skip
+    number("judge-validate:workers-huge", lambda i, o: ["judge", "validate", "--n", "1", "--workers", "100000",
+                                                        "--json", o], "v.json")  # fmt: skip
+    number("judge-image:n", lambda i, o: ["judge", i.image, "--prompt", "a red circle", "--n", "5", "--json", o],
+           "v.json")
+    number("judge-image:layout-without-scene", lambda i, o: ["judge", i.image, "--prompt", "a red circle", "--layout",
+                                                             "--json", o], "v.json")  # fmt: skip
     train = ["train", "vae", "--max-steps", "1", "--batch-size", "1", "--no-progress"]
     for setting in ("lr=nan", "lr=inf", "lr=-1", "seed=-1", "ema_decay=nan", "warmup_steps=1e400", "data=../nope",
                     "adam_beta1=1", "grad_accum=99999999999"):
@@ -280,7 +288,9 @@ EXPECT = {
     "train:set-data=../nope": "../nope", "annotate:resolution-without-scene": "--resolution needs --scene",
     "generate:k-huge": "k (self-recurrence", "generate:replay-deep-json": "nested too deeply",
     "generate:replay-latin1": "not UTF-8", "data-render:unknown-field": "backgroud",
-    "train:max-minutes-nan": "--max-minutes", "train:max-steps-twice": "give it once",
+    "train:max-minutes-nan": "--max-minutes", "judge-validate:prompt": "--prompt does not apply",
+    "judge-validate:workers-huge": "--workers", "judge-image:n": "--n does not apply",
+    "judge-image:layout-without-scene": "--layout", "train:max-steps-twice": "give it once",
     "train:workers-huge": "num_workers", "train:set-adam_beta1=1": "'adam_beta1'",
     "train:set-grad_accum=99999999999": "'grad_accum'", "train:batch-huge": "'batch_size'", "annotate:param-nan": "low",
 }  # fmt: skip

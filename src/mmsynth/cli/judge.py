@@ -33,12 +33,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "a blue square'")  # fmt: skip
     p.add_argument("--scene", help="(IMAGE) a scene spec JSON file the image should show")
     p.add_argument("--layout", action="store_true", help="(DIR, IMAGE with --scene) also score boxes: IoU, AP50")
-    p.add_argument("--n", type=positive_int, default=2000, help="(validate) number of test scenes (default 2000)")
-    p.add_argument("--resolution", type=int, nargs="+", default=[64], help="(validate) render sizes (default 64)")
-    p.add_argument("--split", default="test", help="(validate) split of the scenes (default test)")
-    p.add_argument("--seed", type=seed, default=0, help="(validate) scene and noise seed (default 0)")
-    p.add_argument("--workers", type=positive_int, default=1, help="(validate) processes (default 1)")
+    p.add_argument("--n", type=positive_int, default=None, help="(validate) number of test scenes (default 2000)")
+    p.add_argument("--resolution", type=int, nargs="+", default=None, help="(validate) render sizes (default 64)")
+    p.add_argument("--split", default=None, help="(validate) split of the scenes (default test)")
+    p.add_argument("--seed", type=seed, default=None, help="(validate) scene and noise seed (default 0)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help=f"(validate) processes, at most {MAX_WORKERS} (default 1)")
     p.set_defaults(func=_run)
+
+
+MAX_WORKERS = 64
+# which options each form of the command reads: any other is refused rather than silently ignored
+VALIDATE_OPTIONS = ("n", "resolution", "split", "seed", "workers")
+IMAGE_OPTIONS = ("prompt", "scene", "layout")
+
+
+def _refuse_options(args: argparse.Namespace, names: tuple[str, ...], form: str) -> None:
+    given = [n for n in names if getattr(args, n) not in (None, False)]
+    if given:
+        raise InputError(f"--{given[0]} does not apply to `judge {form}`; see 'mmsynth judge --help'")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -47,7 +60,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.json_out is not None:  # before any work
         check_output_file(args.json_out, "--json", overwrite=args.overwrite)
     if args.target == "validate" and not Path("validate").exists():
+        _refuse_options(args, IMAGE_OPTIONS, "validate")
         return _validate(args, J)
+    _refuse_options(args, VALIDATE_OPTIONS, "DIR" if Path(args.target).is_dir() else "IMAGE")
     target = Path(args.target)
     if target.is_dir():
         if args.prompt or args.scene:
@@ -68,6 +83,8 @@ def _one_image(args: argparse.Namespace, J, target: Path) -> int:
 
     if args.prompt is not None and args.scene:
         raise InputError("judge IMAGE: give --prompt or --scene, not both")
+    if args.layout and not args.scene:
+        raise InputError("judge IMAGE: --layout scores boxes, which only a --scene gives")
     scene = None
     if args.scene:
         scene = read_json_file(args.scene, "--scene")
@@ -124,6 +141,10 @@ def _print_verdict(target: Path, prompt: str | None, s) -> None:
 def _validate(args: argparse.Namespace, J) -> int:
     from mmsynth.data.render import check_resolution
 
+    args.n, args.resolution, args.split = args.n or 2000, args.resolution or [64], args.split or "test"
+    args.seed, args.workers = args.seed or 0, args.workers or 1
+    if args.workers > MAX_WORKERS:
+        raise InputError(f"--workers must be at most {MAX_WORKERS}, got {args.workers}")
     for res in args.resolution:
         check_resolution(res)
     out = {}
