@@ -181,3 +181,8 @@ def test_a_model_that_gives_nan_is_an_error_not_a_garbage_image():
         bundle.unet.conv_out.bias.fill_(float("nan"))  # as a corrupt weights file would
     with pytest.raises(InputError, match="NaN or infinite latents"):
         sample(bundle, GenerationRequest(prompt="a red circle", steps=2), progress=False)
+    bundle = tiny_bundle(0)
+    with torch.no_grad():
+        bundle.vae.decoder.conv_out.bias.fill_(float("nan"))  # the decoder alone
+    with pytest.raises(InputError, match="NaN or infinite pixels"):
+        sample(bundle, GenerationRequest(prompt="a red circle", steps=2), progress=False)

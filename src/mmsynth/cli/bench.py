@@ -248,6 +248,12 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("bench run: give exactly one of --cases FILE, --suite NAME or --quick")
     if args.html and not args.json_out:
         raise InputError("--html needs --json (the report sits beside the JSON)")
+    if args.html and args.no_html:
+        raise InputError("give --html DIR or --no-html, not both")
+    if args.cases:  # options that only generate cases would be silently ignored
+        ignored = [f"--{name}" for name, default in (("n", None), ("seed", 0)) if getattr(args, name) != default]
+        if ignored:
+            raise InputError(f"{ignored[0]} applies to generated cases (--suite, --quick), not to --cases files")
     json_out, html_dir = (None, None) if not args.json_out else _check_report(
         args.json_out, args.overwrite, args.html, args.no_html)
     check_extractor(args.extractor, args.weights)

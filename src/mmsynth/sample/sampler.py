@@ -399,6 +399,13 @@ def _run_steps(ctx: Context, progress: bool) -> None:
             i += 1
 
 
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    """Never a garbage image with exit 0: NaN here means a corrupt model or an absurd scale, and the user must know."""
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"sampling produced NaN or infinite {what}: the model's weights or config may be corrupt, "
+                         "or a scale (cfg, guidance strength) is far too large")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] n x 3 x H x W -> n x H x W x 3 uint8, rounded like diffusers' image processor."""
     x = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
@@ -428,14 +435,13 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
             c.prepare(ctx)
         _start(ctx)
         _run_steps(ctx, progress)
-        if not bool(torch.isfinite(ctx.latents).all()):  # never a garbage image with exit 0
-            raise InputError("sampling produced NaN or infinite latents: the model's weights or config may be corrupt, "
-                             "or a scale (cfg, guidance strength) is far too large")
+        _check_finite(ctx.latents, "latents")
         images = np.zeros((0, ctx.height, ctx.width, 3), np.uint8)
         if decode:
             pixels = ctx.decode(ctx.latents)
             for c in controls:
                 pixels = c.decoded(ctx, pixels)
+            _check_finite(pixels, "pixels")
             images = to_uint8(pixels)
     finally:
         for c in controls:

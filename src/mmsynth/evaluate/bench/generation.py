@@ -145,6 +145,8 @@ def check_extractor(extractor: str, weights: str | Path | None) -> None:
     if extractor == "inception" and weights is None:
         raise InputError("--extractor inception needs --weights PATH (a local FID Inception weights file; "
                          "nothing is downloaded)")  # fmt: skip
+    if weights is not None and extractor != "inception":
+        raise InputError("--weights is the Inception weights file: it needs --extractor inception")
     if weights is not None and not Path(weights).is_file():
         raise InputError(f"--weights '{weights}' does not exist or is not a file")
 
