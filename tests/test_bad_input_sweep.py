@@ -41,6 +41,7 @@ class Inputs:
     deep: str  # JSON nested deeper than the parser's recursion limit
     latin1: str  # a request that is not UTF-8
     typo_scene: str  # a scene spec with a misspelt field
+    future_scene: str  # a scene spec of a version this release does not know
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,11 @@ def inputs(tmp_path_factory) -> Inputs:
     spec = sample_scene("test", 2).to_dict()
     spec["backgroud"] = spec.pop("background")
     (d / "typo.json").write_text(json.dumps(spec))
+    (d / "future.json").write_text(json.dumps({**sample_scene("test", 2).to_dict(), "version": 99}))
     return Inputs(str(d / "model"), str(d / "image.png"), str(d / "mask.png"), str(d / "scene.json"),
                   str(d / "cases.jsonl"), str(d / "nan.safetensors"), str(d / "big.json"), str(d / "real"),
-                  str(d / "tall.png"), str(d / "deep.json"), str(d / "latin1.json"), str(d / "typo.json"))
+                  str(d / "tall.png"), str(d / "deep.json"), str(d / "latin1.json"), str(d / "typo.json"),
+                  str(d / "future.json"))
 
 
 # ------------------------------------------------------------------------------------------ output locations
@@ -238,6 +241,9 @@ def _rows() -> list[Row]:
            "v.json")
     number("judge-validate:resolution-huge", lambda i, o: ["judge", "validate", "--n", "1", "--resolution", "100000",
                                                            "--json", o], "v.json")  # fmt: skip
+    number("judge-image:json-is-its-input", lambda i, o: ["judge", i.image, "--prompt", "a red circle", "--json",
+                                                          i.image, "--overwrite"])  # fmt: skip
+    number("data-render:version-99", lambda i, o: ["data", "render", i.future_scene, "--out", o], "r.png")
     number("judge-validate:prompt", lambda i, o: ["judge", "validate", "--n", "1", "--prompt", "a red circle",
                                                   "--json", o], "v.json")  # fmt: skip
     number("judge-validate:workers-huge", lambda i, o: ["judge", "validate", "--n", "1", "--workers", "100000",
@@ -290,7 +296,8 @@ EXPECT = {
     "generate:replay-latin1": "not UTF-8", "data-render:unknown-field": "backgroud",
     "train:max-minutes-nan": "--max-minutes", "judge-validate:prompt": "--prompt does not apply",
     "judge-validate:workers-huge": "--workers", "judge-image:n": "--n does not apply",
-    "judge-image:layout-without-scene": "--layout", "train:max-steps-twice": "give it once",
+    "judge-image:layout-without-scene": "--layout", "judge-image:json-is-its-input": "is an input",
+    "data-render:version-99": "version", "train:max-steps-twice": "give it once",
     "train:workers-huge": "num_workers", "train:set-adam_beta1=1": "'adam_beta1'",
     "train:set-grad_accum=99999999999": "'grad_accum'", "train:batch-huge": "'batch_size'", "annotate:param-nan": "low",
 }  # fmt: skip

@@ -28,6 +28,12 @@ def model_dir(tmp_path_factory):
     return d
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
@@ -133,6 +139,8 @@ def test_train_overwrite_starts_over_and_keeps_other_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert main([*argv, "--overwrite"]) == 0
     assert (out / "checkpoints" / "step_0000001").is_dir() and (out / "notes.txt").read_text() == "mine"
+    weights = next((out / "checkpoints" / "step_0000001").glob("*.safetensors"))
+    assert _mode(weights) == 0o666 & ~_umask()  # accelerate writes them 0600
     assert main(argv) == 2  # checkpoints there now: --resume or --overwrite
     assert main([*argv, "--overwrite"]) == 0
 

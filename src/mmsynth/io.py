@@ -187,7 +187,7 @@ def _umask() -> int:
     return mask
 
 
-def _user_permissions(root: Path) -> None:
+def user_permissions(root: Path) -> None:
     """Give `root` (a file, or a folder and all it holds) the modes a file the user creates gets: libraries that write
     through their own temp files (safetensors) leave 0600, which a shared model folder must not have."""
     mask = _umask()
@@ -219,7 +219,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ok = False
     try:
         yield tmp
-        _user_permissions(tmp)
+        user_permissions(tmp)
         os.replace(tmp, dest)
         ok = True
     finally:
@@ -296,7 +296,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, whole: bool 
     ok = False
     try:
         yield tmp
-        _user_permissions(tmp)
+        user_permissions(tmp)
         if not dest.exists() or whole:
             if dest.exists() and not dest.is_dir():
                 raise InputError(f"'{dest}' is a file; expected a folder")

@@ -58,7 +58,11 @@ def _run(args: argparse.Namespace) -> int:
     from mmsynth.evaluate import judge as J  # heavy imports only when the command runs
 
     if args.json_out is not None:  # before any work
-        check_output_file(args.json_out, "--json", overwrite=args.overwrite)
+        out = check_output_file(args.json_out, "--json", overwrite=args.overwrite).absolute()
+        target = Path(args.target).absolute()
+        inputs = [target, target / "metadata.jsonl", *([Path(args.scene).absolute()] if args.scene else [])]
+        if out in inputs:
+            raise InputError(f"--json '{args.json_out}' is an input of this command; write the report elsewhere")
     if args.target == "validate" and not Path("validate").exists():
         _refuse_options(args, IMAGE_OPTIONS, "validate")
         return _validate(args, J)
@@ -67,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     if target.is_dir():
         if args.prompt or args.scene:
             raise InputError("judge DIR: --prompt/--scene apply to one IMAGE; DIR/metadata.jsonl says what to expect")
-        report = J.judge_folder(target, layout=args.layout)
+        report = J.judge_folder(target, layout=args.layout, progress=sys.stderr.isatty())
         print(report.table())
         if args.json_out:
             write_json(report.to_dict(), args.json_out)

@@ -195,7 +195,7 @@ def _scene_from_dict(d: Any, where: str) -> Scene:
         split=str(split),
         index=_integer(d, "index", where, 0),
         seed=_integer(d, "seed", where, 0),
-        version=_integer(d, "version", where, SPEC_VERSION),
+        version=_integer(d, "version", where, SPEC_VERSION, lo=1, hi=SPEC_VERSION),
         extra=_mapping(d, "extra", where),
     )
 

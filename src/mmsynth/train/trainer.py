@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers.optimization import get_wsd_schedule
 
 from mmsynth.errors import InputError
-from mmsynth.io import save_image, write_json, write_text
+from mmsynth.io import save_image, user_permissions, write_json, write_text
 from mmsynth.train.config import TrainConfig, to_dict
 from mmsynth.train.data import StepBatches
 from mmsynth.train.recipes import get_recipe
@@ -290,6 +290,9 @@ def _mixed_precision(choice: str) -> str:
         logger.warning("mmsynth train: mixed_precision bf16 on a CPU without bf16 units (%s) is emulated and "
                        "slower than fp32 (a zoo CLIP step of 128 on a 2-core AVX2 CPU: 94 s in bf16, 10.6 s in fp32): "
                        "--set mixed_precision=no", torch.backends.cpu.get_cpu_capability())  # fmt: skip
+    if choice == "fp16" and not torch.cuda.is_available():
+        logger.warning("mmsynth train: mixed_precision fp16 needs a GPU; on this CPU the run is full precision "
+                       "(bf16 is the CPU's half type)")
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
@@ -385,6 +388,7 @@ def _save_checkpoint(accelerator: Accelerator, root: Path, step: int, config: Tr
             "seed": config.seed,
         }
         write_json(state, tmp / STATE_FILE)
+        user_permissions(tmp)  # accelerate's safetensors files are written 0600
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(
