@@ -86,6 +86,17 @@ def test_atomic_dir_replaces_only_the_entries_it_wrote(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders beside it
 
 
+def test_an_existing_folder_is_filled_from_inside_it(tmp_path, monkeypatch):
+    """Writing into '.' or an existing folder needs only that folder to be writable, not its parent."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with atomic_dir(".") as tmp:
+        assert tmp.parent.resolve() == (tmp_path / "here").resolve()
+        (tmp / "a.txt").write_text("a")
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 def test_output_checks_name_the_problem(tmp_path):
     (tmp_path / "f.json").write_text("{}")
     with pytest.raises(InputError, match=r"already exists .*--overwrite"):

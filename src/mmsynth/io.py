@@ -286,8 +286,10 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, whole: bool 
     """
     dest = Path(path)
     made = _make_parents(dest.absolute().parent)
+    # beside `path`; inside it when its entries are merged, so that only `path` itself must be writable ('.' too)
+    home = dest if dest.is_dir() and not whole else dest.absolute().parent
     while True:
-        tmp = _fresh_name(dest.absolute().parent, f".{dest.absolute().name}.tmp-")
+        tmp = _fresh_name(home, f".{dest.absolute().name}.tmp-")
         try:
             tmp.mkdir(mode=0o700)
             break
@@ -304,7 +306,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, whole: bool 
         else:
             if not dest.is_dir():
                 raise InputError(f"'{dest}' is a file; expected a folder")
-            if _non_empty_dir(dest) and not overwrite:
+            if any(p != tmp for p in dest.iterdir()) and not overwrite:
                 raise InputError(f"'{dest}' appeared while this command ran and is not empty ({OVERWRITE_HINT})")
             for entry in sorted(tmp.iterdir()):
                 _replace_entry(entry, dest / entry.name)
