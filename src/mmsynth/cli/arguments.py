@@ -10,8 +10,7 @@ import math
 from typing import Any
 
 from mmsynth.errors import InputError
-
-MAX_SEED = 2**63 - 1  # numpy and torch generators both take any seed in [0, 2**63)
+from mmsynth.sample.request import MAX_SEED
 
 
 def _number(value: str, kind: type) -> float | int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from mmsynth.cli.arguments import positive_int, seed
 from mmsynth.errors import InputError
 from mmsynth.io import check_output_file, read_json_file, write_json
+from mmsynth.train.config import MAX_WORKERS
 
 USAGE = """\
   mmsynth judge DIR [--json OUT] [--layout]         score DIR/metadata.jsonl (file_name + prompt/scene/caption)
@@ -42,7 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-MAX_WORKERS = 64
 # which options each form of the command reads: any other is refused rather than silently ignored
 VALIDATE_OPTIONS = ("n", "resolution", "split", "seed", "workers")
 IMAGE_OPTIONS = ("prompt", "scene", "layout")

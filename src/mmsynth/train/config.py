@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mmsynth.errors import InputError
+from mmsynth.sample.request import MAX_SEED
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 MAX_BATCH = 65536  # examples per micro-step, and micro-steps per step: far beyond any machine's memory at 64 px
@@ -67,7 +68,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise InputError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
         for name in ("seed", "data_seed"):
-            if not 0 <= getattr(self, name) < 2**63:
+            if not 0 <= getattr(self, name) <= MAX_SEED:
                 raise InputError(f"config key '{name}' must be an integer in [0, 2**63 - 1], got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum"):  # each micro-step's indices are materialised
             if getattr(self, name) > MAX_BATCH:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers.optimization import get_wsd_schedule
 
 from mmsynth.errors import InputError
-from mmsynth.io import save_image, user_permissions, write_json, write_text
+from mmsynth.io import check_writable, save_image, user_permissions, write_json, write_text
 from mmsynth.train.config import TrainConfig, to_dict
 from mmsynth.train.data import StepBatches
 from mmsynth.train.recipes import get_recipe
@@ -341,8 +341,6 @@ def _ema_weights(emas: dict[str, EMAModel], recipe: Any, accelerator: Accelerato
 
 def _check_run_folder(out: Path, resume: bool, export_only: bool, overwrite: bool) -> None:
     """Refuse, before any work, a run folder that cannot be written or holds something this run would replace."""
-    from mmsynth.io import check_writable
-
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; expected a run folder")
     check_writable(out, "--out", out)
