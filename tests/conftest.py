@@ -33,10 +33,10 @@ def gradient_image(bundle):
 def gradient_latents(bundle, gradient_image):
     """The VAE latent mean of gradient_image (z_0 of its DDIM inversion)."""
     from mmsynth.sample import GenerationRequest
-    from mmsynth.sample.inversion import encode_mean, image_pixels
+    from mmsynth.sample.inversion import image_pixels
     from mmsynth.sample.sampler import Context
 
     ctx = Context.create(bundle, GenerationRequest(cfg=1.0), [])
     r = bundle.resolution
     with torch.no_grad():
-        return encode_mean(ctx, image_pixels(gradient_image, r, r, "image"))
+        return ctx.encode_mean(image_pixels(gradient_image, r, r, "image"))

@@ -11,8 +11,8 @@ from PIL import Image
 from mmsynth.errors import InputError
 from mmsynth.sample import AttendExcite, GenerationRequest, sample
 from mmsynth.sample.attend_excite import excite_loss, max_attention, subject_positions
+from mmsynth.sample.attention import attention_modules
 from mmsynth.sample.controls import Step
-from mmsynth.sample.inversion import attention_modules
 from mmsynth.sample.sampler import Context
 
 PROMPT = "a red circle and a blue square"
@@ -67,6 +67,7 @@ def _context(bundle, prompt=PROMPT, n=2, control=None):
     control = control or AttendExcite()
     ctx.controls = [control]
     control.prepare(ctx)
+    ctx.attention.apply()  # what the loop does once every control has prepared
     ctx.latents = ctx.noise()
     return ctx, control
 
@@ -83,6 +84,7 @@ def test_the_update_raises_the_most_neglected_subjects_attention(bundle):
         assert bool((loss1 < loss0).all())  # every image's weakest subject gained attention
         assert not moved.requires_grad
     finally:
+        ctx.attention.remove()
         control.close(ctx)
 
 

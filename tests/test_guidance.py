@@ -10,6 +10,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from mmsynth.errors import InputError
+from mmsynth.evaluate.fidelity import psnr
 from mmsynth.models.zoo import tiny_bundle
 from mmsynth.sample import (
     BlendedInpaint,
@@ -23,7 +24,6 @@ from mmsynth.sample import (
     sample,
 )
 from mmsynth.sample.guides import BoxGuide, PaletteGuide, RegionGuide, guide_loss
-from mmsynth.sample.inversion import psnr
 from mmsynth.sample.sampler import Context, guidance_branches
 
 PROMPT = "a red circle"

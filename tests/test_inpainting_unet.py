@@ -15,7 +15,7 @@ from mmsynth.models.bundle import INPAINTING_UNET, Bundle
 from mmsynth.models.zoo import tiny_bundle
 from mmsynth.sample import BlendedInpaint, GenerationRequest, sample
 from mmsynth.sample.inpaint import inpainting_channels
-from mmsynth.sample.inversion import encode_mean, image_pixels
+from mmsynth.sample.inversion import image_pixels
 from mmsynth.sample.sampler import Context
 from mmsynth.train.recipes.inpaint import InpaintOptions, inpainting_unet, training_mask
 
@@ -64,7 +64,7 @@ def test_the_inpaint_control_feeds_the_inpainting_unet_its_mask_and_masked_laten
         m = torch.from_numpy(mask > 0).float()[None, None]
         pixels = image_pixels(gradient_image, b.resolution, b.resolution, "image")
         with torch.no_grad():
-            expected = inpainting_channels(m, encode_mean(ctx, pixels * (1 - m)))
+            expected = inpainting_channels(m, ctx.encode_mean(pixels * (1 - m)))
         for half in x.chunk(2):  # both guidance branches get the channels
             torch.testing.assert_close(half[:, 4:], expected)
         seen["inpainting"].clear()

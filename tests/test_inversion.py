@@ -11,6 +11,7 @@ from diffusers import DDIMInverseScheduler
 from PIL import Image
 
 from mmsynth.errors import InputError
+from mmsynth.evaluate.fidelity import psnr
 from mmsynth.sample import (
     BlendedInpaint,
     GenerationRequest,
@@ -23,7 +24,8 @@ from mmsynth.sample import (
     sample,
     save_latents,
 )
-from mmsynth.sample.inversion import InvertedLatents, psnr, self_attention_modules
+from mmsynth.sample.attention import attention_modules
+from mmsynth.sample.inversion import InvertedLatents
 from mmsynth.sample.sampler import Context, encode_text, to_uint8
 
 SOURCE, EDITED = "a red circle", "a blue circle"
@@ -222,7 +224,6 @@ def test_a_batch_of_edits_gives_each_edit_as_alone_and_each_replays(bundle, imag
 @pytest.mark.parametrize("option", ["keep_attention", "cross_attention"])
 def test_replaying_source_attention_changes_the_edit_and_leaves_the_unet_as_it_was(bundle, image, option):
     """keep_attention: attn1 queries/keys (forward hooks); cross_attention: attn2 maps (prompt-to-prompt)."""
-    from mmsynth.sample.inversion import attention_modules
 
     before = {k: type(v) for k, v in bundle.unet.attn_processors.items()}
     plain = sample(bundle, edit_request(image, SOURCE, EDITED, steps=4, cfg=3.0), progress=False)
@@ -233,7 +234,7 @@ def test_replaying_source_attention_changes_the_edit_and_leaves_the_unet_as_it_w
     same = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0, **{option: 1.0}), progress=False)
     base = sample(bundle, edit_request(image, SOURCE, SOURCE, steps=4, cfg=3.0), progress=False)
     torch.testing.assert_close(same.latents, base.latents, atol=1e-5, rtol=1e-4)
-    for m in self_attention_modules(bundle.unet).values():  # hooks removed, processors restored afterwards
+    for m in attention_modules(bundle.unet).values():  # hooks removed, processors restored afterwards
         assert not m.to_q._forward_hooks and not m.to_k._forward_hooks
     assert {k: type(v) for k, v in bundle.unet.attn_processors.items()} == before
     assert not any("get_attention_scores" in m.__dict__ for m in attention_modules(bundle.unet, "attn2").values())

@@ -6,7 +6,7 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.sample import GenerationRequest, LayoutAttention, sample
-from mmsynth.sample.inversion import attention_modules
+from mmsynth.sample.attention import attention_modules
 from mmsynth.sample.layout_attention import box_coverage, mix_attention, phrase_positions
 
 PROMPT = "a red circle left of a blue square"

@@ -48,8 +48,8 @@ def _requests(resolution: int) -> dict[str, GenerationRequest]:
     from mmsynth.sample import Img2Img
     from mmsynth.sample.attend_excite import AttendExcite
     from mmsynth.sample.controls import Schedule
+    from mmsynth.sample.edit import edit_request
     from mmsynth.sample.inpaint import BlendedInpaint
-    from mmsynth.sample.inversion import edit_request
     from mmsynth.sample.layout_attention import LayoutAttention
     from mmsynth.sample.universal import UniversalGuidance
 

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from mmsynth.cli.invert import load_bundle
     from mmsynth.io import check_output_dir, load_image
     from mmsynth.sample import sample
-    from mmsynth.sample.inversion import edit_request
+    from mmsynth.sample.edit import edit_request
 
     out = check_output_dir(args.out, overwrite=args.overwrite)
     image = load_image(args.image, "IMAGE")

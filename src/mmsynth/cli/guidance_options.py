@@ -125,7 +125,8 @@ def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) 
     """Control dicts for --latents, --mask (with the init image as the source), --guide and --excite."""
     from mmsynth.io import load_image
     from mmsynth.sample.inpaint import BlendedInpaint
-    from mmsynth.sample.inversion import InitialLatents, load_latents
+    from mmsynth.sample.inversion import InitialLatents
+    from mmsynth.sample.latents_file import load_latents
 
     controls: list[dict[str, Any]] = []
     if getattr(args, "latents", None) is not None:

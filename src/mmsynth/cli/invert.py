@@ -66,8 +66,10 @@ def load_bundle(model: str | None, device: str | None) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmsynth.evaluate.fidelity import psnr
     from mmsynth.io import atomic_path, load_image, save_image
-    from mmsynth.sample.inversion import invert, psnr, reconstruct, save_latents
+    from mmsynth.sample.inversion import invert, reconstruct
+    from mmsynth.sample.latents_file import save_latents
     from mmsynth.sample.schedulers import check_scheduler_name
 
     out = check_output_file(args.out, "--out", suffixes=(".safetensors",), overwrite=args.overwrite)

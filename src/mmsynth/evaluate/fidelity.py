@@ -8,6 +8,7 @@ Images are resized once, with one method (PIL bicubic, like clean-fid), to the n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -164,3 +165,13 @@ def diversity(feats_by_group: Sequence[Tensor]) -> float:
     if not vals:
         raise InputError("diversity needs at least one group with two or more images")
     return float(np.mean(vals))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Exact PSNR in dB between two uint8 images (over the pixels where mask is true, if given); inf when equal
+    (torchmetrics' PSNR has no mask)."""
+    d = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    if mask is not None:
+        d = d[np.asarray(mask, bool)]
+    mse = float(d.mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)

@@ -30,6 +30,7 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
+from mmsynth.sample.attention import AttentionRecorder
 from mmsynth.sample.controls import (
     Control,
     Schedule,
@@ -39,7 +40,6 @@ from mmsynth.sample.controls import (
     is_number,
     register_control,
 )
-from mmsynth.sample.inversion import patch_cross_attention_scores
 from mmsynth.sample.layout_attention import phrase_positions
 
 if TYPE_CHECKING:
@@ -171,8 +171,7 @@ class AttendExcite(Control):
         self._ends = (ids == tok.eos_token_id).int().argmax(-1).to(ctx.device)  # the first end token per image
         h, w = ctx.latent_shape[-2:]
         self._cells = self._attention_cells(ctx, h, w)
-        self._maps: list[torch.Tensor] | None = None
-        self._undo = patch_cross_attention_scores(ctx.unet, self._record)
+        self._recorder = AttentionRecorder(ctx.attention, cells=self._cells[0] * self._cells[1])
         refine_steps = {}
         for fraction, threshold in self.refine:
             refine_steps[min(len(ctx.timesteps) - 1, round(fraction * len(ctx.timesteps)))] = float(threshold)
@@ -180,7 +179,7 @@ class AttendExcite(Control):
 
     def _attention_cells(self, ctx: Context, h: int, w: int) -> tuple[int, int]:
         """(rows, cols) of the attention maps used: `resolution` per side, or the default level."""
-        levels = len(ctx.unet.config.block_out_channels)
+        levels = len(ctx.network.config.block_out_channels)
         sides = [(h // 2**k, w // 2**k) for k in range(levels)]
         if self.resolution is not None:
             side = int(self.resolution)
@@ -192,20 +191,6 @@ class AttendExcite(Control):
         coarser = [s for s in sides[1:] if max(s) <= 16]
         return coarser[0] if coarser else sides[-1]
 
-    def _record(self, layer: str, scores: Any) -> Any:
-        def recorded(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
-            probs = scores(query, key, attention_mask)
-            if self._maps is not None and probs.shape[1] == self._cells[0] * self._cells[1]:
-                self._maps.append(probs)
-            return probs
-
-        return recorded
-
-    def close(self, ctx: Context) -> None:
-        if getattr(self, "_undo", None) is not None:
-            self._undo()
-            self._undo = None
-
     # ---- the guidance
     def step_size_at(self, step: Step) -> float:
         """The paper's step: scale factor x sqrt of a linear ramp from 1 (first step) to 0.5 (last)."""
@@ -215,21 +200,16 @@ class AttendExcite(Control):
     def measure(self, latents: torch.Tensor, predict: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-image loss, its gradient w.r.t. the latents, n x k max attentions) from one conditional call."""
         z = latents.detach().requires_grad_(True)
-        self._maps = []
-        try:
-            with torch.enable_grad():
-                predict(z, branch="cond")
-                maps = self._maps
-                if not maps:
-                    raise InputError(f"attend-excite found no cross-attention at {self._cells[0]}x{self._cells[1]} "
-                                     "cells in this UNet; set resolution to one of its attention levels")
-                n, t = z.shape[0], maps[0].shape[-1]
-                stacked = torch.stack([m.float().reshape(n, -1, *self._cells, t).mean(1) for m in maps]).mean(0)
-                peaks = max_attention(stacked, self._ends, self._subjects, float(self.smoothing))
-                loss = excite_loss(peaks)
-                grad = torch.autograd.grad(loss.sum(), z)[0] if bool(loss.gt(0).any()) else torch.zeros_like(z)
-        finally:
-            self._maps = None
+        with self._recorder.record() as maps, torch.enable_grad():
+            predict(z, branch="cond")
+            if not maps:
+                raise InputError(f"attend-excite found no cross-attention at {self._cells[0]}x{self._cells[1]} "
+                                 "cells in this UNet; set resolution to one of its attention levels")
+            n, t = z.shape[0], maps[0].shape[-1]
+            stacked = torch.stack([m.float().reshape(n, -1, *self._cells, t).mean(1) for m in maps]).mean(0)
+            peaks = max_attention(stacked, self._ends, self._subjects, float(self.smoothing))
+            loss = excite_loss(peaks)
+            grad = torch.autograd.grad(loss.sum(), z)[0] if bool(loss.gt(0).any()) else torch.zeros_like(z)
         return loss.detach(), grad.detach(), peaks.detach()
 
     def before(self, ctx: Context, step: Step, latents: torch.Tensor, predict: Any) -> torch.Tensor:

@@ -4,10 +4,12 @@ The loop (sampler.py) owns the scheduler, the batch and the guidance sum; a cont
 condition and says, at each step and for each guidance branch, what it adds. The hooks cover every
 method mmsynth must host (see DESIGN.md, "The one sampler and its controls"):
 
+- `condition_sets` add or replace the guidance sum's condition sets (branches) and their weights.
 - `inputs`   extra model inputs, merged BY KIND across controls (`ModelInputs`): ControlNet residuals,
              T2I-Adapter features, GLIGEN kwargs, extra input channels, timestep-embedding additions,
              extra context tokens or a context that replaces the text. Per branch, so a control says
-             what it gives to the unconditional branch (nothing, a learned null, its own input).
+             what it gives to the unconditional branch (nothing, a learned null, its own input);
+             `branch_inputs` answers for all branches at once (one batched ControlNet call per step).
 - `before`   work on the latent before the prediction, with a differentiable `predict` (guidance).
 - `after`    work on the guided model output (eps terms, blending).
 - `after_step` work on the latent the scheduler returned (blended-latent inpainting), on every pass.
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsynth.errors import InputError
+from mmsynth.models.denoiser import ModelInputs
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -201,39 +204,18 @@ class Branch:
 
     The first branch is the reference (its weight is unused). Classifier-free guidance is
     [uncond, cond(weight=cfg)]; Composer's w*eps(c2) + (1-w)*eps(c1) is [c1, c2(weight=w)].
-    `context` is the encoded text of this branch (n x tokens x dim), what a control conditions on.
+    `context` is the encoded text of this branch (n x tokens x dim), what a control conditions on; None for a
+    model without a text encoder (a control then gives the context, e.g. an exemplar's image embedding).
+    Controls may add or replace branches (`Control.condition_sets`): multi-condition guidance is data.
     """
 
     name: str
     weight: float
-    context: torch.Tensor
+    context: torch.Tensor | None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-@dataclass
-class ModelInputs:
-    """What a control adds to one model call, for one branch. Every tensor has the batch (n) first.
-
-    Kinds and how several controls merge (the loop merges; a control never sees the others):
-    residuals (`down_residuals`, `mid_residual`, `down_intrablock_residuals`): summed, each scaled by
-        its control's schedule (per residual) and region mask; a branch without them gets zeros.
-    `cross_attention_kwargs`, `added_cond_kwargs`: dicts merged key by key (a key given twice is an error).
-    `extra_channels`: concatenated to the latent input along channels, in control order.
-    `class_labels`, `timestep_cond`: additions to the timestep embedding, summed.
-    `extra_context`: tokens appended to the text context, in control order.
-    `context`: a context that replaces the text (at most one control per branch).
-    """
-
-    down_residuals: list[torch.Tensor] | None = None
-    mid_residual: torch.Tensor | None = None
-    down_intrablock_residuals: list[torch.Tensor] | None = None
-    cross_attention_kwargs: dict[str, Any] | None = None
-    added_cond_kwargs: dict[str, Any] | None = None
-    extra_channels: torch.Tensor | None = None
-    class_labels: torch.Tensor | None = None
-    timestep_cond: torch.Tensor | None = None
-    extra_context: torch.Tensor | None = None
-    context: torch.Tensor | None = None
+# ModelInputs (what a control adds to one model call, merged by kind) is defined beside the denoiser that reads it.
 
 
 def _scaled(items: list[torch.Tensor], schedule: Schedule, offset: int, count: int) -> list[torch.Tensor]:
@@ -282,11 +264,10 @@ def merge_inputs(items: list[tuple[ModelInputs, Schedule]]) -> ModelInputs:
         out.cross_attention_kwargs = _merge_dict(out.cross_attention_kwargs, mi.cross_attention_kwargs,
                                                  "cross_attention_kwargs")
         out.added_cond_kwargs = _merge_dict(out.added_cond_kwargs, mi.added_cond_kwargs, "added_cond_kwargs")
-        for kind in ("class_labels", "timestep_cond"):
-            x = getattr(mi, kind)
-            if x is not None:
-                prev = getattr(out, kind)
-                setattr(out, kind, x if prev is None else prev + x)
+        if mi.class_labels is not None:  # each control's labels go through the network's own embedding
+            out.class_labels = [*(out.class_labels or []), mi.class_labels]
+        if mi.timestep_cond is not None:
+            out.timestep_cond = mi.timestep_cond if out.timestep_cond is None else out.timestep_cond + mi.timestep_cond
         for kind in ("extra_channels", "extra_context"):
             x = getattr(mi, kind)
             if x is not None:
@@ -330,9 +311,20 @@ class Control:
         """
         return False
 
+    def condition_sets(self, ctx: Context, branches: list[Branch]) -> list[Branch]:
+        """The condition sets of the guidance sum, given those before this control: add or replace branches (a
+        second negative, Composer's w * eps(c2) + (1 - w) * eps(c1)). Asked once, when the run is created."""
+        return branches
+
     def inputs(self, ctx: Context, step: Step, branch: Branch, latents: torch.Tensor) -> ModelInputs | None:
         """What this control adds to the model call of `branch` (latents: the scaled model input, n x C x h x w)."""
         return None
+
+    def branch_inputs(self, ctx: Context, step: Step, branches: list[Branch],
+                      latents: torch.Tensor) -> list[ModelInputs | None]:
+        """What this control adds to each of `branches` in one model call. The default asks `inputs` per branch; a
+        control with its own network (a ControlNet) overrides this to run it once, batched, for all of them."""
+        return [self.inputs(ctx, step, b, latents) for b in branches]
 
     def before(self, ctx: Context, step: Step, latents: torch.Tensor, predict: Predict) -> torch.Tensor:
         """Move the latent before the prediction; `predict(latents, branch=None)` is differentiable."""
@@ -400,6 +392,7 @@ def register_control(cls: type[Control]) -> type[Control]:
 def _load_builtin_controls() -> None:
     # each module registers its controls on import
     import mmsynth.sample.attend_excite
+    import mmsynth.sample.attention_replay
     import mmsynth.sample.img2img
     import mmsynth.sample.inpaint
     import mmsynth.sample.inversion

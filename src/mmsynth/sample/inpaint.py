@@ -44,7 +44,7 @@ from mmsynth.sample.controls import (
     register_control,
 )
 from mmsynth.sample.img2img import _as_rgb
-from mmsynth.sample.inversion import encode_mean, image_pixels
+from mmsynth.sample.inversion import image_pixels
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -175,7 +175,7 @@ class BlendedInpaint(Control):
                 raise InputError("mask is all black: nothing to repaint (white = repaint)")
             px = image_pixels(image, ctx.height, ctx.width, "inpaint image").to(ctx.device, ctx.dtype)
             pixels.append(px)
-            sources.append(encode_mean(ctx, px))
+            sources.append(ctx.encode_mean(px))
             m = torch.from_numpy(mask.astype(np.float32))[None, None].to(ctx.device, ctx.dtype)
             latent_masks.append(latent_cells(mask, ctx))
             pastes.append(feathered(m, float(self.feather)))
@@ -184,9 +184,9 @@ class BlendedInpaint(Control):
         self._latent_mask, self._paste = torch.cat(latent_masks), torch.cat(pastes)
         self._channels = None
         c = ctx.latent_shape[1]
-        if int(ctx.unet.config.in_channels) == 2 * c + 1:  # an inpainting UNet: it is told what is kept
+        if int(ctx.network.config.in_channels) == 2 * c + 1:  # an inpainting UNet: it is told what is kept
             mask = torch.cat(repaint)  # 1 x 1 x H x W per source
-            self._channels = inpainting_channels(mask, encode_mean(ctx, torch.cat(pixels) * (1 - mask)))
+            self._channels = inpainting_channels(mask, ctx.encode_mean(torch.cat(pixels) * (1 - mask)))
 
     def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> ModelInputs | None:
         if self._channels is None:

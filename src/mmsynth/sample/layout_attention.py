@@ -10,10 +10,9 @@ cell at the layer's resolution, summing to 1). Only conditional branches are cha
 unconditional one has no phrase. Composed with blended inpainting it is meant to say where the new
 object goes (the mask's box); on the zoo it neither moves objects nor helps inpainting (docs/guidance.md).
 
-The maps reach the control through the UNet call's `cross_attention_kwargs` (one entry per branch,
-so CFG's two branches stay one batch); a forward pre-hook on the UNet takes them out before diffusers
-sees them, and diffusers' classic `AttnProcessor` runs the cross-attention layers meanwhile (its
-`get_attention_scores` wrapped, as the prompt-to-prompt replay does).
+The per-branch strengths reach the control through the UNet call's `cross_attention_kwargs` (one entry per
+branch, so CFG's two branches stay one batch) as per-call data of the run's attention service
+(sample/attention.py), which takes them out before diffusers sees them and runs the mixing as a score tap.
 """
 
 from __future__ import annotations
@@ -27,14 +26,11 @@ import torch.nn.functional as F
 
 from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
+from mmsynth.sample.attention import call_data_key
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, check_batch_length, is_number, register_control
-from mmsynth.sample.inversion import patch_cross_attention_scores
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
-
-LAYOUT_KEY = "mmsynth_layout_attention"  # the cross_attention_kwargs entry the UNet pre-hook takes out
-
 
 def _is_box(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 4 and all(is_number(v) for v in value)
@@ -159,38 +155,17 @@ class LayoutAttention(Control):
                     strength[i, p] = float(self.strength)
                     window[i, p] = torch.maximum(window[i, p], cover)
         self._strength, self._window = strength.to(ctx.device), window.to(ctx.device, ctx.dtype)
-        self._current: dict[str, torch.Tensor] | None = None
-        unet = ctx.unet
-        self._hook = unet.register_forward_pre_hook(self._take_inputs, with_kwargs=True)
-        self._undo = patch_cross_attention_scores(unet, lambda layer, scores: self._scores(scores))
+        self._service = ctx.attention
+        ctx.attention.add_score_tap(self._mix)
 
     def inputs(self, ctx: Context, step: Step, branch: Branch, latents: torch.Tensor) -> ModelInputs | None:
         strength = self._strength if branch.name != "uncond" else torch.zeros_like(self._strength)
-        return ModelInputs(cross_attention_kwargs={LAYOUT_KEY: {"strength": strength, "window": self._window}})
+        return ModelInputs(cross_attention_kwargs={call_data_key(self.name): {"strength": strength,
+                                                                              "window": self._window}})
 
-    def _take_inputs(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        cak = kwargs.get("cross_attention_kwargs")
-        self._current = None
-        if isinstance(cak, dict) and LAYOUT_KEY in cak:
-            cak = dict(cak)
-            self._current = cak.pop(LAYOUT_KEY)
-            kwargs = {**kwargs, "cross_attention_kwargs": cak or None}
-        return args, kwargs
-
-    def _scores(self, scores: Any) -> Any:
-        def wrapped(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-            probs = scores(query, key, attention_mask)
-            cur = self._current
-            if cur is None or not bool(cur["strength"].any()):
-                return probs
-            return mix_attention(probs, cur["strength"], cur["window"])
-
-        return wrapped
-
-    def close(self, ctx: Context) -> None:
-        if getattr(self, "_hook", None) is not None:
-            self._hook.remove()
-            self._hook = None
-        if getattr(self, "_undo", None) is not None:
-            self._undo()
-            self._undo = None
+    def _mix(self, layer: str, probs: torch.Tensor) -> torch.Tensor:
+        """The score tap: this call's maps mixed toward the boxes (the call's strengths ride in its kwargs)."""
+        cur = self._service.call_data.get(self.name)
+        if cur is None or not bool(cur["strength"].any()):
+            return probs
+        return mix_attention(probs, cur["strength"], cur["window"])

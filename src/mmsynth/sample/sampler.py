@@ -21,8 +21,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from mmsynth.errors import InputError
+from mmsynth.models.denoiser import Denoiser, ModelInputs, make_denoiser
 from mmsynth.models.tokenizer import tokenize_padded, warn_if_truncated, warn_unknown_words
-from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, controls_from_dicts, merge_inputs
+from mmsynth.sample.attention import AttentionService
+from mmsynth.sample.controls import Branch, Control, Step, controls_from_dicts, merge_inputs
 from mmsynth.sample.request import GenerationRequest
 from mmsynth.sample.schedulers import make_scheduler
 
@@ -51,6 +53,11 @@ def encode_text(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
     return enc(ids.input_ids.to(bundle.device), attention_mask=mask)[0].to(bundle.dtype)
 
 
+def has_text_encoder(bundle: Any) -> bool:
+    """A model conditioned only on an image embedding (Paint-by-Example) has neither tokenizer nor text encoder."""
+    return getattr(bundle, "text_encoder", None) is not None and getattr(bundle, "tokenizer", None) is not None
+
+
 def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
     """Warn (log) about words the tokenizer cannot read, and about a prompt cut at its length limit; returns the
     unknown words."""
@@ -61,7 +68,20 @@ def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
 
 
 def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch]:
-    """The condition sets of the guidance sum: [uncond (negative prompt), cond(weight=cfg)], or [cond] at cfg 1."""
+    """The condition sets of the guidance sum: [uncond (negative prompt), cond(weight=cfg)], or [cond] at cfg 1.
+
+    Text is encoded only for a model that reads it; without a text encoder the branches carry no context and a
+    control must give one (`ModelInputs.context`), and a prompt is an error rather than silently unread.
+    """
+    if not has_text_encoder(bundle):
+        given = [p for p in (*request.prompts(), *request.negative_prompts()) if p]
+        if given:
+            raise InputError(f"this model has no text encoder, so it cannot read the prompt '{given[0]}'; leave the "
+                             "prompt and negative prompt empty and condition it through a control")
+        if request.cfg == 1.0:
+            return [Branch("cond", 1.0, None)]
+        return [Branch("uncond", 0.0, None), Branch("cond", float(request.cfg), None)]
+
     def encode(prompt: str | list[str]) -> torch.Tensor:
         if isinstance(prompt, list):  # one per image
             return encode_text(bundle, prompt)
@@ -77,7 +97,8 @@ def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch
 # ---------------------------------------------------------------------------------------------- context
 @dataclass
 class Context:
-    """Everything a run shares: the bundle, encoded branches, scheduler, generators and the current latents."""
+    """Everything a run shares: the bundle, its denoiser, encoded branches, scheduler, generators, the current latents
+    and the attention service the loop applies after the controls have prepared."""
 
     bundle: Any
     request: GenerationRequest
@@ -88,18 +109,22 @@ class Context:
     height: int
     width: int
     timesteps: torch.Tensor
+    denoiser: Denoiser
     latents: torch.Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared between controls, per run
-    unet: Any = None  # the UNet this run calls: the bundle's, or one of its extras a control asks for
+    attention: AttentionService = field(init=False)
+    # where each control's extra context tokens sit in the context of the last model call ("text": the prompt's)
+    token_slices: dict[str, slice] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.unet is None:
-            self.unet = pick_unet(self.bundle, self.controls)
+        self.attention = AttentionService(self.denoiser.network)
 
     @classmethod
     def create(cls, bundle: Bundle, request: GenerationRequest, controls: list[Control]) -> Context:
-        f = bundle.vae_scale_factor
-        height, width = request.height or bundle.resolution, request.width or bundle.resolution
+        denoiser = make_denoiser(pick_network(bundle, controls), getattr(bundle, "vae", None),
+                                 bundle.scheduler.config.prediction_type)
+        f = denoiser.scale_factor
+        height, width = request.height or denoiser.resolution, request.width or denoiser.resolution
         for side, value in (("height", height), ("width", width)):
             if value % f:
                 nearest = max(f, round(value / f) * f)
@@ -109,13 +134,19 @@ class Context:
         if request.steps > most:
             raise InputError(f"steps {request.steps} is more than the model's {most} training timesteps; use at most "
                              f"{most}")
-        for text in dict.fromkeys([*request.prompts(), *request.negative_prompts()]):
-            warn_about_prompt(bundle, text)
+        if has_text_encoder(bundle):
+            for text in dict.fromkeys([*request.prompts(), *request.negative_prompts()]):
+                warn_about_prompt(bundle, text)
         scheduler = make_scheduler(request.scheduler, bundle.scheduler)
         scheduler.set_timesteps(request.steps, device=bundle.device)
         gens = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.n)]
-        return cls(bundle, request, controls, scheduler, guidance_branches(bundle, request), gens, height, width,
-                   scheduler.timesteps)
+        branches = guidance_branches(bundle, request)
+        ctx = cls(bundle, request, controls, scheduler, branches, gens, height, width, scheduler.timesteps, denoiser)
+        for c in controls:  # condition sets are data: a control may add or replace branches (Composer's directions)
+            ctx.branches = c.condition_sets(ctx, ctx.branches)
+        if not ctx.branches:
+            raise InputError("the controls left no condition set to sample with")
+        return ctx
 
     # ---- geometry and noise
     @property
@@ -127,9 +158,14 @@ class Context:
         return self.bundle.dtype
 
     @property
+    def network(self) -> torch.nn.Module:
+        """The network this run calls (the module attention taps and hooks go on)."""
+        return self.denoiser.network
+
+    @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        f = self.bundle.vae_scale_factor
-        return (self.request.n, self.bundle.latent_channels, self.height // f, self.width // f)
+        f = self.denoiser.scale_factor
+        return (self.request.n, self.denoiser.latent_channels, self.height // f, self.width // f)
 
     @property
     def prediction_type(self) -> str:
@@ -180,31 +216,46 @@ class Context:
                 controls: list[Control] | None = None) -> torch.Tensor:
         """The guided model output at `latents` (or one branch's raw output), with every active control's inputs.
 
-        Differentiable with respect to `latents` when called under torch.enable_grad() (guidance hooks do).
+        Each control is asked once per call for all the branches it applies to (`Control.branch_inputs`, so a
+        ControlNet runs once per step however many branches there are). Differentiable with respect to `latents`
+        when called under torch.enable_grad() (guidance hooks do).
         """
         controls = self.active(step) if controls is None else controls
         branches = self.branches if branch is None else [b for b in self.branches if b.name == branch]
         if not branches:
             raise ValueError(f"no guidance branch {branch!r}; branches: {[b.name for b in self.branches]}")
         model_in = self.scheduler.scale_model_input(latents, step.t)
-        per_branch = []
-        for b in branches:
-            items = []
-            for c in controls:
-                if c.schedule.applies_to(b.name):
-                    mi = c.inputs(self, step, b, model_in)
-                    if mi is not None:
-                        items.append((mi, c.schedule))
-            per_branch.append(merge_inputs(items))
+        given: list[list[tuple[ModelInputs, Control]]] = [[] for _ in branches]
+        for c in controls:
+            wanted = [i for i, b in enumerate(branches) if c.schedule.applies_to(b.name)]
+            if not wanted:
+                continue
+            for i, mi in zip(wanted, c.branch_inputs(self, step, [branches[i] for i in wanted], model_in)):
+                if mi is not None:
+                    given[i].append((mi, c))
+        per_branch = [merge_inputs([(mi, c.schedule) for mi, c in items]) for items in given]
+        self._note_token_slices(branches, per_branch, given)
         outs = self._run_model(model_in, step.t, branches, per_branch)
         ref, result = outs[0], outs[0]
         for b, out in zip(branches[1:], outs[1:]):
             result = result + b.weight * (out - ref)
         return result
 
+    def _note_token_slices(self, branches: list[Branch], merged: list[ModelInputs],
+                           given: list[list[tuple[ModelInputs, Control]]]) -> None:
+        """Where the text and each control's extra tokens sit in the context (the first branch's layout)."""
+        context = merged[0].context if merged[0].context is not None else branches[0].context
+        offset = 0 if context is None else int(context.shape[1])
+        slices = {"text": slice(0, offset)}
+        for mi, c in given[0]:
+            if mi.extra_context is not None:
+                slices[c.name] = slice(offset, offset + int(mi.extra_context.shape[1]))
+                offset += int(mi.extra_context.shape[1])
+        self.token_slices = slices
+
     def _run_model(self, model_in: torch.Tensor, t: torch.Tensor, branches: list[Branch],
                    inputs: list[ModelInputs]) -> list[torch.Tensor]:
-        """One batched UNet call per group of branches whose inputs can share a batch (usually one call)."""
+        """One batched denoiser call per group of branches whose inputs can share a batch (usually one call)."""
         _zero_fill_residuals(inputs)
         groups: dict[Any, list[int]] = {}
         for i, (b, mi) in enumerate(zip(branches, inputs)):
@@ -212,63 +263,24 @@ class Context:
         outs: list[torch.Tensor | None] = [None] * len(branches)
         for idx in groups.values():
             parts = [(branches[i], inputs[i]) for i in idx]
-            for i, out in zip(idx, self._unet(model_in, t, parts).chunk(len(idx))):
+            self.attention.branches = [b.name for b, _ in parts]
+            x, batched = _batched(model_in, parts)
+            for i, out in zip(idx, self.denoiser(x, t, batched).chunk(len(idx))):
                 outs[i] = out
         return outs  # type: ignore[return-value]
 
-    def _unet(self, model_in: torch.Tensor, t: torch.Tensor, parts: list[tuple[Branch, ModelInputs]]) -> torch.Tensor:
-        k = len(parts)
-        mis = [mi for _, mi in parts]
-        x = torch.cat([model_in] * k) if k > 1 else model_in
-        if mis[0].extra_channels is not None:
-            x = torch.cat([x, torch.cat([mi.extra_channels for mi in mis])], dim=1)
-        contexts = []
-        for b, mi in parts:
-            c = mi.context if mi.context is not None else b.context
-            contexts.append(c if mi.extra_context is None else torch.cat([c, mi.extra_context], dim=1))
-        kwargs: dict[str, Any] = {"encoder_hidden_states": torch.cat(contexts) if k > 1 else contexts[0]}
-        names = {
-            "down_residuals": "down_block_additional_residuals",
-            "mid_residual": "mid_block_additional_residual",
-            "down_intrablock_residuals": "down_intrablock_additional_residuals",
-            "cross_attention_kwargs": "cross_attention_kwargs",
-            "added_cond_kwargs": "added_cond_kwargs",
-            "class_labels": "class_labels",
-            "timestep_cond": "timestep_cond",
-        }
-        for ours, theirs in names.items():
-            values = [getattr(mi, ours) for mi in mis]
-            if values[0] is not None:
-                kwargs[theirs] = _cat_tree(values)
-        if "down_intrablock_additional_residuals" in kwargs:  # the UNet pops from this list: give it its own
-            kwargs["down_intrablock_additional_residuals"] = list(kwargs["down_intrablock_additional_residuals"])
-        expected = int(self.unet.config.in_channels)
-        if x.shape[1] != expected:
-            given = x.shape[1] - model_in.shape[1]
-            hint = (": an inpainting UNet, give a mask (--mask, the inpaint control)"
-                    if expected == 2 * model_in.shape[1] + 1 else "")  # fmt: skip
-            raise InputError(f"the model's UNet takes {expected} input channels; the latents give {model_in.shape[1]}"
-                             f" and the controls {given}{hint}")
-        return self.unet(x, t, return_dict=False, **kwargs)[0]
-
-    # ---- the VAE
+    # ---- the latent space
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Latents of images in [-1, 1] (n x 3 x H x W), sampled with image i's generator (diffusers' img2img)."""
-        vae = self.bundle.vae
-        images = images.to(device=self.device, dtype=vae.dtype)  # the VAE may be kept in another dtype
-        lat = [vae.encode(images[i: i + 1]).latent_dist.sample(generator=self.generators[i])
-               for i in range(images.shape[0])]
-        return (vae.config.scaling_factor * torch.cat(lat)).to(self.dtype)
+        return self.denoiser.encode(images.to(self.device), self.generators).to(self.dtype)
+
+    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of the posterior MEAN (deterministic: inversion and blending must not draw noise)."""
+        return self.denoiser.encode(images.to(device=self.device, dtype=self.dtype))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from latents (the inverse of the VAE's scaling factor, as SD does).
-
-        The VAE may be kept in another dtype than the UNet (a bf16-trained recipe's frozen VAE, SD's
-        fp32 VAE beside an fp16 UNet): latents go in its dtype, images come back in the UNet's.
-        """
-        vae = self.bundle.vae
-        latents = (latents / vae.config.scaling_factor).to(vae.dtype)
-        return vae.decode(latents, return_dict=False)[0].to(self.dtype)
+        """Images in [-1, 1] from latents, in the run's dtype."""
+        return self.denoiser.decode(latents).to(self.dtype)
 
     def renoise(self, latents: torch.Tensor, step: Step, target: Step | None = None) -> torch.Tensor:
         """Take the latent `step` returned (at its next level) back to the level of `target` (default: step itself)
@@ -280,8 +292,8 @@ class Context:
         return z / target.input_scale
 
 
-def pick_unet(bundle: Any, controls: list[Control]) -> Any:
-    """The UNet a run calls: the bundle's own, unless a control asks for one of its extras (an inpainting UNet)."""
+def pick_network(bundle: Any, controls: list[Control]) -> Any:
+    """The network a run calls: the bundle's own, unless a control asks for one of its extras (an inpainting UNet)."""
     wanted = {name for c in controls if (name := c.unet_name(bundle)) is not None}
     if len(wanted) > 1:
         raise InputError(f"controls ask for different UNets ({', '.join(sorted(wanted))}); one run calls one UNet")
@@ -292,6 +304,26 @@ def pick_unet(bundle: Any, controls: list[Control]) -> Any:
     if extras.get(name) is None:
         raise InputError(f"a control asks for the bundle's '{name}' UNet, which this model does not have")
     return extras[name]
+
+
+def _batched(model_in: torch.Tensor, parts: list[tuple[Branch, ModelInputs]]) -> tuple[torch.Tensor, ModelInputs]:
+    """The latents repeated once per branch and the branches' inputs concatenated along the batch, for one call."""
+    k = len(parts)
+    mis = [mi for _, mi in parts]
+    contexts = []
+    for b, mi in parts:
+        c = mi.context if mi.context is not None else b.context
+        if c is not None and mi.extra_context is not None:
+            c = torch.cat([c, mi.extra_context], dim=1)
+        contexts.append(c)
+    batched = ModelInputs(context=None if contexts[0] is None else (torch.cat(contexts) if k > 1 else contexts[0]))
+    for f in dataclasses.fields(ModelInputs):
+        if f.name in ("context", "extra_context"):
+            continue
+        values = [getattr(mi, f.name) for mi in mis]
+        if values[0] is not None:
+            setattr(batched, f.name, _cat_tree(values))
+    return (torch.cat([model_in] * k) if k > 1 else model_in), batched
 
 
 # ---------------------------------------------------------------------------------------------- batching helpers
@@ -430,9 +462,12 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
 
         return sample_best_of(bundle, request, controls, progress=progress, decode=decode)
     ctx = Context.create(bundle, request, controls)
+    prepared: list[Control] = []
     try:
         for c in controls:
+            prepared.append(c)
             c.prepare(ctx)
+        ctx.attention.apply()  # after every control registered its taps and hooks (a nested run may happen there)
         _start(ctx)
         _run_steps(ctx, progress)
         _check_finite(ctx.latents, "latents")
@@ -444,6 +479,7 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
             _check_finite(pixels, "pixels")
             images = to_uint8(pixels)
     finally:
-        for c in controls:
+        ctx.attention.remove()
+        for c in reversed(prepared):  # last in, first out
             c.close(ctx)
     return SampleResult(images, ctx.latents, [request.for_image(i) for i in range(request.n)])

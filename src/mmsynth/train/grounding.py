@@ -16,8 +16,6 @@ one mask and would compete for the same pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import cv2
@@ -28,7 +26,7 @@ from mmsynth.data.captions import parse_caption, token_mentions
 from mmsynth.data.render import SUPERSAMPLE, owner_map
 from mmsynth.data.scene import Scene
 from mmsynth.errors import InputError
-from mmsynth.sample.inversion import patch_cross_attention_scores
+from mmsynth.sample.attention import AttentionRecorder, AttentionService
 
 MASK_SIZE = 64  # masks are rasterised once at this size, then area-pooled to each attention layer's grid
 
@@ -108,32 +106,18 @@ def token_grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, token_gr
     return torch.stack(losses).mean()
 
 
-class CrossAttentionRecorder:
+class CrossAttentionRecorder(AttentionRecorder):
     """Keeps every attn2 layer's attention probabilities (with their graph) inside `with recorder.record() as maps`.
 
-    The UNet's cross-attention runs diffusers' classic `AttnProcessor` (which materialises the
-    probabilities) for as long as the recorder is installed; `remove()` restores the processors.
+    The sampler's recorder on an attention service of its own, applied for as long as training runs (the UNet's
+    cross-attention runs diffusers' classic `AttnProcessor`, which materialises the probabilities); `remove()`
+    restores the processors.
     """
 
     def __init__(self, unet: torch.nn.Module):
-        self.maps: list[torch.Tensor] | None = None  # a list while recording
+        self._service = AttentionService(unet)
+        super().__init__(self._service)
+        self._service.apply()
 
-        def wrap(layer: str, scores: Any) -> Any:
-            def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
-                probs = scores(*args, **kwargs)
-                if self.maps is not None:
-                    self.maps.append(probs)
-                return probs
-
-            return recorded
-
-        self.remove = patch_cross_attention_scores(unet, wrap)
-
-    @contextmanager
-    def record(self) -> Iterator[list[torch.Tensor]]:
-        """The list the UNet calls inside the block fill with their attn2 probabilities, in call order."""
-        self.maps = maps = []
-        try:
-            yield maps
-        finally:
-            self.maps = None
+    def remove(self) -> None:
+        self._service.remove()

@@ -321,7 +321,7 @@ def inpainter(controls_of: Callable[[RunContext, list[Case]], list[Any]]) -> tup
 # ---------------------------------------------------------------- scoring
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """PSNR in dB (over `mask` if given), capped at PSNR_CAP for identical pixels."""
-    from mmsynth.sample.inversion import psnr as exact_psnr
+    from mmsynth.evaluate.fidelity import psnr as exact_psnr
 
     return min(PSNR_CAP, exact_psnr(a, b, mask))
 
