@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmsynth.errors import InputError
-from mmsynth.models.bundle import INPAINTING_UNET, Bundle, load_component, save_components
+from mmsynth.models.bundle import INPAINTING_UNET, Bundle, list_components, load_component, save_components
 from mmsynth.models.components import MANIFEST, Components
 
 
@@ -210,6 +210,22 @@ def test_the_inpainting_unet_goes_through_the_manifest_and_an_unlisted_one_still
     bundle.save_pretrained(bare)
     with pytest.raises(InputError, match=r"no component 'unet_inpainting': train it with `mmsynth train inpaint`"):
         load_component(bare, INPAINTING_UNET)
+
+
+def test_a_component_folder_copied_into_a_bundle_is_listed_by_name(bundle, saved, tmp_path):
+    """How a trained component is shipped into a bundle (scripts/ship_inpainting.py): copy its folder, list it."""
+    target = tmp_path / "b"
+    shutil.copytree(saved, target)
+    shutil.copytree(saved / "unet", target / INPAINTING_UNET)  # an unlisted one, as in models/shapes-v1
+    (target / MANIFEST).unlink()
+    with pytest.raises(InputError, match=r"folder adapter/ is missing"):
+        list_components(target, {"adapter": {"library": "diffusers", "class": "T2IAdapter"}})
+    list_components(target, {"image_encoder_clip": {"library": "transformers",
+                                                    "class": "CLIPVisionModelWithProjection"}})  # fmt: skip
+    listed = json.loads((target / MANIFEST).read_text())["components"]
+    assert listed == {INPAINTING_UNET: {"library": "diffusers", "class": "UNet2DConditionModel"},  # listed now
+                      "image_encoder_clip": {"library": "transformers", "class": "CLIPVisionModelWithProjection"}}
+    assert set(Bundle.from_pretrained(target).extras) == set(listed)
 
 
 def test_components_mapping_treats_none_as_absent_and_loads_on_read():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from mmsynth.models.components import (
     move_module,
     read_manifest,
     save_named,
+    write_manifest,
 )
 
 # Component folder -> (how to obtain it when it is missing)
@@ -221,6 +222,12 @@ def named_components(source: str | os.PathLike) -> dict[str, Entry]:
         return {}
     legacy = {name: entry for name, entry in LEGACY.items() if (local / name).is_dir()}
     return {**legacy, **read_manifest(local, RESERVED)}
+
+
+def list_components(root: str | os.PathLike, entries: Mapping[str, Entry]) -> None:
+    """Add `entries` to the manifest of the bundle directory `root`, for component folders copied in as they are
+    (shipping a trained component into a bundle); an unlisted unet_inpainting/ gets listed too."""
+    write_manifest(root, {**named_components(root), **entries}, RESERVED)
 
 
 def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtype | None = None) -> Any:

@@ -109,7 +109,20 @@ def read_manifest(root: str | os.PathLike, reserved: Collection[str]) -> dict[st
     if not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
         raise InputError(f"{where}: {MANIFEST} has format {version!r}; this mmsynth reads format 1 to "
                          f"{MANIFEST_VERSION} (a newer mmsynth wrote it?)")
-    entries = data["components"]
+    return _checked(root, data["components"], reserved)
+
+
+def write_manifest(root: str | os.PathLike, entries: Mapping[str, Entry], reserved: Collection[str]) -> None:
+    """Write the manifest of the bundle at `root` listing `entries` (the folders must be there; checked first)."""
+    root = Path(root)
+    text = json.dumps({"format": MANIFEST_VERSION, "components": _checked(root, entries, reserved)}, indent=2,
+                      sort_keys=True)  # fmt: skip
+    (root / MANIFEST).write_text(text + "\n", encoding="utf-8")
+
+
+def _checked(root: Path, entries: Mapping[str, Any], reserved: Collection[str]) -> dict[str, Entry]:
+    """`entries` if each has a valid name, a class its library has and its folder under `root`."""
+    where = f"model '{root}'"
     for name, entry in entries.items():
         check_name(name, reserved, where)
         component_class(entry, name, where)
@@ -131,8 +144,7 @@ def save_named(root: str | os.PathLike, components: Mapping[str, Any], reserved:
         else:  # a processor or a scheduler: a config, no weights
             component.save_pretrained(root / name)
     if entries:
-        text = json.dumps({"format": MANIFEST_VERSION, "components": entries}, indent=2, sort_keys=True)
-        (root / MANIFEST).write_text(text + "\n", encoding="utf-8")
+        write_manifest(root, entries, reserved)
 
 
 def load_named(root: str | os.PathLike, name: str, entry: Entry, torch_dtype: torch.dtype | None = None) -> Any:
