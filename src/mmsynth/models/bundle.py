@@ -196,6 +196,7 @@ class Bundle:
         elif not _looks_like_hub_id(source):
             raise InputError(f"model directory '{source}' does not exist ({_HOW})")
         named = named_components(source)
+        components = (components,) if isinstance(components, str) else tuple(components)
         if missing := [name for name in components if name not in named]:
             raise InputError(f"model '{source}' has no component {', '.join(map(repr, missing))}; its components: "
                              f"{', '.join(named) or 'none'}")
