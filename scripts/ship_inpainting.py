@@ -3,10 +3,11 @@
     python scripts/ship_inpainting.py [--run runs/inpaint] [--out models/shapes-v1] [--n 200] [--seed 3]
 
 Steps: copy the run's exported UNet (RUN/final/unet, float16 safetensors) beside a copy of --out's other files in
-a temporary folder; benchmark inpainting there (the edit suite's inpaint cases: blended latents with the
-text-to-image UNet, with resampling, and the inpainting UNet, side by side in one run); write
-unet_inpainting/README.md (config, data, steps, hardware, wall time, the figures and the command); rename the
-folder into place. scripts/ship_zoo.py keeps unet_inpainting/ when it reships the bundle.
+a temporary folder, listed in its component manifest (mmsynth_components.json); benchmark inpainting there (the
+edit suite's inpaint cases: blended latents with the text-to-image UNet, with resampling, and the inpainting UNet,
+side by side in one run); write unet_inpainting/README.md (config, data, steps, hardware, wall time, the figures
+and the command); rename the folder into place. scripts/ship_zoo.py keeps the bundle's components when it
+reships the bundle.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.io import replace_dir
-from mmsynth.models.bundle import INPAINTING_UNET
+from mmsynth.models.bundle import INPAINTING_UNET, list_components
 
 ROWS = "inpaint,inpaint_resample,inpaint_unet"
 COLUMNS = ("inpaint_inside_acc", "inpaint_outside_psnr", "cost_ratio")
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(out, tmp, ignore=shutil.ignore_patterns(INPAINTING_UNET))
     shutil.copytree(unet, tmp / INPAINTING_UNET)
+    list_components(tmp, {INPAINTING_UNET: {"library": "diffusers", "class": "UNet2DConditionModel"}})
     command = (f"mmsynth bench run --suite edit --categories inpaint --n {a.n} --seed {a.seed} --model {out} "
                f"--rows {ROWS}")  # fmt: skip
     json_out = reports / "inpaint.json"

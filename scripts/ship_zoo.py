@@ -28,7 +28,7 @@ import yaml
 from mmsynth.cli.main import main as mmsynth
 from mmsynth.evaluate.components import miss_lines, with_interval
 from mmsynth.io import replace_dir
-from mmsynth.models.bundle import INPAINTING_UNET
+from mmsynth.models.bundle import INPAINTING_UNET, list_components, named_components
 from mmsynth.train.recipes.t2i import BASE_CARD
 
 RECIPES = ("clip", "vae", "t2i", "clip_vision")
@@ -305,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_name(f".{out.name}.shipping")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    kept = out / INPAINTING_UNET
-    if kept.is_dir() and not (tmp / INPAINTING_UNET).exists():  # shipped separately (scripts/ship_inpainting.py)
-        shutil.copytree(kept, tmp / INPAINTING_UNET)
+    # components shipped separately (scripts/ship_inpainting.py) stay, and stay listed
+    kept = {name: entry for name, entry in named_components(out).items() if not (tmp / name).exists()}
+    for name in kept:
+        shutil.copytree(out / name, tmp / name)
+    if kept:
+        list_components(tmp, kept)
     if a.clip:
         shutil.rmtree(tmp / "clip")
         shutil.copytree(Path(a.clip) / "clip", tmp / "clip")

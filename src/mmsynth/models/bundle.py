@@ -1,16 +1,22 @@
-"""A text-to-image model bundle: the five Stable Diffusion components (plus an optional full CLIP).
+"""A text-to-image model bundle: the five Stable Diffusion components, an optional full CLIP, and named components.
 
 A bundle is stored in diffusers' `StableDiffusionPipeline` directory layout (model_index.json,
 tokenizer/, text_encoder/, vae/, unet/, scheduler/, safetensors weights), so what mmsynth trains loads
 with the ecosystem's own `StableDiffusionPipeline.from_pretrained(dir)`, and real SD weights load
-into mmsynth unchanged. The optional full CLIPModel (clip/, not listed in model_index.json, so
-diffusers ignores it) serves exemplar conditions, CLIP score and a feature extractor.
+into mmsynth unchanged. Beside the base, folders that model_index.json does not list (so diffusers ignores
+them): the optional full CLIPModel (clip/), which serves exemplar conditions, CLIP score and a feature
+extractor; and the named components a method adds (an inpainting UNet, ControlNets, adapters, image encoders),
+each in its own folder and listed in mmsynth_components.json (`models.components`), held in `Bundle.extras`
+and loaded on first use. A bundle shipped before the manifest existed has unet_inpainting/ and no manifest:
+that folder is still read as the inpainting UNet.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,17 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.io import atomic_dir
+from mmsynth.models.components import (
+    MANIFEST,
+    Components,
+    Entry,
+    first_line,
+    load_named,
+    move_module,
+    read_manifest,
+    save_named,
+    write_manifest,
+)
 
 # Component folder -> (how to obtain it when it is missing)
 COMPONENTS: dict[str, str] = {
@@ -29,22 +46,18 @@ COMPONENTS: dict[str, str] = {
     "scheduler": "export a bundle with `mmsynth train t2i` (it writes the scheduler config)",
 }
 CLIP_FOLDER = "clip"
-# An optional second UNet taking the latents plus a mask and the masked image's latents (Stable Diffusion
-# inpainting's 9-channel input): `mmsynth train inpaint` makes it; not in model_index.json, so diffusers'
-# StableDiffusionPipeline ignores it (StableDiffusionInpaintPipeline takes it as `unet=`).
+# Names a named component may not take: the base's folders, and the other folders diffusers'
+# StableDiffusionPipeline knows (a folder of that name would mean something else to it).
+RESERVED: frozenset[str] = frozenset({*COMPONENTS, CLIP_FOLDER, "safety_checker", "feature_extractor",
+                                      "image_encoder"})
+# A named component: a second UNet taking the latents plus a mask and the masked image's latents (Stable
+# Diffusion inpainting's 9-channel input), made by `mmsynth train inpaint` (StableDiffusionInpaintPipeline takes
+# it as `unet=`). Bundles shipped before the manifest hold it unlisted: LEGACY says what such a folder is.
 INPAINTING_UNET = "unet_inpainting"
+LEGACY: dict[str, Entry] = {INPAINTING_UNET: {"library": "diffusers", "class": "UNet2DConditionModel"}}
+# how to obtain a named component a bundle lacks, where mmsynth can make it
+_HOW_NAMED = {INPAINTING_UNET: "train it with `mmsynth train inpaint`"}
 _HOW = "or point --model at a complete Stable Diffusion directory or hub id"
-
-
-def move_module(
-    module: torch.nn.Module, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> torch.nn.Module:
-    """`module.to(device)`, and to `dtype` only when it differs: diffusers warns on every dtype cast, even a no-op."""
-    if device is not None:
-        module.to(device)
-    if dtype is not None and next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    return module
 
 
 @dataclass
@@ -57,7 +70,12 @@ class Bundle:
     unet: Any  # diffusers UNet2DConditionModel
     scheduler: Any  # a diffusers scheduler
     clip: Any | None = None  # transformers CLIPModel (optional)
-    extras: dict[str, Any] = field(default_factory=dict)  # method-specific models (e.g. INPAINTING_UNET)
+    # named components by name (e.g. INPAINTING_UNET); a plain dict given here becomes a Components mapping
+    extras: Components = field(default_factory=Components)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.extras, Components):
+            self.extras = Components(self.extras)
 
     # ------------------------------------------------------------ geometry
     @property
@@ -81,9 +99,9 @@ class Bundle:
 
     # ------------------------------------------------------------ device / dtype
     def modules(self) -> dict[str, torch.nn.Module]:
-        """The neural components by name (those present)."""
+        """The neural components by name (those present; named components only once loaded)."""
         named = {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet, "clip": self.clip}
-        named.update({k: v for k, v in self.extras.items() if isinstance(v, torch.nn.Module)})
+        named.update({k: v for k, v in self.extras.loaded().items() if isinstance(v, torch.nn.Module)})
         return {k: v for k, v in named.items() if v is not None}
 
     @property
@@ -95,9 +113,10 @@ class Bundle:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Bundle:
-        """Move every module (in place); returns self for chaining."""
+        """Move every module (in place), and named components when they load; returns self for chaining."""
         for m in self.modules().values():
             move_module(m, device, dtype)
+        self.extras.place(device, dtype)
         return self
 
     def eval(self) -> Bundle:
@@ -130,8 +149,7 @@ class Bundle:
             _portable_tokenizer_class(tmp)
             if modules.clip is not None:
                 save_clip(modules.clip, tmp / CLIP_FOLDER)
-            if modules.extras.get(INPAINTING_UNET) is not None:
-                modules.extras[INPAINTING_UNET].save_pretrained(tmp / INPAINTING_UNET, safe_serialization=True)
+            save_named(tmp, modules.extras, RESERVED)  # (each one loaded, if it was not yet)
         return dest
 
     def _copies_in(self, dtype: torch.dtype) -> Bundle:
@@ -145,18 +163,24 @@ class Bundle:
             unet=conv(self.unet),
             scheduler=self.scheduler,
             clip=conv(self.clip),
-            extras={k: conv(v) if isinstance(v, torch.nn.Module) else v for k, v in self.extras.items()},
+            extras={k: conv(v) if isinstance(v, torch.nn.Module) else v for k, v in self.extras.items()},  # loads all
         )
 
     # ------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | os.PathLike, torch_dtype: torch.dtype | None = None, load_clip: bool = True
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        load_clip: bool = True,
+        components: Collection[str] = (),
     ) -> Bundle:
         """Load a bundle saved by mmsynth or any Stable Diffusion (v1-style) directory / hub id.
 
         Weights are float32 unless `torch_dtype` says otherwise (whatever dtype they were stored in).
-        Raises InputError naming a missing directory, a missing component (and how to obtain it) or
+        Named components are checked now and each loaded when first read from `bundle.extras`, so that a run
+        loads only the networks it uses; those named in `components` are loaded now (a broken one fails before a
+        long run). Raises InputError naming a missing directory, a missing component (and how to obtain it) or
         unreadable weights.
         """
         source = str(path_or_hub_id)
@@ -171,6 +195,11 @@ class Bundle:
                     raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
         elif not _looks_like_hub_id(source):
             raise InputError(f"model directory '{source}' does not exist ({_HOW})")
+        named = named_components(source)
+        components = (components,) if isinstance(components, str) else tuple(components)
+        if missing := [name for name in components if name not in named]:
+            raise InputError(f"model '{source}' has no component {', '.join(map(repr, missing))}; its components: "
+                             f"{', '.join(named) or 'none'}")
 
         tokenizer, text_encoder, vae, unet, scheduler = (
             load_component(source, name, torch_dtype) for name in COMPONENTS
@@ -179,13 +208,32 @@ class Bundle:
         if load_clip and local.exists() and (local / CLIP_FOLDER).is_dir():
             clip = load_component(source, CLIP_FOLDER, torch_dtype)
         bundle = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler, clip=clip)
-        if local.exists() and (local / INPAINTING_UNET).is_dir():
-            bundle.extras[INPAINTING_UNET] = load_component(source, INPAINTING_UNET, torch_dtype)
+        for name, entry in named.items():
+            bundle.extras.add_lazy(name, functools.partial(load_named, source, name, entry, torch_dtype))
+        for name in components:
+            bundle.extras[name]  # (reading it loads it)
         return bundle.eval()
 
 
+def named_components(source: str | os.PathLike) -> dict[str, Entry]:
+    """The named components of the bundle directory `source` ({} for a hub id): those its manifest lists, and
+    an unlisted unet_inpainting/ (a bundle shipped before the manifest). InputError on a bad manifest."""
+    local = Path(source)
+    if not local.is_dir():
+        return {}
+    legacy = {name: entry for name, entry in LEGACY.items() if (local / name).is_dir()}
+    return {**legacy, **read_manifest(local, RESERVED)}
+
+
+def list_components(root: str | os.PathLike, entries: Mapping[str, Entry]) -> None:
+    """Add `entries` to the manifest of the bundle directory `root`, for component folders copied in as they are
+    (shipping a trained component into a bundle); an unlisted unet_inpainting/ gets listed too."""
+    write_manifest(root, {**named_components(root), **entries}, RESERVED)
+
+
 def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtype | None = None) -> Any:
-    """Load one component folder (tokenizer, text_encoder, vae, unet, scheduler or clip) of a bundle directory.
+    """Load one component of a bundle directory by its folder name: tokenizer, text_encoder, vae, unet, scheduler,
+    clip, or a named component (listed in the manifest, or a legacy unet_inpainting/).
 
     Training recipes use it to pick parts out of partial bundles (e.g. a CLIP run's text encoder).
     Raises InputError naming the component and how to obtain it.
@@ -195,12 +243,18 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
 
     source = str(source)
     local = Path(source)
-    how = COMPONENTS.get(name, "train it with `mmsynth train inpaint`" if name == INPAINTING_UNET
-                         else "train it with `mmsynth train clip`")
-    if local.exists() and not (local / name).is_dir():
-        raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
     if not local.exists() and not _looks_like_hub_id(source):
         raise InputError(f"model directory '{source}' does not exist ({_HOW})")
+    if name not in COMPONENTS and name != CLIP_FOLDER:
+        named = named_components(source)
+        if name in named:
+            return load_named(source, name, named[name], torch_dtype)
+        how = f": {_HOW_NAMED[name]}, {_HOW}" if name in _HOW_NAMED else ""
+        raise InputError(f"model '{source}' has no component '{name}'{how}; valid: {', '.join(COMPONENTS)}, "
+                         f"{CLIP_FOLDER}, or one it lists in {MANIFEST} ({', '.join(named) or 'none'})")
+    how = COMPONENTS.get(name, "train it with `mmsynth train clip`")
+    if local.exists() and not (local / name).is_dir():
+        raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
     # float32 unless asked otherwise (diffusers loads straight into it; transformers 5 keeps the stored dtype,
     # "auto", so it is cast below): a bundle saved in float16 to halve its size must still run on a CPU
     target = torch_dtype or torch.float32
@@ -209,21 +263,16 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
         "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
         "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=target),
         "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=target),
-        INPAINTING_UNET: lambda: UNet2DConditionModel.from_pretrained(source, subfolder=INPAINTING_UNET,
-                                                                      torch_dtype=target),
         "scheduler": lambda: _load_scheduler(source),
         CLIP_FOLDER: lambda: CLIPModel.from_pretrained(source, subfolder=CLIP_FOLDER),
     }
-    if name not in loaders:
-        raise InputError(f"unknown bundle component '{name}'; valid: {', '.join(loaders)}")
     try:
         component = loaders[name]()
     except InputError:
         raise
     except Exception as exc:  # corrupt or incompatible files: one clear line, not a traceback
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise InputError(
-            f"model '{source}': cannot load its {name} ({exc.__class__.__name__}: {first}); "
+            f"model '{source}': cannot load its {name} ({first_line(exc)}); "
             f"the files may be corrupt or incomplete: {how}, {_HOW}"
         ) from None
     if isinstance(component, torch.nn.Module) and next(component.parameters()).dtype != target:
@@ -233,12 +282,13 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
 
 def _replaceable(path: str | os.PathLike) -> Path:
     """`path` as a Path, if saving a model there replaces nothing but a model: it must be absent, empty, or hold a
-    model folder (model_index.json or a component folder), so that a mistyped path never wipes a user's folder."""
+    model folder (model_index.json, a component manifest or a component folder), so that a mistyped path never
+    wipes a user's folder."""
     dest = Path(path)
     if dest.exists() and not dest.is_dir():
         raise InputError(f"cannot save a model to '{dest}': it is a file")
     if dest.is_dir() and any(dest.iterdir()):
-        known = {"model_index.json", CLIP_FOLDER, INPAINTING_UNET, *COMPONENTS}
+        known = {"model_index.json", MANIFEST, CLIP_FOLDER, *LEGACY, *COMPONENTS}
         if not any((dest / name).exists() for name in known):
             raise InputError(f"cannot save a model to '{dest}': it is a non-empty folder that holds no model "
                              "(model_index.json or a component folder); choose a new folder")
@@ -248,16 +298,19 @@ def _replaceable(path: str | os.PathLike) -> Path:
 def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, **components: Any) -> Path:
     """Save some components (e.g. tokenizer + text_encoder + clip after CLIP training) as a partial bundle.
 
-    Same folder names and formats as a full bundle, written atomically; `Bundle.from_pretrained` on a
-    partial bundle names what is missing, and `load_component` reads the parts it has.
+    Same folder names and formats as a full bundle, written atomically: base folders and clip by name, any
+    other name as a named component (listed in the manifest); `Bundle.from_pretrained` on a partial bundle
+    names what is missing, and `load_component` reads the parts it has.
     """
     dest = _replaceable(path)
+    if dtype is not None:
+        components = {k: _cast_copy(v, dtype) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
+    base = {*COMPONENTS, CLIP_FOLDER}
     with atomic_dir(dest, whole=True) as tmp:
+        save_named(tmp, {k: v for k, v in components.items() if k not in base}, RESERVED)
         for name, component in components.items():
-            if component is None:
+            if component is None or name not in base:
                 continue
-            if dtype is not None and isinstance(component, torch.nn.Module):
-                component = _cast_copy(component, dtype)
             if name == CLIP_FOLDER:
                 save_clip(component, tmp / name)
             elif isinstance(component, torch.nn.Module):

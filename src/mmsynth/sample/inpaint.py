@@ -134,7 +134,7 @@ class BlendedInpaint(Control):
             raise InputError(f"unet must be one of {', '.join(UNET_CHOICES)}, got {self.unet!r}")
 
     def unet_name(self, bundle: Any) -> str | None:
-        has = getattr(bundle, "extras", {}).get(INPAINTING_UNET) is not None
+        has = INPAINTING_UNET in getattr(bundle, "extras", {})  # (asks without loading it)
         if self.unet == "inpainting" and not has:
             raise InputError(f"unet 'inpainting': this model has no {INPAINTING_UNET}/ (train one with `mmsynth "
                              "train inpaint`), or use unet 'base' (latent blending with the text-to-image UNet)")

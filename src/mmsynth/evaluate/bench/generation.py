@@ -39,7 +39,7 @@ def has_inpainting_unet(bundle: Any) -> bool:
     from mmsynth.models.bundle import INPAINTING_UNET
 
     own = int(bundle.unet.config.in_channels) == 2 * int(bundle.vae.config.latent_channels) + 1
-    return own or getattr(bundle, "extras", {}).get(INPAINTING_UNET) is not None
+    return own or INPAINTING_UNET in getattr(bundle, "extras", {})
 
 
 def register_capability(name: str, check: Callable[[Any], bool]) -> None:

@@ -1,0 +1,246 @@
+"""Named bundle components: the networks a method adds beside the base pipeline, and their manifest.
+
+A ControlNet, a T2I-Adapter, a second UNet (inpainting, GLIGEN), an image encoder: each is saved in its own
+folder of the bundle with its owning library's `save_pretrained`, and listed in `mmsynth_components.json` at
+the bundle root by library and class name, so it loads back by name with that class and nothing else needs to
+know it. diffusers' `StableDiffusionPipeline.from_pretrained` reads only model_index.json, so it ignores both.
+
+The manifest:
+
+    {"format": 1, "components": {"controlnet_depth": {"library": "diffusers", "class": "ControlNetModel"}}}
+
+A bundle holds its components in a `Components` mapping that loads each one on first access (a bundle with five
+ControlNets loads none of them for a plain text-to-image run), then keeps it, on the bundle's device and dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmsynth.errors import InputError
+
+MANIFEST = "mmsynth_components.json"
+MANIFEST_VERSION = 1
+# library name in the manifest -> the module its classes are found in by name (one line per new library)
+LIBRARIES: dict[str, str] = {"diffusers": "diffusers", "transformers": "transformers"}
+# lower case only: two names differing in case would be one folder on a case-insensitive file system
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+NAME_RULE = "1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
+
+Entry = dict[str, str]  # {"library": ..., "class": ...}
+
+
+def move_module(
+    module: torch.nn.Module, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """`module.to(device)`, and to `dtype` only when it differs: diffusers warns on every dtype cast, even a no-op."""
+    if device is not None:
+        module.to(device)
+    if dtype is not None and next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
+def check_name(name: str, reserved: Collection[str], where: str = "a bundle") -> str:
+    """`name` if it can be a component folder of a bundle: a safe folder name, not one of the base's folders."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InputError(f"{where}: component name {name!r} is not valid; use {NAME_RULE}")
+    if name in reserved:
+        raise InputError(f"{where}: component name '{name}' is taken by the base model; reserved: "
+                         f"{', '.join(sorted(reserved))}")
+    return name
+
+
+def entry_for(component: Any, name: str) -> Entry:
+    """The manifest entry of `component`: the library whose top level exports its class under its own name.
+
+    Only such classes can be loaded back by name; anything else is refused before a file is written.
+    """
+    cls = type(component)
+    for library, module in LIBRARIES.items():
+        if cls.__module__.split(".")[0] != module.split(".")[0]:
+            continue
+        if getattr(importlib.import_module(module), cls.__name__, None) is cls and hasattr(cls, "from_pretrained"):
+            return {"library": library, "class": cls.__name__}
+    raise InputError(f"component '{name}' is a {cls.__module__}.{cls.__name__}; a bundle component must be a model "
+                     f"class exported by one of {', '.join(LIBRARIES)} (with save_pretrained/from_pretrained)")
+
+
+def component_class(entry: Any, name: str, where: str) -> type:
+    """The class a manifest entry names, resolved by name in its library; InputError naming what is valid."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("library"), str) or not isinstance(
+            entry.get("class"), str):  # fmt: skip
+        raise InputError(f"{where}: component '{name}' in {MANIFEST} must be "
+                         '{"library": ..., "class": ...}, got ' + json.dumps(entry)[:120])
+    library, cls_name = entry["library"], entry["class"]
+    if library not in LIBRARIES:
+        raise InputError(f"{where}: component '{name}' names library '{library}'; valid: {', '.join(LIBRARIES)}")
+    cls = getattr(importlib.import_module(LIBRARIES[library]), cls_name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise InputError(f"{where}: component '{name}' names class '{cls_name}', which {library} does not have "
+                         f"(this {library} is version {_version(library)}); valid: a model class {library} exports")
+    return cls
+
+
+def read_manifest(root: str | os.PathLike, reserved: Collection[str]) -> dict[str, Entry]:
+    """The components listed in the bundle at `root` ({} when it has no manifest), each checked: a valid name,
+    a class its library has, an existing folder. InputError otherwise, naming the bundle and the component."""
+    root = Path(root)
+    file = root / MANIFEST
+    if not file.is_file():
+        return {}
+    where = f"model '{root}'"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{where}: {MANIFEST} is not readable JSON ({exc.__class__.__name__}: {exc}); "
+                         f"expected {_EXAMPLE}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("components"), dict):
+        raise InputError(f"{where}: {MANIFEST} must be an object {_EXAMPLE}")
+    version = data.get("format")
+    if not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
+        raise InputError(f"{where}: {MANIFEST} has format {version!r}; this mmsynth reads format 1 to "
+                         f"{MANIFEST_VERSION} (a newer mmsynth wrote it?)")
+    return _checked(root, data["components"], reserved)
+
+
+def write_manifest(root: str | os.PathLike, entries: Mapping[str, Entry], reserved: Collection[str]) -> None:
+    """Write the manifest of the bundle at `root` listing `entries` (the folders must be there; checked first)."""
+    root = Path(root)
+    text = json.dumps({"format": MANIFEST_VERSION, "components": _checked(root, entries, reserved)}, indent=2,
+                      sort_keys=True)  # fmt: skip
+    (root / MANIFEST).write_text(text + "\n", encoding="utf-8")
+
+
+def _checked(root: Path, entries: Mapping[str, Any], reserved: Collection[str]) -> dict[str, Entry]:
+    """`entries` if each has a valid name, a class its library has and its folder under `root`."""
+    where = f"model '{root}'"
+    for name, entry in entries.items():
+        check_name(name, reserved, where)
+        component_class(entry, name, where)
+        if not (root / name).is_dir():
+            raise InputError(f"{where}: component '{name}' is listed in {MANIFEST} but its folder {name}/ is "
+                             f"missing; listed: {', '.join(entries)}")
+    return {name: {"library": e["library"], "class": e["class"]} for name, e in entries.items()}
+
+
+def save_named(root: str | os.PathLike, components: Mapping[str, Any], reserved: Collection[str]) -> None:
+    """Save each component in its folder under `root` with its library's `save_pretrained`, and the manifest
+    listing them (none when there are none). Every name and class is checked before anything is written."""
+    root = Path(root)
+    present = {name: c for name, c in components.items() if c is not None}
+    entries = {check_name(name, reserved): entry_for(c, name) for name, c in present.items()}
+    for name, component in present.items():
+        if isinstance(component, torch.nn.Module):
+            component.save_pretrained(root / name, safe_serialization=True)
+        else:  # a processor or a scheduler: a config, no weights
+            component.save_pretrained(root / name)
+    if entries:
+        write_manifest(root, entries, reserved)
+
+
+def load_named(root: str | os.PathLike, name: str, entry: Entry, torch_dtype: torch.dtype | None = None) -> Any:
+    """Load one listed component with the class its entry names; float32 unless `torch_dtype` says otherwise
+    (whatever dtype it was stored in, as for the base). InputError on unreadable files."""
+    where = f"model '{root}'"
+    cls = component_class(entry, name, where)
+    target = torch_dtype or torch.float32
+    # diffusers loads straight into the dtype; transformers 5 keeps the stored one ("auto"), cast below
+    kwargs = {"torch_dtype": target} if entry["library"] == "diffusers" and issubclass(cls, torch.nn.Module) else {}
+    try:
+        component = cls.from_pretrained(str(root), subfolder=name, **kwargs)
+    except Exception as exc:  # corrupt or incompatible files: one clear line, not a traceback
+        raise InputError(f"{where}: cannot load its component '{name}' ({entry['class']} from {entry['library']}: "
+                         f"{first_line(exc)}); the files may be corrupt or incomplete") from None
+    if isinstance(component, torch.nn.Module):
+        component.eval()
+        if next(component.parameters()).dtype != target:
+            component.to(dtype=target)
+    return component
+
+
+class Components(MutableMapping):
+    """A bundle's named components by name; a component listed but not yet needed is loaded on first access.
+
+    `None` means absent (as for a bundle's optional CLIP): it is never stored. Iterating, `in` and `len` load
+    nothing; reading a value (`[name]`, `.get`, `.items()`) loads it. `place` records the device and dtype the
+    bundle was moved to, for those loaded later.
+    """
+
+    def __init__(self, loaded: Mapping[str, Any] | None = None) -> None:
+        self._loaded: dict[str, Any] = {k: v for k, v in (loaded or {}).items() if v is not None}
+        self._pending: dict[str, Callable[[], Any]] = {}
+        self._device: torch.device | str | None = None
+        self._dtype: torch.dtype | None = None
+
+    def add_lazy(self, name: str, load: Callable[[], Any]) -> None:
+        """List `name`, to be made by `load()` when first read."""
+        self._loaded.pop(name, None)
+        self._pending[name] = load
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def loaded(self) -> dict[str, Any]:
+        """The components already in memory (what `Bundle.modules` moves and switches to eval)."""
+        return dict(self._loaded)
+
+    def place(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Where components loaded from now on go (the bundle moves those already loaded)."""
+        self._device = device if device is not None else self._device
+        self._dtype = dtype if dtype is not None else self._dtype
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded and name in self._pending:
+            component = self._pending[name]()
+            if isinstance(component, torch.nn.Module):
+                move_module(component, self._device, self._dtype)
+            self._loaded[name] = component
+            del self._pending[name]
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, component: Any) -> None:
+        self._pending.pop(name, None)
+        if component is None:
+            self._loaded.pop(name, None)
+        else:
+            self._loaded[name] = component
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self._loaded.pop(name, None)
+        self._pending.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._loaded, *self._pending])
+
+    def __len__(self) -> int:
+        return len(self._loaded) + len(self._pending)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._loaded or name in self._pending
+
+    def __repr__(self) -> str:
+        return f"Components(loaded={sorted(self._loaded)}, not loaded={sorted(self._pending)})"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's class and the first line of its message, short enough for a one-line error."""
+    text = str(exc).strip()
+    return f"{exc.__class__.__name__}: {text.splitlines()[0][:200]}" if text else exc.__class__.__name__
+
+
+def _version(library: str) -> str:
+    return str(getattr(importlib.import_module(LIBRARIES[library]), "__version__", "?"))
+
+
+_EXAMPLE = '{"format": 1, "components": {"NAME": {"library": "diffusers", "class": "ControlNetModel"}}}'
