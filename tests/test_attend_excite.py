@@ -2,6 +2,7 @@
 
 import json
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -88,6 +89,22 @@ def test_the_update_raises_the_most_neglected_subjects_attention(bundle):
         control.close(ctx)
 
 
+def test_the_softmax_spans_the_prompt_or_also_the_end_and_padding_tokens(bundle):
+    peaks = {}
+    for tokens in ("prompt", "all"):
+        ctx, control = _context(bundle, control=AttendExcite(softmax_tokens=tokens))
+        try:
+            predict = partial(ctx.predict, step=ctx.make_step(0))
+            _, _, peaks[tokens] = control.measure(ctx.latents, predict)
+            ends = control._ends.tolist()
+        finally:
+            ctx.attention.remove()
+        prompt_end = bundle.tokenizer(PROMPT).input_ids.index(bundle.tokenizer.eos_token_id)
+        assert ends == ([prompt_end] * 2 if tokens == "prompt" else [bundle.tokenizer.model_max_length - 1] * 2)
+    assert bool((peaks["all"] <= peaks["prompt"] + 1e-6).all())  # more tokens share the softmax: lower peaks
+    assert not torch.allclose(peaks["all"], peaks["prompt"])
+
+
 def test_sampling_moves_the_latents_restores_the_unet_and_replays(bundle):
     before = {k: type(v) for k, v in bundle.unet.attn_processors.items()}
     req = GenerationRequest(prompt=PROMPT, n=2, seed=1, steps=4, cfg=3.0)
@@ -121,6 +138,7 @@ def test_per_image_words_give_each_image_as_alone(bundle):
     ({"smoothing": -0.5}, "smoothing must be a number >= 0"),
     ({"resolution": 0}, "resolution must be an integer >= 1"),
     ({"tokens": []}, "tokens must be a non-empty list"),
+    ({"softmax_tokens": "eot"}, "softmax_tokens must be one of prompt, all"),
     ({"tokens": [["circle"], []]}, "tokens must be a non-empty list"),
 ])
 def test_bad_options_raise_input_error(kwargs, message):

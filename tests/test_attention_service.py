@@ -90,3 +90,38 @@ def test_the_service_applies_taps_in_order_and_refuses_late_registration(bundle)
         bundle.unet(x, 10, encoder_hidden_states=context)
     assert seen[:2] == ["a", "b"] and len(seen) == 2 * len(attention_modules(bundle.unet, "attn2"))
     assert _state(bundle.unet) == before
+
+
+@dataclass(kw_only=True)
+class _Maps(Control):
+    """Keeps, per branch, the first step's cross-attention maps as the layers used them (after every other tap)."""
+
+    name: ClassVar[str] = "maps"
+
+    def prepare(self, ctx) -> None:
+        self.maps: dict[str, list[torch.Tensor]] = {}
+        self._service = ctx.attention
+        self._step = None
+        ctx.attention.add_score_tap(self._keep)
+
+    def inputs(self, ctx, step, branch, latents):
+        self._step = step.index
+
+    def _keep(self, layer, probs):
+        if self._step == 0:
+            for name, chunk in self._service.chunks(probs):
+                self.maps.setdefault(name, []).append(chunk.detach().clone())
+        return probs
+
+
+def test_prompt_to_prompt_replaces_the_conditional_maps_only(bundle):
+    request = GenerationRequest(prompt=PROMPT, steps=3, seed=5)
+    plain, source, edit = _Maps(), _Maps(), _Maps()
+    sample(bundle, request, [plain], progress=False)
+    sample(bundle, GenerationRequest(prompt=SOURCE, steps=3, seed=5), [source], progress=False)
+    sample(bundle, request, [SourceCrossAttention(source_prompt=SOURCE, until=0.5), edit], progress=False)
+    for branch, expected in (("uncond", plain), ("cond", source)):
+        assert len(edit.maps[branch]) == len(expected.maps[branch]) > 0
+        for used, want in zip(edit.maps[branch], expected.maps[branch]):
+            torch.testing.assert_close(used, want)
+    assert not torch.allclose(edit.maps["cond"][0], plain.maps["cond"][0])  # the prompts differ: a real swap

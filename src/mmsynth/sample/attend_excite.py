@@ -8,9 +8,10 @@ latent is moved, before the step's prediction, down the gradient of
 
 where A_s is token s's cross-attention map from a conditional-only, differentiable UNet call (`predict` of
 the loop, with every other control's inputs): the maps of every attn2 layer at one resolution averaged over
-layers and heads, the prompt's own tokens (between the start token and the end token) re-normalised by a
-softmax of 100x the probabilities, smoothed by the reference code's 3x3 Gaussian (its `sigma` 0.5 enters as
-exp(-x^2 / (4 sigma^2)), a true Gaussian of std sigma * sqrt(2), which kornia applies). The step is
+layers and heads, the prompt's own tokens (between the start token and the end token; `softmax_tokens="all"` adds
+the end and padding tokens, the reference's SD 1.x setting) re-normalised by a softmax of 100x the
+probabilities, smoothed by the reference code's 3x3 Gaussian (its `sigma` 0.5 enters as exp(-x^2 / (4 sigma^2)),
+a true Gaussian of std sigma * sqrt(2), which kornia applies). The step is
 step_size * sqrt(linspace(1, 0.5, steps)[i]) (the paper's schedule, scale factor 20). At a few steps
 (`refine`: [fraction, threshold] pairs; the paper's steps 0, 10, 20 of 50 with 0.05, 0.5, 0.8) the update is
 repeated, up to `max_refinement` times, until every subject's max attention reaches the threshold.
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
 
 PAPER_REFINE = [[0.0, 0.05], [0.2, 0.5], [0.4, 0.8]]  # (fraction of the steps, threshold): steps 0, 10, 20 of 50
+# the tokens the softmax over tokens spans, as the reference code's two settings: "prompt" = 1 .. end-1, the prompt's
+# own tokens (its `normalize_eot`, used for SD 2.1); "all" = 1 .. T-2, with the end and padding tokens (its default,
+# used for SD 1.x, whose end token takes much of the attention)
+SOFTMAX_TOKENS = ("prompt", "all")
 SOFTMAX_TEMPERATURE = 100.0  # the paper multiplies the probabilities by 100 before the softmax over tokens
 
 
@@ -112,7 +117,8 @@ class AttendExcite(Control):
     finest attention level coarser than the latent and at most 16 cells, the paper's 16x16 on SD's 64x64
     latent, 8x8 on the zoo's 16x16); refine: [fraction of the steps, threshold] pairs (thresholds in (0, 1]);
     max_refinement >= 0: most extra updates at such a step; smoothing >= 0: the reference code's Gaussian sigma
-    (0.5; 0: none).
+    (0.5; 0: none); softmax_tokens: "prompt" (tokens 1 .. end-1, the reference's SD 2.1 setting and the default
+    here) or "all" (tokens 1 .. T-2, with the end and padding tokens: the reference's SD 1.x setting).
     The schedule's end says how much of the schedule is guided (default 0.5)."""
 
     name: ClassVar[str] = "attend-excite"
@@ -125,6 +131,7 @@ class AttendExcite(Control):
     refine: list[list[float]] = field(default_factory=lambda: [list(r) for r in PAPER_REFINE])
     max_refinement: int = 20
     smoothing: float = 0.5
+    softmax_tokens: str = "prompt"
 
     def __post_init__(self) -> None:
         what = "attend-excite"
@@ -135,6 +142,9 @@ class AttendExcite(Control):
                              f"{self.resolution!r}")
         if not is_integer(self.max_refinement) or self.max_refinement < 0:
             raise InputError(f"{what} max_refinement must be an integer >= 0, got {self.max_refinement!r}")
+        if self.softmax_tokens not in SOFTMAX_TOKENS:
+            raise InputError(f"{what} softmax_tokens must be one of {', '.join(SOFTMAX_TOKENS)} (the tokens the "
+                             f"softmax over tokens spans), got {self.softmax_tokens!r}")
         if not is_number(self.smoothing) or self.smoothing < 0:
             raise InputError(f"{what} smoothing must be a number >= 0 (the Gaussian's sigma), got {self.smoothing!r}")
         ok = isinstance(self.refine, list) and all(
@@ -168,7 +178,10 @@ class AttendExcite(Control):
         self._subjects = [subject_positions(tok, p, self.tokens[i] if per_image else self.tokens, "attend-excite")
                           for i, p in enumerate(prompts)]  # fmt: skip
         ids = torch.tensor(tokenize_padded(tok, prompts).input_ids)
-        self._ends = (ids == tok.eos_token_id).int().argmax(-1).to(ctx.device)  # the first end token per image
+        if self.softmax_tokens == "prompt":
+            self._ends = (ids == tok.eos_token_id).int().argmax(-1).to(ctx.device)  # the first end token per image
+        else:  # the reference's [1:-1]: every token but the start token and the last one
+            self._ends = torch.full((len(prompts),), ids.shape[-1] - 1, device=ctx.device)
         h, w = ctx.latent_shape[-2:]
         self._cells = self._attention_cells(ctx, h, w)
         self._recorder = AttentionRecorder(ctx.attention, cells=self._cells[0] * self._cells[1])
@@ -209,7 +222,9 @@ class AttendExcite(Control):
             stacked = torch.stack([m.float().reshape(n, -1, *self._cells, t).mean(1) for m in maps]).mean(0)
             peaks = max_attention(stacked, self._ends, self._subjects, float(self.smoothing))
             loss = excite_loss(peaks)
-            grad = torch.autograd.grad(loss.sum(), z)[0] if bool(loss.gt(0).any()) else torch.zeros_like(z)
+            # no graph when another control fixes the maps (prompt-to-prompt's replayed ones): nothing to excite
+            moves = loss.requires_grad and bool(loss.gt(0).any())
+            grad = torch.autograd.grad(loss.sum(), z)[0] if moves else torch.zeros_like(z)
         return loss.detach(), grad.detach(), peaks.detach()
 
     def before(self, ctx: Context, step: Step, latents: torch.Tensor, predict: Any) -> torch.Tensor:

@@ -9,8 +9,9 @@ through the run's attention service (sample/attention.py), which the loop applie
   untouched), and the edit pass replays them; the maps softmax(q k^T) are then the source's while the values
   (content) come from the edited prompt. This is the "inject self-attention queries and keys" variant of
   Plug-and-Play / MasaCtrl, in every attn1 layer, without Plug-and-Play's residual-feature injection.
-- `SourceCrossAttention` is prompt-to-prompt's word swap: the source run's cross-attention probabilities replace
-  the edit's for the first `until` of the steps.
+- `SourceCrossAttention` is prompt-to-prompt's word swap: the source run's conditional cross-attention
+  probabilities replace the edit's conditional ones for the first `until` of the steps; the unconditional branch
+  keeps its own maps, as in the reference code (which edits the prompts' maps and leaves the null prompt's alone).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
 class _AttentionTap(Control):
     """Internal (not registered): sees attention tensors per (step, layer, part), told the step by `inputs`.
 
-    kind "self": the outputs of every attn1's to_q and to_k (forward hooks on diffusers' projections, the
-    processors untouched); kind "cross": every attn2's attention probabilities (a score tap of the run's
-    attention service).
+    kind "self": the outputs of every attn1's to_q and to_k, all branches of the batch (forward hooks on diffusers'
+    projections, the processors untouched); kind "cross": every attn2's attention probabilities of the conditional
+    branch (a score tap of the run's attention service).
     With `store` None it records (the tensors of the steps before `until`); given a store, it replays:
     each stored tensor replaces the one computed at the same step and layer.
     """
@@ -60,7 +61,15 @@ class _AttentionTap(Control):
                 for proj in ("to_q", "to_k"):
                     ctx.attention.add_forward_hook(getattr(mod, proj), self._hook(name, proj))
             return
-        ctx.attention.add_score_tap(lambda layer, probs: self._tap(layer, "probs", probs))
+        self._service = ctx.attention
+        ctx.attention.add_score_tap(self._cross)
+
+    def _cross(self, layer: str, probs: torch.Tensor) -> torch.Tensor:
+        """Prompt-to-prompt edits the conditional branch's maps only: the unconditional branch keeps its own (it
+        has no source words), so the stored maps are the source's conditional ones, keyed by branch."""
+        parts = [self._tap(layer, f"probs:{name}", chunk) if name == "cond" else chunk
+                 for name, chunk in self._service.chunks(probs)]  # fmt: skip
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _tap(self, layer: str, part: str, x: torch.Tensor) -> torch.Tensor:
         step = self._step
