@@ -119,7 +119,7 @@ class InpaintRecipe(TextToImageRecipe):
         mask = self.masks(batch)
         vae = self.models["vae"]
         with torch.no_grad():
-            masked = (batch["pixel_values"].to(self.device) * (1 - mask)).to(self.device, self.weight_dtype)
+            masked = (batch["pixel_values"].to(self.device) * (1 - mask)).to(self.weight_dtype)
             latents = vae.encode(masked).latent_dist.mode().float() * vae.config.scaling_factor
         return {**super().condition(batch), "channels": inpainting_channels(mask, latents)}
 
