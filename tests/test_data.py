@@ -20,7 +20,7 @@ from mmsynth.data.scene import (
     sample_scene,
     visible_fractions,
 )
-from mmsynth.data.torch_dataset import ShapesDataset, ShapesStream, collate
+from mmsynth.data.torch_dataset import ShapesDataset, collate
 from mmsynth.errors import InputError
 
 
@@ -208,7 +208,10 @@ def test_torch_datasets_are_seeded_and_worker_safe():
     a, b = ds[1], ShapesDataset("train", length=4)[1]
     assert a["caption"] == b["caption"] and (a["pixel_values"] == b["pixel_values"]).all()
     assert a["pixel_values"].shape == (3, 64, 64) and a["pixel_values"].min() >= -1 and a["pixel_values"].max() <= 1
-    dl = DataLoader(ShapesStream("train", start=10), batch_size=4, num_workers=2, collate_fn=collate)
+    assert len(ShapesDataset("train")) == 2**62 and len(ds) == 4  # endless unless sized
+    with pytest.raises(IndexError):
+        ds[4]
+    dl = DataLoader(ShapesDataset("train"), sampler=range(10, 18), batch_size=4, num_workers=2, collate_fn=collate)
     it = iter(dl)
     seen = next(it)["index"] + next(it)["index"]
     assert sorted(seen) == list(range(10, 18))
@@ -231,13 +234,12 @@ def test_image_only_paths_give_the_annotated_pixels_and_captions():
     """`render` and a map-less training example skip the label maps for speed; they must not change a pixel."""
     import torch
 
-    from mmsynth.data.torch_dataset import make_example
 
     for i in range(12):
         s = sample_scene("test", i, 4)
         for res in (32, 64, 96):
             assert np.array_equal(render(s, res), render_scene(s, res).image)
-        fast, full = make_example("train", i, 5, 64, ()), make_example("train", i, 5, 64, ("semantic",))
+        fast, full = ShapesDataset("train", 5, 64)[i], ShapesDataset("train", 5, 64, maps=("semantic",))[i]
         assert torch.equal(fast["pixel_values"], full["pixel_values"])
         assert (fast["caption"], fast["captions"], fast["scene"]) == (full["caption"], full["captions"], full["scene"])
         assert "semantic" not in fast and full["semantic"].shape == (64, 64)

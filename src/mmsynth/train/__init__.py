@@ -6,6 +6,8 @@ Names are imported lazily (PEP 562), so listing recipes does not load the traine
 from mmsynth.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "DenoisingOptions": "mmsynth.train.denoising",
+    "DenoisingRecipe": "mmsynth.train.denoising",
     "RECIPES": "mmsynth.train.recipes",
     "Recipe": "mmsynth.train.recipe",
     "TrainConfig": "mmsynth.train.config",

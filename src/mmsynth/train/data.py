@@ -12,40 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, Sampler
 
+from mmsynth.data.annotations import MAP_NAMES
 from mmsynth.data.export import read_metadata
-from mmsynth.data.torch_dataset import collate, make_example
+from mmsynth.data.torch_dataset import ImageFolderDataset, ShapesDataset, example_of_scene
 from mmsynth.errors import InputError
-from mmsynth.io import load_image
+from mmsynth.train.conditions import WithConditions
+from mmsynth.train.latent_cache import LatentCacheExamples, is_latent_cache
 
-__all__ = [
-    "EpochOrder",
-    "HardNegativePairs",
-    "ImageFolderExamples",
-    "MinedNegatives",
-    "ShapesExamples",
-    "StepBatches",
-    "collate",
-    "training_examples",
-]
-
-
-class ShapesExamples(Dataset):
-    """On-the-fly Shapes: index i is scene i of the split (never repeats), without condition maps."""
-
-    def __init__(self, split: str = "train", seed: int = 0, resolution: int = 64, maps: tuple[str, ...] = ()):
-        from mmsynth.data.scene import sample_scene
-
-        sample_scene(split, 0, seed)  # validate the split now, with a clear message
-        self.split, self.seed, self.resolution, self.maps = split, seed, resolution, maps
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return make_example(self.split, int(index), self.seed, self.resolution, self.maps)
+__all__ = ["HardNegativePairs", "StepBatches", "training_examples"]
 
 
 class HardNegativePairs(Dataset):
@@ -60,7 +36,7 @@ class HardNegativePairs(Dataset):
                  kinds: tuple[str, ...] = ("shape", "colour"), group: int = 2):  # fmt: skip
         if group < 2:
             raise InputError(f"a hard-negative group holds a scene and at least one edit, so group >= 2, got {group}")
-        self.plain = ShapesExamples(split, seed, resolution, maps)
+        self.plain = ShapesDataset(split, seed, resolution, maps)
         self.kinds, self.group = tuple(kinds), group
         self._last: tuple[int, list[Any]] | None = None  # (first index, scenes): a group's members are drawn together
 
@@ -95,8 +71,6 @@ class HardNegativePairs(Dataset):
         return members
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from mmsynth.data.torch_dataset import example_of_scene
-
         p, index = self.plain, int(index)
         scene = self._members(index - index % self.group)[index % self.group]
         if scene is None:
@@ -104,97 +78,28 @@ class HardNegativePairs(Dataset):
         return example_of_scene(scene, index, p.seed, p.resolution, p.maps)
 
 
-class MinedNegatives(Dataset):
-    """`HardNegativePairs` groups, each followed by the scenes a trained CLIP confused with its source (a table
-    from `train.mining.mine_confusions`, for the same split, seed and group): group g of size group + extra is
-    the pairs' group of source `sources[g]` and then that source's first `extra` mined neighbours. Past the
-    table's end the groups repeat."""
-
-    def __init__(self, table: dict[str, Any], resolution: int = 64, kinds: tuple[str, ...] = ("shape", "colour"),
-                 extra: int = 2):  # fmt: skip
-        if not 1 <= extra <= table["neighbours"].shape[1]:
-            raise InputError(f"the mined table holds {table['neighbours'].shape[1]} neighbours per source, so "
-                             f"the extra members per group must be 1..{table['neighbours'].shape[1]}, got {extra}")
-        self.pairs = HardNegativePairs(table["split"], table["seed"], resolution, kinds=kinds, group=table["group"])
-        self.sources, self.neighbours = table["sources"], table["neighbours"]
-        self.size = table["group"] + extra
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from mmsynth.data.scene import sample_scene
-        from mmsynth.data.torch_dataset import example_of_scene
-
-        g, k = divmod(int(index), self.size)
-        row, pairs = g % len(self.sources), self.pairs
-        if k < pairs.group:
-            return pairs[int(self.sources[row]) + k]
-        j = int(self.neighbours[row, k - pairs.group])
-        p = pairs.plain
-        return example_of_scene(sample_scene(p.split, j, p.seed), j, p.seed, p.resolution, p.maps)
-
-
-class EpochOrder:
-    """Global example index -> row of a finite set: epoch e visits all n rows in a permutation seeded by (seed, e)."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed = n, seed
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def __call__(self, index: int) -> int:
-        epoch, i = divmod(int(index), self.n)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return int(self._perm[1][i])
-
-
-class ImageFolderExamples(Dataset):
-    """An imagefolder export read endlessly: epoch e visits the rows in a permutation seeded by (seed, e)."""
-
-    def __init__(self, folder: str | Path, seed: int = 0, resolution: int = 64):
-        self.folder, self.seed, self.resolution = Path(folder), seed, resolution
-        self.rows = read_metadata(folder)
-        for row in self.rows:
-            if not (row.get("caption") or row.get("captions") or row.get("prompt")):
-                raise InputError(f"{self.folder}/metadata.jsonl:{row['_line']}: no caption, captions or prompt")
-        self._order = EpochOrder(len(self.rows), seed)
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[self._order(index)]
-        image = load_image(self.folder / row["file_name"], what="training image")
-        if image.shape[:2] != (self.resolution, self.resolution):
-            raise InputError(
-                f"{self.folder / row['file_name']} is {image.shape[1]}x{image.shape[0]}, "
-                f"the model expects {self.resolution}x{self.resolution}"
-            )
-        caps = row.get("captions") or [row.get("caption") or row.get("prompt")]
-        pick = int(np.random.default_rng([self.seed, int(index), 0xCAB]).integers(len(caps)))
-        return {
-            "pixel_values": torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
-            "caption": caps[pick],
-            "captions": caps,
-            "scene": row.get("scene"),
-            "index": int(index),
-        }
-
-
-def training_examples(data: str, split: str = "train", seed: int = 0, resolution: int = 64) -> Dataset:
-    """`data` is "shapes" (rendered on the fly), an imagefolder directory (the exchange format) or a latent cache."""
-    from mmsynth.train.latent_cache import LatentCacheExamples, is_latent_cache
-
+def training_examples(
+    data: str, split: str = "train", seed: int = 0, resolution: int = 64, conditions: tuple[str, ...] = ()
+) -> Dataset:
+    """`data` is "shapes" (rendered on the fly), an imagefolder directory (the exchange format) or a latent cache;
+    `conditions` are the maps a recipe declares (train/conditions.py): the source gives those it has, the rest are
+    derived from each example's scene or pixels."""
+    examples: Dataset
     if data == "shapes":
-        return ShapesExamples(split, seed, resolution)
-    if not Path(data).is_dir():
+        examples = ShapesDataset(split, seed, resolution, maps=tuple(c for c in conditions if c in MAP_NAMES))
+    elif not Path(data).is_dir():
         raise InputError(
             f"config key 'data' must be 'shapes', an imagefolder directory or a latent cache; '{data}' is none"
         )
-    if is_latent_cache(data):
+    elif is_latent_cache(data):
+        if conditions:
+            raise InputError(f"config key 'data': the latent cache '{data}' keeps no images or scenes, so it cannot "
+                             f"give the condition maps {', '.join(conditions)}: use 'shapes' or an imagefolder export")
         return LatentCacheExamples(data, seed, resolution, split)
-    return ImageFolderExamples(data, seed, resolution)
+    else:
+        columns = ImageFolderDataset.columns(read_metadata(data)[0])
+        examples = ImageFolderDataset(data, seed, resolution, maps=tuple(c for c in conditions if c in columns))
+    return WithConditions(examples, conditions, resolution) if conditions else examples
 
 
 class StepBatches(Sampler[list[int]]):

@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mmsynth.data.torch_dataset import EpochOrder, ShapesDataset, collate
 from mmsynth.errors import InputError
 from mmsynth.io import check_writable, read_jsonl, write_json
 from mmsynth.train.config import MAX_WORKERS
-from mmsynth.train.data import EpochOrder, ShapesExamples, collate
 
 __all__ = ["CACHE_FILE", "LatentCacheExamples", "build_latent_cache", "is_latent_cache", "vae_fingerprint"]
 
@@ -132,7 +132,7 @@ def build_latent_cache(
     out.mkdir(parents=True, exist_ok=True)
     write_json(info, out / CACHE_FILE)
 
-    examples = ShapesExamples(split, seed, resolution)
+    examples = ShapesDataset(split, seed, resolution)
     shards = math.ceil(info["n"] / shard_size)
     todo = [k for k in range(shards) if not (out / f"{_shard_name(k)}.safetensors").is_file()]
     bar = tqdm(total=len(todo) * shard_size, desc="encode latents", unit="scene", disable=not progress)

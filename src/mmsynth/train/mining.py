@@ -6,6 +6,9 @@ word and random in-batch negatives almost never come that close. Mining asks the
 large pool each caption would retrieve wrongly, so each batch holds exactly its current mistakes (hard negative
 mining as in ANCE, Xiong et al. 2021, here once before a stage). A mined scene is never one the caption is true
 of, nor one whose own captions are true of the source, so no neighbour is a false negative.
+
+An experiment: the clip recipe's `mined_negatives` option that read these tables was measured and removed
+(docs/experiments/training-options.md); scripts/mine_clip_negatives.py still writes them.
 """
 
 from __future__ import annotations
@@ -101,13 +104,13 @@ def load_table(path: str | Path) -> dict[str, Any]:
     """A table written by `save_table`, with a clear message for a missing or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"config key 'options.mined_negatives': no file at {path} (write one with "
+        raise InputError(f"mined table: no file at {path} (write one with "
                          "scripts/mine_clip_negatives.py)")  # fmt: skip
     try:
         with np.load(path) as data:
             table = {k: data[k] for k in TABLE_KEYS}
     except (KeyError, ValueError, OSError) as err:
-        raise InputError(f"config key 'options.mined_negatives': {path} is not a mined table "
+        raise InputError(f"{path} is not a mined table "
                          f"(keys {', '.join(TABLE_KEYS)}): {err}") from None  # fmt: skip
     table["split"] = str(table["split"])
     for key in ("seed", "group", "block"):

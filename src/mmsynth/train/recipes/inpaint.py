@@ -16,7 +16,6 @@ bundle's component manifest), where `BlendedInpaint` finds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,9 +23,8 @@ import torch
 
 from mmsynth.data.scene import Scene
 from mmsynth.errors import InputError
-from mmsynth.models.bundle import Bundle
 from mmsynth.sample.inpaint import inpainting_channels
-from mmsynth.train.recipes.t2i import SAVE_DTYPES, TextToImageOptions, TextToImageRecipe
+from mmsynth.train.recipes.t2i import TextToImageOptions, TextToImageRecipe
 from mmsynth.viz import grid, label
 
 SAMPLE_SCENES = 4  # test-split scenes drawn in the progress grid (source | mask | inpainted)
@@ -43,13 +41,8 @@ class InpaintOptions(TextToImageOptions):
         super().validate()
         if not self.base:
             raise InputError("config key 'options.base' must name a text-to-image bundle (e.g. models/shapes-v1)")
-        if self.grounding_weight or self.relation_contrast_weight:
-            raise InputError("config keys 'options.grounding_weight' and 'options.relation_contrast_weight' are for "
-                             "the t2i recipe; inpaint does not use them")
-        if self.train_text_encoder or self.text_encoder:
-            raise InputError("config keys 'options.train_text_encoder' and 'options.text_encoder' are for the t2i "
-                             "recipe: the inpainting UNet shares the bundle's text encoder with its text-to-image "
-                             "UNet, which must not move")
+        if self.grounding_weight:
+            raise InputError("config key 'options.grounding_weight' is for the t2i recipe; inpaint does not use it")
         shares = (self.object_masks, self.full_masks)
         if not all(0 <= s <= 1 for s in shares) or sum(shares) > 1:
             raise InputError("config keys 'options.object_masks' and 'options.full_masks' must be in [0, 1] with a "
@@ -121,26 +114,15 @@ class InpaintRecipe(TextToImageRecipe):
             out.append(training_mask(Scene.from_dict(scene) if scene else None, r, rng, self.options))
         return torch.from_numpy(np.stack(out))[:, None].to(self.device)
 
-    @torch.no_grad()
-    def condition(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The UNet's extra channels: the mask and the latents (posterior mean) of the image with the mask blanked."""
-        vae = self.models["vae"]
-        masked = (pixels * (1 - mask)).to(self.device, self.weight_dtype)
-        latents = vae.encode(masked).latent_dist.mode().float() * vae.config.scaling_factor
-        return inpainting_channels(mask, latents)
-
-    def loss(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        pixels = batch["pixel_values"].to(self.device)
+    def condition(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The text, plus the UNet's extra channels: the mask and the latents (posterior mean) of the image with
+        the mask blanked."""
         mask = self.masks(batch)
-        latents = self.latents(batch)
-        extra = self.condition(pixels, mask)
-        text = self.encode_text(self.drop_captions(list(batch["caption"])))
-        noise = torch.randn_like(latents)
-        timesteps = self.draw_timesteps(latents.shape[0])
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = self.models["unet"](torch.cat([noisy, extra.to(noisy)], dim=1), timesteps,
-                                   encoder_hidden_states=text).sample  # fmt: skip
-        return self.denoising_loss(pred, self.target(latents, noise, timesteps), timesteps), {}
+        vae = self.models["vae"]
+        with torch.no_grad():
+            masked = (batch["pixel_values"].to(self.device) * (1 - mask)).to(self.weight_dtype)
+            latents = vae.encode(masked).latent_dist.mode().float() * vae.config.scaling_factor
+        return {**super().condition(batch), "channels": inpainting_channels(mask, latents)}
 
     @torch.no_grad()
     def sample_grid(self, step: int) -> np.ndarray:
@@ -170,6 +152,3 @@ class InpaintRecipe(TextToImageRecipe):
         b.unet.train(was_training)
         return grid(tiles, cols=3)
 
-    def export(self, out: Path) -> Path:
-        bundle: Bundle = self.bundle()
-        return bundle.save_pretrained(out, dtype=SAVE_DTYPES[self.options.save_dtype])

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmsynth.data.torch_dataset import collate
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import load_component, save_components
 from mmsynth.models.zoo import ZOO_SPECS, build_vae
-from mmsynth.train.data import collate
 from mmsynth.train.recipe import Recipe
 from mmsynth.viz import grid
 

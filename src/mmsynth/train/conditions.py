@@ -1,0 +1,71 @@
+"""Condition maps for training: a recipe declares the maps it needs, the data path supplies them.
+
+A recipe says `conditions = ("canny", "segmentation")` (any kind of `annotate.scene.scene_kinds()`: the exact
+Shapes maps, "segmentation", and every registered annotator). For each example, each declared map comes from
+the first source that has it:
+1. the data itself: a Shapes scene's exact map (`data.annotations.MAP_NAMES`), or an exchange-format folder's
+   `<map>_file_name` column (what `mmsynth data export` writes);
+2. the example's scene spec (`annotate.scene.from_scene`): exact where the spec knows the map ("segmentation"
+   is the semantic map, "layout" draws the spec's boxes), otherwise the annotator on the scene's render;
+3. an annotator applied on the fly to the example's pixels (`annotate.registry`), e.g. canny on any image.
+So a control recipe trains on exact maps where Shapes has them and on the maps users will extract at sampling
+time elsewhere. In a batch a map is a float tensor C x H x W in [0, 1] (uint8 / 255, C = 1 or 3: the layout
+of ControlNet's conditioning image); a vector condition (e.g. "histogram") stays the annotator's float vector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmsynth.annotate.registry import get_annotator
+from mmsynth.annotate.scene import from_scene, scene_kinds
+from mmsynth.data.scene import Scene
+from mmsynth.errors import InputError
+
+
+def check_conditions(names: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """The declared map names, each a kind the data path can supply (InputError lists the valid ones)."""
+    valid = scene_kinds()
+    if unknown := [n for n in names if n not in valid]:
+        raise InputError(f"{where} declares condition map '{unknown[0]}'; valid maps: {', '.join(valid)}")
+    return tuple(names)
+
+
+def as_condition(value: Any) -> torch.Tensor:
+    """A map (uint8 HxW or HxWxC, array or tensor) as float C x H x W in [0, 1]; a float vector as it is."""
+    t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+    if t.dtype != torch.uint8:
+        return t.float()
+    t = t.float() / 255.0
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def pixels_uint8(pixel_values: torch.Tensor) -> np.ndarray:
+    """An example's 3xHxW [-1, 1] pixels back to the HxWx3 uint8 image an annotator takes."""
+    return ((pixel_values.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+class WithConditions(Dataset):
+    """`examples` with every map in `names` added to each example (sources 2 and 3 above for the maps the data
+    lacks), converted by `as_condition`. Runs in the DataLoader's workers, like rendering."""
+
+    def __init__(self, examples: Dataset, names: tuple[str, ...], resolution: int):
+        self.examples, self.names, self.resolution = examples, names, resolution
+
+    def __len__(self) -> int:
+        return len(self.examples)  # type: ignore[arg-type]
+
+    def derive(self, name: str, example: dict[str, Any]) -> np.ndarray:
+        if example.get("scene"):
+            return from_scene(name, Scene.from_dict(example["scene"]), self.resolution)
+        return get_annotator(name)(pixels_uint8(example["pixel_values"]))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        for name in self.names:
+            example[name] = as_condition(example[name] if name in example else self.derive(name, example))
+        return example
