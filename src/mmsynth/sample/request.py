@@ -10,14 +10,31 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmsynth.errors import InputError
 from mmsynth.sample.schedulers import check_scheduler_name
 
+if TYPE_CHECKING:
+    from mmsynth.sample.controls import Control
+
 FORMAT = "mmsynth.request/1"
 MAX_SEED = 2**63 - 1
 MAX_BEST_OF = 64  # candidates per image: each is a full sampling run
+
+# The default of each sampling option, written once: GenerationRequest's fields, the CLI's shared parser
+# (cli/sampling_options.py), the bench's SamplerSettings and the library functions all point here.
+DEFAULT_SCHEDULER = "ddim"
+DEFAULT_STEPS = 25
+DEFAULT_CFG = 5.0  # classifier-free guidance scale (1 = off)
+DEFAULT_SEED = 0
+DEFAULT_ETA = 0.0  # DDIM eta (0 = deterministic)
+DEFAULT_BEST_OF = 1  # 1 = plain sampling
+DEFAULT_STRENGTH = 0.8  # img2img (SDEdit) strength; here so that `--help` can show it without loading torch
+# DDIM inversion and the edits built on it (`mmsynth invert|edit`, sample/inversion.py, the bench's edit suite):
+# more steps than sampling, because the inversion's error shrinks with the step size
+DEFAULT_INVERSION_STEPS = 50
+DEFAULT_INVERSION_CFG = 1.0  # inversion and its reconstruction: plain DDIM (inversion drifts at high CFG)
 
 
 @dataclass(frozen=True)
@@ -57,22 +74,29 @@ class GenerationRequest:
     prompt: str | list[str] = ""
     negative_prompt: str | list[str] = ""
     controls: list[dict[str, Any]] = field(default_factory=list)
-    scheduler: str = "ddim"
-    steps: int = 25
-    cfg: float = 5.0
-    seed: int = 0
+    scheduler: str = DEFAULT_SCHEDULER
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
+    seed: int = DEFAULT_SEED
     n: int = 1
     height: int | None = None
     width: int | None = None
-    eta: float = 0.0
+    eta: float = DEFAULT_ETA
     model: str | None = None
-    best_of: int = 1
+    best_of: int = DEFAULT_BEST_OF
 
     def validate(self, limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
         """Raise InputError naming the first bad field and what is valid; returns self for chaining.
 
         `limits` bound the size and batch (None: no bound, for library callers who sized the request themselves).
         """
+        self.validated_controls(limits)
+        return self
+
+    def validated_controls(self, limits: Limits | None = DEFAULT_LIMITS) -> list[Control]:
+        """`validate`, returning the controls that checking the dicts built (their images decoded once): a caller
+        that samples next passes them to `sample(bundle, request, controls)` with the dicts cleared, instead of
+        letting the sampler build and decode them again."""
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -106,8 +130,7 @@ class GenerationRequest:
             raise InputError(f"controls must be a list of control objects, got {type(self.controls).__name__}")
         from mmsynth.sample.controls import controls_from_dicts
 
-        controls_from_dicts(self.controls)  # names, fields and option ranges
-        return self
+        return controls_from_dicts(self.controls)  # names, fields and option ranges
 
     def for_image(self, i: int) -> GenerationRequest:
         """The request that reproduces image i of this batch on its own (its seed, n = 1)."""
@@ -143,6 +166,13 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "request", limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
+        """The request a JSON object describes, validated (errors start with `where`)."""
+        return cls.load(d, where, limits)[0]
+
+    @classmethod
+    def load(cls, d: Any, where: str = "request",
+             limits: Limits | None = DEFAULT_LIMITS) -> tuple[GenerationRequest, list[Control]]:
+        """`from_dict` and the controls its dicts describe, built once (what a replay samples with)."""
         if not isinstance(d, dict):
             raise InputError(f"{where} must be a JSON object, got {type(d).__name__}")
         d = dict(d)
@@ -153,8 +183,9 @@ class GenerationRequest:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise InputError(f"{where} has unknown field(s) {unknown}; valid: {', '.join(names)}")
+        request = cls(**d)
         try:
-            return cls(**d).validate(limits)
+            return request, request.validated_controls(limits)
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
 

@@ -24,13 +24,15 @@ from mmsynth.evaluate.bench.generation import SAMPLER_SETTINGS, RunContext
 from mmsynth.evaluate.bench.registry import Row, RowScore, Suite, get_suite, suite_names
 from mmsynth.evaluate.bench.results import BenchResult, Panel, RowResult, environment
 from mmsynth.evaluate.scoring import Metric
+from mmsynth.sample.request import MAX_BEST_OF
 
 # setting -> (valid when, what is valid): every setting a row may declare sweepable must be listed here
 SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "cfg": (lambda v: v >= 0, "a number >= 0"),
     "steps": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1"),
     "eta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "best_of": (lambda v: 1 <= v <= 64 and v == int(v), "whole numbers in [1, 64] (candidates ranked by CLIP)"),
+    "best_of": (lambda v: 1 <= v <= MAX_BEST_OF and v == int(v),
+                f"whole numbers in [1, {MAX_BEST_OF}] (candidates ranked by CLIP)"),
     "s0": (lambda v: v >= 0, "a number >= 0 (forward guidance strength)"),
     "k": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (self-recurrence passes)"),
     "m": (lambda v: v >= 0 and v == int(v), "whole numbers >= 0 (backward guidance steps)"),
