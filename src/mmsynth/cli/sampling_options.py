@@ -1,6 +1,7 @@
 """The sampling options of every command that samples (generate, edit, invert, demo, bench run), declared once.
 
-Each option's flag, type (its range: arguments.py) and help are written here, its default in sample/request.py.
+Each option's flag and help are written here, its default and range (RANGES, which its argparse type checks) in
+sample/request.py.
 A command picks the options it takes with `add_sampling_arguments` (and may give another default or help where
 the option means something else to it: edit and invert run 50 DDIM steps) and reads them back with
 `sampling_kwargs`. Options are added with default None so that a command can tell given from not given
@@ -11,11 +12,11 @@ Not a command: no `register`.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mmsynth.cli.arguments import fraction, non_negative_float, positive_int, seed
+from mmsynth.cli.arguments import ranged
 from mmsynth.sample.request import (
     DEFAULT_BEST_OF,
     DEFAULT_CFG,
@@ -23,6 +24,7 @@ from mmsynth.sample.request import (
     DEFAULT_SCHEDULER,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    RANGES,
 )
 
 _DEFAULTS = "sampling_defaults"  # the namespace attribute holding each declared option's default for this command
@@ -30,12 +32,13 @@ _DEFAULTS = "sampling_defaults"  # the namespace attribute holding each declared
 
 @dataclass(frozen=True)
 class SamplingOption:
-    """One option: `help` may name the command's default as {default}; `default` is the request's."""
+    """One option: `help` may name the command's default as {default}; `default` is the request's; `range` the key
+    of its valid values in RANGES (None: a string)."""
 
     flags: tuple[str, ...]
-    type: Callable[[str], Any] | None
     help: str
     default: Any
+    range: str | None = None
     metavar: str | None = None
 
 
@@ -46,27 +49,23 @@ def _scheduler_help() -> str:
 
 
 def _options() -> dict[str, SamplingOption]:
+    size = "a multiple of the model's VAE factor (default: the model's resolution)"
     return {
-        "prompt": SamplingOption(("--prompt",), None, "text prompt (empty: unconditional generation)", ""),
-        "negative_prompt": SamplingOption(("--negative-prompt",), None, "what to steer away from (default: empty)",
-                                          ""),
-        "n": SamplingOption(("-n", "--n"), positive_int, "number of images (default {default})", 1),
-        "seed": SamplingOption(("--seed",), seed, "seed of image 0; image i uses seed + i (default {default})",
-                               DEFAULT_SEED),
-        "steps": SamplingOption(("--steps",), positive_int, "sampling steps (default {default})", DEFAULT_STEPS),
-        "cfg": SamplingOption(("--cfg",), non_negative_float,
-                              "classifier-free guidance scale (default {default}; 1 = off)", DEFAULT_CFG),
-        "scheduler": SamplingOption(("--scheduler",), None, _scheduler_help(), DEFAULT_SCHEDULER),
-        "height": SamplingOption(("--height",), positive_int, "image height, a multiple of the model's VAE factor "
-                                 "(default: the model's resolution)", None),
-        "width": SamplingOption(("--width",), positive_int, "image width, a multiple of the model's VAE factor "
-                                "(default: the model's resolution)", None),
-        "eta": SamplingOption(("--eta",), fraction, "DDIM eta in [0, 1] (default {default}: deterministic)",
-                              DEFAULT_ETA),
-        "best_of": SamplingOption(("--best-of",), positive_int,
-                                  "draw K candidates per image and keep the one the bundle's CLIP finds closest to "
-                                  "the prompt (candidate 0 is the plain image; K times the time; default {default})",
-                                  DEFAULT_BEST_OF, metavar="K"),
+        "prompt": SamplingOption(("--prompt",), "text prompt (empty: unconditional generation)", ""),
+        "negative_prompt": SamplingOption(("--negative-prompt",), "what to steer away from (default: empty)", ""),
+        "n": SamplingOption(("-n", "--n"), "number of images (default {default})", 1, "n"),
+        "seed": SamplingOption(("--seed",), "seed of image 0; image i uses seed + i (default {default})",
+                               DEFAULT_SEED, "seed"),
+        "steps": SamplingOption(("--steps",), "sampling steps (default {default})", DEFAULT_STEPS, "steps"),
+        "cfg": SamplingOption(("--cfg",), "classifier-free guidance scale (default {default}; 1 = off)", DEFAULT_CFG,
+                              "cfg"),
+        "scheduler": SamplingOption(("--scheduler",), _scheduler_help(), DEFAULT_SCHEDULER),
+        "height": SamplingOption(("--height",), f"image height, {size}", None, "side"),
+        "width": SamplingOption(("--width",), f"image width, {size}", None, "side"),
+        "eta": SamplingOption(("--eta",), "DDIM eta in [0, 1] (default {default}: deterministic)", DEFAULT_ETA, "eta"),
+        "best_of": SamplingOption(("--best-of",), "draw K candidates per image and keep the one the bundle's CLIP "
+                                  "finds closest to the prompt (candidate 0 is the plain image; K times the time; "
+                                  "default {default})", DEFAULT_BEST_OF, "best_of", metavar="K"),
     }
 
 
@@ -90,7 +89,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, which: Sequence[str], *,
     for name, default in chosen.items():
         opt = options[name]
         text = (helps or {}).get(name, opt.help).replace("{default}", _shown(default))
-        p.add_argument(*opt.flags, dest=name, type=opt.type, default=None, required=name in required,
+        kind = None if opt.range is None else ranged(RANGES[opt.range])
+        p.add_argument(*opt.flags, dest=name, type=kind, default=None, required=name in required,
                        metavar=opt.metavar, help=text)
     p.set_defaults(**{_DEFAULTS: chosen})
 

@@ -38,6 +38,47 @@ DEFAULT_INVERSION_CFG = 1.0  # inversion and its reconstruction: plain DDIM (inv
 
 
 @dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric request option, written once for the request's validation, the CLI's argument
+    types (cli/arguments.ranged) and the bench's sweeps: lo <= x (<= hi), whole numbers when `integer`."""
+
+    lo: int
+    hi: int | None = None
+    integer: bool = False
+    hint: str = ""  # what the option means, in the request's errors
+    hi_text: str | None = None  # how hi is written in messages (2**63 - 1 reads better than its digits)
+
+    def holds(self, x: Any) -> bool:
+        """x is of the option's kind (an int, not a bool, for whole numbers; a finite number else) and in range."""
+        if not (isinstance(x, int) and not isinstance(x, bool) if self.integer else _real(x)):
+            return False
+        return x >= self.lo and (self.hi is None or x <= self.hi)
+
+    def describe(self, plural: bool = False) -> str:
+        """'an integer >= 1', 'a number in [0, 1]' ('whole numbers >= 1' said of a list of values)."""
+        kind = ("whole numbers" if plural else "an integer") if self.integer else "a number"
+        bound = f">= {self.lo}" if self.hi is None else f"in [{self.lo}, {self.hi_text or self.hi}]"
+        return f"{kind} {bound}"
+
+    def check(self, x: Any, name: str) -> None:
+        if not self.holds(x):
+            raise InputError(f"{name} must be {self.describe()} ({self.hint}), got {x!r}")
+
+
+# The range of each numeric option of a request (image sides: both height and width).
+RANGES: dict[str, Range] = {
+    "steps": Range(1, integer=True, hint="the number of sampling steps, e.g. 25"),
+    "n": Range(1, integer=True, hint="the number of images (batch size)"),
+    "best_of": Range(1, MAX_BEST_OF, integer=True, hint="candidates per image ranked by the bundle's CLIP; 1 = plain "
+                     "sampling"),
+    "seed": Range(0, MAX_SEED, integer=True, hint="a non-negative integer", hi_text="2**63 - 1"),
+    "cfg": Range(0, hint="1 = no guidance, 5-8 typical"),
+    "eta": Range(0, 1, hint="0 = deterministic DDIM"),
+    "side": Range(1, integer=True, hint="image size in pixels, a multiple of the model's VAE factor"),
+}
+
+
+@dataclass(frozen=True)
 class Limits:
     """Upper bounds on what one request may allocate, so that a typo (`--height 100000`) or a hostile request file
     is refused at once instead of allocating until the machine gives out. Each names the option that raises it."""
@@ -105,23 +146,18 @@ class GenerationRequest:
             elif not isinstance(value, str):
                 raise InputError(f"{name} must be a string or a list of n strings, got {type(value).__name__}")
         check_scheduler_name(self.scheduler)
-        _int(self.steps, "steps", lo=1, hint="the number of sampling steps, e.g. 25")
-        _int(self.n, "n", lo=1, hint="the number of images (batch size)")
+        for name in ("steps", "n"):
+            RANGES[name].check(getattr(self, name), name)
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != self.n:
                 raise InputError(f"{name} is a list of {len(value)} prompts but n is {self.n}; give one per image")
-        _int(self.best_of, "best_of", lo=1, hi=MAX_BEST_OF,
-             hint="candidates per image ranked by the bundle's CLIP; 1 = plain sampling")
-        _int(self.seed, "seed", lo=0, hi=MAX_SEED, hint="a non-negative integer")
-        if not _real(self.cfg) or self.cfg < 0:
-            raise InputError(f"cfg must be a number >= 0 (1 = no guidance, 5-8 typical), got {self.cfg!r}")
-        if not _real(self.eta) or not 0 <= self.eta <= 1:
-            raise InputError(f"eta must be a number in [0, 1] (0 = deterministic DDIM), got {self.eta!r}")
+        for name in ("best_of", "seed", "cfg", "eta"):
+            RANGES[name].check(getattr(self, name), name)
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None:
-                _int(value, side, lo=1, hint="image size in pixels, a multiple of the model's VAE factor")
+                RANGES["side"].check(value, side)
         if limits is not None:
             limits.check(self)
         if self.model is not None and not isinstance(self.model, str):
@@ -198,9 +234,3 @@ class GenerationRequest:
 
 def _real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x: Any, name: str, lo: int, hint: str, hi: int | None = None) -> None:
-    if not isinstance(x, int) or isinstance(x, bool) or x < lo or (hi is not None and x > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise InputError(f"{name} must be an integer {bound} ({hint}), got {x!r}")
