@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -128,3 +129,26 @@ def test_generate_builds_each_control_once_and_decodes_each_image_once(model_dir
         a, b = (np.asarray(Image.open(d / "images" / name)) for d in (tmp_path / "out", again))
         assert np.array_equal(a, b)
     assert json.loads((again / "request.json").read_text()) == batch
+
+
+REPLAY = Path(__file__).parent / "data" / "replay"
+REPLAYED = ("img2img", "inpaint_base", "palette_guide", "attend_excite", "layout_attention", "edit_attention")
+
+
+@pytest.mark.parametrize("name", REPLAYED)
+def test_generate_replays_requests_recorded_before_the_change_pixel_exactly(model_dir, tmp_path, name):
+    """The CLI's replay (controls built once from the file, recorded by the sampler) gives the pixels that the
+    library gave when tests/data/replay was recorded, before controls stopped going object -> dict -> object."""
+    from test_replay_pixels import _platform
+
+    out = tmp_path / "out"
+    assert main(["generate", "--replay", str(REPLAY / f"tiny__{name}.json"), "--model", str(model_dir), "--out",
+                 str(out), "--quiet"]) == 0
+    with np.load(REPLAY / "pixels.npz") as recorded:
+        expected = recorded[f"tiny__{name}"]
+    images = np.stack([np.asarray(Image.open(p)) for p in sorted((out / "images").glob("*.png"))])
+    diff = np.abs(images.astype(int) - expected.astype(int)).max()
+    same_platform = (REPLAY / "platform.txt").read_text(encoding="utf-8").strip() == _platform()
+    assert diff == 0 if same_platform else diff <= 1
+    written = json.loads((out / "request.json").read_text())
+    assert written == {**json.loads((REPLAY / f"tiny__{name}.json").read_text()), "model": str(model_dir)}
