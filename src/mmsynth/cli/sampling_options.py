@@ -21,6 +21,7 @@ from mmsynth.sample.request import (
     DEFAULT_BEST_OF,
     DEFAULT_CFG,
     DEFAULT_ETA,
+    DEFAULT_N,
     DEFAULT_SCHEDULER,
     DEFAULT_SEED,
     DEFAULT_STEPS,
@@ -53,7 +54,7 @@ def _options() -> dict[str, SamplingOption]:
     return {
         "prompt": SamplingOption(("--prompt",), "text prompt (empty: unconditional generation)", ""),
         "negative_prompt": SamplingOption(("--negative-prompt",), "what to steer away from (default: empty)", ""),
-        "n": SamplingOption(("-n", "--n"), "number of images (default {default})", 1, "n"),
+        "n": SamplingOption(("-n", "--n"), "number of images (default {default})", DEFAULT_N, "n"),
         "seed": SamplingOption(("--seed",), "seed of image 0; image i uses seed + i (default {default})",
                                DEFAULT_SEED, "seed"),
         "steps": SamplingOption(("--steps",), "sampling steps (default {default})", DEFAULT_STEPS, "steps"),

@@ -28,6 +28,7 @@ DEFAULT_SCHEDULER = "ddim"
 DEFAULT_STEPS = 25
 DEFAULT_CFG = 5.0  # classifier-free guidance scale (1 = off)
 DEFAULT_SEED = 0
+DEFAULT_N = 1  # images per request (`mmsynth generate` draws 4 unless told)
 DEFAULT_ETA = 0.0  # DDIM eta (0 = deterministic)
 DEFAULT_BEST_OF = 1  # 1 = plain sampling
 DEFAULT_STRENGTH = 0.8  # img2img (SDEdit) strength; here so that `--help` can show it without loading torch
@@ -119,7 +120,7 @@ class GenerationRequest:
     steps: int = DEFAULT_STEPS
     cfg: float = DEFAULT_CFG
     seed: int = DEFAULT_SEED
-    n: int = 1
+    n: int = DEFAULT_N
     height: int | None = None
     width: int | None = None
     eta: float = DEFAULT_ETA
