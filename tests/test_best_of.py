@@ -77,7 +77,7 @@ def test_cli_best_of_records_the_pick_and_rejects_bad_k(bundle, tmp_path, capsys
     capsys.readouterr()
     assert main([*argv, "--best-of", "0", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--best-of: must be an integer >= 1" in err and len(err.splitlines()) == 1
+    assert "--best-of: must be an integer in [1, 64]" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from typing import Any
 
 from mmsynth.errors import InputError
-from mmsynth.sample.request import MAX_SEED
+from mmsynth.sample.request import RANGES, Range
 
 
 def _number(value: str, kind: type) -> float | int:
@@ -40,12 +41,20 @@ def non_negative_int(value: str) -> int:
     return int(x)
 
 
-def seed(value: str) -> int:
-    """A generator seed: an integer in [0, 2**63 - 1]."""
-    x = _number(value, int)
-    if not 0 <= x <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {value}")
-    return int(x)
+def ranged(r: Range) -> Callable[[str], int | float]:
+    """The argparse type of a request option whose valid values are `r` (sample/request.RANGES): the command line
+    refuses what the request would, in the same words."""
+
+    def parse(value: str) -> int | float:
+        x = _number(value, int if r.integer else float)
+        if not r.holds(x):
+            raise argparse.ArgumentTypeError(f"must be {r.describe()}, got {value}")
+        return x
+
+    return parse
+
+
+seed = ranged(RANGES["seed"])  # a generator seed: an integer in [0, 2**63 - 1]
 
 
 def finite_float(value: str) -> float:

@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmsynth.cli.arguments import non_negative_float, non_negative_int, positive_int, resolve_device, seed
+from mmsynth.cli.arguments import non_negative_int, positive_int, resolve_device, seed
+from mmsynth.cli.sampling_options import add_sampling_arguments, sampling_kwargs
 from mmsynth.errors import InputError
 from mmsynth.io import check_output_dir, check_output_file
 from mmsynth.models.shipped import DEFAULT_MODEL
 
+SAMPLING_OPTIONS = ("steps", "cfg", "scheduler")  # bench run's --n and --seed choose cases, not images
 USAGE = __doc__.split("\n\n", 1)[1].split("Multi-process")[0].rstrip() if __doc__ else ""
 
 
@@ -58,9 +60,7 @@ def register(sub: Any) -> None:
     r.add_argument("--categories", default=None,
                    help="comma-separated case categories to keep (default: all), e.g. palette; fidelity "
                         "reference cases are always kept")  # fmt: skip
-    r.add_argument("--steps", type=positive_int, default=25, help="sampling steps (default 25)")
-    r.add_argument("--cfg", type=non_negative_float, default=5.0, help="classifier-free guidance scale (default 5)")
-    r.add_argument("--scheduler", default="ddim", help="sampler scheduler (default ddim)")
+    add_sampling_arguments(r, SAMPLING_OPTIONS)
     r.add_argument("--sweep", action="append", default=[], metavar="PARAM=V1,V2",
                    help="extra rows of each row that can vary PARAM, plotted: cfg, steps, eta, best_of (model rows), "
                         "s0, k, m (guidance rows), step_size (attend_excite), strength (img2img, swap), "
@@ -257,7 +257,8 @@ def _run(args: argparse.Namespace) -> int:
     json_out, html_dir = (None, None) if not args.json_out else _check_report(
         args.json_out, args.overwrite, args.html, args.no_html)
     check_extractor(args.extractor, args.weights)
-    GenerationRequest(steps=args.steps, cfg=args.cfg, scheduler=args.scheduler).validate()  # same errors as generate
+    sampling = sampling_kwargs(args)
+    GenerationRequest(**sampling).validate()  # same errors as generate
     sweeps = dict(parse_sweep(s) for s in args.sweep)
     variants = [parse_variant(v) for v in args.variant]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
@@ -282,7 +283,7 @@ def _run(args: argparse.Namespace) -> int:
     ctx = RunContext(
         model=args.model,
         device=dist.device or device,
-        sampler=SamplerSettings(steps=args.steps, cfg=args.cfg, scheduler=args.scheduler),
+        sampler=SamplerSettings(**sampling),
         extractor=args.extractor,
         weights=args.weights,
         progress=not args.quiet,

@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from mmsynth.cli.arguments import non_negative_float, positive_int
+from mmsynth.cli.arguments import positive_int
+from mmsynth.cli.sampling_options import add_sampling_arguments, sampling_kwargs
 from mmsynth.data.scene import Scene
 from mmsynth.io import atomic_dir, check_output_dir, save_image, write_text
 from mmsynth.viz import colorize_labels, grid, label, upscale
 
+SAMPLING_OPTIONS = ("steps", "cfg")
 DEMO_PROMPTS = (
     "a red circle",
     "a large blue square",
@@ -42,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "without it the demo skips its model sections)")
     p.add_argument("--seeds", type=positive_int, default=4,
                    help="images per prompt in the text-to-image section (default 4)")
-    p.add_argument("--steps", type=positive_int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=non_negative_float, default=5.0, help="guidance scale (default 5)")
+    add_sampling_arguments(p, SAMPLING_OPTIONS)
     p.set_defaults(func=run)
 
 
@@ -112,7 +113,7 @@ def _t2i_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
 
     rows, n_pass, n_all = [], 0, 0
     for p_i, prompt in enumerate(DEMO_PROMPTS):
-        req = GenerationRequest(prompt=prompt, n=args.seeds, seed=1000 * p_i, steps=args.steps, cfg=args.cfg)
+        req = GenerationRequest(prompt=prompt, n=args.seeds, seed=1000 * p_i, **sampling_kwargs(args))
         result = sample(bundle, req, progress=False)
         tiles = []
         for img in result.images:
@@ -124,7 +125,7 @@ def _t2i_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
     save_image(grid(rows, cols=1), out / "t2i.png")
     return (
         "## Text to image\n![t2i](t2i.png)\n\n"
-        f"{args.steps} DDIM steps, CFG {args.cfg}: {n_pass}/{n_all} images pass the judge.\n"
+        f"{req.steps} DDIM steps, CFG {req.cfg}: {n_pass}/{n_all} images pass the judge.\n"
     )
 
 
@@ -146,7 +147,8 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
     from mmsynth.evaluate.bench import RunContext, SamplerSettings, generate_shard, get_suite, make_cases
     from mmsynth.evaluate.bench.edit_suite import mask_array, source_image
 
-    ctx = RunContext(bundle_obj=bundle, sampler=SamplerSettings(steps=args.steps, cfg=args.cfg))
+    sampling = sampling_kwargs(args)
+    ctx = RunContext(bundle_obj=bundle, sampler=SamplerSettings(**sampling))
     caps = ctx.capabilities()
     lines = []
     for suite_name, category, columns in GUIDANCE_EDIT_ROWS:
@@ -164,7 +166,7 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
                 elif row_name == "ground_truth":
                     img = case.render()
                 else:  # the demo's step count for every row (the bench runs inversion and edits at 50)
-                    row = dataclasses.replace(suite.rows[row_name], overrides={"steps": args.steps})
+                    row = dataclasses.replace(suite.rows[row_name], overrides={"steps": sampling["steps"]})
                     img = generate_shard(ctx, row, [case])[0][1]
                 tiles.append(label(upscale(img, 2), title, 14))
             lines.append(label(grid(tiles, cols=len(tiles)), case.prompt, 14))
@@ -175,7 +177,7 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
         "## Guidance and editing\n![guidance and editing](guidance_edit.png)\n\n"
         "Universal guidance towards a target palette and boxes (same prompt and seed as the unguided image), "
         "DDIM inversion and reconstruction, prompt-swap editing of a render inverted half way with recolour guidance, "
-        f"and inpainting ({how_inpainted}), all through the one sampler at {args.steps} steps. "
+        f"and inpainting ({how_inpainted}), all through the one sampler at {sampling['steps']} steps. "
         "Measured: `mmsynth bench run --suite "
         "guidance,edit` (docs/bench.md).\n"
     )

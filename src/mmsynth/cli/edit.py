@@ -17,22 +17,15 @@ import argparse
 from typing import Any
 
 from mmsynth.cli import guidance_options
-from mmsynth.cli.arguments import (
-    add_limit_arguments,
-    finite_float,
-    fraction,
-    limits_from_args,
-    non_negative_float,
-    non_negative_int,
-    positive_int,
-    seed,
-)
+from mmsynth.cli.arguments import add_limit_arguments, finite_float, fraction, limits_from_args, non_negative_int
+from mmsynth.cli.sampling_options import add_sampling_arguments, sampling_kwargs
 from mmsynth.models.shipped import DEFAULT_MODEL
+from mmsynth.sample.request import DEFAULT_INVERSION_STEPS
+
+SAMPLING_OPTIONS = ("prompt", "steps", "cfg", "seed", "scheduler")
 
 
 def register(subparsers: Any) -> None:
-    from mmsynth.sample.schedulers import scheduler_names
-
     p = subparsers.add_parser(
         "edit",
         help="edit an image by changing its caption (DDIM inversion + prompt swap)",
@@ -41,12 +34,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("image", help="the image to edit")
     p.add_argument("--source-prompt", required=True, help="the image's caption, e.g. 'a red circle'")
-    p.add_argument("--prompt", required=True, help="the edited caption, e.g. 'a blue circle'")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of inversion and generation (default 50)")
-    p.add_argument("--cfg", type=non_negative_float, default=5.0, help="guidance scale of the edit (default 5)")
-    p.add_argument("--seed", type=seed, default=0, help="seed (used by stochastic schedulers and inpainting noise)")
-    p.add_argument("--scheduler", default="ddim", help=f"generation scheduler: {', '.join(scheduler_names())}")
+    add_sampling_arguments(p, SAMPLING_OPTIONS, required=("prompt",), defaults={"steps": DEFAULT_INVERSION_STEPS},
+                           helps={"prompt": "the edited caption, e.g. 'a blue circle'",
+                                  "steps": "DDIM steps of inversion and generation (default {default})",
+                                  "cfg": "guidance scale of the edit (default {default}; 1 = off)",
+                                  "seed": "seed of stochastic schedulers and inpainting noise (default {default})"})
     p.add_argument("--keep-attention", type=fraction, default=0.0,
                    help="keep the source's self-attention for this fraction of the steps (0 = off, e.g. 0.5)")
     p.add_argument("--cross-attention", type=fraction, default=0.0,
@@ -76,24 +69,22 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmsynth.cli.generate import write_outputs
+    from mmsynth.cli.generate import recorded, sample_built, write_outputs
     from mmsynth.cli.invert import load_bundle
     from mmsynth.io import check_output_dir, load_image
-    from mmsynth.sample import sample
     from mmsynth.sample.edit import edit_request
 
     out = check_output_dir(args.out, overwrite=args.overwrite)
     image = load_image(args.image, "IMAGE")
-    request = edit_request(image, args.source_prompt, args.prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                           scheduler=args.scheduler, keep_attention=args.keep_attention,
+    request = edit_request(image, args.source_prompt, **sampling_kwargs(args), keep_attention=args.keep_attention,
                            cross_attention=args.cross_attention,
                            negative_prompt_inversion=not args.no_negative_prompt_inversion,
                            model=args.model or DEFAULT_MODEL, strength=args.strength, null_text=args.null_text,
                            recolour=args.recolour)
-    request.controls += guidance_options.controls_from_args(args, image)
-    request.validate(limits_from_args(args))
+    controls = request.validated_controls(limits_from_args(args)) + guidance_options.controls_from_args(args, image)
+    request.controls = []  # recorded by the sampler, with the guidance controls
     bundle = load_bundle(args.model, args.device)
-    result = sample(bundle, request, progress=not args.quiet)
-    write_outputs(out, result, request, args.overwrite)
+    result = sample_built(bundle, request, controls, progress=not args.quiet)
+    write_outputs(out, result, recorded(request, result), args.overwrite)
     print(f"wrote the edit ('{args.source_prompt}' -> '{args.prompt}') to {out}")
     return 0

@@ -13,60 +13,44 @@ The folder is built beside OUT and renamed into place, so a failed run leaves no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmsynth.cli import guidance_options
-from mmsynth.cli.arguments import (
-    add_limit_arguments,
-    finite_float,
-    fraction,
-    limits_from_args,
-    non_negative_float,
-    positive_int,
-    resolve_device,
-    seed,
-)
+from mmsynth.cli.arguments import add_limit_arguments, finite_float, limits_from_args, resolve_device
+from mmsynth.cli.sampling_options import add_sampling_arguments, given_flags, sampling_kwargs
 from mmsynth.errors import InputError
 from mmsynth.io import atomic_dir, check_output_dir, read_json_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
+from mmsynth.sample.request import DEFAULT_STRENGTH
 from mmsynth.viz import grid
 
-# Options that describe the generation itself; --replay takes all of them from the file.
-_REQUEST_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "scheduler", "height", "width", "eta",
-                    "best_of", "init_image", "strength", *guidance_options.OPTION_NAMES)
+if TYPE_CHECKING:
+    from mmsynth.models import Bundle
+    from mmsynth.sample import Control, GenerationRequest, SampleResult
+
+SAMPLING_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "scheduler", "height", "width", "eta",
+                    "best_of")
+IMAGES = 4  # images per call when -n is not given
+# Options that describe the generation itself besides the sampling options; --replay takes all of them from the file.
+_REQUEST_OPTIONS = ("init_image", "strength", *guidance_options.OPTION_NAMES)
 
 
 def register(subparsers: Any) -> None:
-    from mmsynth.sample.schedulers import scheduler_names
-
     p = subparsers.add_parser(
         "generate",
         help="generate images from a prompt (and controls) with a model bundle",
         description="Generate images with the one sampler; writes PNGs, a grid, a replayable request per image "
         "and metadata.jsonl (scored by `mmsynth judge OUT`).",
     )
-    p.add_argument("--prompt", default=None, help="text prompt (empty: unconditional generation)")
-    p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
-    p.add_argument("-n", "--n", type=positive_int, default=None, help="number of images (default 4)")
-    p.add_argument("--seed", type=seed, default=None, help="seed of image 0; image i uses seed + i (default 0)")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=non_negative_float, default=None,
-                   help="classifier-free guidance scale (default 5; 1 = off)")
-    p.add_argument("--scheduler", default=None, help=f"one of {', '.join(scheduler_names())} (default ddim)")
-    p.add_argument("--height", type=positive_int, default=None,
-                   help="image height, a multiple of the model's VAE factor (default: the model's resolution)")
-    p.add_argument("--width", type=positive_int, default=None,
-                   help="image width, a multiple of the model's VAE factor (default: the model's resolution)")
-    p.add_argument("--eta", type=fraction, default=None, help="DDIM eta in [0, 1] (default 0: deterministic)")
-    p.add_argument("--best-of", type=positive_int, default=None, metavar="K",
-                   help="draw K candidates per image and keep the one the bundle's CLIP finds closest to the prompt "
-                   "(candidate 0 is the plain image; K times the time; default 1)")
+    add_sampling_arguments(p, SAMPLING_OPTIONS, defaults={"n": IMAGES})
     p.add_argument("--init-image", default=None, help="image-to-image (SDEdit): start from this image")
-    p.add_argument("--strength", type=finite_float, default=None, help="img2img strength in (0, 1] (default 0.8)")
+    p.add_argument("--strength", type=finite_float, default=None,
+                   help=f"img2img strength in (0, 1] (default {DEFAULT_STRENGTH:g})")
     guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
     p.add_argument("--replay", default=None, help="a request.json written by a previous run: regenerate it exactly")
     p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL}, the shipped zoo)")
@@ -80,48 +64,55 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def build_request(args: argparse.Namespace) -> Any:
-    """The GenerationRequest the arguments describe (from --replay, or from the options)."""
+def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[Control]]:
+    """The GenerationRequest the arguments describe and its controls, each built once (images decoded once).
+
+    From --replay the request keeps the file's control dicts (they are the batch's record); from the options its
+    `controls` stay empty: the sampler records the built controls (`sample_built`).
+    """
     from mmsynth.sample import GenerationRequest, Img2Img
 
     if args.replay:
-        given = [f"--{o.replace('_', '-')}" for o in _REQUEST_OPTIONS if getattr(args, o) is not None]
+        given = given_flags(args) + [f"--{o.replace('_', '-')}" for o in _REQUEST_OPTIONS
+                                     if getattr(args, o) is not None]
         if given:
             given_text = ", ".join(given)
             raise InputError(f"--replay takes the whole request from its file; do not combine it with {given_text}")
         data = read_json_file(args.replay, "--replay")
-        request = GenerationRequest.from_dict(data, where=f"--replay '{args.replay}'", limits=limits_from_args(args))
+        request, controls = GenerationRequest.load(data, where=f"--replay '{args.replay}'",
+                                                   limits=limits_from_args(args))
         if args.model is not None:
             request.model = args.model
-        return request
+        return request, controls
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image (it is the image-to-image strength)")
-    controls = []
+    controls: list[Control] = []
     image = None
     if args.init_image is not None:
         from mmsynth.io import load_image
 
         image = load_image(args.init_image, "--init-image")
-        strength = 0.8 if args.strength is None else args.strength
         if args.mask is None or args.strength is not None:  # with --mask the image is the inpainting source
-            controls.append(Img2Img(image=image, strength=strength).to_dict())
+            strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+            controls.append(Img2Img(image=image, strength=strength))
     controls += guidance_options.controls_from_args(args, image)
-    request = GenerationRequest(
-        prompt=args.prompt or "",
-        negative_prompt=args.negative_prompt or "",
-        controls=controls,
-        scheduler=args.scheduler or "ddim",
-        steps=25 if args.steps is None else args.steps,
-        cfg=5.0 if args.cfg is None else args.cfg,
-        seed=0 if args.seed is None else args.seed,
-        n=4 if args.n is None else args.n,
-        height=args.height,
-        width=args.width,
-        eta=0.0 if args.eta is None else args.eta,
-        best_of=1 if args.best_of is None else args.best_of,
-        model=args.model or DEFAULT_MODEL,
-    )
-    return request.validate(limits_from_args(args))
+    request = GenerationRequest(**sampling_kwargs(args), model=args.model or DEFAULT_MODEL)
+    request.validate(limits_from_args(args))
+    return request, controls
+
+
+def sample_built(bundle: Bundle, request: GenerationRequest, controls: list[Control], progress: bool) -> SampleResult:
+    """Sample with controls built once: the request's control dicts are left out, so that the sampler neither builds
+    nor decodes them again; it records the controls (one `to_dict` each) in the requests it returns."""
+    from mmsynth.sample import sample
+
+    return sample(bundle, dataclasses.replace(request, controls=[]), controls, progress=progress)
+
+
+def recorded(request: GenerationRequest, result: SampleResult) -> GenerationRequest:
+    """The whole batch's replayable request: a replayed file's own control dicts, else those the sampler recorded
+    for image 0 (the CLI gives no control a per-image list, so image 0's control dicts are every image's)."""
+    return request if request.controls else dataclasses.replace(request, controls=result.requests[0].controls)
 
 
 def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None:
@@ -158,15 +149,14 @@ def run_eval(out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmsynth.models import Bundle
-    from mmsynth.sample import sample
 
     out = check_output_dir(args.out, overwrite=args.overwrite)
-    request = build_request(args)
+    request, controls = build_request(args)
     model_dir = resolve_model(request.model or DEFAULT_MODEL)
     device = resolve_device(args.device)
     bundle = Bundle.from_pretrained(model_dir).to(device)
-    result = sample(bundle, request, progress=not args.quiet)
-    write_outputs(out, result, request, args.overwrite)
+    result = sample_built(bundle, request, controls, progress=not args.quiet)
+    write_outputs(out, result, recorded(request, result), args.overwrite)
     print(f"wrote {len(result.images)} image(s), grid.png, requests and metadata.jsonl to {out}")
     if args.eval:
         run_eval(out)

@@ -1,20 +1,24 @@
 """Options that `mmsynth generate` (and `mmsynth edit`) share for inpainting, universal guidance, Attend-and-Excite
 and x_T latents.
 
-Not a command: generate.py adds these arguments with `add_arguments` and turns them into control dicts
-with `controls_from_args`, so a guided, masked or inverted-latent generation is one replayable request.
+Not a command: generate.py adds these arguments with `add_arguments` and turns them into controls with
+`controls_from_args` (built once; the sampler records them), so a guided, masked or inverted-latent generation is
+one replayable request.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmsynth.cli.arguments import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from mmsynth.errors import InputError
 from mmsynth.io import parse_json
+
+if TYPE_CHECKING:
+    from mmsynth.sample.controls import Control
 
 # argparse destinations these options fill (generate's --replay refuses them, like the other request options)
 INPAINT_OPTIONS = ("mask", "feather", "resample", "resample_until", "jump_length", "unet")
@@ -69,8 +73,8 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
                    help="Attend-and-Excite until this fraction of the steps, in (0, 1] (default 0.5)")
 
 
-def guide_control(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The universal-guidance control dict the options describe (None without --guide)."""
+def guide_control(args: argparse.Namespace) -> Control | None:
+    """The universal-guidance control the options describe (None without --guide)."""
     from mmsynth.io import load_image
     from mmsynth.sample.controls import Schedule
     from mmsynth.sample.universal import UniversalGuidance
@@ -95,13 +99,12 @@ def guide_control(args: argparse.Namespace) -> dict[str, Any] | None:
     options = {"s0": args.s0, "k": args.k, "m": args.m, "lr": args.guide_lr}
     schedule = Schedule(start=0.0 if args.guide_start is None else args.guide_start,
                         end=1.0 if args.guide_end is None else args.guide_end)
-    control = UniversalGuidance(guide=args.guide, params=params, schedule=schedule,
-                                **{k: v for k, v in options.items() if v is not None})
-    return control.to_dict()
+    return UniversalGuidance(guide=args.guide, params=params, schedule=schedule,
+                             **{k: v for k, v in options.items() if v is not None})
 
 
-def excite_control(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The Attend-and-Excite control dict the options describe (None without --excite)."""
+def excite_control(args: argparse.Namespace) -> Control | None:
+    """The Attend-and-Excite control the options describe (None without --excite)."""
     from mmsynth.sample.attend_excite import AttendExcite
     from mmsynth.sample.controls import Schedule
 
@@ -118,20 +121,21 @@ def excite_control(args: argparse.Namespace) -> dict[str, Any] | None:
     if not 0 < end <= 1:
         raise InputError(f"--excite-end must be in (0, 1] (a fraction of the steps), got {end}")
     kwargs = {} if args.excite_step is None else {"step_size": args.excite_step}
-    return AttendExcite(tokens=tokens, schedule=Schedule(end=end), **kwargs).to_dict()
+    return AttendExcite(tokens=tokens, schedule=Schedule(end=end), **kwargs)
 
 
-def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) -> list[dict[str, Any]]:
-    """Control dicts for --latents, --mask (with the init image as the source), --guide and --excite."""
+def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) -> list[Control]:
+    """The controls for --latents, --mask (with the init image as the source), --guide and --excite, each built
+    once from the arrays loaded here (no dict round trip: the sampler records them)."""
     from mmsynth.io import load_image
     from mmsynth.sample.inpaint import BlendedInpaint
     from mmsynth.sample.inversion import InitialLatents
     from mmsynth.sample.latents_file import load_latents
 
-    controls: list[dict[str, Any]] = []
+    controls: list[Control] = []
     if getattr(args, "latents", None) is not None:
         x, _ = load_latents(args.latents)
-        controls.append(InitialLatents(latents=x.numpy()).to_dict())
+        controls.append(InitialLatents(latents=x.numpy()))
     given = [o for o in INPAINT_OPTIONS[1:] if getattr(args, o, None) is not None]
     if given and args.mask is None:
         raise InputError(f"--{given[0].replace('_', '-')} needs --mask (it is an inpainting option)")
@@ -140,7 +144,7 @@ def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) 
             raise InputError("--mask needs --init-image: the image whose masked (white) region is repainted")
         mask = load_image(args.mask, "--mask")
         kwargs = {o: getattr(args, o) for o in INPAINT_OPTIONS[1:] if getattr(args, o, None) is not None}
-        controls.append(BlendedInpaint(image=init_image, mask=mask, **kwargs).to_dict())
+        controls.append(BlendedInpaint(image=init_image, mask=mask, **kwargs))
     for control in (guide_control(args), excite_control(args)):
         if control is not None:
             controls.append(control)

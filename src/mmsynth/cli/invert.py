@@ -11,16 +11,14 @@ import argparse
 import contextlib
 from typing import Any
 
-from mmsynth.cli.arguments import (
-    add_limit_arguments,
-    limits_from_args,
-    non_negative_float,
-    positive_int,
-    resolve_device,
-)
+from mmsynth.cli.arguments import add_limit_arguments, limits_from_args, non_negative_float, resolve_device
+from mmsynth.cli.sampling_options import add_sampling_arguments, sampling_kwargs
 from mmsynth.errors import InputError
 from mmsynth.io import check_output_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
+from mmsynth.sample.request import DEFAULT_INVERSION_CFG, DEFAULT_INVERSION_STEPS, DEFAULT_SCHEDULER
+
+SAMPLING_OPTIONS = ("prompt", "negative_prompt", "steps", "cfg")
 
 
 def register(subparsers: Any) -> None:
@@ -33,19 +31,19 @@ def register(subparsers: Any) -> None:
         "file with the latents and the replayable inversion request.",
     )
     p.add_argument("image", help="the image to invert; its size must be a multiple of the model's VAE factor")
-    p.add_argument("--prompt", required=True, help="the image's caption (the condition of the inversion)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt (used only with --cfg > 1)")
     p.add_argument("--out", required=True, help="output x_T file (.safetensors)")
-    p.add_argument("--steps", type=positive_int, default=50,
-                   help="DDIM steps (default 50; reconstruct with the same number)")
-    p.add_argument("--cfg", type=non_negative_float, default=1.0,
-                   help="guidance scale of the inversion (default 1: plain DDIM)")
+    add_sampling_arguments(p, SAMPLING_OPTIONS, required=("prompt",),
+                           defaults={"steps": DEFAULT_INVERSION_STEPS, "cfg": DEFAULT_INVERSION_CFG},
+                           helps={"prompt": "the image's caption (the condition of the inversion)",
+                                  "negative_prompt": "negative prompt (used only with --cfg > 1; default: empty)",
+                                  "steps": "DDIM steps (default {default}; reconstruct with the same number)",
+                                  "cfg": "guidance scale of the inversion (default {default}: plain DDIM)"})
     p.add_argument("--reconstruct", default=None, help="also write the reconstruction from x_T to this PNG and print "
                    "its PSNR against the input")
     p.add_argument("--reconstruct-cfg", type=non_negative_float, default=None,
-                   help="with --reconstruct: guidance scale of the reconstruction (default 1)")
+                   help=f"with --reconstruct: guidance scale of the reconstruction (default {DEFAULT_INVERSION_CFG:g})")
     p.add_argument("--reconstruct-scheduler", default=None,
-                   help=f"with --reconstruct: one of {', '.join(scheduler_names())} (default ddim)")
+                   help=f"with --reconstruct: one of {', '.join(scheduler_names())} (default {DEFAULT_SCHEDULER})")
     p.add_argument("--negative-prompt-inversion", action="store_true",
                    help="with --reconstruct: reconstruct with the prompt as the negative prompt (keeps CFG > 1 "
                    "faithful)")
@@ -84,18 +82,18 @@ def run(args: argparse.Namespace) -> int:
         rec_out = check_output_file(args.reconstruct, "--reconstruct", suffixes=(".png",), overwrite=args.overwrite)
         if rec_out.absolute() == out.absolute():
             raise InputError("--reconstruct must be another file than --out")
-        check_scheduler_name(args.reconstruct_scheduler or "ddim", "--reconstruct-scheduler")
+        check_scheduler_name(args.reconstruct_scheduler or DEFAULT_SCHEDULER, "--reconstruct-scheduler")
     image = load_image(args.image, "IMAGE")
     limits_from_args(args).check_size(*image.shape[:2], what=f"IMAGE '{args.image}': ")
     bundle = load_bundle(args.model, args.device)
-    result = invert(bundle, image, args.prompt, steps=args.steps, cfg=args.cfg, negative_prompt=args.negative_prompt,
-                    progress=not args.quiet)
+    sampling = sampling_kwargs(args)
+    result = invert(bundle, image, **sampling, progress=not args.quiet)
     result.request.model = args.model or DEFAULT_MODEL
     rec = None
     if args.reconstruct is not None:  # computed before anything is written: no partial outputs on error
-        rec = reconstruct(bundle, result.latents, args.prompt, steps=args.steps,
-                          cfg=1.0 if args.reconstruct_cfg is None else args.reconstruct_cfg,
-                          scheduler=args.reconstruct_scheduler or "ddim",
+        rec = reconstruct(bundle, result.latents, sampling["prompt"], steps=sampling["steps"],
+                          cfg=DEFAULT_INVERSION_CFG if args.reconstruct_cfg is None else args.reconstruct_cfg,
+                          scheduler=args.reconstruct_scheduler or DEFAULT_SCHEDULER,
                           negative_prompt_inversion=args.negative_prompt_inversion, progress=not args.quiet)
     with contextlib.ExitStack() as files:  # both files or neither: renamed into place only when both are written
         tmp = files.enter_context(atomic_path(out))

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mmsynth.errors import InputError
 from mmsynth.sample.controls import Control, check_batch_length, decode_array, is_number, register_control
+from mmsynth.sample.request import DEFAULT_STRENGTH
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -32,7 +33,7 @@ class Img2Img(Control):
     per_image: ClassVar[tuple[str, ...]] = ("image",)
 
     image: Any = None
-    strength: float = 0.8
+    strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self) -> None:
         s = self.strength

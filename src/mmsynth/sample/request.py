@@ -10,14 +10,73 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmsynth.errors import InputError
 from mmsynth.sample.schedulers import check_scheduler_name
 
+if TYPE_CHECKING:
+    from mmsynth.sample.controls import Control
+
 FORMAT = "mmsynth.request/1"
 MAX_SEED = 2**63 - 1
 MAX_BEST_OF = 64  # candidates per image: each is a full sampling run
+
+# The default of each sampling option, written once: GenerationRequest's fields, the CLI's shared parser
+# (cli/sampling_options.py), the bench's SamplerSettings and the library functions all point here.
+DEFAULT_SCHEDULER = "ddim"
+DEFAULT_STEPS = 25
+DEFAULT_CFG = 5.0  # classifier-free guidance scale (1 = off)
+DEFAULT_SEED = 0
+DEFAULT_N = 1  # images per request (`mmsynth generate` draws 4 unless told)
+DEFAULT_ETA = 0.0  # DDIM eta (0 = deterministic)
+DEFAULT_BEST_OF = 1  # 1 = plain sampling
+DEFAULT_STRENGTH = 0.8  # img2img (SDEdit) strength; here so that `--help` can show it without loading torch
+# DDIM inversion and the edits built on it (`mmsynth invert|edit`, sample/inversion.py, the bench's edit suite):
+# more steps than sampling, because the inversion's error shrinks with the step size
+DEFAULT_INVERSION_STEPS = 50
+DEFAULT_INVERSION_CFG = 1.0  # inversion and its reconstruction: plain DDIM (inversion drifts at high CFG)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric request option, written once for the request's validation, the CLI's argument
+    types (cli/arguments.ranged) and the bench's sweeps: lo <= x (<= hi), whole numbers when `integer`."""
+
+    lo: int
+    hi: int | None = None
+    integer: bool = False
+    hint: str = ""  # what the option means, in the request's errors
+    hi_text: str | None = None  # how hi is written in messages (2**63 - 1 reads better than its digits)
+
+    def holds(self, x: Any) -> bool:
+        """x is of the option's kind (an int, not a bool, for whole numbers; a finite number else) and in range."""
+        if not (isinstance(x, int) and not isinstance(x, bool) if self.integer else _real(x)):
+            return False
+        return x >= self.lo and (self.hi is None or x <= self.hi)
+
+    def describe(self, plural: bool = False) -> str:
+        """'an integer >= 1', 'a number in [0, 1]' ('whole numbers >= 1' said of a list of values)."""
+        kind = ("whole numbers" if plural else "an integer") if self.integer else "a number"
+        bound = f">= {self.lo}" if self.hi is None else f"in [{self.lo}, {self.hi_text or self.hi}]"
+        return f"{kind} {bound}"
+
+    def check(self, x: Any, name: str) -> None:
+        if not self.holds(x):
+            raise InputError(f"{name} must be {self.describe()} ({self.hint}), got {x!r}")
+
+
+# The range of each numeric option of a request (image sides: both height and width).
+RANGES: dict[str, Range] = {
+    "steps": Range(1, integer=True, hint="the number of sampling steps, e.g. 25"),
+    "n": Range(1, integer=True, hint="the number of images (batch size)"),
+    "best_of": Range(1, MAX_BEST_OF, integer=True, hint="candidates per image ranked by the bundle's CLIP; 1 = plain "
+                     "sampling"),
+    "seed": Range(0, MAX_SEED, integer=True, hint="a non-negative integer", hi_text="2**63 - 1"),
+    "cfg": Range(0, hint="1 = no guidance, 5-8 typical"),
+    "eta": Range(0, 1, hint="0 = deterministic DDIM"),
+    "side": Range(1, integer=True, hint="image size in pixels, a multiple of the model's VAE factor"),
+}
 
 
 @dataclass(frozen=True)
@@ -57,22 +116,29 @@ class GenerationRequest:
     prompt: str | list[str] = ""
     negative_prompt: str | list[str] = ""
     controls: list[dict[str, Any]] = field(default_factory=list)
-    scheduler: str = "ddim"
-    steps: int = 25
-    cfg: float = 5.0
-    seed: int = 0
-    n: int = 1
+    scheduler: str = DEFAULT_SCHEDULER
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
+    seed: int = DEFAULT_SEED
+    n: int = DEFAULT_N
     height: int | None = None
     width: int | None = None
-    eta: float = 0.0
+    eta: float = DEFAULT_ETA
     model: str | None = None
-    best_of: int = 1
+    best_of: int = DEFAULT_BEST_OF
 
     def validate(self, limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
         """Raise InputError naming the first bad field and what is valid; returns self for chaining.
 
         `limits` bound the size and batch (None: no bound, for library callers who sized the request themselves).
         """
+        self.validated_controls(limits)
+        return self
+
+    def validated_controls(self, limits: Limits | None = DEFAULT_LIMITS) -> list[Control]:
+        """`validate`, returning the controls that checking the dicts built (their images decoded once): a caller
+        that samples next passes them to `sample(bundle, request, controls)` with the dicts cleared, instead of
+        letting the sampler build and decode them again."""
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -81,23 +147,18 @@ class GenerationRequest:
             elif not isinstance(value, str):
                 raise InputError(f"{name} must be a string or a list of n strings, got {type(value).__name__}")
         check_scheduler_name(self.scheduler)
-        _int(self.steps, "steps", lo=1, hint="the number of sampling steps, e.g. 25")
-        _int(self.n, "n", lo=1, hint="the number of images (batch size)")
+        for name in ("steps", "n"):
+            RANGES[name].check(getattr(self, name), name)
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != self.n:
                 raise InputError(f"{name} is a list of {len(value)} prompts but n is {self.n}; give one per image")
-        _int(self.best_of, "best_of", lo=1, hi=MAX_BEST_OF,
-             hint="candidates per image ranked by the bundle's CLIP; 1 = plain sampling")
-        _int(self.seed, "seed", lo=0, hi=MAX_SEED, hint="a non-negative integer")
-        if not _real(self.cfg) or self.cfg < 0:
-            raise InputError(f"cfg must be a number >= 0 (1 = no guidance, 5-8 typical), got {self.cfg!r}")
-        if not _real(self.eta) or not 0 <= self.eta <= 1:
-            raise InputError(f"eta must be a number in [0, 1] (0 = deterministic DDIM), got {self.eta!r}")
+        for name in ("best_of", "seed", "cfg", "eta"):
+            RANGES[name].check(getattr(self, name), name)
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None:
-                _int(value, side, lo=1, hint="image size in pixels, a multiple of the model's VAE factor")
+                RANGES["side"].check(value, side)
         if limits is not None:
             limits.check(self)
         if self.model is not None and not isinstance(self.model, str):
@@ -106,8 +167,7 @@ class GenerationRequest:
             raise InputError(f"controls must be a list of control objects, got {type(self.controls).__name__}")
         from mmsynth.sample.controls import controls_from_dicts
 
-        controls_from_dicts(self.controls)  # names, fields and option ranges
-        return self
+        return controls_from_dicts(self.controls)  # names, fields and option ranges
 
     def for_image(self, i: int) -> GenerationRequest:
         """The request that reproduces image i of this batch on its own (its seed, n = 1)."""
@@ -143,6 +203,13 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "request", limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
+        """The request a JSON object describes, validated (errors start with `where`)."""
+        return cls.load(d, where, limits)[0]
+
+    @classmethod
+    def load(cls, d: Any, where: str = "request",
+             limits: Limits | None = DEFAULT_LIMITS) -> tuple[GenerationRequest, list[Control]]:
+        """`from_dict` and the controls its dicts describe, built once (what a replay samples with)."""
         if not isinstance(d, dict):
             raise InputError(f"{where} must be a JSON object, got {type(d).__name__}")
         d = dict(d)
@@ -153,8 +220,9 @@ class GenerationRequest:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise InputError(f"{where} has unknown field(s) {unknown}; valid: {', '.join(names)}")
+        request = cls(**d)
         try:
-            return cls(**d).validate(limits)
+            return request, request.validated_controls(limits)
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
 
@@ -167,9 +235,3 @@ class GenerationRequest:
 
 def _real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x: Any, name: str, lo: int, hint: str, hi: int | None = None) -> None:
-    if not isinstance(x, int) or isinstance(x, bool) or x < lo or (hi is not None and x > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise InputError(f"{name} must be an integer {bound} ({hint}), got {x!r}")

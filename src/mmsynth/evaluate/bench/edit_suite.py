@@ -51,11 +51,11 @@ from mmsynth.evaluate.bench.generation import (
 )
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.scoring import ImageScore, Metric, mean_ci, rate, score_image
+from mmsynth.sample.request import DEFAULT_CFG, DEFAULT_INVERSION_CFG, DEFAULT_INVERSION_STEPS
 
 CATEGORIES: tuple[str, ...] = ("inversion", "swap", "inpaint")
 INVERSION_SCHEDULERS: tuple[str, ...] = ("ddim", "dpmpp-2m", "unipc", "euler")
-INVERSION_STEPS = 50
-EDIT_STEPS = 50
+INVERSION_STEPS = EDIT_STEPS = DEFAULT_INVERSION_STEPS  # `mmsynth invert|edit`'s default, so the bench scores it
 KEEP_IOU = 0.5
 NULL_TEXT_STEPS = 10  # Adam steps per sampling step of null-text inversion (Mokady et al.'s setting)
 PSNR_CAP = 100.0  # dB given to pixel-identical images, so a mean stays finite
@@ -422,12 +422,13 @@ def _rows() -> dict[str, Row]:
         name = "inversion" if sched == "ddim" else f"inversion_{sched}"
         rows.append(Row(name, "method", f"DDIM inversion ({INVERSION_STEPS} steps), reconstructed with {sched}",
                         inversion(sched), generate_batch=inversion_batch(sched), categories=("inversion",),
-                        params={"steps": INVERSION_STEPS, "cfg": 1.0},
+                        params={"steps": INVERSION_STEPS, "cfg": DEFAULT_INVERSION_CFG},
                         sweepable=("cfg", "steps")))  # fmt: skip
     rows.append(Row("inversion_null_text", "method", f"null-text inversion ({INVERSION_STEPS} steps, "
-                    f"{NULL_TEXT_STEPS} Adam steps each), rebuilt at cfg 5", lambda ctx, case: null_text_batch(
-                        ctx, [case])[0], generate_batch=null_text_batch, categories=("inversion",),
-                    params={"steps": INVERSION_STEPS, "cfg": 5.0, "null_text": NULL_TEXT_STEPS},
+                    f"{NULL_TEXT_STEPS} Adam steps each), rebuilt at cfg {DEFAULT_CFG:g}",
+                    lambda ctx, case: null_text_batch(ctx, [case])[0], generate_batch=null_text_batch,
+                    categories=("inversion",),
+                    params={"steps": INVERSION_STEPS, "cfg": DEFAULT_CFG, "null_text": NULL_TEXT_STEPS},
                     sweepable=("cfg", "steps", "null_text")))  # fmt: skip
     rows += [
         Row("swap", "method", "prompt-swap edit of the inverted source (negative-prompt inversion)", swap,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmsynth.errors import InputError
+from mmsynth.sample.request import DEFAULT_BEST_OF, DEFAULT_CFG, DEFAULT_ETA, DEFAULT_SCHEDULER, DEFAULT_STEPS
 
 if TYPE_CHECKING:
     from mmsynth.evaluate.bench.cases import Case
@@ -55,11 +56,11 @@ def model_capabilities(bundle: Any) -> set[str]:
 class SamplerSettings:
     """Sampler settings shared by every model row of a run (a sweep row overrides some of them)."""
 
-    steps: int = 25
-    cfg: float = 5.0
-    scheduler: str = "ddim"
-    eta: float = 0.0
-    best_of: int = 1  # candidates per image ranked by the bundle's CLIP (sample/best_of.py)
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
+    scheduler: str = DEFAULT_SCHEDULER
+    eta: float = DEFAULT_ETA
+    best_of: int = DEFAULT_BEST_OF  # candidates per image ranked by the bundle's CLIP (sample/best_of.py)
 
     def with_overrides(self, overrides: dict[str, float]) -> SamplerSettings:
         """These settings with a row's sampler settings applied (settings that are not the sampler's are ignored)."""

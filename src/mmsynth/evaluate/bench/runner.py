@@ -9,6 +9,7 @@ process). The runner never names a suite or a row: everything comes from the reg
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +25,22 @@ from mmsynth.evaluate.bench.generation import SAMPLER_SETTINGS, RunContext
 from mmsynth.evaluate.bench.registry import Row, RowScore, Suite, get_suite, suite_names
 from mmsynth.evaluate.bench.results import BenchResult, Panel, RowResult, environment
 from mmsynth.evaluate.scoring import Metric
+from mmsynth.sample.request import RANGES
+
+
+def _request_range(name: str) -> tuple[Callable[[float], bool], str]:
+    """A sampler setting's range as the request defines it (sample/request.RANGES), for values parsed as floats."""
+    r = RANGES[name]
+
+    def whole(v: float) -> bool:
+        return math.isfinite(v) and v == int(v) and r.holds(int(v))
+
+    return whole if r.integer else r.holds, f"{r.describe(plural=True)} ({r.hint})"
+
 
 # setting -> (valid when, what is valid): every setting a row may declare sweepable must be listed here
 SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "cfg": (lambda v: v >= 0, "a number >= 0"),
-    "steps": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1"),
-    "eta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "best_of": (lambda v: 1 <= v <= 64 and v == int(v), "whole numbers in [1, 64] (candidates ranked by CLIP)"),
+    **{name: _request_range(name) for name in SAMPLER_SETTINGS},  # cfg, steps, eta, best_of
     "s0": (lambda v: v >= 0, "a number >= 0 (forward guidance strength)"),
     "k": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (self-recurrence passes)"),
     "m": (lambda v: v >= 0 and v == int(v), "whole numbers >= 0 (backward guidance steps)"),
