@@ -156,10 +156,6 @@ def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
     assert "| inpaint_unet | 200 | 0.500 [0.400, 0.600] | n/a | n/a |" in card and "recipe: inpaint" in card
 
 
-def _ship_clip():
-    return clip_ship
-
-
 def _leftovers(folder) -> list:
     """Temporary folders a shipment would have left beside its bundle."""
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
@@ -223,7 +219,7 @@ def test_shipping_a_vision_side_clip_run_replaces_clip_and_the_card_components_o
 
 
 def test_a_clip_stage_ships_only_if_it_beats_the_shipped_one_and_reaches_the_floor():
-    ship = _ship_clip()
+    ship = clip_ship
     assert ship.refusal(0.896, 0.895) is None and ship.refusal(0.5, None) is None
     assert "does not beat the shipped 0.895" in ship.refusal(0.895, 0.895)
     assert ship.refusal(0.895, 0.896, allow_worse=True) is None
@@ -255,7 +251,7 @@ def test_a_heavier_clip_stage_is_refused_unmeasured_unless_it_names_what_it_must
 
 
 def test_shipping_a_clip_stage_refreshes_the_parts_table_the_card_quotes():
-    ship = _ship_clip()
+    ship = clip_ship
     card = "## Training\n\nx, as follows:\n\n\n| part |\n| old row |\n\nnote\n\n\nReproduce: `bash`\n\n### configs\n"
     new = ship.rewrite_parts_table(card, ["", "| part |", "| old row |", "| new row |", "", "note", ""])
     assert "| old row |\n| new row |\n\nnote\n\n\nReproduce: `bash`\n\n### configs\n" in new
@@ -264,7 +260,7 @@ def test_shipping_a_clip_stage_refreshes_the_parts_table_the_card_quotes():
 
 
 def test_a_clip_stage_card_quotes_the_val_figure_before_it_where_the_shipped_metrics_have_it():
-    ship = _ship_clip()
+    ship = clip_ship
     record = {"folder": "runs/c", "config": "batch_size: 8\n", "step": 10}
     before = {"top1_consistent": {"value": 0.878, "ci95": [0.856, 0.897]}}
     val = {"top1_consistent": {"value": 0.86, "ci95": [0.837, 0.88]}, "seed": 7}
