@@ -148,12 +148,13 @@ def test_shipping_the_inpainting_unet_updates_the_bundle_card(tmp_path):
     (bundle / "README.md").write_text(old)
     ship.update_bundle_card(bundle)
     assert (bundle / "README.md").read_text() == text  # replaced, not added beside
-    report = {"results": {"edit": {r: {"inpaint_inside_acc": {"value": 0.5, "ci95": [0.4, 0.6]}} for r in
-                                   ship.ROWS.split(",")}},
-              "rows": {"edit": {r: {"n_cases": 200} for r in ship.ROWS.split(",")}}}  # fmt: skip
+    rows = ship.ROWS.split(",")  # a bench report as `mmsynth bench run --json` writes it (results.py)
+    report = {"results": {"edit": {r: {"inpaint_inside_acc": 0.5, "inpaint_outside_psnr": 100.0} for r in rows}},
+              "intervals": {"edit": {r: {"inpaint_inside_acc": [0.4, 0.6]} for r in rows}},
+              "rows": {"edit": {r: {"n_cases": 200} for r in rows}}}  # fmt: skip
     card = ship.card({"folder": "runs/inpaint", "step": 1500, "batch_size": 32, "config": "recipe: inpaint"},
                      report, "mmsynth bench run ...", "models/shapes-v1")
-    assert "| inpaint_unet | 200 | 0.500 [0.400, 0.600] | n/a | n/a |" in card and "recipe: inpaint" in card
+    assert "| inpaint_unet | 200 | 0.500 [0.400, 0.600] | 100.000 | n/a |" in card and "recipe: inpaint" in card
 
 
 def _leftovers(folder) -> list:
@@ -335,3 +336,21 @@ def test_zoo_ship_explains_itself_and_refuses_options_of_two_minds(capsys):
     assert _ship("t2i", "--cfg", "1,3", "--no-sweep") == 2 and "--no-sweep, not both" in capsys.readouterr().err
     assert _ship("t2i", "--parts", "x.md", "--no-parts") == 2 and "--no-parts, not both" in capsys.readouterr().err
     assert _ship("t2i", "--cfg", "1,,3") == 2 and "--cfg" in capsys.readouterr().err
+
+
+def test_shipping_an_inpainting_unet_benches_it_cards_it_and_points_the_bundle_card_at_it(tmp_path, capsys):
+    from mmsynth.models.zoo import tiny_bundle
+    from mmsynth.train.recipes.inpaint import inpainting_unet
+
+    bundle, out, run = tiny_bundle(seed=0), tmp_path / "zoo", tmp_path / "runs" / "inpaint"
+    bundle.save_pretrained(out)
+    (out / "README.md").write_text("# zoo\n\nWeights: 9.9 MiB of safetensors (F16).\n\n## Quality\n\nq\n")
+    inpainting_unet(bundle.unet).save_pretrained(run / "final" / "unet")
+    (run / "config.yaml").write_text("recipe: inpaint\nbatch_size: 2\n")
+    args = ["--run", str(run), "--out", str(out), "--n", "1", "--reports", str(tmp_path / "reports")]
+    assert _ship("inpainting", *args) == 0
+    card = (out / "unet_inpainting" / "README.md").read_text()
+    assert f"`mmsynth bench run --suite edit --categories inpaint --n 1 --seed 3 --model {out} --rows " in card
+    assert "| inpaint_unet | 1 | " in card and "recipe: inpaint" in card
+    assert "`mmsynth zoo ship inpainting`" in (out / "README.md").read_text()
+    assert (out / "unet_inpainting" / "config.json").is_file() and not _leftovers(tmp_path)

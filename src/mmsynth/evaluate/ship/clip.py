@@ -34,17 +34,17 @@ from mmsynth.evaluate.ship.common import (
     bench_overwrite,
     check_reports,
     check_same_text_tower,
+    components_lines,
     copy_into,
     named_as_shipped,
     parts_training_table,
     require_bundle,
-    require_file,
+    require_parts,
     run_bench,
     training_record,
     weight_bytes,
     weights_line,
 )
-from mmsynth.evaluate.ship.t2i import components_lines
 from mmsynth.io import atomic_dir
 from mmsynth.models.bundle import CLIP_FOLDER, load_component, save_components
 from mmsynth.train.config import TrainConfig, to_dict
@@ -131,7 +131,7 @@ def ship_clip(run: Path, out: Path, bench: Bench, *, n: int = 1000, reports: Pat
         raise InputError(f"--run '{run}': {export / CLIP_FOLDER} is missing; train with `mmsynth train clip` "
                          "(or --export-only)")  # fmt: skip
     require_bundle(out, "--out", "ship the text-to-image bundle first (`mmsynth zoo ship t2i`)")
-    require_file(parts, "--parts")
+    require_parts(parts)
     checked = check_reports(reports, ["components.json", *(["components_val.json"] if val_seed is not None else [])],
                             overwrite)  # fmt: skip
     json_out, val_out = checked[0], (checked[1] if val_seed is not None else None)

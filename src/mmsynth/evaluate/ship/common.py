@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from mmsynth.errors import InputError
+from mmsynth.evaluate.components import miss_lines, with_interval
 from mmsynth.io import check_output_file
 from mmsynth.models.bundle import INPAINTING_UNET
 from mmsynth.train.recipes.t2i import BASE_CARD
@@ -33,6 +34,8 @@ def run_bench(bench: Bench, args: list[str]) -> None:
     """Run one bench command line, echoed as a user would type it; a failure stops the shipment (nothing shipped)."""
     print("$ mmsynth " + " ".join(args), flush=True)
     code = bench(args)
+    if code == 130:  # Ctrl-C inside the bench: stop as an interrupt (the staging folder goes), not as bad input
+        raise KeyboardInterrupt
     if code != 0:
         raise InputError(f"`mmsynth {' '.join(args)}` failed with exit code {code}; nothing shipped")
 
@@ -43,10 +46,11 @@ def require_bundle(folder: Path, what: str, hint: str) -> None:
         raise InputError(f"{what} '{folder}' is not a model bundle (no model_index.json); {hint}")
 
 
-def require_file(path: Path | None, what: str) -> None:
-    """Refuse a named input file that is missing (a record the card quotes must exist to be quoted)."""
+def require_parts(path: Path | None) -> None:
+    """Refuse a parts' record that is missing: the card quotes its training table, so it must exist to be quoted."""
     if path is not None and not path.is_file():
-        raise InputError(f"{what} '{path}' does not exist or is not a file")
+        raise InputError(f"--parts '{path}' does not exist or is not a file (run from the repository root, name the "
+                         "record with --parts FILE, or pass --no-parts)")
 
 
 def check_reports(reports: Path, names: Sequence[str], overwrite: bool) -> list[Path]:
@@ -194,4 +198,37 @@ def architecture(bundle: Path, counts: dict[str, int]) -> list[str]:
                      f"resnet(s) per level, transformer layers per level {c['transformer_layers_per_block']} "
                      f"(up path {c.get('reverse_transformer_layers_per_block') or 'mirrored'}), cross-attention "
                      f"width {c['cross_attention_dim']}.")  # fmt: skip
+    return lines
+
+
+def metric_cell(d: dict[str, Any], suite: str, row: str, name: str) -> str:
+    """One cell of a card's table from a bench report (its `results` and `intervals`): "0.634 [0.591, 0.675]"."""
+    v = d["results"][suite][row].get(name)
+    if v is None:
+        return "n/a"
+    ci = d["intervals"][suite][row].get(name)
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def components_lines(components: dict[str, Any], command: str) -> list[str]:
+    """The card's Components section from `mmsynth bench components` JSON: VAE PSNR, CLIP retrieval (exact and
+    caption-consistent, by caption kind), what the wrong retrievals got wrong and the text side's ceiling."""
+    v, c = components.get("vae", {}).get("psnr_db"), components.get("clip", {})
+    lines = ["## Components", "", f"`{command}`", ""]
+    if v:
+        psnr = with_interval(v, 2, " dB", f", n={v['n']} test renders; bar >= 30 dB")
+        lines.append(f"- VAE reconstruction PSNR: {psnr}")
+    for key in ("top1_exact", "top1_consistent"):
+        if key in c:
+            r = c[key]
+            lines.append(f"- CLIP text->image retrieval {key}: " + with_interval(r, then=f", n={r['n']}; bar >= 0.90"))
+    if c.get("consistent_by_kind"):
+        lines.append("- top1_consistent by caption: " + ", ".join(
+            f"{k} {r['value']:.3f} (n={r['n']})" for k, r in c["consistent_by_kind"].items()))  # fmt: skip
+    if "misses" in c:
+        lines += ["- " + line for line in miss_lines(c)]
+    if "text_side_ceiling" in c:
+        lines.append("- text-side ceiling (retrieval against images embedded from their scenes' other captions: "
+                     "their mean, or vectors fitted to them; what a perfect vision side could reach): " + ", ".join(
+                         f"{k} {r['value']:.3f}" for k, r in c["text_side_ceiling"].items()))  # fmt: skip
     return lines

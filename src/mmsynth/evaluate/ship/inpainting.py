@@ -27,6 +27,7 @@ from mmsynth.evaluate.ship.common import (
     Bench,
     bench_overwrite,
     copy_into,
+    metric_cell,
     require_bundle,
     run_bench,
     training_record,
@@ -40,20 +41,12 @@ ROWS = "inpaint,inpaint_resample,inpaint_unet"
 COLUMNS = ("inpaint_inside_acc", "inpaint_outside_psnr", "cost_ratio")
 
 
-def _cell(metric: Any) -> str:
-    if isinstance(metric, dict):
-        lo, hi = metric.get("ci95") or (None, None)
-        return f"{metric['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
-    return "n/a" if metric is None else f"{metric:.3f}"
-
-
 def card(record: dict[str, Any], report: dict[str, Any], command: str, out: str) -> str:
     """The unet_inpainting/ model card: what it is, how it was trained, what it measures."""
-    rows = report["results"]["edit"]
     table = ["| row | n | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
     for name in ROWS.split(","):
         n = report["rows"]["edit"][name]["n_cases"]
-        table.append(f"| {name} | {n} | " + " | ".join(_cell(rows[name].get(c)) for c in COLUMNS) + " |")
+        table.append(f"| {name} | {n} | " + " | ".join(metric_cell(report, "edit", name, c) for c in COLUMNS) + " |")
     last = record.get("last_log", {})
     batch = (yaml.safe_load(record.get("config") or "{}") or {}).get("batch_size", "?")
     return "\n".join([

@@ -21,20 +21,22 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.evaluate.bench.report import check_report_outputs
-from mmsynth.evaluate.components import miss_lines, with_interval
 from mmsynth.evaluate.ship.common import (
     INPAINTING_NOTE,
     Bench,
     architecture,
     base_card,
     bench_overwrite,
+    check_reports,
     check_same_text_tower,
+    components_lines,
     copy_into,
     earlier_training,
+    metric_cell,
     named_as_shipped,
     parts_training_table,
     require_bundle,
-    require_file,
+    require_parts,
     run_bench,
     run_folders,
     tensor_summary,
@@ -48,38 +50,6 @@ from mmsynth.sample.request import MAX_SEED
 
 T2I_COLUMNS = ("single_object", "binding", "count", "relation", "heldout", "heldout_binding", "overall")
 SWEEP_PLOT = Path("cfg_sweep_report") / "plots" / "t2i_overall_vs_cfg.png"  # where the bench's HTML report puts it
-
-
-def _metric(d: dict[str, Any], suite: str, row: str, name: str) -> str:
-    v = d["results"][suite][row].get(name)
-    if v is None:
-        return "n/a"
-    ci = d["intervals"][suite][row].get(name)
-    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
-
-
-def components_lines(components: dict[str, Any], command: str) -> list[str]:
-    """The card's Components section from `mmsynth bench components` JSON: VAE PSNR, CLIP retrieval (exact and
-    caption-consistent, by caption kind), what the wrong retrievals got wrong and the text side's ceiling."""
-    v, c = components.get("vae", {}).get("psnr_db"), components.get("clip", {})
-    lines = ["## Components", "", f"`{command}`", ""]
-    if v:
-        psnr = with_interval(v, 2, " dB", f", n={v['n']} test renders; bar >= 30 dB")
-        lines.append(f"- VAE reconstruction PSNR: {psnr}")
-    for key in ("top1_exact", "top1_consistent"):
-        if key in c:
-            r = c[key]
-            lines.append(f"- CLIP text->image retrieval {key}: " + with_interval(r, then=f", n={r['n']}; bar >= 0.90"))
-    if c.get("consistent_by_kind"):
-        lines.append("- top1_consistent by caption: " + ", ".join(
-            f"{k} {r['value']:.3f} (n={r['n']})" for k, r in c["consistent_by_kind"].items()))  # fmt: skip
-    if "misses" in c:
-        lines += ["- " + line for line in miss_lines(c)]
-    if "text_side_ceiling" in c:
-        lines.append("- text-side ceiling (retrieval against images embedded from their scenes' other captions: "
-                     "their mean, or vectors fitted to them; what a perfect vision side could reach): " + ", ".join(
-                         f"{k} {r['value']:.3f}" for k, r in c["text_side_ceiling"].items()))  # fmt: skip
-    return lines
 
 
 def model_card(out: Path, records: list[dict[str, Any]], components: dict[str, Any], t2i: dict[str, Any],
@@ -102,7 +72,7 @@ def model_card(out: Path, records: list[dict[str, Any]], components: dict[str, A
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for d, row in ((t2i, "ground_truth"), (t2i, "vae_ceiling"), (sweep, "base_uncond"), (t2i, "t2i")):
         if d is not None and row in d["results"]["t2i"]:
-            cells = [_metric(d, "t2i", row, c) for c in T2I_COLUMNS]
+            cells = [metric_cell(d, "t2i", row, c) for c in T2I_COLUMNS]
             n = d["rows"]["t2i"][row]["n_cases"]
             lines.append(f"| {row} (n={n}) | " + " | ".join(cells) + " |")
     lines += ["", "Bars: single object >= 0.95, binding >= 0.85, count >= 0.85, relation >= 0.80. vae_ceiling is the "
@@ -114,7 +84,7 @@ def model_card(out: Path, records: list[dict[str, Any]], components: dict[str, A
         rows = sweep["rows"]["t2i"]
         pts = sorted((rows[r]["settings"]["cfg"], r) for r in rows if r == "t2i" or r.startswith("t2i["))
         for cfg, r in pts:
-            lines.append(f"| {cfg:g} | " + " | ".join(_metric(sweep, "t2i", r, c) for c in
+            lines.append(f"| {cfg:g} | " + " | ".join(metric_cell(sweep, "t2i", r, c) for c in
                                                      ("overall", "binding", "count", "relation")) + " |")  # fmt: skip
         lines.append("")
     lines += components_lines(components, cmds["components"])
@@ -177,13 +147,13 @@ def ship_t2i(bundle: Path, out: Path, bench: Bench, *, clip: Path | None = None,
     require_bundle(bundle, "--bundle", "train one with `mmsynth train t2i` (or --export-only)")
     if clip is not None and not (clip / CLIP_FOLDER / "config.json").is_file():
         raise InputError(f"--clip '{clip}' has no {CLIP_FOLDER}/; pass a `mmsynth train clip` export (RUN/final)")
-    require_file(parts, "--parts")
+    require_parts(parts)
     if cfg and seed >= MAX_SEED:
         raise InputError("--seed must be below 2**63 - 1: the CFG sweep runs on the next seed")
     check_output_dir(out, "--out", overwrite=overwrite)
     json_out = {name: check_report_outputs(reports / f"{name}.json", overwrite, "--reports")
                 for name in ("t2i", *(["cfg_sweep"] if cfg else []))}  # fmt: skip
-    json_out["components"] = check_report_outputs(reports / "components.json", overwrite, "--reports")
+    json_out["components"] = check_reports(reports, ["components.json"], overwrite)[0]  # a JSON file alone
     if clip is not None or (bundle / CLIP_FOLDER).is_dir():  # a t2i run that trained its text encoder still
         check_same_text_tower(bundle, clip or bundle)  # carries the base's CLIP: refused before any bench
     # read before --out is replaced: the base of a fine-tuning run is often the bundle being reshipped
