@@ -153,6 +153,8 @@ def _rows() -> list[Row]:
     add("data-export", lambda i, o: ["data", "export", "--n", "1", "--out", o], **folder_out)
     add("train", lambda i, o: ["train", "vae", "--max-steps", "1", "--batch-size", "1", "--out", o,
                                "--no-progress"], **folder_out)  # fmt: skip
+    add("zoo-ship-t2i", lambda i, o: ["zoo", "ship", "t2i", "--bundle", i.model, "--no-parts", "--out", o],
+        **folder_out)
     add("data-cache-latents", lambda i, o: ["data", "cache-latents", "--vae", i.model, "--n", "1", "--out", o],
         existing_non_empty_folder=_precious_folder, existing_file=_existing_file, unwritable=_unwritable,
         under_a_file=lambda t: _under_a_file(t, "out"))  # fmt: skip
@@ -267,6 +269,23 @@ def _rows() -> list[Row]:
     number("generate:replay-deep-json", lambda i, o: ["generate", "--replay", i.deep, "--model", i.model, "--out", o])
     number("generate:replay-latin1", lambda i, o: ["generate", "--replay", i.latin1, "--model", i.model, "--out", o])
     number("data-render:unknown-field", lambda i, o: ["data", "render", i.typo_scene, "--out", o], "r.png")
+    ship = ["zoo", "ship"]
+    number("zoo-ship-t2i:n=0", lambda i, o: [*ship, "t2i", "--bundle", i.model, "--n", "0", "--out", o])
+    number("zoo-ship-t2i:cfg=nan", lambda i, o: [*ship, "t2i", "--bundle", i.model, "--cfg", "1,nan", "--out", o])
+    number("zoo-ship-t2i:cfg-and-no-sweep", lambda i, o: [*ship, "t2i", "--bundle", i.model, "--cfg", "1",
+                                                         "--no-sweep", "--out", o])  # fmt: skip
+    number("zoo-ship-t2i:bundle-not-a-bundle", lambda i, o: [*ship, "t2i", "--bundle", i.real, "--out", o])
+    number("zoo-ship-t2i:parts-missing", lambda i, o: [*ship, "t2i", "--bundle", i.model, "--parts", "nope.md",
+                                                      "--out", o])  # fmt: skip
+    number("zoo-ship-clip:at-least=1.5", lambda i, o: [*ship, "clip", "--run", i.model, "--at-least", "1.5",
+                                                      "--out", o])  # fmt: skip
+    number("zoo-ship-clip:val-seed=-1", lambda i, o: [*ship, "clip", "--run", i.model, "--val-seed", "-1",
+                                                     "--out", o])  # fmt: skip
+    number("zoo-ship-clip:run-without-export", lambda i, o: [*ship, "clip", "--run", i.model, "--out", o])
+    number("zoo-ship-inpainting:seed=-1", lambda i, o: [*ship, "inpainting", "--run", i.model, "--seed", "-1",
+                                                       "--out", o])  # fmt: skip
+    number("zoo-ship-inpainting:run-without-export", lambda i, o: [*ship, "inpainting", "--run", i.model,
+                                                                   "--out", o])  # fmt: skip
     number("annotate:param-nan", lambda i, o: ["annotate", "canny", i.image, "-p", "low=nan", "--out", o], "e.png")
     return rows
 
@@ -300,6 +319,11 @@ EXPECT = {
     "data-render:version-99": "version", "train:max-steps-twice": "give it once",
     "train:workers-huge": "num_workers", "train:set-adam_beta1=1": "'adam_beta1'",
     "train:set-grad_accum=99999999999": "'grad_accum'", "train:batch-huge": "'batch_size'", "annotate:param-nan": "low",
+    "zoo-ship-t2i:n=0": "--n", "zoo-ship-t2i:cfg=nan": "--cfg", "zoo-ship-t2i:cfg-and-no-sweep": "--no-sweep",
+    "zoo-ship-t2i:bundle-not-a-bundle": "--bundle", "zoo-ship-t2i:parts-missing": "nope.md",
+    "zoo-ship-clip:at-least=1.5": "--at-least", "zoo-ship-clip:val-seed=-1": "--val-seed",
+    "zoo-ship-clip:run-without-export": "mmsynth train clip", "zoo-ship-inpainting:seed=-1": "--seed",
+    "zoo-ship-inpainting:run-without-export": "mmsynth train inpaint",
 }  # fmt: skip
 
 

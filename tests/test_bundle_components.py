@@ -213,7 +213,7 @@ def test_the_inpainting_unet_goes_through_the_manifest_and_an_unlisted_one_still
 
 
 def test_a_component_folder_copied_into_a_bundle_is_listed_by_name(bundle, saved, tmp_path):
-    """How a trained component is shipped into a bundle (scripts/ship_inpainting.py): copy its folder, list it."""
+    """How a trained component is shipped into a bundle (`mmsynth zoo ship inpainting`): copy its folder, list it."""
     target = tmp_path / "b"
     shutil.copytree(saved, target)
     shutil.copytree(saved / "unet", target / INPAINTING_UNET)  # an unlisted one, as in models/shapes-v1

@@ -1,5 +1,5 @@
 """The shipped Shapes zoo (models/shapes-v1): fits the weight budget, loads with diffusers' own pipeline, draws
-what it is asked. Skipped only while the folder does not exist (before the first `scripts/ship_zoo.py`)."""
+what it is asked. Skipped only while the folder does not exist (before the first `mmsynth zoo ship t2i`)."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "shapes-v1"
-pytestmark = pytest.mark.skipif(not ZOO.exists(), reason="models/shapes-v1 is not shipped yet (scripts/ship_zoo.py)")
+pytestmark = pytest.mark.skipif(not ZOO.exists(), reason="models/shapes-v1 is not shipped yet (mmsynth zoo ship t2i)")
 
 SINGLE_OBJECTS = (
     "a red circle",

@@ -8,7 +8,7 @@ mining as in ANCE, Xiong et al. 2021, here once before a stage). A mined scene i
 of, nor one whose own captions are true of the source, so no neighbour is a false negative.
 
 An experiment: the clip recipe's `mined_negatives` option that read these tables was measured and removed
-(docs/experiments/training-options.md); scripts/mine_clip_negatives.py still writes them.
+(docs/experiments/training-options.md); experiments/probes/mine_clip_negatives.py still writes them.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def load_table(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"mined table: no file at {path} (write one with "
-                         "scripts/mine_clip_negatives.py)")  # fmt: skip
+                         "experiments/probes/mine_clip_negatives.py)")  # fmt: skip
     try:
         with np.load(path) as data:
             table = {k: data[k] for k in TABLE_KEYS}

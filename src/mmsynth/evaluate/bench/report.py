@@ -206,3 +206,15 @@ def write_report(result: BenchResult, json_path: str | Path, html_dir: str | Pat
         cases_path(json_path).unlink(missing_ok=True)  # not an earlier run's records beside this run's JSON
     write_json(result.to_dict(), json_path)  # last: its presence means the whole report is there
     return [*written, md, Path(json_path)]
+
+
+def check_report_outputs(json_path: str | Path, overwrite: bool = False, what: str = "--json") -> Path:
+    """Check, before any work, every file a report with an HTML folder writes (OUT.json, OUT.md, OUT.cases.jsonl,
+    OUT_report/): a command that runs the bench for its own purpose refuses to replace them before it starts."""
+    from mmsynth.io import check_output_dir, check_output_file
+
+    out = check_output_file(json_path, what, suffixes=(".json",), overwrite=overwrite)
+    for path in (markdown_path(out), cases_path(out)):
+        check_output_file(path, f"{what} '{out}' (its report file)", overwrite=overwrite)
+    check_output_dir(default_html_dir(out), f"{what} '{out}' (its HTML report folder)", overwrite=overwrite)
+    return out

@@ -8,7 +8,7 @@ initialised from SD). Masks are drawn per example: an object's box joined with a
 (what replacing an object needs: the bench's inpainting masks are such unions), a random rectangle, or the
 whole image (the model keeps text-to-image). The caption describes the whole image, as at sampling time.
 
-The export is a full bundle whose UNet is the inpainting one; `scripts/ship_inpainting.py` puts that UNet into
+The export is a full bundle whose UNet is the inpainting one; `mmsynth zoo ship inpainting` puts that UNet into
 a shipped bundle as its named component `unet_inpainting` (`models.bundle.INPAINTING_UNET`, listed in the
 bundle's component manifest), where `BlendedInpaint` finds it.
 """

@@ -104,7 +104,7 @@ class TextToImageRecipe(DenoisingRecipe):
     def started(self, step: int) -> None:
         """Copy the base's model card into the run folder as it was when the run began (kept on --resume).
 
-        scripts/ship_zoo.py adds the steps that card gives to the run's own; the base is often the bundle the run
+        `mmsynth zoo ship t2i` adds the steps that card gives to the run's own; the base is often the bundle the run
         is reshipped over, whose card by then already counts the run.
         """
         if not self.options.base:

@@ -1,7 +1,7 @@
 """Does a bundle's noisiest training step still show the image? Its UNet's x0 guess there, from the training noise
 and from the pure noise that sampling starts from.
 
-    python scripts/terminal_snr_probe.py [--model models/shapes-v1] [--n 256] [--split test]
+    python experiments/probes/terminal_snr_probe.py [--model models/shapes-v1] [--n 256] [--split test]
 
 For n scenes, the latents are noised as training noises them at each probed timestep (x_t = sqrt(a) x0 +
 sqrt(1 - a) eps) and, beside that, replaced by pure noise (what a sampler starts from at its first step). For

@@ -1,7 +1,7 @@
 """Mine the training scenes a trained CLIP confuses, for a CLIP stage's `options.mined_negatives`.
 
-    python scripts/mine_clip_negatives.py --model models/shapes-v1 --seed 17 --sources 40000 --out runs/mined/s17.npz
-        [--split train --group 2 --per-source 2 --batch-size 128]
+    python experiments/probes/mine_clip_negatives.py --model models/shapes-v1 --seed 17 --sources 40000
+        --out runs/mined/s17.npz [--split train --group 2 --per-source 2 --batch-size 128]
 
 Why: the shipped CLIP's retrieval misses are scenes close to the query's own (a shape or a binding different),
 which random batch scenes rarely are and one-word synthetic edits only sometimes. For each hard-negative

@@ -1,6 +1,6 @@
 """Does a bundle's UNet use the relation word? Its denoising loss under each caption against the flipped caption.
 
-    python scripts/denoiser_relation_probe.py [--model models/shapes-v1] [--n 256] [--split test]
+    python experiments/probes/denoiser_relation_probe.py [--model models/shapes-v1] [--n 256] [--split test]
 
 For n scenes of the split that have a relation caption, the image is noised once per timestep band (same latents,
 noise and timestep for both captions) and denoised under the true caption and under it with every relation

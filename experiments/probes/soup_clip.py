@@ -1,6 +1,6 @@
 """Average the weights of CLIP stages fine-tuned from one start (a model soup, Wortsman et al. 2022) into one CLIP.
 
-    python scripts/soup_clip.py --runs runs/A/final runs/B/final ... --out runs/clip_soup/final
+    python experiments/probes/soup_clip.py --runs runs/A/final runs/B/final ... --out runs/clip_soup/final
         [--greedy --split val --seed 7 --n 1000]
 
 Why: the zoo's CLIP stages after the seventh each trained the same vision tower on (other scenes, other hard

@@ -1,6 +1,7 @@
 """How far apart a CLIP's text tower puts captions that differ in one respect (relation, binding, shape, colour).
 
-    python scripts/text_tower_probe.py [--model models/shapes-v1] [--caption "a red circle left of a blue square"]
+    python experiments/probes/text_tower_probe.py [--model models/shapes-v1]
+        [--caption "a red circle left of a blue square"]
 
 Prints, per variant, two cosines with --caption:
 - pooled: the pooled, projected CLIP text embeddings (what retrieval compares). A variant of other meaning

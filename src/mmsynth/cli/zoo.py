@@ -1,0 +1,156 @@
+"""`mmsynth zoo ship`: put a trained model into the Shapes zoo bundle, measured by the bench and carded.
+
+  mmsynth zoo ship t2i --bundle runs/t2i/final --out models/shapes-v1 --overwrite   the whole bundle and its card
+  mmsynth zoo ship clip --run runs/clip_vision_8l_more --val-seed 7                 clip/ (if it beats the shipped)
+  mmsynth zoo ship inpainting --run runs/inpaint --overwrite                         unet_inpainting/ and its card
+
+Each part is built in a temporary copy of --out, measured there with the bench commands its card quotes (rerun any
+of them to check a figure), and renamed into place only when accepted; a refusal leaves --out as it was. Bench
+reports (JSON, Markdown, HTML) go to --reports, not into the bundle. How the zoo is trained: docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmsynth.cli.arguments import fraction, non_negative_float, positive_int, seed
+from mmsynth.errors import InputError
+from mmsynth.models.shipped import DEFAULT_MODEL
+
+PARTS_RECORD = "docs/zoo_parts.md"
+
+
+def _cfg_values(value: str) -> list[float]:
+    """--cfg: comma-separated guidance scales, each a finite number >= 0."""
+    values = [v.strip() for v in value.split(",")]
+    if not all(values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,3,7, got {value!r}")
+    return [non_negative_float(v) for v in values]
+
+
+def _bench(argv: Sequence[str]) -> int:
+    from mmsynth.cli.main import main
+
+    return main(list(argv))
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help()
+    return 2
+
+
+def _common(p: argparse.ArgumentParser, out_help: str, reports: str, overwrite_help: str) -> None:
+    p.add_argument("--out", default=DEFAULT_MODEL, help=f"{out_help} (default {DEFAULT_MODEL})")
+    p.add_argument("--reports", default=reports, help=f"folder for the bench reports (default {reports})")
+    p.add_argument("--overwrite", action="store_true", help=f"replace {overwrite_help}earlier bench reports of the "
+                   "same names in --reports")  # fmt: skip
+
+
+def _parts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parts", default=None, metavar="FILE",
+                   help=f"the parts' record whose training table the card quotes (default {PARTS_RECORD})")
+    p.add_argument("--no-parts", action="store_true", help="quote no parts' record")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("zoo", help="ship trained models into the Shapes zoo bundle, measured and carded",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.set_defaults(func=lambda args: _usage(p))
+    zsub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
+    s = zsub.add_parser("ship", help="ship one part: t2i (the whole bundle), clip or inpainting",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    s.set_defaults(func=lambda args: _usage(s))
+    parts = s.add_subparsers(dest="part", metavar="PART")
+
+    t = parts.add_parser("t2i", help="the text-to-image bundle as --out (replaced whole), with its model card",
+                         description="Copy a text-to-image export (and, with --clip, a CLIP whose text tower is its "
+                         "text encoder) to --out, replacing it whole (--overwrite; a shipped unet_inpainting/ is "
+                         "kept); measure it with `mmsynth bench components`, `bench run --suite t2i` and a CFG sweep; "
+                         "write README.md, the model card, with every figure under its command.")  # fmt: skip
+    t.add_argument("--bundle", default="runs/t2i/final", help="the t2i export (default runs/t2i/final)")
+    t.add_argument("--clip", default=None, metavar="DIR", help="a `mmsynth train clip` export whose clip/ ships "
+                   "instead (its text tower must be the bundle's text encoder: checked)")  # fmt: skip
+    t.add_argument("--runs", default="runs", help="the training runs folder the card reads (configs, logs, wall times)")
+    _parts(t)
+    t.add_argument("--n", type=positive_int, default=500, help="t2i cases per category (default 500)")
+    t.add_argument("--sweep-n", type=positive_int, default=100, help="cases per category per CFG value (default 100)")
+    t.add_argument("--cfg", type=_cfg_values, default=None, metavar="V1,V2",
+                   help="CFG values of the sweep beside the bench's own 5 (default 1,3,7)")
+    t.add_argument("--no-sweep", action="store_true", help="no CFG sweep (the card then has no sweep section)")
+    t.add_argument("--components-n", type=positive_int, default=1000,
+                   help="test pairs for VAE PSNR and CLIP retrieval (default 1000)")
+    t.add_argument("--seed", type=seed, default=1, help="case seed of the bench runs (the sweep uses seed + 1)")
+    _common(t, "the shipped folder, replaced whole", "runs/ship/t2i", "an existing --out and ")
+    t.set_defaults(func=_ship_t2i)
+
+    c = parts.add_parser("clip", help="a CLIP stage's export into --out as clip/, if it beats the shipped one",
+                         description="Replace --out's clip/ by a CLIP stage's CLIP (float16) when its text tower is "
+                         "the bundle's text encoder and its caption-consistent retrieval beats the shipped one "
+                         "(--allow-worse ships anyway) and reaches --at-least; a stage that adds weight must name "
+                         "--at-least. Rewrites the card's weights line, parts table and Components section.")
+    c.add_argument("--run", required=True, help="the CLIP training run folder (its export: RUN/final)")
+    c.add_argument("--n", type=positive_int, default=1000, help="test pairs for retrieval and PSNR (default 1000)")
+    c.add_argument("--val-seed", type=seed, default=None,
+                   help="also measure retrieval on the val split with this seed and put it on the card")
+    c.add_argument("--at-least", type=fraction, default=None, metavar="F",
+                   help="refuse unless test retrieval reaches F too (e.g. 0.90 for a stage that adds weight)")
+    c.add_argument("--allow-worse", action="store_true", help="ship even if retrieval does not beat the shipped CLIP")
+    c.add_argument("--command", default="mmsynth train clip", help="the command that trained the run, for the card")
+    _parts(c)
+    _common(c, "the bundle whose clip/ is replaced", "runs/ship/clip", "")
+    c.set_defaults(func=_ship_clip)
+
+    i = parts.add_parser("inpainting", help="an inpainting UNet into --out as unet_inpainting/, with its card",
+                         description="Put the UNet of a `mmsynth train inpaint` run into --out as unet_inpainting/ "
+                         "(an existing one only with --overwrite), benchmark inpainting against blended latents, and "
+                         "write its card and the bundle card's pointer to it.")  # fmt: skip
+    i.add_argument("--run", default="runs/inpaint", help="the inpainting training run (its export: RUN/final)")
+    i.add_argument("--n", type=positive_int, default=200, help="inpaint cases (default 200)")
+    i.add_argument("--seed", type=seed, default=3, help="case seed (default 3)")
+    _common(i, "the bundle that gets unet_inpainting/", "runs/ship/inpainting",
+            "an existing unet_inpainting/ and ")
+    i.set_defaults(func=_ship_inpainting)
+
+
+def _parts_file(args: argparse.Namespace) -> Path | None:
+    """--parts, or the default record; none with --no-parts (both: refused, not one silently ignored)."""
+    if args.no_parts and args.parts is not None:
+        raise InputError("give --parts FILE or --no-parts, not both")
+    return None if args.no_parts else Path(args.parts or PARTS_RECORD)
+
+
+def _sweep(args: argparse.Namespace) -> list[float]:
+    """The CFG values of the sweep: --cfg, the default, or none with --no-sweep (both: refused)."""
+    if args.no_sweep and args.cfg is not None:
+        raise InputError("give --cfg V1,V2 or --no-sweep, not both")
+    return [] if args.no_sweep else (args.cfg or [1.0, 3.0, 7.0])
+
+
+def _ship_t2i(args: argparse.Namespace) -> int:
+    from mmsynth.evaluate.ship import ship_t2i
+
+    ship_t2i(Path(args.bundle), Path(args.out), _bench, clip=Path(args.clip) if args.clip else None,
+             runs=Path(args.runs), parts=_parts_file(args), reports=Path(args.reports), n=args.n,
+             sweep_n=args.sweep_n, cfg=_sweep(args), components_n=args.components_n,
+             seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+    return 0
+
+
+def _ship_clip(args: argparse.Namespace) -> int:
+    from mmsynth.evaluate.ship import ship_clip
+
+    ship_clip(Path(args.run), Path(args.out), _bench, n=args.n, reports=Path(args.reports),
+              allow_worse=args.allow_worse, at_least=args.at_least, parts=_parts_file(args), command=args.command,
+              val_seed=args.val_seed, overwrite=args.overwrite)  # fmt: skip
+    return 0
+
+
+def _ship_inpainting(args: argparse.Namespace) -> int:
+    from mmsynth.evaluate.ship import ship_inpainting
+
+    ship_inpainting(Path(args.run), Path(args.out), _bench, n=args.n, seed=args.seed, reports=Path(args.reports),
+                    overwrite=args.overwrite)  # fmt: skip
+    return 0
