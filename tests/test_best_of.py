@@ -99,8 +99,9 @@ def test_shared_candidates_draw_each_candidate_once_and_pick_as_alone(bundle, re
 
     alone = sample(bundle, request_k3, progress=False)
     seeds = []
-    real = sampler_module.sample
-    monkeypatch.setattr(sampler_module, "sample", lambda b, r, **kw: seeds.append(r.seed) or real(b, r, **kw))
+    real = sampler_module.run_loop  # each candidate is one run of the loop
+    monkeypatch.setattr(sampler_module, "run_loop",
+                        lambda b, r, c, **kw: seeds.append(r.seed) or real(b, r, c, **kw))
     with shared_candidates() as draws:
         sample(bundle, dataclasses.replace(request_k3, best_of=2), progress=False)
         with shared_candidates():  # a nested block shares the outer one's draws
@@ -111,3 +112,15 @@ def test_shared_candidates_draw_each_candidate_once_and_pick_as_alone(bundle, re
     np.testing.assert_array_equal(shared.images, alone.images)
     sample(bundle, dataclasses.replace(request_k3, best_of=2), progress=False)  # outside: nothing kept
     assert seeds[3:] == [candidate_seed(5, j) for j in range(2)]
+
+
+def test_each_image_records_its_own_per_image_options(bundle, gradient_image):
+    from mmsynth.sample import Img2Img
+    from mmsynth.sample.controls import decode_array
+
+    flipped = np.ascontiguousarray(gradient_image[::-1])
+    request = GenerationRequest(prompt=PROMPTS, n=2, seed=5, steps=2, cfg=3.0, best_of=2)
+    result = sample(bundle, request, [Img2Img(image=[gradient_image, flipped], strength=0.5)], progress=False)
+    for i, expected in enumerate((gradient_image, flipped)):
+        recorded = result.requests[i].controls[0]["image"]
+        np.testing.assert_array_equal(decode_array(recorded, "image")[..., :3], expected)

@@ -108,7 +108,7 @@ class _SourceReplay(Control):
             raise InputError(f"{self.name} until must be a fraction of the steps in [0, 1], got {self.until!r}")
 
     def prepare(self, ctx: Context) -> None:
-        from mmsynth.sample.sampler import sample
+        from mmsynth.sample.sampler import run_loop
 
         check_batch_length(self.source_prompt, ctx.request.n, self.name, "source prompts")
         self.check_prompts(ctx)
@@ -117,7 +117,7 @@ class _SourceReplay(Control):
         # for the edited prompt) is not overwritten by the nested run's prepare for the source prompt
         others = [copy.copy(c) for c in ctx.controls if not isinstance(c, _SourceReplay)]
         source = dataclasses.replace(ctx.request, prompt=self.source_prompt, controls=[])
-        sample(ctx.bundle, source, [*others, recorder], progress=False, decode=False)
+        run_loop(ctx.bundle, source, [*others, recorder], progress=False, decode=False)
         self._replay = _AttentionTap(kind=self.kind, until=float(self.until), store=recorder._kept)
         self._replay.install(ctx)
 

@@ -103,7 +103,7 @@ def sample_best_of(bundle: Bundle, request: GenerationRequest, controls: list[Co
 
     The result's `selection` says, per image, which candidate won and every candidate's CLIP distance.
     """
-    from mmsynth.sample.sampler import SampleResult, sample
+    from mmsynth.sample.sampler import SampleResult, run_loop
 
     check_best_of(bundle, request)
     k = request.best_of
@@ -117,7 +117,7 @@ def sample_best_of(bundle: Bundle, request: GenerationRequest, controls: list[Co
             drawn = _shared.draws[key][1:]
             _shared.reused += 1
         else:
-            run = sample(bundle, candidate, controls=controls, progress=progress, decode=True)
+            run = run_loop(bundle, candidate, controls, progress=progress, decode=True)  # `request` records them
             drawn = (run, clip_distances(bundle, run.images, prompts))
             if key is not None:
                 _shared.draws[key] = (bundle, *drawn)
@@ -126,10 +126,9 @@ def sample_best_of(bundle: Bundle, request: GenerationRequest, controls: list[Co
     best = dist.argmin(axis=0)
     images = np.stack([runs[int(j)][0].images[i] for i, j in enumerate(best)])
     latents = torch.stack([runs[int(j)][0].latents[i] for i, j in enumerate(best)])
-    recorded = dataclasses.replace(request, controls=runs[0][0].requests[0].controls)
     selection = [{"best_of": k, "chosen": int(j), "seed": candidate_seed(request.seed + i, int(j)),
                   "clip_distance": [round(float(d), 6) for d in dist[:, i]]} for i, j in enumerate(best)]  # fmt: skip
     if not decode:
         images = images[:0]
-    return SampleResult(images, latents, [recorded.for_image(i) for i in range(request.n)], selection)
+    return SampleResult(images, latents, [request.for_image(i) for i in range(request.n)], selection)
 

@@ -24,7 +24,7 @@ from mmsynth.errors import InputError
 from mmsynth.models.denoiser import Denoiser, ModelInputs, make_denoiser
 from mmsynth.models.tokenizer import tokenize_padded, warn_if_truncated, warn_unknown_words
 from mmsynth.sample.attention import AttentionService
-from mmsynth.sample.controls import Branch, Control, Step, controls_from_dicts, merge_inputs
+from mmsynth.sample.controls import Branch, Control, Step, merge_inputs
 from mmsynth.sample.request import GenerationRequest
 from mmsynth.sample.schedulers import make_scheduler
 
@@ -451,16 +451,26 @@ def sample(bundle: Bundle, request: GenerationRequest, controls: list[Control] |
 
     decode=False skips the VAE (inversion, latent pipelines): images is then an empty array.
     With `request.best_of` K > 1 each image is the bundle CLIP's pick of K candidates (best_of.py).
+    Each control is built once: from the request's dicts when `controls` is None (checking them builds them),
+    else as given, and then recorded in the returned requests with one `to_dict` each.
     """
-    request.validate(limits=None)  # the caller sized it (the CLI checked its --max-side / --max-images)
+    # the caller sized the request (the CLI checked its --max-side / --max-images)
     if controls is None:
-        controls = controls_from_dicts(request.controls)
+        controls = request.validated_controls(limits=None)
     else:
+        dataclasses.replace(request, controls=[]).validate(limits=None)
         request = dataclasses.replace(request, controls=[c.to_dict() for c in controls])
     if request.best_of > 1:
         from mmsynth.sample.best_of import sample_best_of
 
         return sample_best_of(bundle, request, controls, progress=progress, decode=decode)
+    return run_loop(bundle, request, controls, progress=progress, decode=decode)
+
+
+def run_loop(bundle: Bundle, request: GenerationRequest, controls: list[Control], progress: bool = True,
+             decode: bool = True) -> SampleResult:
+    """The loop itself, for a checked request that already records `controls` (what `sample` hands on, and what
+    best-of candidates and nested source runs call without re-encoding the controls' images)."""
     ctx = Context.create(bundle, request, controls)
     prepared: list[Control] = []
     try:
