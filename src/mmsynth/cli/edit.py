@@ -72,17 +72,17 @@ def run(args: argparse.Namespace) -> int:
     from mmsynth.cli.generate import recorded, sample_built, write_outputs
     from mmsynth.cli.invert import load_bundle
     from mmsynth.io import check_output_dir, load_image
-    from mmsynth.sample.edit import edit_request
+    from mmsynth.sample.edit import edit_controls
 
     out = check_output_dir(args.out, overwrite=args.overwrite)
     image = load_image(args.image, "IMAGE")
-    request = edit_request(image, args.source_prompt, **sampling_kwargs(args), keep_attention=args.keep_attention,
-                           cross_attention=args.cross_attention,
-                           negative_prompt_inversion=not args.no_negative_prompt_inversion,
-                           model=args.model or DEFAULT_MODEL, strength=args.strength, null_text=args.null_text,
-                           recolour=args.recolour)
-    controls = request.validated_controls(limits_from_args(args)) + guidance_options.controls_from_args(args, image)
-    request.controls = []  # recorded by the sampler, with the guidance controls
+    request, controls = edit_controls(image, args.source_prompt, **sampling_kwargs(args),
+                                      keep_attention=args.keep_attention, cross_attention=args.cross_attention,
+                                      negative_prompt_inversion=not args.no_negative_prompt_inversion,
+                                      model=args.model or DEFAULT_MODEL, strength=args.strength,
+                                      null_text=args.null_text, recolour=args.recolour)
+    request.validate(limits_from_args(args))
+    controls += guidance_options.controls_from_args(args, image)  # recorded by the sampler, with the edit's own
     bundle = load_bundle(args.model, args.device)
     result = sample_built(bundle, request, controls, progress=not args.quiet)
     write_outputs(out, result, recorded(request, result), args.overwrite)

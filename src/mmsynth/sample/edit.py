@@ -6,6 +6,7 @@ the attention replays (`attention_replay.py`) and, for a colour swap, recolourin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -15,16 +16,32 @@ from mmsynth.sample.attention_replay import SourceAttention, SourceCrossAttentio
 from mmsynth.sample.controls import Control, is_integer
 from mmsynth.sample.img2img import _as_rgb
 from mmsynth.sample.inversion import InvertedLatents
-from mmsynth.sample.request import GenerationRequest
+from mmsynth.sample.request import (
+    DEFAULT_CFG,
+    DEFAULT_INVERSION_CFG,
+    DEFAULT_INVERSION_STEPS,
+    DEFAULT_SCHEDULER,
+    DEFAULT_SEED,
+    GenerationRequest,
+)
 
 
-def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[str], steps: int = 50,
-                 cfg: float = 5.0, seed: int = 0, scheduler: str = "ddim", keep_attention: float = 0.0,
-                 cross_attention: float = 0.0,
-                 negative_prompt_inversion: bool = True, inversion_cfg: float = 1.0,
-                 model: str | None = None, strength: float = 1.0, null_text: int = 0,
-                 recolour: int = 0) -> GenerationRequest:
-    """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt).
+def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[str], **options: Any
+                 ) -> GenerationRequest:
+    """The self-contained, replayable request of a prompt-swap edit (invert with source_prompt, sample with prompt):
+    `edit_controls`' request with its controls recorded as dicts. Options as `edit_controls`."""
+    request, controls = edit_controls(image, source_prompt, prompt, **options)
+    return dataclasses.replace(request, controls=[c.to_dict() for c in controls])
+
+
+def edit_controls(image: Any, source_prompt: str | list[str], prompt: str | list[str],
+                  steps: int = DEFAULT_INVERSION_STEPS, cfg: float = DEFAULT_CFG, seed: int = DEFAULT_SEED,
+                  scheduler: str = DEFAULT_SCHEDULER, keep_attention: float = 0.0, cross_attention: float = 0.0,
+                  negative_prompt_inversion: bool = True, inversion_cfg: float = DEFAULT_INVERSION_CFG,
+                  model: str | None = None, strength: float = 1.0, null_text: int = 0,
+                  recolour: int = 0) -> tuple[GenerationRequest, list[Control]]:
+    """A prompt-swap edit as a checked request without controls and the controls it samples with, each built once
+    (what `mmsynth edit` passes to `sample`, which records them).
 
     Lists of n images, source prompts and prompts edit n images as one batch (image i as alone, seed + i).
     strength < 1: partial inversion (invert that fraction of the steps, edit only those). keep_attention /
@@ -66,6 +83,6 @@ def edit_request(image: Any, source_prompt: str | list[str], prompt: str | list[
 
         controls.append(recolour_guidance(source, source_prompt, prompt, m=recolour))
     request = GenerationRequest(prompt=prompt, negative_prompt=source_prompt if negative_prompt_inversion else "",
-                                controls=[c.to_dict() for c in controls], scheduler=scheduler, steps=steps, cfg=cfg,
-                                seed=seed, n=n, height=images[0].shape[0], width=images[0].shape[1], model=model)
-    return request.validate(limits=None)  # the caller bounds the size (the CLI by its --max-side)
+                                scheduler=scheduler, steps=steps, cfg=cfg, seed=seed, n=n,
+                                height=images[0].shape[0], width=images[0].shape[1], model=model)
+    return request.validate(limits=None), controls  # the caller bounds the size (the CLI by its --max-side)

@@ -46,7 +46,7 @@ from mmsynth.sample.controls import (
     register_control,
 )
 from mmsynth.sample.img2img import _as_rgb, kept_steps, skip_to_strength
-from mmsynth.sample.request import GenerationRequest
+from mmsynth.sample.request import DEFAULT_INVERSION_CFG, DEFAULT_INVERSION_STEPS, DEFAULT_SCHEDULER, GenerationRequest
 
 if TYPE_CHECKING:
     from mmsynth.models.bundle import Bundle
@@ -180,7 +180,7 @@ class InvertedLatents(Control):
 
     image: Any = None
     source_prompt: str = ""
-    inversion_cfg: float = 1.0
+    inversion_cfg: float = DEFAULT_INVERSION_CFG
     strength: float = 1.0
 
     def __post_init__(self) -> None:
@@ -238,7 +238,8 @@ class InversionResult:
     requests: list[GenerationRequest] = field(default_factory=list)
 
 
-def invert(bundle: Bundle, image: Any, prompt: str | list[str], steps: int = 50, cfg: float = 1.0,
+def invert(bundle: Bundle, image: Any, prompt: str | list[str], steps: int = DEFAULT_INVERSION_STEPS,
+           cfg: float = DEFAULT_INVERSION_CFG,
            negative_prompt: str = "", controls: list[Control] | None = None, height: int | None = None,
            width: int | None = None, progress: bool = False, strength: float = 1.0) -> InversionResult:
     """DDIM-invert `image` under `prompt` through the one loop; other controls add their inputs as when sampling.
@@ -265,8 +266,9 @@ def invert(bundle: Bundle, image: Any, prompt: str | list[str], steps: int = 50,
     return InversionResult(result.latents, result.requests[0], result.requests)
 
 
-def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str | list[str], steps: int = 50, cfg: float = 1.0,
-                scheduler: str = "ddim", negative_prompt_inversion: bool = False,
+def reconstruct(bundle: Bundle, latents: torch.Tensor, prompt: str | list[str], steps: int = DEFAULT_INVERSION_STEPS,
+                cfg: float = DEFAULT_INVERSION_CFG, scheduler: str = DEFAULT_SCHEDULER,
+                negative_prompt_inversion: bool = False,
                 controls: list[Control] | None = None, progress: bool = False) -> SampleResult:
     """Sample from x_T with the source prompt (negative_prompt_inversion: the prompt is also the negative).
 

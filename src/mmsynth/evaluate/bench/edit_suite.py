@@ -220,19 +220,19 @@ def swap_batch(ctx: RunContext, cases: list[Case]) -> list[np.ndarray]:
     """Invert each source with its caption, sample with the edited one (negative-prompt inversion: the source
     caption is the negative prompt), optionally replaying the source's self-attention (`keep_attention`); the
     cases go as one batch when their seeds run on consecutively (image i as alone), otherwise one by one."""
-    from mmsynth.sample import edit_request, sample
+    from mmsynth.sample import sample
+    from mmsynth.sample.edit import edit_controls
 
     s, first = ctx.sampler, cases[0]
     if any(c.seed != first.seed + i for i, c in enumerate(cases)):
         return [image for c in cases for image in swap_batch(ctx, [c])]
-    request = edit_request([source_image(c) for c in cases], [c.extra["source_prompt"] for c in cases],
-                           [c.prompt for c in cases], steps=s.steps, cfg=s.cfg, seed=first.seed,
-                           scheduler=s.scheduler, keep_attention=float(ctx.params.get("keep_attention", 0.0)),
-                           cross_attention=float(ctx.params.get("cross_attention", 0.0)),
-                           strength=float(ctx.params.get("strength", 1.0)),
-                           null_text=int(ctx.params.get("null_text", 0)),
-                           recolour=int(ctx.params.get("recolour", 0)))
-    return list(sample(ctx.bundle(), request, progress=False).images)
+    request, controls = edit_controls(
+        [source_image(c) for c in cases], [c.extra["source_prompt"] for c in cases], [c.prompt for c in cases],
+        steps=s.steps, cfg=s.cfg, seed=first.seed, scheduler=s.scheduler,
+        keep_attention=float(ctx.params.get("keep_attention", 0.0)),
+        cross_attention=float(ctx.params.get("cross_attention", 0.0)), strength=float(ctx.params.get("strength", 1.0)),
+        null_text=int(ctx.params.get("null_text", 0)), recolour=int(ctx.params.get("recolour", 0)))
+    return list(sample(ctx.bundle(), request, controls, progress=False).images)
 
 
 def swap(ctx: RunContext, case: Case) -> np.ndarray:
