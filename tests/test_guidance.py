@@ -219,6 +219,32 @@ def test_clip_guide_image_text_and_image_image(bundle, target):
         assert grad.abs().sum() > 0  # the gradient reaches the pixels through CLIP's vision tower
 
 
+OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def test_the_clip_guide_normalises_pixels_as_the_clips_image_processor_says(bundle, tmp_path):
+    import json
+
+    from mmsynth.models import Bundle
+
+    zoo_guide = build_guide("clip", {"text": "a red circle"}, bundle)  # a CLIP mmsynth trains reads [-1, 1]
+    assert zoo_guide.mean.flatten().tolist() == [0.5] * 3 and zoo_guide.std.flatten().tolist() == [0.5] * 3
+    bundle.save_pretrained(tmp_path / "m")
+    config = tmp_path / "m" / "clip" / "preprocessor_config.json"
+    data = json.loads(config.read_text())
+    assert data["image_mean"] == [0.5] * 3  # the convention is written where every CLIP user reads it
+    config.write_text(json.dumps({**data, "image_mean": OPENAI_MEAN, "image_std": OPENAI_STD}))
+    openai_like = Bundle.from_pretrained(tmp_path / "m")
+    guide = build_guide("clip", {"text": "a red circle"}, openai_like)
+    torch.testing.assert_close(guide.mean.flatten(), torch.tensor(OPENAI_MEAN))
+    torch.testing.assert_close(guide.std.flatten(), torch.tensor(OPENAI_STD))
+    x = torch.zeros(1, 3, bundle.resolution, bundle.resolution)
+    with torch.no_grad():
+        assert not torch.allclose(guide(x), zoo_guide(x))  # the same CLIP scores the same image otherwise
+    given = build_guide("clip", {"text": "a red circle", "mean": 0.5, "std": 0.5}, openai_like)
+    assert given.mean.flatten().tolist() == [0.5]  # an explicit normalisation still wins
+
+
 def test_user_module_guides_and_their_json(bundle, target):
     class Brightness(torch.nn.Module):
         def forward(self, images):

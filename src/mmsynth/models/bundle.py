@@ -70,12 +70,17 @@ class Bundle:
     unet: Any  # diffusers UNet2DConditionModel
     scheduler: Any  # a diffusers scheduler
     clip: Any | None = None  # transformers CLIPModel (optional)
+    # how the CLIP wants its pixels (transformers CLIPImageProcessor: mean, std, size); None with a CLIP: the zoo's
+    # convention, images in [-1, 1] (what mmsynth's CLIPs are trained on)
+    clip_processor: Any | None = None
     # named components by name (e.g. INPAINTING_UNET); a plain dict given here becomes a Components mapping
     extras: Components = field(default_factory=Components)
 
     def __post_init__(self) -> None:
         if not isinstance(self.extras, Components):
             self.extras = Components(self.extras)
+        if self.clip is not None and self.clip_processor is None:
+            self.clip_processor = zoo_clip_processor(self.clip)
 
     # ------------------------------------------------------------ geometry
     @property
@@ -148,7 +153,7 @@ class Bundle:
             pipe.save_pretrained(tmp, safe_serialization=True)
             _portable_tokenizer_class(tmp)
             if modules.clip is not None:
-                save_clip(modules.clip, tmp / CLIP_FOLDER)
+                save_clip(modules.clip, tmp / CLIP_FOLDER, self.clip_processor)
             save_named(tmp, modules.extras, RESERVED)  # (each one loaded, if it was not yet)
         return dest
 
@@ -163,6 +168,7 @@ class Bundle:
             unet=conv(self.unet),
             scheduler=self.scheduler,
             clip=conv(self.clip),
+            clip_processor=self.clip_processor,
             extras={k: conv(v) if isinstance(v, torch.nn.Module) else v for k, v in self.extras.items()},  # loads all
         )
 
@@ -207,7 +213,13 @@ class Bundle:
         clip = None
         if load_clip and local.exists() and (local / CLIP_FOLDER).is_dir():
             clip = load_component(source, CLIP_FOLDER, torch_dtype)
-        bundle = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler, clip=clip)
+        processor = None
+        if clip is not None and (local / CLIP_FOLDER / "preprocessor_config.json").is_file():
+            from transformers import CLIPImageProcessor
+
+            processor = CLIPImageProcessor.from_pretrained(local / CLIP_FOLDER)
+        bundle = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler, clip=clip,
+                     clip_processor=processor)
         for name, entry in named.items():
             bundle.extras.add_lazy(name, functools.partial(load_named, source, name, entry, torch_dtype))
         for name in components:
@@ -321,23 +333,21 @@ def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, *
     return dest
 
 
-def save_clip(clip: Any, folder: Path) -> None:
-    """Save a CLIPModel with the image processor that states its pixel convention.
-
-    The zoo's CLIP sees images in [-1, 1] (the same tensors the VAE and UNet get), i.e. mean 0.5 and
-    std 0.5 on [0, 1] pixels, at its own resolution; recording that in preprocessor_config.json lets
-    `CLIPImageProcessor.from_pretrained` prepare images for it like for any CLIP.
-    """
+def zoo_clip_processor(clip: Any) -> Any:
+    """The image processor of the CLIPs mmsynth trains: they see images in [-1, 1] (the same tensors the VAE and UNet
+    get), i.e. mean 0.5 and std 0.5 on [0, 1] pixels, at their own resolution."""
     from transformers import CLIPImageProcessor
 
-    clip.save_pretrained(folder, safe_serialization=True)
     size = int(clip.config.vision_config.image_size)
-    CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    ).save_pretrained(folder)
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # fmt: skip
+
+
+def save_clip(clip: Any, folder: Path, processor: Any | None = None) -> None:
+    """Save a CLIPModel with the image processor that states its pixel convention (`processor`, or the zoo's):
+    `CLIPImageProcessor.from_pretrained` then prepares images for it like for any CLIP, and guidance reads it."""
+    clip.save_pretrained(folder, safe_serialization=True)
+    (processor or zoo_clip_processor(clip)).save_pretrained(folder)
 
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -92,7 +92,7 @@ def clip_distances(bundle: Bundle, images: np.ndarray, prompts: list[str]) -> np
     out = np.zeros(len(prompts))
     for prompt in dict.fromkeys(prompts):  # one text embedding per distinct prompt
         idx = [i for i, p in enumerate(prompts) if p == prompt]
-        guide = ClipGuide(bundle.clip, bundle.tokenizer, text=prompt)
+        guide = ClipGuide(bundle.clip, bundle.tokenizer, text=prompt, processor=getattr(bundle, "clip_processor", None))
         out[idx] = guide(x[idx]).double().cpu().numpy()
     return out
 

@@ -152,12 +152,14 @@ def soft_lab_histogram(lab: torch.Tensor, bins: tuple[int, int, int]) -> torch.T
 class ClipGuide(nn.Module):
     """1 - cosine similarity between CLIP embeddings of the image and a text or a target image.
 
-    mean/std: the CLIP's input normalisation on [0, 1] pixels (the zoo's CLIP reads [-1, 1], i.e. 0.5/0.5;
-    OpenAI CLIP uses (0.481, 0.458, 0.408) / (0.269, 0.261, 0.276)).
+    mean/std: the CLIP's input normalisation on [0, 1] pixels; by default the `processor`'s (a transformers
+    CLIPImageProcessor, the bundle's `clip_processor`: OpenAI CLIP's (0.481, 0.458, 0.408) / (0.269, 0.261, 0.276),
+    the zoo's 0.5 / 0.5, i.e. [-1, 1]), or 0.5 / 0.5 without one.
     """
 
     def __init__(self, clip: Any, tokenizer: Any, text: str | None = None, image: Any = None,
-                 mean: float | list[float] = 0.5, std: float | list[float] = 0.5):
+                 mean: float | list[float] | None = None, std: float | list[float] | None = None,
+                 processor: Any | None = None):
         super().__init__()
         if clip is None:
             raise InputError("clip guide: this model bundle has no CLIP (clip/ folder); use another guide "
@@ -166,6 +168,10 @@ class ClipGuide(nn.Module):
             raise InputError("clip guide: give exactly one of text (image-text) or image (image-image)")
         self.clip = clip
         self.size = int(clip.config.vision_config.image_size)
+        if mean is None:
+            mean = list(processor.image_mean) if processor is not None else 0.5
+        if std is None:
+            std = list(processor.image_std) if processor is not None else 0.5
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1))
         with torch.no_grad():
@@ -320,7 +326,9 @@ class GuideSpec:
 GUIDES: dict[str, GuideSpec] = {
     "palette": GuideSpec(lambda bundle, **p: PaletteGuide(**p), "target (image), cells=8, mode=map|histogram, bins",
                          "CIELab palette map / soft histogram against a target image"),
-    "clip": GuideSpec(lambda bundle, **p: ClipGuide(bundle.clip, bundle.tokenizer, **p), "text | image, mean, std",
+    "clip": GuideSpec(lambda bundle, **p: ClipGuide(bundle.clip, bundle.tokenizer,
+                                                     processor=getattr(bundle, "clip_processor", None), **p),
+                      "text | image, mean, std (default: the CLIP's image processor's)",
                       "CLIP image-text or image-image cosine distance (needs the bundle's CLIP)"),
     "region": GuideSpec(lambda bundle, **p: RegionGuide(**p), "mask, color, fill=0.5, margin=20, repel=0, cells=16",
                         "a colour drawn into a mask (Lab distances)"),
