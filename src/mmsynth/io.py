@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -197,8 +197,15 @@ def user_permissions(root: Path) -> None:
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def _fresh_name(folder: Path, prefix: str, suffix: str = "") -> Path:
-    return folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+def _claim(folder: Path, prefix: str, suffix: str, make: Callable[[Path], Any]) -> Path:
+    """A new temp path in `folder`, created by `make` (exclusive: a name taken meanwhile is skipped)."""
+    while True:
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextmanager
@@ -209,13 +216,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(path)
     made = _make_parents(dest.parent)
-    while True:
-        tmp = _fresh_name(dest.parent, f".{dest.name}.", ".tmp" + dest.suffix)
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            break
-        except FileExistsError:
-            continue
+    tmp = _claim(dest.parent, f".{dest.name}.", ".tmp" + dest.suffix,
+                 lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)))
     ok = False
     try:
         yield tmp
@@ -288,13 +290,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, whole: bool 
     made = _make_parents(dest.absolute().parent)
     # beside `path`; inside it when its entries are merged, so that only `path` itself must be writable ('.' too)
     home = dest if dest.is_dir() and not whole else dest.absolute().parent
-    while True:
-        tmp = _fresh_name(home, f".{dest.absolute().name}.tmp-")
-        try:
-            tmp.mkdir(mode=0o700)
-            break
-        except FileExistsError:
-            continue
+    tmp = _claim(home, f".{dest.absolute().name}.tmp-", "", lambda p: p.mkdir(mode=0o700))
     ok = False
     try:
         yield tmp

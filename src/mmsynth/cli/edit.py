@@ -17,8 +17,8 @@ import argparse
 from typing import Any
 
 from mmsynth.cli import guidance_options
-from mmsynth.cli.arguments import add_limit_arguments, finite_float, fraction, limits_from_args, non_negative_int
-from mmsynth.cli.sampling_options import add_sampling_arguments, sampling_kwargs
+from mmsynth.cli.arguments import finite_float, fraction, limits_from_args, non_negative_int
+from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, sampling_kwargs
 from mmsynth.models.shipped import DEFAULT_MODEL
 from mmsynth.sample.request import DEFAULT_INVERSION_STEPS
 
@@ -59,12 +59,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-negative-prompt-inversion", action="store_true",
                    help="use an empty negative prompt instead of the source prompt (implied by --null-text)")
     guidance_options.add_arguments(p, latents=False)
-    p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    add_limit_arguments(p, images=False)
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into an existing non-empty --out, replacing only the files edit writes")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(p, "an existing non-empty --out: only the files edit writes are replaced", images=False)
     p.set_defaults(func=run)
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmsynth.cli import guidance_options
-from mmsynth.cli.arguments import add_limit_arguments, finite_float, limits_from_args, resolve_device
-from mmsynth.cli.sampling_options import add_sampling_arguments, given_flags, sampling_kwargs
+from mmsynth.cli.arguments import finite_float, limits_from_args, resolve_device
+from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, given_flags, sampling_kwargs
 from mmsynth.errors import InputError
 from mmsynth.io import atomic_dir, check_output_dir, read_json_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
@@ -53,14 +53,9 @@ def register(subparsers: Any) -> None:
                    help=f"img2img strength in (0, 1] (default {DEFAULT_STRENGTH:g})")
     guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
     p.add_argument("--replay", default=None, help="a request.json written by a previous run: regenerate it exactly")
-    p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL}, the shipped zoo)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into an existing non-empty --out, replacing only the files generate writes")
-    add_limit_arguments(p)
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_run_arguments(p, "an existing non-empty --out: only the files generate writes are replaced")
     p.add_argument("--eval", action="store_true", help="score the outputs with the judge afterwards")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

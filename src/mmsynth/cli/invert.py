@@ -11,8 +11,8 @@ import argparse
 import contextlib
 from typing import Any
 
-from mmsynth.cli.arguments import add_limit_arguments, limits_from_args, non_negative_float, resolve_device
-from mmsynth.cli.sampling_options import add_sampling_arguments, sampling_kwargs
+from mmsynth.cli.arguments import limits_from_args, non_negative_float, resolve_device
+from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, sampling_kwargs
 from mmsynth.errors import InputError
 from mmsynth.io import check_output_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
@@ -47,11 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--negative-prompt-inversion", action="store_true",
                    help="with --reconstruct: reconstruct with the prompt as the negative prompt (keeps CFG > 1 "
                    "faithful)")
-    p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    add_limit_arguments(p, images=False)
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files (--out, --reconstruct)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(p, "the files --out and --reconstruct name", images=False)
     p.set_defaults(func=run)
 
 

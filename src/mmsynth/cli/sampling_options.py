@@ -106,3 +106,16 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def given_flags(args: argparse.Namespace) -> list[str]:
     """The flags of the sampling options given on the command line (generate's --replay refuses them)."""
     return [f"--{name.replace('_', '-')}" for name in getattr(args, _DEFAULTS) if getattr(args, name) is not None]
+
+
+def add_run_arguments(p: argparse.ArgumentParser, writes: str, *, images: bool = True) -> None:
+    """The options every sampling command shares besides the sampling ones: the model, the device, the size limits,
+    --overwrite (`writes`: what it replaces) and --quiet; declared once for generate, edit and invert."""
+    from mmsynth.cli.arguments import add_limit_arguments
+    from mmsynth.models.shipped import DEFAULT_MODEL
+
+    p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL}, the shipped zoo)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_limit_arguments(p, images=images)
+    p.add_argument("--overwrite", action="store_true", help=f"replace existing outputs ({writes})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
