@@ -89,3 +89,35 @@ def test_a_pixel_space_denoiser_samples_with_cfg_over_an_image_embedding(toy):
 def test_a_model_without_text_encoder_refuses_a_prompt(toy):
     with pytest.raises(InputError, match="no text encoder"):
         sample(toy, GenerationRequest(prompt="a red circle", steps=2), [ImageEmbedding()], progress=False)
+
+
+def test_a_unet_bundle_without_text_encoder_saves_loads_and_samples(tmp_path):
+    """Paint-by-Example's shape: a UNet conditioned only on what a control gives, no tokenizer or text encoder."""
+    import dataclasses
+
+    from mmsynth.models.zoo import tiny_bundle
+
+    bundle = dataclasses.replace(tiny_bundle(0), tokenizer=None, text_encoder=None, clip=None)
+    dim = bundle.unet.config.cross_attention_dim
+    bundle.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "text_encoder").exists()
+    loaded = Bundle.from_pretrained(tmp_path / "m")
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+
+    @dataclass(kw_only=True)
+    class Token(Control):
+        name: ClassVar[str] = "toy-token"
+
+        def inputs(self, ctx: Any, step: Any, branch: Any, latents: torch.Tensor) -> ModelInputs:
+            e = torch.ones(latents.shape[0], 1, dim) * (1.0 if branch.name == "cond" else 0.0)
+            return ModelInputs(context=e)
+
+    request = GenerationRequest(steps=3, cfg=2.0, seed=1)
+    images = sample(loaded, request, [Token()], progress=False).images
+    assert images.shape == (1, bundle.resolution, bundle.resolution, 3)
+    assert np.array_equal(images, sample(bundle, request, [Token()], progress=False).images)
+    with pytest.raises(InputError, match=r"no control .* gives a context"):
+        sample(loaded, request, progress=False)
+    (tmp_path / "m" / "text_encoder").mkdir()  # half a text side is a broken model, not a text-free one
+    with pytest.raises(InputError, match="no tokenizer/ component"):
+        Bundle.from_pretrained(tmp_path / "m")

@@ -46,6 +46,9 @@ COMPONENTS: dict[str, str] = {
     "scheduler": "export a bundle with `mmsynth train t2i` (it writes the scheduler config)",
 }
 CLIP_FOLDER = "clip"
+# optional together: a model conditioned only through controls (an exemplar's image embedding, Paint-by-Example)
+# is saved without them, and its model_index.json lists them as null
+TEXT_PARTS = ("tokenizer", "text_encoder")
 # Names a named component may not take: the base's folders, and the other folders diffusers'
 # StableDiffusionPipeline knows (a folder of that name would mean something else to it).
 RESERVED: frozenset[str] = frozenset({*COMPONENTS, CLIP_FOLDER, "safety_checker", "feature_extractor",
@@ -196,8 +199,9 @@ class Bundle:
                 raise InputError(
                     f"model '{local}' is a file; expected a model directory (model_index.json, unet/, ...)"
                 )
+            text_free = _without_text(local)
             for name, how in COMPONENTS.items():
-                if not (local / name).is_dir():
+                if not (local / name).is_dir() and not (text_free and name in TEXT_PARTS):
                     raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
         elif not _looks_like_hub_id(source):
             raise InputError(f"model directory '{source}' does not exist ({_HOW})")
@@ -207,8 +211,10 @@ class Bundle:
             raise InputError(f"model '{source}' has no component {', '.join(map(repr, missing))}; its components: "
                              f"{', '.join(named) or 'none'}")
 
+        text_free = local.exists() and _without_text(local)
         tokenizer, text_encoder, vae, unet, scheduler = (
-            load_component(source, name, torch_dtype) for name in COMPONENTS
+            None if text_free and name in TEXT_PARTS else load_component(source, name, torch_dtype)
+            for name in COMPONENTS
         )
         clip = None
         if load_clip and local.exists() and (local / CLIP_FOLDER).is_dir():
@@ -363,6 +369,18 @@ def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(dtype)
     return clone
+
+
+def _without_text(local: Path) -> bool:
+    """A model saved without tokenizer and text encoder: neither folder, and model_index.json does not name them."""
+    if any((local / name).is_dir() for name in TEXT_PARTS):
+        return False
+    index = local / "model_index.json"
+    try:
+        listed = json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    return all(not isinstance(listed.get(name), list) or listed[name][0] is None for name in TEXT_PARTS)
 
 
 def _looks_like_hub_id(source: str) -> bool:
