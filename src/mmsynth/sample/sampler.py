@@ -243,14 +243,17 @@ class Context:
 
     def _note_token_slices(self, branches: list[Branch], merged: list[ModelInputs],
                            given: list[list[tuple[ModelInputs, Control]]]) -> None:
-        """Where the text and each control's extra tokens sit in the context (the first branch's layout)."""
-        context = merged[0].context if merged[0].context is not None else branches[0].context
-        offset = 0 if context is None else int(context.shape[1])
-        slices = {"text": slice(0, offset)}
-        for mi, c in given[0]:
-            if mi.extra_context is not None:
-                slices[c.name] = slice(offset, offset + int(mi.extra_context.shape[1]))
-                offset += int(mi.extra_context.shape[1])
+        """Where the text and each control's extra tokens sit in the context: per branch the text comes first, then
+        the extra tokens in control order (a control that gives only some branches tokens is placed as in those)."""
+        slices: dict[str, slice] = {}
+        for b, mi_merged, items in zip(branches, merged, given):
+            context = mi_merged.context if mi_merged.context is not None else b.context
+            offset = 0 if context is None else int(context.shape[1])
+            slices.setdefault("text", slice(0, offset))
+            for mi, c in items:
+                if mi.extra_context is not None:
+                    slices.setdefault(c.name, slice(offset, offset + int(mi.extra_context.shape[1])))
+                    offset += int(mi.extra_context.shape[1])
         self.token_slices = slices
 
     def _run_model(self, model_in: torch.Tensor, t: torch.Tensor, branches: list[Branch],
