@@ -302,7 +302,8 @@ class Control:
         return None
 
     def prepare(self, ctx: Context) -> None:
-        """Once per run, before the loop: validate against the bundle, encode the condition."""
+        """Once per run, before the loop: validate against the bundle, encode the condition, and register attention
+        taps and hooks with `ctx.attention` (the loop applies them after every control has prepared)."""
 
     def start(self, ctx: Context) -> bool:
         """Set ctx.latents (and optionally ctx.timesteps) to start somewhere else than pure noise.
@@ -362,7 +363,8 @@ class Control:
         return images
 
     def close(self, ctx: Context) -> None:
-        """Always called at the end (also on error): undo patches made in prepare."""
+        """Always called at the end (also on error) for a control whose `prepare` ran, last prepared first, after
+        the attention service removed what was registered with it: release per-run state."""
 
     # ---- serialisation
     @classmethod
