@@ -240,3 +240,30 @@ def test_a_refined_vision_tower_sees_an_image_as_the_old_one_saw_it_upsampled(tm
     assert refine_vision_patches(back, old // 2) is back
     with pytest.raises(InputError, match="must divide the vision tower's patch size"):
         refine_vision_patches(clip, 3)
+
+
+def test_controlnet_and_adapter_builders_fit_a_factor_4_unet():
+    """The zoo's VAE has factor 4: the ControlNet's condition encoder and the adapter's unshuffle must bring the
+    condition image to latent size, so that diffusers' own pipelines run them (STACK.md)."""
+    import torch
+
+    from mmsynth.models.zoo import SHAPES_V1, build_adapter, build_controlnet, build_unet, tiny_bundle
+
+    b = tiny_bundle(0)
+    controlnet = build_controlnet(b.unet, b.vae_scale_factor)
+    assert controlnet.config.conditioning_embedding_out_channels == (16, 32, 96)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, b.tokenizer.model_max_length, 32)
+    with torch.no_grad():
+        down, mid = controlnet(x, 10, context, controlnet_cond=torch.rand(2, 3, 32, 32), return_dict=False)
+        assert all(float(d.abs().max()) == 0.0 for d in [*down, mid])  # zero convolutions: no effect at first
+        plain = b.unet(x, 10, context).sample
+        torch.testing.assert_close(b.unet(x, 10, context, down_block_additional_residuals=down,
+                                          mid_block_additional_residual=mid).sample, plain)
+    unet = build_unet(SHAPES_V1, 128)  # every down block with cross-attention, as the zoo's
+    adapter = build_adapter(unet, SHAPES_V1.vae_scale_factor)
+    features = adapter(torch.rand(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in features] == [(64, 16, 16), (96, 8, 8), (128, 4, 4)]
+    out = unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 48, 128), down_intrablock_additional_residuals=features)
+    assert out.sample.shape == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match="cross-attention in every down block"):
+        build_adapter(b.unet, b.vae_scale_factor)  # the tiny UNet's first block has none

@@ -10,11 +10,12 @@ factor of 4 (64x64x3 images <-> 16x16x4 latents), which diffusers' pipelines rea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 from mmsynth.models.bundle import Bundle
@@ -150,6 +151,33 @@ def build_unet(spec: ZooSpec, cross_attention_dim: int) -> UNet2DConditionModel:
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=tuple(max(1, c // spec.unet_head_dim) for c in spec.unet_channels),
     )
+
+
+def build_controlnet(unet: UNet2DConditionModel, vae_scale_factor: int, conditioning_channels: int = 3,
+                     widths: tuple[int, ...] = (16, 32, 96, 256)) -> ControlNetModel:
+    """A ControlNet for `unet`: a trainable copy of its encoder and middle block with zero-initialised output
+    convolutions (`ControlNetModel.from_unet`), whose condition encoder downsamples the condition image by the
+    VAE's factor: log2(factor) stride-2 steps, i.e. log2(factor) + 1 widths (SD: 4 for factor 8; the zoo: 3 for
+    factor 4), so diffusers' own ControlNet pipelines run it unchanged (STACK.md)."""
+    steps = int(math.log2(vae_scale_factor))
+    if 2**steps != vae_scale_factor or steps + 1 > len(widths):
+        raise ValueError(f"a VAE factor of {vae_scale_factor} needs a power of two of at most {2 ** (len(widths) - 1)}")
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths[: steps + 1],
+                                     conditioning_channels=conditioning_channels)
+
+
+def build_adapter(unet: UNet2DConditionModel, vae_scale_factor: int, in_channels: int = 3,
+                  num_res_blocks: int = 2) -> T2IAdapter:
+    """A full T2I-Adapter for `unet`: one feature map per down block, as wide as that block, the first at latent
+    resolution (pixel-unshuffle by the VAE's factor, `downscale_factor`), for `down_intrablock_additional_residuals`.
+    The UNet's down blocks must all have cross-attention but the last (SD's layout), which is where diffusers adds
+    an adapter's features at the block's own resolution."""
+    blocks = unet.config.down_block_types
+    if any("CrossAttn" not in b for b in blocks[:-1]):
+        raise ValueError(f"a T2I-Adapter needs cross-attention in every down block but the last; this UNet has "
+                         f"{', '.join(blocks)}")
+    return T2IAdapter(in_channels=in_channels, channels=list(unet.config.block_out_channels),
+                      num_res_blocks=num_res_blocks, downscale_factor=vae_scale_factor, adapter_type="full_adapter")
 
 
 def build_scheduler() -> DDIMScheduler:
