@@ -268,8 +268,8 @@ def test_a_request_with_controlnets_replays_from_json(with_cn, cond_a, cond_b):
     region = np.zeros((r, r), np.uint8)
     region[4:20] = 255
     controls = [ControlNet(model="controlnet_a", image=cond_a, mode="prompt", schedule=Schedule(scale=0.8, end=0.8)),
-                ControlNet(model="controlnet_b", image=cond_b, annotate="canny", guess_mode=True,
-                           schedule=Schedule(mask=region))]
+                ControlNet(model="controlnet_b", image=cond_b, annotate="canny",
+                           annotate_params={"low": 50, "high": 120}, guess_mode=True, schedule=Schedule(mask=region))]
     out = sample(with_cn, GenerationRequest(prompt=PROMPT, steps=3, seed=7), controls, progress=False)
     d = out.requests[0].to_dict()
     assert [c["name"] for c in d["controls"]] == ["controlnet", "controlnet"]
@@ -338,6 +338,7 @@ def test_grey_and_rgba_conditions_are_converted(with_cn, cond_a):
     ({"guess_mode": True, "schedule": {"branch": "uncond"}}, "guess mode acts on the conditional branch"),
     ({"annotate": "sonar"}, "unknown annotator kind 'sonar'"),
     ({"model": ""}, "model must be a component name"),
+    ({"annotate": "canny", "annotate_params": [1]}, "annotate_params must be an object"),
     ({"guess_mode": "yes"}, "guess_mode must be true or false"),
 ])
 def test_bad_options_are_one_line_errors(cond_a, kwargs, message):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,7 +36,7 @@ class SpatialControl(Control):
 
     model: a bundle component name or a directory `model_class.from_pretrained` loads; image: the condition (HxWx3
     uint8 array, path or PNG data URI, or a list of n, one per image); annotate: an annotator name applied to
-    `image` first (None: the image is the condition already).
+    `image` first (None: the image is the condition already), with `annotate_params` (e.g. canny's thresholds).
     """
 
     model_class: ClassVar[str] = ""  # the diffusers class the model must be (ControlNetModel, T2IAdapter)
@@ -45,6 +45,7 @@ class SpatialControl(Control):
     model: str = ""
     image: Any = None
     annotate: str | None = None
+    annotate_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -60,6 +61,9 @@ class SpatialControl(Control):
             from mmsynth.annotate import get_annotator
 
             get_annotator(self.annotate)  # an unknown name lists the valid ones now, not mid-run
+        if not isinstance(self.annotate_params, dict):
+            raise InputError(f"{self.name}: annotate_params must be an object of annotator options, got "
+                             f"{self.annotate_params!r:.60}")
         check_weights(self.schedule, self.name)
 
     def _what(self, i: int | None = None) -> str:
@@ -105,7 +109,8 @@ class SpatialControl(Control):
             if self.annotate is not None:
                 from mmsynth.annotate import annotate
 
-                arr = check_image_array(annotate(self.annotate, rgb(arr, what)), f"{what} after '{self.annotate}'")
+                arr = check_image_array(annotate(self.annotate, rgb(arr, what), **self.annotate_params),
+                                        f"{what} after '{self.annotate}'")
             pil = Image.fromarray(rgb(arr, what) if channels == 3 else grey(arr))
             if pil.size != (ctx.width, ctx.height):
                 log.warning("%s is %dx%d; resized to the output's %dx%d", what, *pil.size, ctx.width, ctx.height)
