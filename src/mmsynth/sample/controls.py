@@ -111,7 +111,7 @@ class Schedule:
         """The region mask resized (area average) to x's spatial size, shaped 1x1xhxw; None without a mask."""
         if self.mask is None:
             return None
-        m = torch.as_tensor(decode_array(self.mask, "schedule.mask"), dtype=torch.float32)
+        m = torch.tensor(decode_array(self.mask, "schedule.mask"), dtype=torch.float32)  # copied: PNGs decode read-only
         if m.ndim == 3:
             m = m.mean(dim=-1)
         if m.max() > 1.0:
@@ -395,11 +395,13 @@ def _load_builtin_controls() -> None:
     # each module registers its controls on import
     import mmsynth.sample.attend_excite
     import mmsynth.sample.attention_replay
+    import mmsynth.sample.controlnet
     import mmsynth.sample.img2img
     import mmsynth.sample.inpaint
     import mmsynth.sample.inversion
     import mmsynth.sample.layout_attention
     import mmsynth.sample.null_text
+    import mmsynth.sample.t2i_adapter
     import mmsynth.sample.universal  # noqa: F401
 
 
