@@ -160,7 +160,7 @@ def test_fidelity_of_a_set_with_itself_is_near_zero_and_larger_for_another_distr
 def test_result_schema(result):
     d = result.to_dict()
     assert set(d) == {"format", "results", "intervals", "counts", "rows", "unavailable", "skipped", "pending",
-                      "environment", "wall_s"}  # fmt: skip
+                      "notes", "environment", "wall_s"}  # fmt: skip
     assert set(d["results"]) == {"t2i", "fidelity"}
     assert set(d["results"]["t2i"]) == {"base_uncond", "t2i"}
     for suite in d["results"].values():
@@ -221,8 +221,8 @@ def test_sweep_rows_and_pending_suites(bundle):
     assert set(d["results"]["t2i"]) == {"t2i", "t2i[cfg=1]"}
     assert d["rows"]["t2i"]["t2i[cfg=1]"]["sweep"] == {"row": "t2i", "param": "cfg", "value": 1.0}
     assert d["rows"]["t2i"]["t2i[cfg=1]"]["settings"]["cfg"] == 1.0
-    assert set(d["pending"]) == {"control", "layout"} and d["results"]["control"] == {}
-    assert "no rows yet" in d["pending"]["control"] and "no rows yet" in res.markdown()
+    assert set(d["pending"]) == {"layout"} and d["results"]["layout"] == {}
+    assert "no rows yet" in d["pending"]["layout"] and "no rows yet" in res.markdown()
 
 
 def test_a_best_of_sweep_shares_candidates_and_gives_no_cost_ratio_for_rows_that_reused_them(bundle):
@@ -288,7 +288,7 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, cases, capsys):
     assert main(["bench", "run", "--cases", str(bad), "--json", str(out)]) == 2
     assert "line 2: field 'scene': missing" in capsys.readouterr().err
     assert not out.parent.exists()
-    assert main(["bench", "make-cases", "--suite", "control", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert main(["bench", "make-cases", "--suite", "layout", "--out", str(tmp_path / "c.jsonl")]) == 2
     assert "no rows yet" in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()
     assert main(["bench", "run", "--quick", "--sweep", "cfg=a", "--json", str(out)]) == 2
     assert main(["bench", "run", "--quick", "--extractor", "inception", "--json", str(out)]) == 2

@@ -8,9 +8,6 @@ from __future__ import annotations
 from mmsynth.evaluate.bench.registry import Suite, register_suite
 
 PENDING: dict[str, tuple[str, str]] = {
-    "control": ("one row per shipped control: edge F1 (both ControlNet++ thresholds), SSIM, mIoU, depth-order "
-                "accuracy, palette error, text alignment under control",
-                "no rows yet: no spatial control (ControlNet, T2I-Adapter, Composer) is shipped"),
     "layout": ("layout methods: AP50, mean box IoU, phrase accuracy per method",
                "no rows yet: no layout method (GLIGEN, layout guidance) is shipped"),
 }  # fmt: skip

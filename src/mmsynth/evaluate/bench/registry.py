@@ -18,6 +18,7 @@ from mmsynth.errors import InputError
 if TYPE_CHECKING:
     from mmsynth.evaluate.bench.cases import Case
     from mmsynth.evaluate.bench.generation import RunContext
+    from mmsynth.evaluate.bench.results import RowResult
     from mmsynth.evaluate.scoring import Metric
 
 ROW_KINDS = ("reference", "method")
@@ -97,6 +98,7 @@ class Suite:
     default_n: int = 500
     quick_n: int = 8
     needs_model_to_score: bool = False
+    notes: Callable[[list[RowResult]], list[str]] | None = None  # report lines read across rows (e.g. bars)
     pending: str | None = None
 
 
@@ -124,6 +126,7 @@ def _load_builtin() -> None:
     # importing a suite module registers it (import order = report order)
     # isort: off
     from mmsynth.evaluate.bench import t2i  # noqa: F401
+    from mmsynth.evaluate.bench import control_suite  # noqa: F401
     from mmsynth.evaluate.bench import pending  # noqa: F401
     from mmsynth.evaluate.bench import edit_suite  # noqa: F401
     from mmsynth.evaluate.bench import guidance_suite  # noqa: F401

@@ -156,6 +156,7 @@ def _html(result: BenchResult, grids: dict[tuple[str, str], str], plots: list[tu
             if r.skipped:
                 parts.append(f"<p class='note'>{esc(r.row)}: {len(r.skipped)} case(s) skipped, e.g. "
                              f"{esc(r.skipped[0]['case'])}: {esc(r.skipped[0]['reason'])}</p>")  # fmt: skip
+        parts += [f"<p>{esc(note)}</p>" for note in result.notes.get(suite, [])]
         for r in rows:
             src = grids.get((suite, r.row))
             if src:

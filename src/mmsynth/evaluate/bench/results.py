@@ -8,6 +8,7 @@
      "unavailable": {suite: {row: {metric: reason}}},
      "skipped":     {suite: {row: [{case, reason}]}},
      "pending":     {suite: note},                                # suites with no rows yet
+     "notes":       {suite: [line]},                              # read across rows (the control suite's bars)
      "environment": {versions, python, platform, device, world_size, seeds, sample counts, cases},
      "wall_s": seconds}
 Values are rounded to 4 decimals; NaN becomes null. Wall times are the only fields that differ between two
@@ -66,6 +67,7 @@ class BenchResult:
     pending: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per suite, lines read across its rows (bars)
 
     def suites(self) -> list[str]:
         out: list[str] = []
@@ -92,6 +94,7 @@ class BenchResult:
             if r.skipped:
                 d["skipped"][r.suite][r.row] = list(r.skipped)
         d["pending"] = dict(self.pending)
+        d["notes"] = {k: list(v) for k, v in self.notes.items()}
         d["environment"] = self.environment
         d["wall_s"] = round(self.wall_s, 3)
         return d
@@ -127,6 +130,7 @@ class BenchResult:
                 if r.skipped:
                     lines.append(f"- {r.row}: {len(r.skipped)} case(s) skipped, e.g. {r.skipped[0]['case']}: "
                                  f"{r.skipped[0]['reason']}")  # fmt: skip
+            lines += [f"- {note}" for note in self.notes.get(suite, [])]
             if lines[-1]:
                 lines.append("")
         return "\n".join(lines).rstrip() + "\n"

@@ -52,6 +52,11 @@ SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "resample_until": (lambda v: 0 <= v <= 1, "in [0, 1] (fraction of the steps resampled)"),
     "jump_length": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (steps redone at once when resampling)"),
     "blend": (lambda v: v in (0, 1), "0 or 1 (inpainting: blend the known latents in after every step)"),
+    "scale": (lambda v: v >= 0, "a number >= 0 (a control's conditioning scale)"),
+    "start": (lambda v: 0 <= v < 1, "in [0, 1) (fraction of the steps before a control starts)"),
+    "end": (lambda v: 0 < v <= 1, "in (0, 1] (fraction of the steps after which a control or guide stops)"),
+    "mode": (lambda v: v in (0, 1, 2), "0, 1 or 2 (ControlNet mode: balanced, prompt more important, control "
+             "more important)"),
 }
 
 
@@ -290,6 +295,8 @@ def run_bench(
     if not dist.is_main:
         return None
     add_cost_ratios(results)
+    notes = {s: fn([r for r in results if r.suite == s]) for s in {r.suite for r in results}
+             if (fn := get_suite(s).notes) is not None}  # fmt: skip
     env = environment(ctx.device, dist.world)
     env["sampler"] = dataclasses.asdict(ctx.sampler)
     env["extractor"] = ctx.extractor
@@ -299,7 +306,7 @@ def run_bench(
     }
     env["sample_counts"] = {s: {"cases": len(cs), "reference": sum(c.reference for c in cs)}
                             for s, cs in group_by_suite(cases).items()}  # fmt: skip
-    return BenchResult(results, pending, env, time.perf_counter() - t0)
+    return BenchResult(results, pending, env, time.perf_counter() - t0, notes)
 
 
 def add_cost_ratios(results: list[RowResult]) -> None:
