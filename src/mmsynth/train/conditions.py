@@ -11,6 +11,9 @@ the first source that has it:
 So a control recipe trains on exact maps where Shapes has them and on the maps users will extract at sampling
 time elsewhere. In a batch a map is a float tensor C x H x W in [0, 1] (uint8 / 255, C = 1 or 3: the layout
 of ControlNet's conditioning image); a vector condition (e.g. "histogram") stays the annotator's float vector.
+A label map (COLOUR_CODED: "segmentation") is colour-coded first, one fixed colour per label (`viz.colorize_labels`,
+0 = background black), as ControlNet's segmentation images are: label ids / 255 would be nearly black and read as
+intensities. A 3-channel one (an export's already coded map) is taken as it is.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from torch.utils.data import Dataset
 
 from mmsynth.annotate.registry import get_annotator
 from mmsynth.annotate.scene import from_scene, scene_kinds
-from mmsynth.data.scene import Scene
+from mmsynth.data.scene import Scene, sample_scene
 from mmsynth.errors import InputError
+from mmsynth.viz import colorize_labels
+
+COLOUR_CODED: tuple[str, ...] = ("segmentation",)  # label maps a network sees as colour-coded RGB images
 
 
 def check_conditions(names: tuple[str, ...], where: str) -> tuple[str, ...]:
@@ -42,6 +48,22 @@ def as_condition(value: Any) -> torch.Tensor:
         return t.float()
     t = t.float() / 255.0
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def prepared(name: str, value: Any) -> torch.Tensor:
+    """Condition `name` as a batch holds it: a label map colour-coded (COLOUR_CODED), then `as_condition`."""
+    if name in COLOUR_CODED and np.asarray(value).ndim == 2:
+        value = colorize_labels(np.asarray(value))
+    return as_condition(value)
+
+
+def condition_channels(name: str, resolution: int = 64) -> int:
+    """Channels of map `name` in a batch (1 or 3), probed on one scene, so a model built for another count is
+    refused before training; InputError for a vector condition."""
+    value = prepared(name, from_scene(name, sample_scene("train", 0), resolution))
+    if value.ndim != 3:
+        raise InputError(f"condition '{name}' is a vector ({tuple(value.shape)}), not a map a spatial control takes")
+    return int(value.shape[0])
 
 
 def pixels_uint8(pixel_values: torch.Tensor) -> np.ndarray:
@@ -67,5 +89,5 @@ class WithConditions(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
         for name in self.names:
-            example[name] = as_condition(example[name] if name in example else self.derive(name, example))
+            example[name] = prepared(name, example[name] if name in example else self.derive(name, example))
         return example

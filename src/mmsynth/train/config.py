@@ -58,13 +58,17 @@ class TrainConfig:
     sample_every: int = 500  # 0 disables sample grids
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # > 0: also write the recipe's export (EMA weights) every N steps to OUT/exports/step_N, kept all (a metric
+    # against training steps, e.g. ControlNet's sudden convergence, without keeping every full checkpoint)
+    export_every: int = 0
 
     def validate(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"config key '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "decay_steps", "sample_every", "num_workers", "weight_decay", "max_grad_norm"):
+        for name in ("warmup_steps", "decay_steps", "sample_every", "export_every", "num_workers", "weight_decay",
+                     "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise InputError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
         for name in ("seed", "data_seed"):

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
 # what a run writes into its folder: `overwrite` replaces these and never touches anything else
-RUN_ENTRIES = ("config.yaml", "log.csv", "samples", "checkpoints", "final", "summary.json")
+RUN_ENTRIES = ("config.yaml", "log.csv", "samples", "checkpoints", "exports", "final", "summary.json")
 
 
 @dataclass
@@ -222,6 +222,11 @@ def train(
                     grid = recipe.sample_grid(step)
                 if grid is not None:
                     save_image(grid, out / "samples" / f"step_{step:07d}.png")
+            accelerator.wait_for_everyone()
+        if config.export_every and step % config.export_every == 0:
+            if accelerator.is_main_process:
+                with _ema_weights(emas, recipe, accelerator):
+                    recipe.export(out / "exports" / checkpoint_name(step))
             accelerator.wait_for_everyone()
         checkpointed = step % config.checkpoint_every == 0 or step == config.max_steps
         if checkpointed:

@@ -15,6 +15,8 @@ RECIPES: dict[str, str] = {
     "vae": "mmsynth.train.recipes.vae:VaeRecipe",
     "t2i": "mmsynth.train.recipes.t2i:TextToImageRecipe",
     "inpaint": "mmsynth.train.recipes.inpaint:InpaintRecipe",
+    "controlnet": "mmsynth.train.recipes.controlnet:ControlNetRecipe",
+    "t2i-adapter": "mmsynth.train.recipes.t2i_adapter:AdapterRecipe",
 }
 
 
