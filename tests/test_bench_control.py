@@ -23,6 +23,7 @@ from mmsynth.evaluate.bench.control_suite import (
     COMPONENTS,
     bar_notes,
     control_dict,
+    controls_for,
     judge_segmentation,
     silhouettes,
 )
@@ -113,6 +114,24 @@ def test_control_dicts_follow_the_row_settings():
                  "schedule": {"scale": 0.5, "start": 0.1, "end": 0.8}}  # fmt: skip
     assert control_dict("adapter_depth", "IMG", {})["name"] == "t2i-adapter"
     assert "mode" not in control_dict("adapter_depth", "IMG", {})
+
+
+def test_segmentation_cases_reach_the_network_colour_coded_as_in_training(cases):
+    """The bench gives a ControlNet the segmentation map as the recipe trained it (colour-coded labels), not the
+    raw label ids (nearly black); edges pass unchanged."""
+    from mmsynth.train.conditions import prepared
+    from mmsynth.viz import colorize_labels
+
+    seg = next(c for c in cases if c.category == "segmentation")
+    labels = seg.condition_maps()["segmentation"]
+    control = controls_for(None)(RunContext(bundle_obj=None), [seg])[0]
+    assert control.image.shape == (*labels.shape, 3)
+    assert np.array_equal(control.image, colorize_labels(labels))
+    trained = (prepared("segmentation", labels) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(trained, control.image)
+    canny = next(c for c in cases if c.category == "canny")
+    assert np.array_equal(controls_for(None)(RunContext(bundle_obj=None), [canny])[0].image,
+                          canny.condition_maps()["canny"])
 
 
 def test_sweeps_of_scale_start_end_and_mode(bundle, cases):

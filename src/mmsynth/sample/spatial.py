@@ -3,9 +3,10 @@
 Both take a condition image (an RGB array, an image path or a PNG data URI; or one per image of the batch), may
 extract the condition from it on the fly with an annotator of `mmsynth.annotate` (`annotate="canny"`), and name
 their network as a bundle component ("controlnet_canny") or a local directory that the network's diffusers class
-loads with `from_pretrained`. The condition is preprocessed with diffusers' own `VaeImageProcessor` exactly as
-diffusers' pipelines do (values in [0, 1], not normalised, resized with Lanczos to the output size), so the same
-weights give the same result here and there.
+loads with `from_pretrained`. A label map an annotator makes (segmentation) is colour-coded as training showed it
+(`annotate.network_input`); a condition image given directly is taken as it is. The condition is preprocessed
+with diffusers' own `VaeImageProcessor` exactly as diffusers' pipelines do (values in [0, 1], not normalised,
+resized with Lanczos to the output size), so the same weights give the same result here and there.
 """
 
 from __future__ import annotations
@@ -108,9 +109,11 @@ class SpatialControl(Control):
             arr = check_image_array(decode_array(raw, what), what)
             if self.annotate is not None:
                 from mmsynth.annotate import annotate
+                from mmsynth.annotate.network_input import network_input
 
-                arr = check_image_array(annotate(self.annotate, rgb(arr, what), **self.annotate_params),
-                                        f"{what} after '{self.annotate}'")
+                arr = check_image_array(network_input(self.annotate, annotate(self.annotate, rgb(arr, what),
+                                                                              **self.annotate_params)),
+                                        f"{what} after '{self.annotate}'")  # label maps colour-coded
             pil = Image.fromarray(rgb(arr, what) if channels == 3 else grey(arr))
             if pil.size != (ctx.width, ctx.height):
                 log.warning("%s is %dx%d; resized to the output's %dx%d", what, *pil.size, ctx.width, ctx.height)

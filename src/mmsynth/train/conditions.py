@@ -11,9 +11,8 @@ the first source that has it:
 So a control recipe trains on exact maps where Shapes has them and on the maps users will extract at sampling
 time elsewhere. In a batch a map is a float tensor C x H x W in [0, 1] (uint8 / 255, C = 1 or 3: the layout
 of ControlNet's conditioning image); a vector condition (e.g. "histogram") stays the annotator's float vector.
-A label map (COLOUR_CODED: "segmentation") is colour-coded first, one fixed colour per label (`viz.colorize_labels`,
-0 = background black), as ControlNet's segmentation images are: label ids / 255 would be nearly black and read as
-intensities. A 3-channel one (an export's already coded map) is taken as it is.
+A label map ("segmentation") is colour-coded first (`annotate.network_input`, the rule sampling and the bench
+share), as ControlNet's segmentation images are. A 3-channel one (an export's already coded map) is taken as it is.
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmsynth.annotate.network_input import network_input
 from mmsynth.annotate.registry import get_annotator
 from mmsynth.annotate.scene import from_scene, scene_kinds
 from mmsynth.data.scene import Scene, sample_scene
 from mmsynth.errors import InputError
-from mmsynth.viz import colorize_labels
-
-COLOUR_CODED: tuple[str, ...] = ("segmentation",)  # label maps a network sees as colour-coded RGB images
 
 
 def check_conditions(names: tuple[str, ...], where: str) -> tuple[str, ...]:
@@ -51,10 +48,9 @@ def as_condition(value: Any) -> torch.Tensor:
 
 
 def prepared(name: str, value: Any) -> torch.Tensor:
-    """Condition `name` as a batch holds it: a label map colour-coded (COLOUR_CODED), then `as_condition`."""
-    if name in COLOUR_CODED and np.asarray(value).ndim == 2:
-        value = colorize_labels(np.asarray(value))
-    return as_condition(value)
+    """Condition `name` as a batch holds it: as a control network sees it (`annotate.network_input`: a label map
+    colour-coded), then `as_condition`."""
+    return as_condition(network_input(name, value))
 
 
 def condition_channels(name: str, resolution: int = 64) -> int:

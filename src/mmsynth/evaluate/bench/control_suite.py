@@ -245,6 +245,7 @@ def controls_for(kinds: tuple[str, ...] | None) -> Callable[[RunContext, list[Ca
     every control of the case), each through the component that honours its kind."""
 
     def controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+        from mmsynth.annotate.network_input import network_input
         from mmsynth.sample.controls import control_from_dict
 
         maps = [c.condition_maps() for c in cases]
@@ -252,7 +253,7 @@ def controls_for(kinds: tuple[str, ...] | None) -> Callable[[RunContext, list[Ca
         for spec in cases[0].controls:
             if kinds is not None and spec.kind not in kinds:
                 continue
-            images = [m[spec.kind] for m in maps]
+            images = [network_input(spec.kind, m[spec.kind]) for m in maps]  # label maps colour-coded
             image = images[0] if len(images) == 1 else images
             out.append(control_from_dict(control_dict(COMPONENTS[spec.kind], image, ctx.params)))
         return out

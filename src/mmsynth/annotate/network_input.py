@@ -1,0 +1,26 @@
+"""How a condition map is shown to a control network (ControlNet, T2I-Adapter): one rule for training, sampling
+and the bench, so a network sees at sampling time the same kind of image it was trained on.
+
+A label map (COLOUR_CODED kinds: shape-class segmentation, instances, k-means colour segmentation) is colour-coded,
+one fixed colour per label (`viz.colorize_labels`, 0 = background black), as ControlNet's segmentation images are:
+label ids used as intensities would be nearly black and ordered arbitrarily. Any other map (edges, depth, a palette,
+an already colour-coded image) is passed as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmsynth.viz import colorize_labels
+
+COLOUR_CODED: tuple[str, ...] = ("segmentation", "semantic", "instance")
+
+
+def network_input(kind: str, value: Any) -> np.ndarray:
+    """Map `value` of condition kind `kind` as a control network's input image (HxW or HxWx3 uint8)."""
+    arr = np.asarray(value)
+    if kind in COLOUR_CODED and arr.ndim == 2:
+        return colorize_labels(arr)
+    return arr
