@@ -180,12 +180,6 @@ def test_suite_is_listed_and_makes_cases_from_the_cli(tmp_path, capsys):
     assert len(read_cases(tmp_path / "c.jsonl")) == len(CATEGORIES)
 
 
-def _has_controls() -> bool:
-    from mmsynth.sample.controls import control_names
-
-    return {"controlnet", "t2i-adapter"} <= set(control_names())
-
-
 @pytest.fixture(scope="module")
 def control_model(tmp_path_factory):
     """A random tiny bundle (cross-attention in every down block, as build_adapter needs) carrying every control
@@ -199,7 +193,6 @@ def control_model(tmp_path_factory):
     return str(b.save_pretrained(tmp_path_factory.mktemp("model") / "controls"))
 
 
-@pytest.mark.skipif(not _has_controls(), reason="the controlnet / t2i-adapter controls are not merged yet")
 def test_end_to_end_every_row_runs_and_writes_the_report(tmp_path, control_model, model_dir, capsys):
     import json
 

@@ -26,10 +26,27 @@ def test_demo_refuses_a_model_that_does_not_exist_before_any_work(tmp_path, caps
 
 
 def test_demo_with_a_bundle_generates_and_judges(tmp_path):
-    model = tmp_path / "tiny"
-    tiny_bundle(0).save_pretrained(model)
+    """A bundle carrying a canny ControlNet and a palette adapter: the controls section shows those two and the
+    multi-control line, and skips the controls the bundle lacks."""
+    import dataclasses
+
+    from mmsynth.models.zoo import TINY, build_adapter, build_controlnet, random_bundle
+
+    b = random_bundle(dataclasses.replace(TINY, unet_cross_attention_levels=(True, True, True)), 0)
+    b.extras["controlnet_canny"] = build_controlnet(b.unet, b.vae_scale_factor)
+    b.extras["adapter_palette"] = build_adapter(b.unet, b.vae_scale_factor)
+    model = b.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--model", str(model), "--seeds", "1", "--steps", "2"]) == 0
-    assert (out / "t2i.png").exists() and (out / "guidance_edit.png").exists()
+    assert all((out / f).exists() for f in ("t2i.png", "controls.png", "guidance_edit.png"))
     summary = (out / "summary.md").read_text()
     assert "images pass the judge" in summary and "## Guidance and editing" in summary
+    assert "(controlnet_canny, adapter_palette, multi)" in summary
+
+
+def test_demo_controls_section_skips_a_bundle_without_controls(tmp_path):
+    from mmsynth.cli.demo import _controls_section
+
+    args = build_parser().parse_args(["demo", "--steps", "2"])
+    text = _controls_section(tmp_path, args, tiny_bundle(0))
+    assert "no ControlNet or T2I-Adapter components" in text and not (tmp_path / "controls.png").exists()

@@ -2,7 +2,8 @@
 
 Sections: the dataset and its exact conditions, every annotator on one scene, the judge's verdicts on
 clean and degraded renders, and (when the zoo is present) text-to-image samples next to the judge's
-verdicts, then guidance and editing (unguided | guided | target; source | inverted reconstruction | edit;
+verdicts, the spatial controls the model carries (condition | prompt alone | controlled | scene), then guidance
+and editing (unguided | guided | target; source | inverted reconstruction | edit;
 source | mask | inpainted), made by the benchmark's own rows on its cases. Each later capability adds its
 section here.
 """
@@ -183,6 +184,50 @@ def _guidance_edit_section(out: Path, args: argparse.Namespace, bundle: Any) -> 
     )
 
 
+CONTROL_CATEGORIES = ("canny", "segmentation", "depth", "sketch", "palette", "multi")
+
+
+def _controls_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
+    """One control-suite case per spatial control the bundle carries: condition | the prompt alone | the prompt
+    with the control (judge overlay) | the scene's render; and one multi-control line (canny + palette)."""
+    from mmsynth.evaluate import judge_image
+    from mmsynth.evaluate.bench import RunContext, SamplerSettings, generate_shard, get_suite, make_cases
+    from mmsynth.evaluate.bench.control_suite import COMPONENTS
+    from mmsynth.evaluate.overlay import draw_verdict
+
+    suite = get_suite("control")
+    ctx = RunContext(bundle_obj=bundle, sampler=SamplerSettings(**sampling_kwargs(args)))
+    caps = ctx.capabilities()
+    lines, shown = [], []
+    for case in make_cases("control", 1, seed=1):
+        if case.category not in CONTROL_CATEGORIES:
+            continue
+        row_name = "multi" if case.category == "multi" else COMPONENTS[case.controls[0].kind]
+        row = suite.rows[row_name]
+        if not all(n in caps for n in row.requirements(case)):
+            continue
+        condition = suite.panel(case, case.render(), judge_image(case.render(), prompt=case.prompt))[0][1]
+        plain = generate_shard(ctx, suite.rows["no_control"], [case])[0][1]
+        controlled = generate_shard(ctx, row, [case])[0][1]
+        score = judge_image(controlled, prompt=case.prompt)
+        tiles = [label(upscale(condition, 2), f"condition: {case.controls[0].kind}", 14),
+                 label(upscale(plain, 2), "prompt alone", 14),
+                 label(draw_verdict(controlled, score, zoom=2), row_name, 14),
+                 label(upscale(case.render(), 2), "scene", 14)]  # fmt: skip
+        lines.append(label(grid(tiles, cols=len(tiles)), case.prompt, 14))
+        shown.append(row_name)
+    if not lines:
+        return ("## Spatial controls\nThis model carries no ControlNet or T2I-Adapter components (`mmsynth zoo ship "
+                "control` adds them); skipped.\n")
+    save_image(grid(lines, cols=1), out / "controls.png")
+    return (
+        "## Spatial controls\n![controls](controls.png)\n\n"
+        f"The model's controls ({', '.join(shown)}) on test scenes never trained on: the condition, the same prompt "
+        "and seed without and with the control (boxes: the judge), and the scene the condition came from. "
+        "Measured: `mmsynth bench run --suite control` (docs/controls.md).\n"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from mmsynth.errors import InputError
     from mmsynth.models.bundle import Bundle
@@ -205,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
         if bundle is None:
             parts.append(skipped)
         else:
-            for name, section in (("text to image", _t2i_section), ("guidance and editing", _guidance_edit_section)):
+            for name, section in (("text to image", _t2i_section), ("spatial controls", _controls_section),
+                                  ("guidance and editing", _guidance_edit_section)):
                 t = time.perf_counter()
                 parts.append(section(tmp, args, bundle))
                 print(f"demo: {name} ({time.perf_counter() - t:.1f} s)")
