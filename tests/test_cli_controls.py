@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mmsynth.cli import control_options as C
@@ -103,9 +101,12 @@ def test_a_name_that_does_not_resolve_is_refused(text, says):
     assert says in str(err.value), str(err.value)
 
 
-def test_a_model_without_controls_says_so():
-    with pytest.raises(InputError, match="control components \\(none: m carries no ControlNet or T2I-Adapter\\)"):
-        C.resolve(C.parse_spec("foo=e.png"), "m", {})
+def test_a_model_without_controls_says_so(tmp_path):
+    with pytest.raises(InputError, match=f"control components \\(none: {tmp_path} carries no ControlNet or "
+                                         "T2I-Adapter\\)"):
+        C.resolve(C.parse_spec("foo=e.png"), str(tmp_path), {})
+    with pytest.raises(InputError, match="control components \\(none: 'no/such' is not a model directory here\\)"):
+        C.resolve(C.parse_spec("foo=e.png"), "no/such", {})
 
 
 def test_a_directory_of_the_other_kind_is_refused_from_its_config(tmp_path):
@@ -131,31 +132,14 @@ def test_help_lists_the_syntax_and_the_default_models_controls_without_importing
     assert "the default model (models/shapes-v1) carries" in text
 
 
-def test_help_names_the_controls_a_model_carries(control_model):
-    text = C.help_text(str(control_model))
+def test_help_names_the_controls_a_model_carries(control_model_dir):
+    text = C.help_text(str(control_model_dir))
     assert "carries: adapter_depth (t2i-adapter), controlnet_canny (controlnet)" in " ".join(text.split())
     assert "aliases: canny = controlnet_canny, depth = adapter_depth" in " ".join(text.split())
-    assert C.control_components(control_model) == {"controlnet_canny": "controlnet", "adapter_depth": "t2i-adapter"}
+    assert C.control_components(control_model_dir) == {"controlnet_canny": "controlnet", "adapter_depth": "t2i-adapter"}
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def control_model(tmp_path_factory):
-    """A tiny bundle (cross-attention in every down block, as adapters need) carrying a random ControlNet and a
-    1-channel T2I-Adapter as the components `controlnet_canny` and `adapter_depth`."""
-    from mmsynth.models.zoo import TINY, build_adapter, build_controlnet, random_bundle
-
-    b = random_bundle(dataclasses.replace(TINY, unet_cross_attention_levels=(True, True, True)), seed=0)
-    torch.manual_seed(1)
-    cn = build_controlnet(b.unet, b.vae_scale_factor)
-    with torch.no_grad():  # the zero convolutions would make the control a no-op
-        for p in [*cn.controlnet_down_blocks.parameters(), *cn.controlnet_mid_block.parameters()]:
-            p.normal_(0, 0.3)
-    adapter = build_adapter(b.unet, b.vae_scale_factor, in_channels=1)
-    b = dataclasses.replace(b, extras={"controlnet_canny": cn, "adapter_depth": adapter})
-    return b.save_pretrained(tmp_path_factory.mktemp("models") / "controls")
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Condition images at the tiny size (32) and twice it, a region mask and an init image."""
@@ -180,9 +164,9 @@ def _run(argv: list[str], capsys) -> str:
     return captured.err
 
 
-def test_generate_with_a_controlnet_and_an_adapter_records_them_and_replays_exactly(control_model, files, tmp_path,
-                                                                                   capsys):
-    base = ["generate", "--model", str(control_model), "--prompt", "a red circle", "--steps", "2", "-n", "2",
+def test_generate_with_a_controlnet_and_an_adapter_records_them_and_replays_exactly(control_model_dir, files,
+                                                                                   tmp_path, capsys):
+    base = ["generate", "--model", str(control_model_dir), "--prompt", "a red circle", "--steps", "2", "-n", "2",
             "--quiet", "--init-image", files["init"], "--mask", files["mask"]]
     controls = ["--control", f"canny={files['edges']},weight=0.8,end=0.8,mode=prompt",
                 "--control", f"depth={files['depth']},weight=0.5/1/1,mask={files['mask']}"]
@@ -211,16 +195,16 @@ def test_generate_with_a_controlnet_and_an_adapter_records_them_and_replays_exac
     assert np.abs(plain - np.asarray(Image.open(tmp_path / "a" / "images" / "0000.png"), np.int16)).max() > 0
 
 
-def test_a_control_image_of_another_size_is_resized_with_a_warning_the_user_sees(control_model, files, tmp_path,
-                                                                                 capsys):
-    err = _run(["generate", "--model", str(control_model), "--steps", "1", "-n", "1", "--quiet", "--control",
+def test_a_control_image_of_another_size_is_resized_with_a_warning_the_user_sees(control_model_dir, files,
+                                                                                 tmp_path, capsys):
+    err = _run(["generate", "--model", str(control_model_dir), "--steps", "1", "-n", "1", "--quiet", "--control",
                 f"canny={files['big']}", "--out", str(tmp_path / "o")], capsys)
     assert "mmsynth generate: warning: controlnet image is 64x64; resized to the output's 32x32" in err
 
 
-def test_edit_takes_controls_on_its_sampling(control_model, files, tmp_path, capsys):
+def test_edit_takes_controls_on_its_sampling(control_model_dir, files, tmp_path, capsys):
     _run(["edit", files["init"], "--source-prompt", "a red circle", "--prompt", "a blue circle", "--steps", "2",
-          "--model", str(control_model), "--quiet", "--control", f"controlnet_canny={files['edges']},guess=true",
+          "--model", str(control_model_dir), "--quiet", "--control", f"controlnet_canny={files['edges']},guess=true",
           "--out", str(tmp_path / "e")], capsys)
     controls = json.loads((tmp_path / "e" / "request.json").read_text())["controls"]
     cn = next(c for c in controls if c["name"] == "controlnet")

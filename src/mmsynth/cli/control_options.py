@@ -178,7 +178,8 @@ def _valid_names(model: str, classes: dict[str, str]) -> str:
     """What a NAME may be on the bundle `model`, for an error message."""
     own = [n for n, c in classes.items() if c in KINDS]
     usable = [a for a, t in ALIASES.items() if t in own]
-    mine = ", ".join(own) or f"none: {model} carries no ControlNet or T2I-Adapter"
+    mine = ", ".join(own) or (f"none: {model} carries no ControlNet or T2I-Adapter" if Path(model).is_dir() else
+                              f"none: '{model}' is not a model directory here")
     return (f"valid: this model's control components ({mine}), the aliases of shipped components "
             f"{', '.join(ALIASES)} (this model has: {', '.join(usable) or 'none'}), or controlnet / t2i-adapter "
             "with model=DIR")
@@ -249,7 +250,7 @@ def _mask(spec: ControlSpec, image_shape: tuple[int, ...]) -> Any:
     from mmsynth.sample.inpaint import binary_mask
 
     what = f"{spec.where} mask"
-    mask = binary_mask(load_image(spec.mask, what), what)
+    mask = binary_mask(load_image(spec.mask, what), what, white="where the control acts")
     if mask.shape != tuple(image_shape[:2]):
         raise InputError(f"{what} is {mask.shape[1]}x{mask.shape[0]} but its image is {image_shape[1]}x"
                          f"{image_shape[0]}; they must have the same size (white = where the control acts)")
