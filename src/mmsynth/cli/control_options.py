@@ -202,7 +202,7 @@ def resolve(spec: ControlSpec, model: str, classes: dict[str, str]) -> tuple[str
     the network is a component name or a directory. InputError for an unknown NAME (listing the valid ones), a kind
     that contradicts the network's class, or a ControlNet-only key on an adapter."""
     where, name = spec.where, spec.name
-    kind: str | None
+    kind: str
     if name in classes:
         if classes[name] not in KINDS:
             raise InputError(f"{where}: component '{name}' is a {classes[name]}, not a control; "
