@@ -40,3 +40,22 @@ def gradient_latents(bundle, gradient_image):
     r = bundle.resolution
     with torch.no_grad():
         return ctx.encode_mean(image_pixels(gradient_image, r, r, "image"))
+
+
+@pytest.fixture(scope="session")
+def control_model_dir(tmp_path_factory):
+    """A saved tiny bundle (cross-attention in every down block, as adapters need) carrying a random ControlNet and a
+    1-channel T2I-Adapter as the components `controlnet_canny` and `adapter_depth` (what `--control` resolves)."""
+    import dataclasses
+
+    from mmsynth.models.zoo import TINY, build_adapter, build_controlnet, random_bundle
+
+    b = random_bundle(dataclasses.replace(TINY, unet_cross_attention_levels=(True, True, True)), seed=0)
+    torch.manual_seed(1)
+    cn = build_controlnet(b.unet, b.vae_scale_factor)
+    with torch.no_grad():  # the zero convolutions would make the control a no-op
+        for p in [*cn.controlnet_down_blocks.parameters(), *cn.controlnet_mid_block.parameters()]:
+            p.normal_(0, 0.3)
+    adapter = build_adapter(b.unet, b.vae_scale_factor, in_channels=1)
+    b = dataclasses.replace(b, extras={"controlnet_canny": cn, "adapter_depth": adapter})
+    return b.save_pretrained(tmp_path_factory.mktemp("models") / "controls")

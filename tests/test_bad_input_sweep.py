@@ -7,6 +7,7 @@ its rows here. The rows are cheap: every one is refused before a model runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,10 +43,14 @@ class Inputs:
     latin1: str  # a request that is not UTF-8
     typo_scene: str  # a scene spec with a misspelt field
     future_scene: str  # a scene spec of a version this release does not know
+    controls: str  # a model carrying controlnet_canny and adapter_depth
+    other_cn: str  # a ControlNet directory built for another base (another UNet's widths)
+    grey_mask: str  # a mask of the image's size that is not binary
+    small_mask: str  # a binary mask half the image's size
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Inputs:
+def inputs(tmp_path_factory, control_model_dir) -> Inputs:
     from mmsynth.data import render, sample_scene
     from mmsynth.models.zoo import tiny_bundle
 
@@ -73,10 +78,17 @@ def inputs(tmp_path_factory) -> Inputs:
     spec["backgroud"] = spec.pop("background")
     (d / "typo.json").write_text(json.dumps(spec))
     (d / "future.json").write_text(json.dumps({**sample_scene("test", 2).to_dict(), "version": 99}))
+    from mmsynth.models.zoo import TINY, build_controlnet, build_unet
+
+    other = dataclasses.replace(TINY, unet_channels=(16, 32, 64), unet_cross_attention_levels=(True, True, True))
+    build_controlnet(build_unet(other, cross_attention_dim=TINY.text_width), f).save_pretrained(d / "other_cn")
+    Image.fromarray(np.full((r, r), 128, np.uint8)).save(d / "grey_mask.png")
+    Image.fromarray(mask[::2, ::2]).save(d / "small_mask.png")
     return Inputs(str(d / "model"), str(d / "image.png"), str(d / "mask.png"), str(d / "scene.json"),
                   str(d / "cases.jsonl"), str(d / "nan.safetensors"), str(d / "big.json"), str(d / "real"),
                   str(d / "tall.png"), str(d / "deep.json"), str(d / "latin1.json"), str(d / "typo.json"),
-                  str(d / "future.json"))
+                  str(d / "future.json"), str(control_model_dir), str(d / "other_cn"), str(d / "grey_mask.png"),
+                  str(d / "small_mask.png"))
 
 
 # ------------------------------------------------------------------------------------------ output locations
@@ -287,6 +299,32 @@ def _rows() -> list[Row]:
     number("zoo-ship-inpainting:run-without-export", lambda i, o: [*ship, "inpainting", "--run", i.model,
                                                                    "--out", o])  # fmt: skip
     number("annotate:param-nan", lambda i, o: ["annotate", "canny", i.image, "-p", "low=nan", "--out", o], "e.png")
+    # ---- --control SPEC (ControlNet / T2I-Adapter; the model carries controlnet_canny and adapter_depth)
+    ctl = ["generate", "--prompt", "a red circle", "--steps", "1", "-n", "1"]
+    control_rows = {
+        "unknown-name": lambda i: f"cany={i.image}",
+        "no-image": lambda i: "canny",
+        "unknown-key": lambda i: f"canny={i.image},strength=1",
+        "bad-number": lambda i: f"canny={i.image},weight=lots",
+        "start-after-end": lambda i: f"canny={i.image},start=0.7,end=0.3",
+        "negative-weight": lambda i: f"canny={i.image},weight=-1",
+        "mode-on-adapter": lambda i: f"depth={i.image},mode=prompt",
+        "unknown-mode": lambda i: f"canny={i.image},mode=loud",
+        "image-missing": lambda i: "canny=no_such_edges.png",
+        "mask-not-binary": lambda i: f"canny={i.image},mask={i.grey_mask}",
+        "mask-other-size": lambda i: f"canny={i.image},mask={i.small_mask}",
+        "other-base": lambda i: f"controlnet={i.image},model={i.other_cn}",
+    }
+    for kind, spec in control_rows.items():
+        number(f"generate:control-{kind}", lambda i, o, s=spec: [*ctl, "--model", i.controls, "--control", s(i),
+                                                                 "--out", o])  # fmt: skip
+    number("generate:control-alias-not-in-model", lambda i, o: [*ctl, "--model", i.model, "--control",
+                                                                f"canny={i.image}", "--out", o])  # fmt: skip
+    number("generate:replay-with-control", lambda i, o: ["generate", "--replay", i.big_replay, "--control",
+                                                         f"canny={i.image}", "--out", o])  # fmt: skip
+    number("edit:control-unknown-name", lambda i, o: ["edit", i.image, "--source-prompt", "a red circle", "--prompt",
+                                                      "a blue circle", "--model", i.controls, "--steps", "1",
+                                                      "--control", f"cany={i.image}", "--out", o])  # fmt: skip
     return rows
 
 
@@ -324,6 +362,16 @@ EXPECT = {
     "zoo-ship-clip:at-least=1.5": "--at-least", "zoo-ship-clip:val-seed=-1": "--val-seed",
     "zoo-ship-clip:run-without-export": "mmsynth train clip", "zoo-ship-inpainting:seed=-1": "--seed",
     "zoo-ship-inpainting:run-without-export": "mmsynth train inpaint",
+    "generate:control-unknown-name": "valid: this model's control components (adapter_depth, controlnet_canny)",
+    "generate:control-no-image": "must look like NAME=IMAGE", "generate:control-unknown-key": "valid: weight, start",
+    "generate:control-bad-number": "weight must be a number", "generate:control-start-after-end": "start=0.7, end=0.3",
+    "generate:control-negative-weight": "weight must be >= 0", "generate:control-mode-on-adapter": "is a T2I-Adapter",
+    "generate:control-unknown-mode": "valid: balanced, prompt, control", "generate:control-image-missing":
+    "'no_such_edges.png' does not exist", "generate:control-mask-not-binary": "must be binary",
+    "generate:control-mask-other-size": "mask is 16x16 but its image is 32x32",
+    "generate:control-other-base": "was built for another base (block_out_channels (16, 32, 64)",
+    "generate:control-alias-not-in-model": "which model", "generate:replay-with-control": "with --control",
+    "edit:control-unknown-name": "unknown control 'cany'",
 }  # fmt: skip
 
 

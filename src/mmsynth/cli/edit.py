@@ -8,7 +8,8 @@ and edits from there (partial inversion: more of the image kept); --null-text N 
 embedding of every step (null-text inversion, N Adam steps each) so that the cfg > 1 edit starts from an exact
 reconstruction. --recolour M guides the new colour into the old colour's pixels (universal guidance).
 --mask limits the edit to a region, --guide
-adds universal guidance. The output folder is `mmsynth generate`'s; its request replays the whole edit.
+adds universal guidance, --control a ControlNet or T2I-Adapter (on the edit's sampling, not on the inversion).
+The output folder is `mmsynth generate`'s; its request replays the whole edit.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mmsynth.cli import guidance_options
+from mmsynth.cli import control_options, guidance_options
 from mmsynth.cli.arguments import finite_float, fraction, limits_from_args, non_negative_int
 from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, sampling_kwargs
-from mmsynth.models.shipped import DEFAULT_MODEL
+from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
 from mmsynth.sample.request import DEFAULT_INVERSION_STEPS
 
 SAMPLING_OPTIONS = ("prompt", "steps", "cfg", "seed", "scheduler")
@@ -29,8 +30,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "edit",
         help="edit an image by changing its caption (DDIM inversion + prompt swap)",
-        description="Invert IMAGE under --source-prompt, regenerate it under --prompt; writes the same folder as "
+        description="Invert IMAGE under --source-prompt, regenerate it under --prompt; writes the same folder as\n"
         "`mmsynth generate` (PNG, replayable request, metadata.jsonl).",
+        epilog=control_options.help_text(DEFAULT_MODEL),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", help="the image to edit")
     p.add_argument("--source-prompt", required=True, help="the image's caption, e.g. 'a red circle'")
@@ -59,6 +62,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-negative-prompt-inversion", action="store_true",
                    help="use an empty negative prompt instead of the source prompt (implied by --null-text)")
     guidance_options.add_arguments(p, latents=False)
+    control_options.add_arguments(p)  # --control SPEC: a ControlNet / T2I-Adapter on the edit's sampling
     add_run_arguments(p, "an existing non-empty --out: only the files edit writes are replaced", images=False)
     p.set_defaults(func=run)
 
@@ -78,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
                                       null_text=args.null_text, recolour=args.recolour)
     request.validate(limits_from_args(args))
     controls += guidance_options.controls_from_args(args, image)  # recorded by the sampler, with the edit's own
+    if args.control:
+        controls += control_options.controls_from_args(args, str(resolve_model(args.model or DEFAULT_MODEL)))
     bundle = load_bundle(args.model, args.device)
     result = sample_built(bundle, request, controls, progress=not args.quiet)
     write_outputs(out, result, recorded(request, result), args.overwrite)

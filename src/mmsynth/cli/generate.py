@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmsynth.cli import guidance_options
+from mmsynth.cli import control_options, guidance_options
 from mmsynth.cli.arguments import finite_float, limits_from_args, resolve_device
 from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, given_flags, sampling_kwargs
 from mmsynth.errors import InputError
@@ -37,21 +37,24 @@ SAMPLING_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "s
                     "best_of")
 IMAGES = 4  # images per call when -n is not given
 # Options that describe the generation itself besides the sampling options; --replay takes all of them from the file.
-_REQUEST_OPTIONS = ("init_image", "strength", *guidance_options.OPTION_NAMES)
+_REQUEST_OPTIONS = ("init_image", "strength", *guidance_options.OPTION_NAMES, *control_options.OPTION_NAMES)
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate images from a prompt (and controls) with a model bundle",
-        description="Generate images with the one sampler; writes PNGs, a grid, a replayable request per image "
+        description="Generate images with the one sampler; writes PNGs, a grid, a replayable request per image\n"
         "and metadata.jsonl (scored by `mmsynth judge OUT`).",
+        epilog=control_options.help_text(DEFAULT_MODEL),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_sampling_arguments(p, SAMPLING_OPTIONS, defaults={"n": IMAGES})
     p.add_argument("--init-image", default=None, help="image-to-image (SDEdit): start from this image")
     p.add_argument("--strength", type=finite_float, default=None,
                    help=f"img2img strength in (0, 1] (default {DEFAULT_STRENGTH:g})")
     guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
+    control_options.add_arguments(p)  # --control SPEC (ControlNet, T2I-Adapter)
     p.add_argument("--replay", default=None, help="a request.json written by a previous run: regenerate it exactly")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     add_run_arguments(p, "an existing non-empty --out: only the files generate writes are replaced")
@@ -91,6 +94,8 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[Con
             strength = DEFAULT_STRENGTH if args.strength is None else args.strength
             controls.append(Img2Img(image=image, strength=strength))
     controls += guidance_options.controls_from_args(args, image)
+    if args.control:
+        controls += control_options.controls_from_args(args, str(resolve_model(args.model or DEFAULT_MODEL)))
     request = GenerationRequest(**sampling_kwargs(args), model=args.model or DEFAULT_MODEL)
     request.validate(limits_from_args(args))
     return request, controls

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,30 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _Warnings(logging.Handler):
+    """mmsynth's own warnings (a control image resized to the output, an unknown prompt word) as one line each on
+    stderr, named like the errors: otherwise they reach the user only through logging's unprefixed last resort, and
+    not at all once something configures logging. Looks stderr up per line (tests capture it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.command = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().removeprefix("mmsynth: ")
+        print(f"mmsynth {self.command}: warning: {message}", file=sys.stderr)
+
+
+def show_warnings(command: str) -> None:
+    """Print the `mmsynth` loggers' warnings for `command` (one handler, however often main runs in a process)."""
+    logger = logging.getLogger("mmsynth")
+    handler = next((h for h in logger.handlers if isinstance(h, _Warnings)), None)
+    if handler is None:
+        handler = _Warnings()
+        logger.addHandler(handler)
+    handler.command = command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    show_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except InputError as exc:

@@ -50,8 +50,9 @@ if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
 
 
-def binary_mask(value: Any, what: str = "mask") -> np.ndarray:
-    """An HxW bool mask from a binary image (values {0, 1} or {0, 255}; RGB masks must be grey)."""
+def binary_mask(value: Any, what: str = "mask", white: str = "repaint") -> np.ndarray:
+    """An HxW bool mask from a binary image (values {0, 1} or {0, 255}; RGB masks must be grey); `white` says what
+    white means to the caller's user (inpainting: repaint; a control's region: where it acts)."""
     arr = np.asarray(decode_array(value, what))
     if arr.ndim == 3:
         if arr.shape[2] == 4:
@@ -66,7 +67,7 @@ def binary_mask(value: Any, what: str = "mask") -> np.ndarray:
         return arr
     if not (values <= {0, 1} or values <= {0, 255}):
         shown = sorted(values)[:6]
-        raise InputError(f"{what} must be binary (only 0 and 255, or 0 and 1; white = repaint), got values {shown}"
+        raise InputError(f"{what} must be binary (only 0 and 255, or 0 and 1; white = {white}), got values {shown}"
                          f"{' ...' if len(values) > 6 else ''}")
     return arr > 0
 
