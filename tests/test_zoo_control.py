@@ -262,6 +262,14 @@ def test_the_curve_has_one_point_per_snapshot_and_reuses_cached_points(tmp_path,
     assert main([*args, "--seed", "5", "--every", "4", "--overwrite"]) == 0
     assert sorted(json.loads((out / "curve.json").read_text())["points"]) == ["4"]
     assert counted == ["no_control", "controlnet_canny"]
+    model = tmp_path / "reshipped"  # the same bundle path with another UNet: the cached points no longer hold
+    shutil.copytree(base[0], model)
+    assert main([*args, "--seed", "5", "--every", "4", "--model", str(model), "--overwrite"]) == 0
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-2] + b"\x00\x00")
+    capsys.readouterr()
+    assert main([*args, "--seed", "5", "--every", "4", "--model", str(model)]) == 2
+    assert "under other settings (model_sha256)" in capsys.readouterr().err
 
 
 def test_the_curve_finds_snapshots_and_refuses_a_run_without_any(tmp_path, base):

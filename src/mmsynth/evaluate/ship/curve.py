@@ -171,12 +171,14 @@ def last_logged(run: Path, until: int) -> dict[str, str]:
     return rows[-1] if rows else {}
 
 
-def weights_sha256(folder: Path) -> str:
-    """One digest of a network folder's safetensors (a re-exported snapshot of the same step is measured anew)."""
+def weights_sha256(*folders: Path) -> str:
+    """One digest of the safetensors in these model folders (a re-exported snapshot of the same step is measured
+    anew)."""
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
+    for folder in folders:
+        for f in sorted(folder.glob("*.safetensors")):
+            h.update(f"{folder.name}/{f.name}".encode())
+            h.update(f.read_bytes())
     return h.hexdigest()
 
 
@@ -189,11 +191,15 @@ def curve_command(run: Path, out: Path, model: Path, n: int, seed: int, every: i
     return " ".join([*parts, "--out", str(out)])
 
 
+BASE_PARTS = ("unet", "vae", "text_encoder")  # what a control's figure depends on in the bundle it is put into
+
+
 def _settings(run: ControlRun, model: Path, n: int, seed: int, sampler: Any) -> dict[str, Any]:
-    """What a point depends on besides the snapshot's weights: a curve.json made under other settings is not
-    reused."""
+    """What a point depends on besides the snapshot's weights: a curve.json made under other settings (or in a
+    bundle whose UNet, VAE or text encoder has been reshipped since) is not reused."""
     return {"component": run.component, "category": run.category, "metric": run.metric, "n": n, "seed": seed,
-            "model": str(model.resolve()), "sampler": dataclasses.asdict(sampler)}  # fmt: skip
+            "model": str(model.resolve()), "model_sha256": weights_sha256(*(model / p for p in BASE_PARTS)),
+            "sampler": dataclasses.asdict(sampler)}  # fmt: skip
 
 
 def condition_curve(run: ControlRun, out: Path, *, model: Path | None = None, n: int = DEFAULT_N,
@@ -237,8 +243,9 @@ def condition_curve(run: ControlRun, out: Path, *, model: Path | None = None, n:
             curve.update(no_control=old.get("no_control"), points=old.get("points", {}))
         elif not overwrite:
             changed = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
-            raise InputError(f"--out '{out}' holds a curve measured under other settings ({', '.join(changed)}); "
-                             "pass --overwrite to measure it anew, or choose another --out")  # fmt: skip
+            raise InputError(f"the curve folder '{out}' holds a curve measured under other settings "
+                             f"({', '.join(changed)}); pass --overwrite to measure it anew, or choose another folder "
+                             "(zoo curve --out, zoo ship control --curve-out)")  # fmt: skip
     cases = keep_categories(make_cases("control", n, seed), run.category)
     bundle: Any = None
     ctx: Any = None
