@@ -192,6 +192,7 @@ def curve_command(run: Path, out: Path, model: Path, n: int, seed: int, every: i
 
 
 BASE_PARTS = ("unet", "vae", "text_encoder")  # what a control's figure depends on in the bundle it is put into
+UNKEYED = ("model",)  # recorded, not compared: the same weights elsewhere (model_sha256) keep their points
 
 
 def _settings(run: ControlRun, model: Path, n: int, seed: int, sampler: Any) -> dict[str, Any]:
@@ -239,10 +240,11 @@ def condition_curve(run: ControlRun, out: Path, *, model: Path | None = None, n:
     cached = out / CURVE_FILE
     if cached.is_file():
         old = json.loads(cached.read_text(encoding="utf-8"))
-        if old.get("format") == CURVE_FORMAT and old.get("settings") == settings:
+        changed = sorted(k for k in settings if k not in UNKEYED and (old.get("settings") or {}).get(k) != settings[k])
+        changed = changed if old.get("format") == CURVE_FORMAT else ["format", *changed]
+        if not changed:
             curve.update(no_control=old.get("no_control"), points=old.get("points", {}))
         elif not overwrite:
-            changed = sorted(k for k in settings if (old.get("settings") or {}).get(k) != settings[k])
             raise InputError(f"the curve folder '{out}' holds a curve measured under other settings "
                              f"({', '.join(changed)}); pass --overwrite to measure it anew, or choose another folder "
                              "(zoo curve --out, zoo ship control --curve-out)")  # fmt: skip
