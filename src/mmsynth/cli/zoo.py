@@ -3,6 +3,8 @@
   mmsynth zoo ship t2i --bundle runs/t2i/final --out models/shapes-v1 --overwrite   the whole bundle and its card
   mmsynth zoo ship clip --run runs/clip_vision_8l_more --val-seed 7                 clip/ (if it beats the shipped)
   mmsynth zoo ship inpainting --run runs/inpaint --overwrite                         unet_inpainting/ and its card
+  mmsynth zoo ship control --run runs/controlnet_canny [--step N]                   controlnet_canny/ and its card
+  mmsynth zoo curve --run runs/controlnet_canny --n 16                               its condition-following curve
 
 Each part is built in a temporary copy of --out, measured there with the bench commands its card quotes (rerun any
 of them to check a figure), and renamed into place only when accepted; a refusal leaves --out as it was. Bench
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmsynth.cli.arguments import fraction, non_negative_float, positive_int, seed
+from mmsynth.cli.arguments import fraction, non_negative_float, positive_int, resolve_device, seed
 from mmsynth.errors import InputError
 from mmsynth.models.shipped import DEFAULT_MODEL
 
@@ -60,7 +62,7 @@ def register(sub: Any) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.set_defaults(func=lambda args: _usage(p))
     zsub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
-    s = zsub.add_parser("ship", help="ship one part: t2i (the whole bundle), clip or inpainting",
+    s = zsub.add_parser("ship", help="ship one part: t2i (the whole bundle), clip, inpainting or control",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     s.set_defaults(func=lambda args: _usage(s))
     parts = s.add_subparsers(dest="part", metavar="PART")
@@ -113,6 +115,66 @@ def register(sub: Any) -> None:
     _common(i, "the bundle that gets unet_inpainting/", "runs/ship/inpainting",
             "an existing unet_inpainting/ and ")
     i.set_defaults(func=_ship_inpainting)
+    _register_control(parts)
+    _register_curve(zsub)
+
+
+def _register_control(parts: Any) -> None:
+    from mmsynth.evaluate.ship.curve import DEFAULT_N, DEFAULT_SEED
+
+    k = parts.add_parser("control", help="a ControlNet or T2I-Adapter run into --out as its control component, carded",
+                         description="Put the network of a `mmsynth train controlnet|t2i-adapter` run (RUN/final, or "
+                         "RUN/exports/step_N with --step) into --out as the component the control bench suite "
+                         "measures (named from the run's recipe and options.condition: controlnet_canny, "
+                         "controlnet_segmentation, adapter_depth, adapter_sketch, adapter_palette; --name overrides), "
+                         "in float16; bench it on its category against the prompt alone; measure its "
+                         "condition-following curve over the run's snapshots (cached in RUN/curve); write its card. "
+                         "An existing component of that name is replaced only with --overwrite.")  # fmt: skip
+    k.add_argument("--run", required=True, help="the control training run (its config.yaml names recipe and condition)")
+    k.add_argument("--step", type=positive_int, default=None, metavar="N",
+                   help="ship the snapshot RUN/exports/step_N, not RUN/final")
+    k.add_argument("--name", default=None, help="the component name (default: from the run's recipe and condition)")
+    k.add_argument("--n", type=positive_int, default=None, help="bench cases (default: the control suite's, 300)")
+    k.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"case seed of the bench and the curve "
+                   f"(default {DEFAULT_SEED})")  # fmt: skip
+    k.add_argument("--steps", type=positive_int, default=None,
+                   help="sampler steps of the bench and the curve (default: the bench's, 25)")
+    k.add_argument("--curve-n", type=positive_int, default=DEFAULT_N,
+                   help=f"curve cases per snapshot (default {DEFAULT_N})")
+    k.add_argument("--curve-every", type=positive_int, default=None, metavar="K",
+                   help="curve: only the snapshots at multiples of K steps (default: all)")
+    k.add_argument("--curve-out", default=None, metavar="DIR", help="the curve's folder (default RUN/curve: its cache)")
+    k.add_argument("--no-curve", action="store_true", help="no condition-following curve on the card")
+    k.add_argument("--device", default=None, help="torch device of the curve (default: cuda if available, else cpu)")
+    _parts(k)
+    _common(k, "the bundle that gets the component", "runs/ship/control", "an existing component of that name and ")
+    k.set_defaults(func=_ship_control)
+
+
+def _register_curve(zsub: Any) -> None:
+    from mmsynth.evaluate.ship.curve import DEFAULT_N, DEFAULT_SEED
+
+    c = zsub.add_parser("curve", help="a control run's condition-following curve: its metric at every snapshot",
+                        description="Measure every snapshot of a `mmsynth train controlnet|t2i-adapter` run "
+                        "(RUN/exports/step_N, and RUN/final) as its control component in the base bundle, on the "
+                        "same control-suite cases with the same seeds (canny_f1, segmentation_miou, depth_order, "
+                        "sketch_ssim or palette_error, by the component's category), beside the prompt alone; write "
+                        "OUT/curve.json and OUT/curve.png (metric against step, no_control as a line). Points already "
+                        "in OUT/curve.json for the same weights and settings are reused: rerun it as the run goes "
+                        "on.")  # fmt: skip
+    c.add_argument("--run", required=True, help="the control training run")
+    c.add_argument("--name", default=None, help="the component it stands in for (default: from recipe and condition)")
+    c.add_argument("--model", default=None, help="the bundle it is measured in (default: the run's options.base)")
+    c.add_argument("--n", type=positive_int, default=DEFAULT_N, help=f"cases (default {DEFAULT_N})")
+    c.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"case seed (default {DEFAULT_SEED})")
+    c.add_argument("--every", type=positive_int, default=None, metavar="K",
+                   help="only the snapshots at multiples of K steps (default: all)")
+    c.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the bench's, 25)")
+    c.add_argument("--out", default=None, help="folder of curve.json and curve.png (default RUN/curve)")
+    c.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    c.add_argument("--overwrite", action="store_true", help="replace a curve measured under other settings")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_curve)
 
 
 def _parts_file(args: argparse.Namespace) -> Path | None:
@@ -153,4 +215,27 @@ def _ship_inpainting(args: argparse.Namespace) -> int:
 
     ship_inpainting(Path(args.run), Path(args.out), _bench, n=args.n, seed=args.seed, reports=Path(args.reports),
                     overwrite=args.overwrite)  # fmt: skip
+    return 0
+
+
+def _ship_control(args: argparse.Namespace) -> int:
+    from mmsynth.evaluate.ship import ship_control
+
+    ship_control(Path(args.run), Path(args.out), _bench, step=args.step, name=args.name, n=args.n, seed=args.seed,
+                 steps=args.steps, reports=Path(args.reports), curve=not args.no_curve, curve_n=args.curve_n,
+                 curve_every=args.curve_every, curve_out=Path(args.curve_out) if args.curve_out else None,
+                 device=resolve_device(args.device), parts=_parts_file(args), overwrite=args.overwrite)  # fmt: skip
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    from mmsynth.evaluate.ship.curve import CURVE_FILE, CURVE_PLOT, condition_curve, control_run, curve_lines
+
+    run = control_run(Path(args.run), args.name)
+    out = Path(args.out) if args.out else run.folder / "curve"
+    curve = condition_curve(run, out, model=Path(args.model) if args.model else None, n=args.n, seed=args.seed,
+                            every=args.every, steps=args.steps, device=resolve_device(args.device),
+                            progress=not args.quiet, overwrite=args.overwrite)  # fmt: skip
+    print("\n".join(curve_lines(curve)))
+    print(f"wrote {out / CURVE_FILE} and {out / CURVE_PLOT}")
     return 0
