@@ -33,8 +33,9 @@ def zoo():
 def test_all_shipped_weights_fit_the_budget_and_the_bundle_is_float16():
     from safetensors import safe_open
 
+    # DEVELOPERS.md: all tracked weights at most 56 MiB (the whole tree 60 MiB: the device tool carries 64)
     total = sum(f.stat().st_size for f in (ROOT / "models").rglob("*.safetensors"))
-    assert total < 32 * 2**20, f"shipped weights take {total / 2**20:.1f} MiB (budget 32 MiB)"
+    assert total <= 56 * 2**20, f"shipped weights take {total / 2**20:.1f} MiB (budget 56 MiB)"
     for f in ZOO.rglob("*.safetensors"):
         with safe_open(str(f), framework="pt") as st:
             assert {str(st.get_slice(k).get_dtype()) for k in st.keys()} == {"F16"}, f  # noqa: SIM118

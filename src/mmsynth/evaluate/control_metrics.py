@@ -181,13 +181,15 @@ def controllability(
     return {"palette_error": palette_error(extracted, condition)}
 
 
-def occlusion_order(visible: list[np.ndarray], amodal: list[np.ndarray], min_pixels: int = 4) -> tuple[int, int]:
+def occlusion_order(visible: list[np.ndarray], amodal: list[np.ndarray], min_pixels: int = 4,
+                    looks: list[Any] | None = None) -> tuple[int, int]:
     """Depth order as an image of flat shapes can show it: through occlusion.
 
     `amodal[i]` is object i's full silhouette (objects listed back to front), `visible[i]` the pixels of the
     generated image that look like object i (e.g. its colour). For every pair whose silhouettes overlap in at
     least `min_pixels` pixels, the order holds when the nearer object owns more of the overlap than the farther
-    one. Returns (pairs in order, pairs judged); pairs that do not overlap carry no visible order and are skipped.
+    one. Returns (pairs in order, pairs judged); pairs that do not overlap carry no visible order and are skipped,
+    and so are pairs whose `looks` (e.g. colours) are equal: two objects that look alike cannot show which is nearer.
     """
     if len(visible) != len(amodal):
         raise InputError(f"occlusion_order: {len(visible)} visible masks for {len(amodal)} objects")
@@ -196,7 +198,7 @@ def occlusion_order(visible: list[np.ndarray], amodal: list[np.ndarray], min_pix
         for front in range(back + 1, len(amodal)):
             overlap = _binary(amodal[back]) & _binary(amodal[front])
             _same_shape(overlap, _binary(visible[front]), "occlusion_order")
-            if int(overlap.sum()) < min_pixels:
+            if int(overlap.sum()) < min_pixels or (looks is not None and looks[back] == looks[front]):
                 continue
             total += 1
             ok += int((_binary(visible[front]) & overlap).sum()) > int((_binary(visible[back]) & overlap).sum())

@@ -11,7 +11,8 @@ input condition):
 - canny: canny_f1 (canny of the output at the condition's thresholds vs the condition, exact pixels) and
   canny_f1_low (both at the second setting, 50/100: weaker edges).
 - segmentation: segmentation_miou, the judge's detections painted as a shape-class map vs the exact map.
-- depth: depth_order, over object pairs whose silhouettes overlap (a flat-shape image shows depth only there),
+- depth: depth_order, over pairs of differently coloured objects whose silhouettes overlap (a flat-shape image
+  shows depth only there),
   the fraction where the nearer object's colour owns the overlap.
 - sketch: sketch_ssim, SSIM of the output's XDoG vs the condition.
 - palette: palette_error, mean CIELab deltaE of the 8x8 palettes of output and condition (lower is better).
@@ -88,8 +89,9 @@ def silhouettes(scene: Scene, resolution: int) -> list[np.ndarray]:
 
 
 def _overlapping_pairs(scene: Scene, resolution: int) -> int:
-    masks = silhouettes(scene, resolution)
-    return sum(int((masks[i] & masks[j]).sum()) >= MIN_OVERLAP
+    """Pairs of differently coloured objects that overlap: the pairs whose depth order an image can show."""
+    masks, colors = silhouettes(scene, resolution), [o.color for o in scene.objects]
+    return sum(int((masks[i] & masks[j]).sum()) >= MIN_OVERLAP and colors[i] != colors[j]
                for i in range(len(masks)) for j in range(i + 1, len(masks)))  # fmt: skip
 
 
@@ -166,7 +168,7 @@ def depth_pairs(image: np.ndarray, scene: Scene) -> tuple[int, int]:
 
     res = image.shape[0]
     visible = [annotate("color-region", image, color=o.color, max_distance=COLOR_DISTANCE) for o in scene.objects]
-    return occlusion_order(visible, silhouettes(scene, res), MIN_OVERLAP)
+    return occlusion_order(visible, silhouettes(scene, res), MIN_OVERLAP, looks=[o.color for o in scene.objects])
 
 
 def condition_scores(kind: str, image: np.ndarray, condition: np.ndarray, case: Case, params: dict[str, Any],

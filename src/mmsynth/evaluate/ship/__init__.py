@@ -6,11 +6,16 @@ It sits in evaluate because shipping is measuring: it assembles model parts (mod
 runs the bench; the CLI hands it the bench's entry point (`Bench`) so that it never imports the CLI.
 """
 
-from mmsynth.evaluate.ship.clip import ship_clip
-from mmsynth.evaluate.ship.common import Bench
-from mmsynth.evaluate.ship.control import ship_control
-from mmsynth.evaluate.ship.curve import condition_curve, control_run
-from mmsynth.evaluate.ship.inpainting import ship_inpainting
-from mmsynth.evaluate.ship.t2i import ship_t2i
+from mmsynth.lazy import lazy_exports
 
-__all__ = ["Bench", "condition_curve", "control_run", "ship_clip", "ship_control", "ship_inpainting", "ship_t2i"]
+_EXPORTS = {
+    "Bench": "mmsynth.evaluate.ship.common",
+    "condition_curve": "mmsynth.evaluate.ship.curve",
+    "control_run": "mmsynth.evaluate.ship.curve",
+    "ship_clip": "mmsynth.evaluate.ship.clip",
+    "ship_control": "mmsynth.evaluate.ship.control",
+    "ship_inpainting": "mmsynth.evaluate.ship.inpainting",
+    "ship_t2i": "mmsynth.evaluate.ship.t2i",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)  # `--help` reads curve.py's defaults without importing torch
+__all__ = sorted(_EXPORTS)
