@@ -41,6 +41,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,20 +75,30 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def time_alternately(runs: dict[str, Run], repeats: int, device: str) -> tuple[dict[str, float], dict[str, Any]]:
-    """Best wall time of each run over `repeats` rounds, the runs taking turns within a round (so that a slow
-    spell of a shared machine hits both sides), and each run's last output."""
-    times: dict[str, list[float]] = {k: [] for k in runs}
+@dataclasses.dataclass
+class Timing:
+    """Best of the repeats: wall seconds, and the process's CPU seconds (all threads; steadier than wall time on
+    a shared CPU, where other jobs stretch the wall clock)."""
+
+    wall: float = float("inf")
+    cpu: float = float("inf")
+
+
+def time_alternately(runs: dict[str, Run], repeats: int, device: str) -> tuple[dict[str, Timing], dict[str, Any]]:
+    """Best times of each run over `repeats` rounds, the runs taking turns within a round (so that a slow spell
+    of a shared machine hits both sides), and each run's last output."""
+    best = {k: Timing() for k in runs}
     outputs: dict[str, Any] = {}
     with torch.inference_mode():
         for _ in range(repeats):
             for name, fn in runs.items():
                 _sync(device)
-                t = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 outputs[name] = fn()
                 _sync(device)
-                times[name].append(time.perf_counter() - t)
-    return {k: min(v) for k, v in times.items()}, outputs
+                b = best[name]
+                b.wall, b.cpu = min(b.wall, time.perf_counter() - wall), min(b.cpu, time.process_time() - cpu)
+    return best, outputs
 
 
 def _sync(device: str) -> None:
@@ -255,8 +266,10 @@ def row_runs(bundle: Bundle, s: Settings) -> tuple[dict[str, tuple[Run, Run, str
     return rows, skipped
 
 
-def run_rows(bundle: Bundle, rows: list[str], s: Settings) -> dict[str, Any]:
-    """Time, compare and measure the memory of each row; the result as a JSON-able dict."""
+def run_rows(bundle: Bundle, rows: list[str], s: Settings,
+             on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Time, compare and measure the memory of each row (`on_row` sees each as it is done: a zoo run takes many
+    minutes on a CPU); the result as a JSON-able dict."""
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row(s) {unknown}; valid: {', '.join(ROWS)}")
@@ -277,11 +290,15 @@ def run_rows(bundle: Bundle, rows: list[str], s: Settings) -> dict[str, Any]:
             diff = int(np.abs(outputs["first"].astype(int) - outputs["second"].astype(int)).max())
         out_rows.append({
             "row": name, "first": first_name, "second": second_name,
-            "seconds": {"first": best["first"], "second": best["second"]},
-            "ratio": best["first"] / best["second"],
+            "seconds": {"first": best["first"].wall, "second": best["second"].wall},
+            "ratio": best["first"].wall / best["second"].wall,
+            "cpu_seconds": {"first": best["first"].cpu, "second": best["second"].cpu},
+            "cpu_ratio": best["first"].cpu / best["second"].cpu,
             "max_pixel_difference": diff,
             "peak_memory_mib": {"first": memory[id(first)], "second": memory[id(second)]},
         })  # fmt: skip
+        if on_row is not None:
+            on_row(out_rows[-1])
     return {
         **dataclasses.asdict(s), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "peak_memory_method": memory_method(s.device), "rows": out_rows, "skipped": out_skipped,
@@ -294,10 +311,12 @@ def table(result: dict[str, Any]) -> str:
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
-    head = ["row", "first", "second", "first s", "second s", "ratio", "max px diff", "first MiB", "second MiB"]
+    head = ["row", "first", "second", "first s", "second s", "ratio", "cpu ratio", "max px diff", "first MiB",
+            "second MiB"]
     lines = [[r["row"], r["first"], r["second"], num(r["seconds"]["first"], ".3f"), num(r["seconds"]["second"], ".3f"),
-              num(r["ratio"], ".3f"), num(r["max_pixel_difference"], "d"), num(r["peak_memory_mib"]["first"], ".1f"),
-              num(r["peak_memory_mib"]["second"], ".1f")] for r in result["rows"]]  # fmt: skip
+              num(r["ratio"], ".3f"), num(r["cpu_ratio"], ".3f"), num(r["max_pixel_difference"], "d"),
+              num(r["peak_memory_mib"]["first"], ".1f"), num(r["peak_memory_mib"]["second"], ".1f")]
+             for r in result["rows"]]  # fmt: skip
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *lines]]
     text += [f"skipped {r['row']}: {r['reason']}" for r in result["skipped"]]
@@ -318,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's). On a CPU other jobs share, 1 avoids threads waiting on "
+                         "each other and gives far steadier times")  # fmt: skip
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
     ap.add_argument("--json", default=None, help="also write the result as JSON")
     args = ap.parse_args(argv)
@@ -325,11 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     if any(r not in ROWS for r in rows):
         ap.error(f"--rows: unknown row in {args.rows!r}; valid: {', '.join(ROWS)}")
 
+    warnings.filterwarnings("ignore", message="The decode_latents method is deprecated")  # the adapter pipeline's
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     settings = Settings(scheduler=args.scheduler, steps=args.steps, batch=args.batch, cfg=args.cfg,
                         repeats=args.repeats, device=args.device)  # fmt: skip
     bundle = load_bundle(args.model).to(args.device)
-    result = {"model": args.model or "models/shapes-v1", **run_rows(bundle, rows, settings)}
-    print(f"best of {args.repeats}; ratio = first s / second s; peak memory: {result['peak_memory_method']}")
+    def progress(row: dict[str, Any]) -> None:
+        print(f"{row['row']}: ratio {row['ratio']:.3f}", file=sys.stderr, flush=True)
+
+    result = {"model": args.model or "models/shapes-v1", **run_rows(bundle, rows, settings, progress)}
+    print(f"best of {args.repeats}; ratio = first s / second s (wall; cpu ratio: process CPU time); peak memory: "
+          f"{result['peak_memory_method']}")
     print(table(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -31,11 +31,13 @@ def bench():
 
 
 def _check_row(row: dict, method: str | None) -> None:
-    assert set(row) == {"row", "first", "second", "seconds", "ratio", "max_pixel_difference", "peak_memory_mib"}
+    assert set(row) == {"row", "first", "second", "seconds", "ratio", "cpu_seconds", "cpu_ratio",
+                        "max_pixel_difference", "peak_memory_mib"}  # fmt: skip
     assert row["first"].startswith("mmsynth")
-    assert set(row["seconds"]) == set(row["peak_memory_mib"]) == {"first", "second"}
-    assert all(s > 0 for s in row["seconds"].values())
+    assert set(row["seconds"]) == set(row["cpu_seconds"]) == set(row["peak_memory_mib"]) == {"first", "second"}
+    assert all(s > 0 for s in [*row["seconds"].values(), *row["cpu_seconds"].values()])
     assert row["ratio"] == pytest.approx(row["seconds"]["first"] / row["seconds"]["second"])
+    assert row["cpu_ratio"] == pytest.approx(row["cpu_seconds"]["first"] / row["cpu_seconds"]["second"])
     for mib in row["peak_memory_mib"].values():
         assert (mib is None) == (method is None)
         assert mib is None or mib >= 0
@@ -43,7 +45,7 @@ def _check_row(row: dict, method: str | None) -> None:
 
 def test_the_controlnet_rows_match_diffusers_and_the_adapter_rows_say_why_they_skip(bench, tmp_path, capsys):
     out = tmp_path / "result.json"
-    assert bench.main(["--model", "tiny", *TINIEST, "--json", str(out)]) == 0
+    assert bench.main(["--model", "tiny", *TINIEST, "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["model"] == "tiny" and result["steps"] == 2 and result["batch"] == 1
     assert [r["row"] for r in result["rows"]] == ["plain", "controlnet", "controlnet2"]
