@@ -28,7 +28,25 @@ without it (`--model tiny`'s) the adapter rows are skipped with that reason.
     python benchmarks/sampler_vs_diffusers.py                 # the shipped zoo (models/shapes-v1)
     python benchmarks/sampler_vs_diffusers.py --model tiny     # random tiny bundle, no weights needed
     python benchmarks/sampler_vs_diffusers.py --model DIR --device cuda --rows plain,controlnet --json out.json
-"""
+
+Measured on a busy 2-core CPU (two training jobs sharing it; torch 2.13 CPU, diffusers 0.42.1; fresh control
+networks: shapes-v1 ships none yet), `nice -n 10 python benchmarks/sampler_vs_diffusers.py --threads 1` (the zoo,
+DDIM, 25 steps, batch 8, CFG 5, best of 3):
+
+    row           first                  second                             first s  second s  ratio  cpu ratio  max px diff  first MiB  second MiB
+    plain         mmsynth                diffusers SDPipeline               6.513    6.409     1.016  1.015      0            46.7       54.5
+    controlnet    mmsynth+ControlNet     diffusers SDControlNetPipeline     9.005    8.814     1.022  0.986      0            50.6       53.5
+    controlnet2   mmsynth+2 ControlNets  diffusers SDControlNetPipeline[2]  11.898   10.992    1.082  1.072      0            54.5       54.7
+    adapter       mmsynth+adapter        diffusers SDAdapterPipeline        6.251    6.505     0.961  0.968      1            53.9       45.7
+    adapter-cost  mmsynth+adapter        mmsynth                            5.883    6.311     0.932  0.934      -            53.9       46.7
+
+Ratios within about +-8% are noise there: the same run's time moved that much between repeats, and a profile of
+controlnet2 (10 steps, 440 ms a step) put the work outside the networks at 3-4 ms a step for mmsynth and 2.5 for
+diffusers, and the UNet and ControlNet times equal on both sides (within that noise). An adapter costs nothing measurable per step (its features are computed once). Repeated
+memory readings of one run differ by up to ~8 MiB at this size (allocator state): the peaks agree within that.
+With torch's default 2 threads on that busy CPU the same work took 3.6 to 27.6 s from one repeat to the next
+(threads wait on each other while the other jobs hold the cores): there, use --threads 1 or an idle machine.
+"""  # noqa: E501
 
 from __future__ import annotations
 
