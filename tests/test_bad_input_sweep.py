@@ -298,6 +298,9 @@ def _rows() -> list[Row]:
                                                        "--out", o])  # fmt: skip
     number("zoo-ship-inpainting:run-without-export", lambda i, o: [*ship, "inpainting", "--run", i.model,
                                                                    "--out", o])  # fmt: skip
+    number("zoo-ship-control:run-not-a-run", lambda i, o: [*ship, "control", "--run", i.model, "--out", o])
+    number("zoo-curve:run-not-a-run", lambda i, o: ["zoo", "curve", "--run", i.model, "--out", o])
+    number("zoo-curve:n=0", lambda i, o: ["zoo", "curve", "--run", i.model, "--n", "0", "--out", o])
     number("annotate:param-nan", lambda i, o: ["annotate", "canny", i.image, "-p", "low=nan", "--out", o], "e.png")
     # ---- --control SPEC (ControlNet / T2I-Adapter; the model carries controlnet_canny and adapter_depth)
     ctl = ["generate", "--prompt", "a red circle", "--steps", "1", "-n", "1"]
@@ -362,6 +365,8 @@ EXPECT = {
     "zoo-ship-clip:at-least=1.5": "--at-least", "zoo-ship-clip:val-seed=-1": "--val-seed",
     "zoo-ship-clip:run-without-export": "mmsynth train clip", "zoo-ship-inpainting:seed=-1": "--seed",
     "zoo-ship-inpainting:run-without-export": "mmsynth train inpaint",
+    "zoo-ship-control:run-not-a-run": "mmsynth train controlnet", "zoo-curve:run-not-a-run": "has no config.yaml",
+    "zoo-curve:n=0": "--n",
     "generate:control-unknown-name": "valid: this model's control components (adapter_depth, controlnet_canny)",
     "generate:control-no-image": "must look like NAME=IMAGE", "generate:control-unknown-key": "valid: weight, start",
     "generate:control-bad-number": "weight must be a number", "generate:control-start-after-end": "start=0.7, end=0.3",
