@@ -21,6 +21,7 @@ from mmsynth.models.zoo import tiny_bundle
 from mmsynth.train import Recipe, get_recipe, load_config, register_recipe, train
 from mmsynth.train.recipes import RECIPES
 from mmsynth.train.recipes.t2i import TextToImageRecipe
+from mmsynth.viz import colorize_labels
 
 FAST = {"num_workers": "0", "log_every": "1", "warmup_steps": "0", "sample_every": "0", "ema": "false",
         "max_steps": "1", "batch_size": "2"}  # fmt: skip
@@ -82,7 +83,8 @@ def test_declared_maps_come_from_the_shapes_spec(tmp_path, toy):
         scene = sample_scene("train", index, 3)
         exact = annotate_scene(scene, 32).maps
         assert torch.equal(batch["depth"][i], as_map(exact["depth"]))  # exact, from the data layer
-        assert torch.equal(batch["segmentation"][i], as_map(exact["semantic"]))  # exact, through the spec
+        # exact, through the spec, colour-coded as a control network sees it (annotate.network_input)
+        assert torch.equal(batch["segmentation"][i], as_map(colorize_labels(exact["semantic"])))
         assert torch.equal(batch["edges"][i], as_map(exact["edges"]))
         assert torch.equal(batch["canny"][i], as_map(get_annotator("canny")(annotate_scene(scene, 32).image)))
     assert batch["depth"].shape == (2, 1, 32, 32) and batch["depth"].dtype == torch.float32

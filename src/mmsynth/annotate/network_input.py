@@ -1,7 +1,8 @@
 """How a condition map is shown to a control network (ControlNet, T2I-Adapter): one rule for training, sampling
 and the bench, so a network sees at sampling time the same kind of image it was trained on.
 
-A label map (COLOUR_CODED kinds: shape-class segmentation, instances, k-means colour segmentation) is colour-coded,
+A label map of a COLOUR_CODED kind ("segmentation": the spec's shape classes, or the k-means colour segmentation
+of an image) is colour-coded,
 one fixed colour per label (`viz.colorize_labels`, 0 = background black), as ControlNet's segmentation images are:
 label ids used as intensities would be nearly black and ordered arbitrarily. Any other map (edges, depth, a palette,
 an already colour-coded image) is passed as it is.
@@ -15,7 +16,8 @@ import numpy as np
 
 from mmsynth.viz import colorize_labels
 
-COLOUR_CODED: tuple[str, ...] = ("segmentation", "semantic", "instance")
+# the raw id maps ("semantic", "instance") stay ids: they are labels for losses and metrics, not network inputs
+COLOUR_CODED: tuple[str, ...] = ("segmentation",)
 
 
 def network_input(kind: str, value: Any) -> np.ndarray:
