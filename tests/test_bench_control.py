@@ -64,6 +64,17 @@ def test_cases_are_deterministic_test_scenes_with_exact_maps(tmp_path, cases):
             assert not np.array_equal(maps["canny"], from_scene("canny", c.scene, c.resolution, low=100, high=200))
 
 
+def test_a_categorys_first_cases_are_the_same_for_every_n(cases):
+    """Case j of a category (scene, prompt, seed, condition) does not depend on n: a curve at n = 16 is the first
+    16 cases of a bench run at n = 300."""
+    fewer = make_cases("control", 2, seed=0)
+    for category in CATEGORIES:
+        mine = [c for c in cases if c.category == category][:2]
+        theirs = [c for c in fewer if c.category == category]
+        assert [c.to_dict() for c in mine] == [c.to_dict() for c in theirs]
+        assert [c.seed for c in mine] == [c.seed for c in theirs]
+
+
 def test_renders_score_near_perfect_and_blank_images_low(cases):
     score = get_suite("control").score
     perfect = score(None, cases, [c.render() for c in cases], []).metrics

@@ -2,7 +2,8 @@
 
 Every case is a test-split scene (`sample_scene("test", ...)`: its own RNG stream, never the `train` split the
 control recipes learn from), prompted by a true caption, generated with a seed from a range no other suite and no
-training run uses (`seed * 1_000_003 + 800_000 + i`; the trainer seeds its noise per step from its config seed).
+training run uses (`seed * 1_000_003 + 800_000 + 20_000 * category + j`: case j of a category has the same scene
+and seed for every n; the trainer seeds its noise per step from its config seed).
 Each case's condition comes from its scene (`annotate.from_scene`): canny of the render, the exact segmentation
 (shape class) map, the exact depth map, XDoG of the render (sketch), the render's 8x8 palette.
 
@@ -95,9 +96,14 @@ def _overlapping_pairs(scene: Scene, resolution: int) -> int:
                for i in range(len(masks)) for j in range(i + 1, len(masks)))  # fmt: skip
 
 
-def _scene_for(category: str, j: int, seed: int, resolution: int) -> Scene:
-    """The j-th test scene of a category; depth keeps only scenes where some pair overlaps (visible order)."""
-    base = _STREAM + (CATEGORIES.index(category) + 1) * 100_000
+_CONFLICT_OTHER = len(CATEGORIES) + 1  # the stream block of the conflict cases' other scenes
+_CATEGORY_SEEDS = 20_000  # generation seeds per category: case j of a category keeps its seed whatever n is
+
+
+def _scene_for(category: str, j: int, seed: int, resolution: int, block: int | None = None) -> Scene:
+    """The j-th test scene of a category (from its own block of the stream, so the first j cases are the same for
+    every n); depth keeps only scenes where some pair overlaps (visible order)."""
+    base = _STREAM + (CATEGORIES.index(category) + 1 if block is None else block) * 100_000
     k = 0
     while True:
         s = sample_scene("test", base + j * 64 + k, seed)
@@ -127,13 +133,14 @@ def make_cases(n: int, seed: int) -> list[Case]:
             elif category == "multi":
                 controls = [_spec(*CONDITIONS["canny"]), _spec(*CONDITIONS["palette"])]
             else:  # conflict: the condition of the next scene of the stream
-                other = _scene_for(category, n + j, seed, res)
+                other = _scene_for(category, j, seed, res, block=_CONFLICT_OTHER)
                 kind, params = CONDITIONS["canny"]
                 controls = [ControlSpec(kind, dict(params), encode_value(from_scene(kind, other, res, **params)))]
                 extra["condition_scene"] = other.to_dict()
             out.append(Case(id=f"control/{category}/{j:04d}", suite="control", scene=scene, category=category,
                             prompt=captions(scene, 1)[0], controls=controls, resolution=res,
-                            seed=seed * 1_000_003 + _SEED_OFFSET + len(out), extra=extra))  # fmt: skip
+                            seed=seed * 1_000_003 + _SEED_OFFSET + CATEGORIES.index(category) * _CATEGORY_SEEDS + j,
+                            extra=extra))  # fmt: skip
     return out
 
 
