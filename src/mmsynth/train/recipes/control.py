@@ -136,6 +136,7 @@ class ControlRecipe(DenoisingRecipe):
         was_training = network.training
         network.eval()
         pipe = self.pipeline()
+        pipe.set_progress_bar_config(disable=True)  # the trainer's own progress (or log.csv) is the run's record
         r, tiles = self.resolution, []
         for i in range(self.options.sample_scenes):
             scene = sample_scene("test", i)
