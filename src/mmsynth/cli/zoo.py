@@ -120,7 +120,7 @@ def register(sub: Any) -> None:
 
 
 def _register_control(parts: Any) -> None:
-    from mmsynth.evaluate.ship.curve import DEFAULT_N, DEFAULT_SEED
+    from mmsynth.evaluate.ship.curve import DEFAULT_N
 
     k = parts.add_parser("control", help="a ControlNet or T2I-Adapter run into --out as its control component, carded",
                          description="Put the network of a `mmsynth train controlnet|t2i-adapter` run (RUN/final, or "
@@ -135,24 +135,30 @@ def _register_control(parts: Any) -> None:
                    help="ship the snapshot RUN/exports/step_N, not RUN/final")
     k.add_argument("--name", default=None, help="the component name (default: from the run's recipe and condition)")
     k.add_argument("--n", type=positive_int, default=None, help="bench cases (default: the control suite's, 300)")
-    k.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"case seed of the bench and the curve "
-                   f"(default {DEFAULT_SEED})")  # fmt: skip
-    k.add_argument("--steps", type=positive_int, default=None,
-                   help="sampler steps of the bench and the curve (default: the bench's, 25)")
+    _measure_args(k, "of the bench and the curve")
     k.add_argument("--curve-n", type=positive_int, default=DEFAULT_N,
                    help=f"curve cases per snapshot (default {DEFAULT_N})")
     k.add_argument("--curve-every", type=positive_int, default=None, metavar="K",
                    help="curve: only the snapshots at multiples of K steps (default: all)")
     k.add_argument("--curve-out", default=None, metavar="DIR", help="the curve's folder (default RUN/curve: its cache)")
     k.add_argument("--no-curve", action="store_true", help="no condition-following curve on the card")
-    k.add_argument("--device", default=None, help="torch device of the curve (default: cuda if available, else cpu)")
     _parts(k)
     _common(k, "the bundle that gets the component", "runs/ship/control", "an existing component of that name and ")
     k.set_defaults(func=_ship_control)
 
 
+def _measure_args(p: argparse.ArgumentParser, of: str, device_of: str = "of the curve") -> None:
+    """--seed, --steps and --device, shared by `zoo ship control` and `zoo curve` so a curve cached by one is
+    found by the other."""
+    from mmsynth.evaluate.ship.curve import DEFAULT_SEED
+
+    p.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"case seed {of} (default {DEFAULT_SEED})")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"sampler steps {of} (default: the bench's, 25)")
+    p.add_argument("--device", default=None, help=f"torch device {device_of} (default: cuda if available, else cpu)")
+
+
 def _register_curve(zsub: Any) -> None:
-    from mmsynth.evaluate.ship.curve import DEFAULT_N, DEFAULT_SEED
+    from mmsynth.evaluate.ship.curve import DEFAULT_N
 
     c = zsub.add_parser("curve", help="a control run's condition-following curve: its metric at every snapshot",
                         description="Measure every snapshot of a `mmsynth train controlnet|t2i-adapter` run "
@@ -166,12 +172,10 @@ def _register_curve(zsub: Any) -> None:
     c.add_argument("--name", default=None, help="the component it stands in for (default: from recipe and condition)")
     c.add_argument("--model", default=None, help="the bundle it is measured in (default: the run's options.base)")
     c.add_argument("--n", type=positive_int, default=DEFAULT_N, help=f"cases (default {DEFAULT_N})")
-    c.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"case seed (default {DEFAULT_SEED})")
     c.add_argument("--every", type=positive_int, default=None, metavar="K",
                    help="only the snapshots at multiples of K steps (default: all)")
-    c.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the bench's, 25)")
+    _measure_args(c, "of the curve")
     c.add_argument("--out", default=None, help="folder of curve.json and curve.png (default RUN/curve)")
-    c.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     c.add_argument("--overwrite", action="store_true", help="replace a curve measured under other settings")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_curve)

@@ -44,11 +44,10 @@ from mmsynth.evaluate.bench.generation import (
     SAMPLER_SETTINGS,
     RunContext,
     batched,
-    ground_truth,
+    reference_rows,
     register_capability,
     text_to_image,
     text_to_image_batch,
-    vae_round_trip,
 )
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.bench.results import RowResult
@@ -283,10 +282,7 @@ def _control_row(name: str, description: str, kinds: tuple[str, ...] | None, cat
 
 def _rows() -> dict[str, Row]:
     rows = {
-        "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
-                            needs=lambda c: [], uses_model=False),
-        "vae_ceiling": Row("vae_ceiling", "reference", "the render through the model's VAE (a latent model's "
-                           "ceiling)", vae_round_trip, needs=lambda c: []),
+        **reference_rows(),
         "no_control": Row("no_control", "reference", "the prompt alone, same seeds (every bar's reference)",
                           text_to_image, generate_batch=text_to_image_batch, needs=lambda c: ["text"],
                           sweepable=SAMPLER_SETTINGS),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmsynth.errors import InputError
+from mmsynth.evaluate.bench.registry import Row
 from mmsynth.sample.request import DEFAULT_BEST_OF, DEFAULT_CFG, DEFAULT_ETA, DEFAULT_SCHEDULER, DEFAULT_STEPS
 
 if TYPE_CHECKING:
@@ -173,6 +174,17 @@ def vae_round_trip(ctx: RunContext, case: Case) -> np.ndarray:
     with torch.no_grad():
         y = vae.decode(vae.encode(x.to(bundle.device, vae.dtype)).latent_dist.mode()).sample
     return to_uint8(y.float())[0]  # pixels exactly as the sampler makes them
+
+
+def reference_rows(*, vae: bool = True) -> dict[str, Row]:
+    """The suites' shared ceilings: the exact render and (for latent models) that render through the VAE, so every
+    suite reports a method between the same two references."""
+    rows = {"ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
+                                needs=lambda c: [], uses_model=False)}
+    if vae:
+        rows["vae_ceiling"] = Row("vae_ceiling", "reference", "the render through the model's VAE (a latent model's "
+                                  "ceiling)", vae_round_trip, needs=lambda c: [])
+    return rows
 
 
 def base_unconditioned(ctx: RunContext, case: Case) -> np.ndarray:

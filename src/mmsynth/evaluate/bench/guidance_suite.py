@@ -30,7 +30,7 @@ from mmsynth.evaluate.bench.generation import (
     SAMPLER_SETTINGS,
     RunContext,
     batched,
-    ground_truth,
+    reference_rows,
     text_to_image,
     text_to_image_batch,
 )
@@ -177,8 +177,7 @@ SUITE = register_suite(
         default_n=200,
         quick_n=3,
         rows={
-            "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
-                                needs=lambda c: [], uses_model=False),
+            **reference_rows(vae=False),
             "unguided": Row("unguided", "reference", "the prompt alone, same seeds (the baseline)", text_to_image,
                             generate_batch=text_to_image_batch, sweepable=SAMPLER_SETTINGS),
             "palette": _row("palette", "palette", "forward guidance towards the target's palette map"),

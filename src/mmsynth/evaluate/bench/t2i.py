@@ -36,10 +36,9 @@ from mmsynth.evaluate.bench.generation import (
     base_unconditioned,
     base_unconditioned_batch,
     batched,
-    ground_truth,
+    reference_rows,
     text_to_image,
     text_to_image_batch,
-    vae_round_trip,
 )
 from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, register_suite
 from mmsynth.evaluate.judge import expectation_for
@@ -160,10 +159,7 @@ SUITE = register_suite(
         quick_n=6,
         cost_baseline="t2i",  # best_of and attend_excite: seconds per image over plain sampling's, side by side
         rows={
-            "ground_truth": Row("ground_truth", "reference", "renders of the scene specs (the ceiling)", ground_truth,
-                                needs=lambda c: [], uses_model=False),
-            "vae_ceiling": Row("vae_ceiling", "reference", "the render through the model's VAE (a latent model's "
-                               "ceiling)", vae_round_trip, needs=lambda c: []),
+            **reference_rows(),
             "base_uncond": Row("base_uncond", "reference", "base model, empty prompt (chance level)",
                                base_unconditioned, generate_batch=base_unconditioned_batch, needs=lambda c: []),
             "t2i": Row("t2i", "method", "base model with the prompt", text_to_image,
