@@ -28,7 +28,7 @@ from mmsynth.evaluate.bench.control_suite import (
     silhouettes,
 )
 from mmsynth.evaluate.bench.results import RowResult
-from mmsynth.evaluate.control_metrics import occlusion_order
+from mmsynth.evaluate.control_metrics import occlusion_contours, occlusion_order
 from mmsynth.evaluate.scoring import Metric
 
 
@@ -85,7 +85,7 @@ def test_renders_score_near_perfect_and_blank_images_low(cases):
     assert perfect["palette_error"].value < 1.0 and blank["palette_error"].value > 20
     assert all(perfect[f"{c}_attribute_acc"].value == 1.0 for c in CATEGORIES)
     assert perfect["conflict_canny_f1"].value < 0.3  # the render follows its own scene, not the other one
-    for name in ("canny_f1", "depth_order", "multi_canny_f1", "conflict_canny_f1"):
+    for name in ("canny_f1", "depth_order", "depth_order_contour", "multi_canny_f1", "conflict_canny_f1"):
         assert blank[name].value == 0.0, name
     assert blank["segmentation_miou"].value < 0.5 and blank["sketch_ssim"].value < perfect["sketch_ssim"].value
     assert perfect["depth_order"].low < 1.0 and perfect["canny_f1"].n == 3  # intervals and counts are kept
@@ -103,6 +103,26 @@ def test_occlusion_order_and_judge_segmentation_on_known_images(cases):
     case = next(c for c in cases if c.category == "segmentation")
     seg = judge_segmentation(case.render())
     assert seg.shape == (case.resolution,) * 2 and set(np.unique(seg)) <= set(range(6))
+
+
+def test_occlusion_contours_read_depth_from_outlines_alone():
+    a, b = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
+    a[2:12, 2:12], b[6:14, 6:14] = True, True  # b (listed second) is nearer
+    outline = lambda m: m & ~np.pad(m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:],  # noqa: E731
+                                    1)  # fmt: skip
+    b_on_top = outline(b) | (outline(a) & ~b)  # what a flat image of b over a shows as edges
+    a_on_top = outline(a) | (outline(b) & ~a)
+    assert occlusion_contours(b_on_top.astype(np.uint8) * 255, [a, b]) == (1, 1)
+    assert occlusion_contours(a_on_top, [a, b]) == (0, 1)
+    assert occlusion_contours(b_on_top, [a, b], looks=["red", "red"]) == (0, 0)  # alike: no edge between them
+    small = np.zeros_like(b)
+    small[4:8, 4:8] = True  # wholly inside a: its own outline alone decides
+    assert occlusion_contours(outline(a) | outline(small), [a, small]) == (1, 1)
+    assert occlusion_contours(outline(a), [a, small]) == (0, 1)
+    assert occlusion_contours(outline(a), [small, a]) == (0, 0)  # the farther one wholly hidden: skipped
+    assert occlusion_contours(np.zeros((16, 16), bool), [a, np.zeros_like(b)]) == (0, 0)  # no overlap
+    with pytest.raises(InputError, match="differ in shape"):
+        occlusion_contours(np.zeros((8, 8), bool), [a, b])
 
 
 def test_rows_capabilities_and_skips_on_a_model_without_controls(bundle, cases):

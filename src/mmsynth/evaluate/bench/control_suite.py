@@ -13,8 +13,9 @@ input condition):
   canny_f1_low (both at the second setting, 50/100: weaker edges).
 - segmentation: segmentation_miou, the judge's detections painted as a shape-class map vs the exact map.
 - depth: depth_order, over pairs of differently coloured objects whose silhouettes overlap (a flat-shape image
-  shows depth only there),
-  the fraction where the nearer object's colour owns the overlap.
+  shows depth only there), the fraction where the nearer object's colour owns the overlap; depth_order_contour,
+  the same pairs read from outlines alone (the nearer one's outline drawn across the farther, not the reverse):
+  the depth map followed, whether or not the prompt's colours went to the right shapes.
 - sketch: sketch_ssim, SSIM of the output's XDoG vs the condition.
 - palette: palette_error, mean CIELab deltaE of the 8x8 palettes of output and condition (lower is better).
 - multi: canny and palette together (multi_canny_f1, multi_palette_error).
@@ -177,6 +178,17 @@ def depth_pairs(image: np.ndarray, scene: Scene) -> tuple[int, int]:
     return occlusion_order(visible, silhouettes(scene, res), MIN_OVERLAP, looks=[o.color for o in scene.objects])
 
 
+def depth_contour_pairs(image: np.ndarray, scene: Scene) -> tuple[int, int]:
+    """(pairs in order, pairs judged) of the scene's objects, read from the outlines in the output's canny edges:
+    the depth map followed whatever colours the prompt's words were bound to."""
+    from mmsynth.annotate import annotate
+    from mmsynth.evaluate.control_metrics import occlusion_contours
+
+    edges = annotate("canny", image, **CONDITIONS["canny"][1])
+    return occlusion_contours(edges, silhouettes(scene, image.shape[0]), MIN_OVERLAP,
+                              looks=[o.color for o in scene.objects])  # fmt: skip
+
+
 def condition_scores(kind: str, image: np.ndarray, condition: np.ndarray, case: Case, params: dict[str, Any],
                      from_spec: bool = True) -> dict[str, float | tuple[int, int]]:  # fmt: skip
     """The output scored against one input condition: {metric suffix: value} (depth: a (hits, pairs) count).
@@ -194,7 +206,8 @@ def condition_scores(kind: str, image: np.ndarray, condition: np.ndarray, case: 
     if kind == "segmentation":
         return {"segmentation_miou": miou(judge_segmentation(image), condition)}
     if kind == "depth":
-        return {"depth_order": depth_pairs(image, case.scene)}
+        return {"depth_order": depth_pairs(image, case.scene),
+                "depth_order_contour": depth_contour_pairs(image, case.scene)}
     if kind == "palette":
         return {"palette_error": palette_error(image, condition)}
     return {"sketch_ssim": ssim(annotate(kind, image, **params), condition)}
@@ -219,7 +232,7 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
                 values.setdefault(_metric_name(case, suffix), []).append(v)
     metrics: dict[str, Metric] = {}
     for name, vs in values.items():
-        if name.endswith("depth_order"):  # a rate over overlapping pairs
+        if "depth_order" in name:  # a rate over overlapping pairs
             metrics[name] = rate(sum(k for k, _ in vs), sum(n for _, n in vs))
         else:
             metrics[name] = mean_ci([float(v) for v in vs])

@@ -69,6 +69,8 @@ METRIC_NOTES: dict[str, str] = {
     "segmentation_miou": "mIoU of the judge's detections painted as a shape-class map against the exact map",
     "depth_order": "over object pairs whose outlines overlap, the fraction where the nearer object's colour owns the "
                    "overlap",
+    "depth_order_contour": "the same pairs read from the output's edges: the nearer object's outline drawn across the "
+                           "farther one, not the reverse (the depth map followed, whatever the colours)",
     "sketch_ssim": "SSIM of the output's XDoG against the condition",
     "palette_error": "mean CIELab deltaE of the 8x8 palettes of output and condition (lower is better)",
 }
