@@ -145,7 +145,7 @@ def test_shipping_a_controlnet_and_an_adapter_loads_measures_and_cards_them(tmp_
     (out / "README.md").write_text("# zoo\n\nWeights: 9.9 MiB of safetensors (F16).\n\n## Quality\n\nq\n")
     run = make_run(tmp_path / "runs" / "controlnet_canny", base)
     args = ["zoo", "ship", "control", "--run", str(run), "--out", str(out), "--reports", str(reports), "--no-parts",
-            *FAST, "--curve-n", "1"]  # fmt: skip
+            *FAST, "--cfg", "3", "--curve-n", "1"]  # fmt: skip
     assert main(args) == 0
     shipped = out / "controlnet_canny"
     net = ControlNetModel.from_pretrained(out, subfolder="controlnet_canny")
@@ -156,12 +156,12 @@ def test_shipping_a_controlnet_and_an_adapter_loads_measures_and_cards_them(tmp_
     assert manifest["controlnet_canny"] == {"library": "diffusers", "class": "ControlNetModel"}
     card = shipped.joinpath("README.md").read_text()
     bench = (f"`mmsynth bench run --suite control --categories canny --n 1 --seed 4 --model {out} --rows "
-             "ground_truth,vae_ceiling,no_control,controlnet_canny --steps 2`")  # fmt: skip
+             "ground_truth,vae_ceiling,no_control,controlnet_canny --steps 2 --cfg 3`")  # fmt: skip
     assert bench in card and "| controlnet_canny | 1 | " in card and "| no_control | 1 | " in card
     assert "| row | n | canny_f1 | canny_f1_low | canny_attribute_acc |" in card
     assert f"the final export `{run / 'final'}`: 5 steps of batch 2 (10 examples)" in card
     assert "logged wall time 0.05 h" in card and "condition: canny" in card  # 5 steps of 36 s; the config quoted
-    curve_cmd = f"`mmsynth zoo curve --run {run} --model {out} --n 1 --seed 4 --steps 2 --out {run / 'curve'}`"
+    curve_cmd = f"`mmsynth zoo curve --run {run} --model {out} --n 1 --seed 4 --steps 2 --cfg 3 --out {run / 'curve'}`"
     assert curve_cmd in card and "![canny_f1 against the training step](condition_curve.png)" in card
     assert "| no_control | " in card and "| 2 | " in card and "| 4 | " in card and "| 5 | " in card
     assert (shipped / "condition_curve.png").is_file() and (shipped / "metrics_control.json").is_file()
@@ -271,6 +271,8 @@ def test_the_curve_has_one_point_per_snapshot_and_reuses_cached_points(tmp_path,
     capsys.readouterr()
     assert main([*args, "--seed", "5", "--every", "4", "--model", str(model)]) == 2
     assert "under other settings (model_sha256)" in capsys.readouterr().err
+    assert main([*args, "--seed", "5", "--every", "4", "--cfg", "3"]) == 2  # the guidance scale is a setting too
+    assert "under other settings (sampler)" in capsys.readouterr().err
 
 
 def test_the_curve_finds_snapshots_and_refuses_a_run_without_any(tmp_path, base):

@@ -148,12 +148,14 @@ def _register_control(parts: Any) -> None:
 
 
 def _measure_args(p: argparse.ArgumentParser, of: str, device_of: str = "of the curve") -> None:
-    """--seed, --steps and --device, shared by `zoo ship control` and `zoo curve` so a curve cached by one is
+    """--seed, --steps, --cfg and --device, shared by `zoo ship control` and `zoo curve` so a curve cached by one is
     found by the other."""
     from mmsynth.evaluate.ship.curve import DEFAULT_SEED
 
     p.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"case seed {of} (default {DEFAULT_SEED})")
     p.add_argument("--steps", type=positive_int, default=None, help=f"sampler steps {of} (default: the bench's, 25)")
+    p.add_argument("--cfg", type=non_negative_float, default=None,
+                   help=f"classifier-free guidance scale {of} (default: the bench's, 5)")
     p.add_argument("--device", default=None, help=f"torch device {device_of} (default: cuda if available, else cpu)")
 
 
@@ -226,9 +228,10 @@ def _ship_control(args: argparse.Namespace) -> int:
     from mmsynth.evaluate.ship import ship_control
 
     ship_control(Path(args.run), Path(args.out), _bench, step=args.step, name=args.name, n=args.n, seed=args.seed,
-                 steps=args.steps, reports=Path(args.reports), curve=not args.no_curve, curve_n=args.curve_n,
-                 curve_every=args.curve_every, curve_out=Path(args.curve_out) if args.curve_out else None,
-                 device=resolve_device(args.device), parts=_parts_file(args), overwrite=args.overwrite)  # fmt: skip
+                 steps=args.steps, cfg=args.cfg, reports=Path(args.reports), curve=not args.no_curve,
+                 curve_n=args.curve_n, curve_every=args.curve_every,
+                 curve_out=Path(args.curve_out) if args.curve_out else None, device=resolve_device(args.device),
+                 parts=_parts_file(args), overwrite=args.overwrite)  # fmt: skip
     return 0
 
 
@@ -238,7 +241,7 @@ def _curve(args: argparse.Namespace) -> int:
     run = control_run(Path(args.run), args.name)
     out = Path(args.out) if args.out else run.folder / "curve"
     curve = condition_curve(run, out, model=Path(args.model) if args.model else None, n=args.n, seed=args.seed,
-                            every=args.every, steps=args.steps, device=resolve_device(args.device),
+                            every=args.every, steps=args.steps, cfg=args.cfg, device=resolve_device(args.device),
                             progress=not args.quiet, overwrite=args.overwrite)  # fmt: skip
     print("\n".join(curve_lines(curve)))
     print(f"wrote {out / CURVE_FILE} and {out / CURVE_PLOT}")

@@ -213,7 +213,7 @@ def check_network_class(folder: Path, run: ControlRun) -> None:
 
 
 def ship_control(run_dir: Path, out: Path, bench: Bench, *, step: int | None = None, name: str | None = None,
-                 n: int | None = None, seed: int = DEFAULT_SEED, steps: int | None = None,
+                 n: int | None = None, seed: int = DEFAULT_SEED, steps: int | None = None, cfg: float | None = None,
                  reports: Path = Path("runs/ship/control"), curve: bool = True, curve_n: int = DEFAULT_N,
                  curve_every: int | None = None, curve_out: Path | None = None, device: str = "cpu",
                  parts: Path | None = Path("docs/zoo_parts.md"), overwrite: bool = False) -> Path:  # fmt: skip
@@ -241,10 +241,11 @@ def ship_control(run_dir: Path, out: Path, bench: Bench, *, step: int | None = N
     if curve and any(folder.parent.name == "exports" for _, folder in snapshots(run)):  # a curve of snapshots
         where = curve_out or run.folder / "curve"
         measured = condition_curve(run, where, model=out, n=curve_n, seed=seed, every=curve_every, steps=steps,
-                                   device=device, overwrite=overwrite)  # fmt: skip
-        curve_cmd = curve_command(run.folder, where, out, curve_n, seed, curve_every, steps)
+                                   cfg=cfg, device=device, overwrite=overwrite)  # fmt: skip
+        curve_cmd = curve_command(run.folder, where, out, curve_n, seed, curve_every, steps, cfg)
     command = (f"mmsynth bench run --suite control --categories {run.category} --n {n} --seed {seed} --model {out} "
-               f"--rows {bench_rows(run.component)}" + (f" --steps {steps}" if steps else ""))  # fmt: skip
+               f"--rows {bench_rows(run.component)}" + (f" --steps {steps}" if steps else "")
+               + (f" --cfg {cfg:g}" if cfg is not None else ""))  # fmt: skip
     with atomic_dir(out, whole=True) as tmp:
         copy_into(out, tmp, skip=[run.component])
         with tempfile.TemporaryDirectory(prefix=".control-float16-", dir=tmp) as staged:
@@ -254,7 +255,8 @@ def ship_control(run_dir: Path, out: Path, bench: Bench, *, step: int | None = N
         list_components(tmp, {run.component: {"library": "diffusers", "class": run.cls}})
         run_bench(bench, ["bench", "run", "--suite", "control", "--categories", run.category, "--n", str(n),
                           "--seed", str(seed), "--model", str(tmp), "--rows", bench_rows(run.component),
-                          *(["--steps", str(steps)] if steps else []), "--json", str(json_out), "--quiet",
+                          *(["--steps", str(steps)] if steps else []),
+                          *(["--cfg", f"{cfg:g}"] if cfg is not None else []), "--json", str(json_out), "--quiet",
                           *bench_overwrite(overwrite)])  # fmt: skip
         report = json.loads(json_out.read_text(encoding="utf-8"))
         folder = tmp / run.component

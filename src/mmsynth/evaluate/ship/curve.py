@@ -183,11 +183,12 @@ def weights_sha256(*folders: Path) -> str:
 
 
 def curve_command(run: Path, out: Path, model: Path, n: int, seed: int, every: int | None,
-                  steps: int | None) -> str:  # fmt: skip
+                  steps: int | None, cfg: float | None = None) -> str:  # fmt: skip
     """The `mmsynth zoo curve` command line that measures (or, cached, reads back) a curve."""
     parts = ["mmsynth zoo curve --run", str(run), "--model", str(model), "--n", str(n), "--seed", str(seed)]
     parts += ["--every", str(every)] if every else []
     parts += ["--steps", str(steps)] if steps else []
+    parts += ["--cfg", f"{cfg:g}"] if cfg is not None else []
     return " ".join([*parts, "--out", str(out)])
 
 
@@ -205,12 +206,14 @@ def _settings(run: ControlRun, model: Path, n: int, seed: int, sampler: Any) -> 
 
 def condition_curve(run: ControlRun, out: Path, *, model: Path | None = None, n: int = DEFAULT_N,
                     seed: int = DEFAULT_SEED, every: int | None = None, steps: int | None = None,
-                    device: str = "cpu", progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                    cfg: float | None = None, device: str = "cpu", progress: bool = True,
+                    overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Measure the run's snapshots (those whose step is a multiple of `every`; all without) into OUT/curve.json and
     plot OUT/curve.png; returns the curve. Points already in curve.json for the same weights and settings are kept.
 
-    `model`: the bundle the network is put into (default: the run's options.base). `steps`: sampler steps (default:
-    the bench's). A curve.json measured under other settings is refused unless `overwrite` (then it starts anew)."""
+    `model`: the bundle the network is put into (default: the run's options.base). `steps`, `cfg`: sampler steps and
+    guidance scale (default: the bench's). A curve.json measured under other settings is refused unless `overwrite`
+    (then it starts anew)."""
     from tqdm import tqdm
 
     from mmsynth.evaluate.bench import RunContext, RunOptions, SamplerSettings, make_cases, run_bench
@@ -233,7 +236,7 @@ def condition_curve(run: ControlRun, out: Path, *, model: Path | None = None, n:
                          "(RUN/exports/step_N: set export_every in its config, or RUN/final)")  # fmt: skip
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; expected a folder")
-    sampler = SamplerSettings() if steps is None else SamplerSettings(steps=steps)
+    sampler = SamplerSettings(**{k: v for k, v in (("steps", steps), ("cfg", cfg)) if v is not None})
     settings = _settings(run, model, n, seed, sampler)
     curve: dict[str, Any] = {"format": CURVE_FORMAT, "run": str(run.folder), "settings": settings,
                              "no_control": None, "points": {}}  # fmt: skip
