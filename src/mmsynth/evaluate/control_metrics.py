@@ -181,6 +181,20 @@ def controllability(
     return {"palette_error": palette_error(extracted, condition)}
 
 
+def visible_pairs(amodal: list[np.ndarray], min_pixels: int = 4,
+                  looks: list[Any] | None = None) -> list[tuple[int, int, np.ndarray]]:
+    """(back, front, overlap) for the pairs of silhouettes (listed back to front) whose depth order an image can
+    show: those overlapping in at least `min_pixels`, and not alike (`looks`, e.g. colours, differ)."""
+    masks = [_binary(a) for a in amodal]
+    pairs = []
+    for back in range(len(masks)):
+        for front in range(back + 1, len(masks)):
+            overlap = masks[back] & masks[front]
+            if int(overlap.sum()) >= min_pixels and (looks is None or looks[back] != looks[front]):
+                pairs.append((back, front, overlap))
+    return pairs
+
+
 def occlusion_order(visible: list[np.ndarray], amodal: list[np.ndarray], min_pixels: int = 4,
                     looks: list[Any] | None = None) -> tuple[int, int]:
     """Depth order as an image of flat shapes can show it: through occlusion.
@@ -193,15 +207,13 @@ def occlusion_order(visible: list[np.ndarray], amodal: list[np.ndarray], min_pix
     """
     if len(visible) != len(amodal):
         raise InputError(f"occlusion_order: {len(visible)} visible masks for {len(amodal)} objects")
+    shown = [_binary(v) for v in visible]
+    for a, v in zip(amodal, shown):
+        _same_shape(_binary(a), v, "occlusion_order")
     ok = total = 0
-    for back in range(len(amodal)):
-        for front in range(back + 1, len(amodal)):
-            overlap = _binary(amodal[back]) & _binary(amodal[front])
-            _same_shape(overlap, _binary(visible[front]), "occlusion_order")
-            if int(overlap.sum()) < min_pixels or (looks is not None and looks[back] == looks[front]):
-                continue
-            total += 1
-            ok += int((_binary(visible[front]) & overlap).sum()) > int((_binary(visible[back]) & overlap).sum())
+    for back, front, overlap in visible_pairs(amodal, min_pixels, looks):
+        total += 1
+        ok += int((shown[front] & overlap).sum()) > int((shown[back] & overlap).sum())
     return ok, total
 
 
@@ -230,18 +242,14 @@ def occlusion_contours(edges: np.ndarray, amodal: list[np.ndarray], min_pixels: 
     inner = [binary_erosion(m, np.ones((3, 3), bool)) for m in masks]
     outline = [m & ~i for m, i in zip(masks, inner)]
     ok = total = 0
-    for back in range(len(masks)):
-        for front in range(back + 1, len(masks)):
-            alike = looks is not None and looks[back] == looks[front]
-            if alike or int((masks[back] & masks[front]).sum()) < min_pixels:
-                continue
-            front_line, back_line = outline[front] & inner[back], outline[back] & inner[front]
-            if int(front_line.sum()) < min_pixels:
-                continue
-            total += 1
-            front_share = float(seen[front_line].mean())
-            if int(back_line.sum()) >= min_pixels:
-                ok += front_share > float(seen[back_line].mean())
-            else:
-                ok += front_share > 0.5
+    for back, front, _ in visible_pairs(masks, min_pixels, looks):
+        front_line, back_line = outline[front] & inner[back], outline[back] & inner[front]
+        if int(front_line.sum()) < min_pixels:
+            continue
+        total += 1
+        front_share = float(seen[front_line].mean())
+        if int(back_line.sum()) >= min_pixels:
+            ok += front_share > float(seen[back_line].mean())
+        else:
+            ok += front_share > 0.5
     return ok, total

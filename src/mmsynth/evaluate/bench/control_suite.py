@@ -91,9 +91,9 @@ def silhouettes(scene: Scene, resolution: int) -> list[np.ndarray]:
 
 def _overlapping_pairs(scene: Scene, resolution: int) -> int:
     """Pairs of differently coloured objects that overlap: the pairs whose depth order an image can show."""
-    masks, colors = silhouettes(scene, resolution), [o.color for o in scene.objects]
-    return sum(int((masks[i] & masks[j]).sum()) >= MIN_OVERLAP and colors[i] != colors[j]
-               for i in range(len(masks)) for j in range(i + 1, len(masks)))  # fmt: skip
+    from mmsynth.evaluate.control_metrics import visible_pairs
+
+    return len(visible_pairs(silhouettes(scene, resolution), MIN_OVERLAP, [o.color for o in scene.objects]))
 
 
 _CONFLICT_OTHER = len(CATEGORIES) + 1  # the stream block of the conflict cases' other scenes
@@ -168,25 +168,24 @@ def judge_segmentation(image: np.ndarray) -> np.ndarray:
     return classes[render_scene(Scene([objects[i] for i in order], Background("flat", [(0, 0, 0)])), res).instance]
 
 
-def depth_pairs(image: np.ndarray, scene: Scene) -> tuple[int, int]:
-    """(pairs in order, overlapping pairs) of the scene's objects, read from the colours of the output."""
+def depth_pairs(image: np.ndarray, scene: Scene, amodal: list[np.ndarray]) -> tuple[int, int]:
+    """(pairs in order, overlapping pairs) of the scene's objects (silhouettes `amodal`), read from the colours of
+    the output."""
     from mmsynth.annotate import annotate
     from mmsynth.evaluate.control_metrics import occlusion_order
 
-    res = image.shape[0]
     visible = [annotate("color-region", image, color=o.color, max_distance=COLOR_DISTANCE) for o in scene.objects]
-    return occlusion_order(visible, silhouettes(scene, res), MIN_OVERLAP, looks=[o.color for o in scene.objects])
+    return occlusion_order(visible, amodal, MIN_OVERLAP, looks=[o.color for o in scene.objects])
 
 
-def depth_contour_pairs(image: np.ndarray, scene: Scene) -> tuple[int, int]:
-    """(pairs in order, pairs judged) of the scene's objects, read from the outlines in the output's canny edges:
-    the depth map followed whatever colours the prompt's words were bound to."""
+def depth_contour_pairs(image: np.ndarray, scene: Scene, amodal: list[np.ndarray]) -> tuple[int, int]:
+    """(pairs in order, pairs judged) of the scene's objects (silhouettes `amodal`), read from the outlines in the
+    output's canny edges: the depth map followed whatever colours the prompt's words were bound to."""
     from mmsynth.annotate import annotate
     from mmsynth.evaluate.control_metrics import occlusion_contours
 
     edges = annotate("canny", image, **CONDITIONS["canny"][1])
-    return occlusion_contours(edges, silhouettes(scene, image.shape[0]), MIN_OVERLAP,
-                              looks=[o.color for o in scene.objects])  # fmt: skip
+    return occlusion_contours(edges, amodal, MIN_OVERLAP, looks=[o.color for o in scene.objects])
 
 
 def condition_scores(kind: str, image: np.ndarray, condition: np.ndarray, case: Case, params: dict[str, Any],
@@ -206,8 +205,9 @@ def condition_scores(kind: str, image: np.ndarray, condition: np.ndarray, case: 
     if kind == "segmentation":
         return {"segmentation_miou": miou(judge_segmentation(image), condition)}
     if kind == "depth":
-        return {"depth_order": depth_pairs(image, case.scene),
-                "depth_order_contour": depth_contour_pairs(image, case.scene)}
+        amodal = silhouettes(case.scene, image.shape[0])  # rastered once for both readings
+        return {"depth_order": depth_pairs(image, case.scene, amodal),
+                "depth_order_contour": depth_contour_pairs(image, case.scene, amodal)}
     if kind == "palette":
         return {"palette_error": palette_error(image, condition)}
     return {"sketch_ssim": ssim(annotate(kind, image, **params), condition)}

@@ -243,9 +243,12 @@ def ship_control(run_dir: Path, out: Path, bench: Bench, *, step: int | None = N
         measured = condition_curve(run, where, model=out, n=curve_n, seed=seed, every=curve_every, steps=steps,
                                    cfg=cfg, device=device, overwrite=overwrite)  # fmt: skip
         curve_cmd = curve_command(run.folder, where, out, curve_n, seed, curve_every, steps, cfg)
-    command = (f"mmsynth bench run --suite control --categories {run.category} --n {n} --seed {seed} --model {out} "
-               f"--rows {bench_rows(run.component)}" + (f" --steps {steps}" if steps else "")
-               + (f" --cfg {cfg:g}" if cfg is not None else ""))  # fmt: skip
+    def bench_args(model: Path) -> list[str]:  # the card quotes what ran, with the bundle named as shipped
+        return ["--suite", "control", "--categories", run.category, "--n", str(n), "--seed", str(seed), "--model",
+                str(model), "--rows", bench_rows(run.component), *(["--steps", str(steps)] if steps else []),
+                *(["--cfg", f"{cfg:g}"] if cfg is not None else [])]  # fmt: skip
+
+    command = " ".join(["mmsynth bench run", *bench_args(out)])
     with atomic_dir(out, whole=True) as tmp:
         copy_into(out, tmp, skip=[run.component])
         with tempfile.TemporaryDirectory(prefix=".control-float16-", dir=tmp) as staged:
@@ -253,10 +256,7 @@ def ship_control(run_dir: Path, out: Path, bench: Bench, *, step: int | None = N
                                    **{run.component: load_component(export, run.network)})  # fmt: skip
             shutil.move(fp16 / run.component, tmp / run.component)
         list_components(tmp, {run.component: {"library": "diffusers", "class": run.cls}})
-        run_bench(bench, ["bench", "run", "--suite", "control", "--categories", run.category, "--n", str(n),
-                          "--seed", str(seed), "--model", str(tmp), "--rows", bench_rows(run.component),
-                          *(["--steps", str(steps)] if steps else []),
-                          *(["--cfg", f"{cfg:g}"] if cfg is not None else []), "--json", str(json_out), "--quiet",
+        run_bench(bench, ["bench", "run", *bench_args(tmp), "--json", str(json_out), "--quiet",
                           *bench_overwrite(overwrite)])  # fmt: skip
         report = json.loads(json_out.read_text(encoding="utf-8"))
         folder = tmp / run.component
