@@ -85,17 +85,19 @@ def test_the_shipped_zoo_draws_the_prompted_colour_and_some_whole_objects(zoo):
     assert sum(passed) >= 3, dict(zip(SINGLE_OBJECTS, passed))
 
 
-# (component, category, metric, bound, gain): the figure must pass `bound` (a floor, or a ceiling for palette
-# error, where lower is better) and beat the prompt alone by `gain` (a difference, or for palette error a ratio).
+# (component, category, n, metric, bound, gain): on n cases the figure must pass `bound` (a floor, or a ceiling for
+# palette error, where lower is better) and beat the prompt alone by `gain` (a difference; for palette error a
+# ratio). Depth is judged on more cases, by outlines: a flat image shows depth only where objects overlap.
 SHIPPED_CONTROLS = [
-    ("controlnet_canny", "canny", "canny_f1", 0.45, 0.25),
-    ("controlnet_segmentation", "segmentation", "segmentation_miou", 0.6, 0.25),
-    ("adapter_palette", "palette", "palette_error", 15.0, 0.5),
+    ("controlnet_canny", "canny", 6, "canny_f1", 0.45, 0.25),
+    ("controlnet_segmentation", "segmentation", 6, "segmentation_miou", 0.6, 0.25),
+    ("adapter_palette", "palette", 6, "palette_error", 15.0, 0.5),
+    ("adapter_depth", "depth", 16, "depth_order_contour", 0.5, 0.15),
 ]
 
 
-@pytest.mark.parametrize(("component", "category", "metric", "bound", "gain"), SHIPPED_CONTROLS)
-def test_the_shipped_controls_control(zoo, component, category, metric, bound, gain):
+@pytest.mark.parametrize(("component", "category", "n", "metric", "bound", "gain"), SHIPPED_CONTROLS)
+def test_the_shipped_controls_control(zoo, component, category, n, metric, bound, gain):
     """Each shipped ControlNet and T2I-Adapter, on control-suite cases (test split) its card did not use (seed 7):
     its figure well past the prompt alone's on the same seeds (the cards, n=300, seed 5, are the measurement)."""
     from mmsynth.evaluate.bench import RunContext, SamplerSettings, generate_shard, get_suite, make_cases
@@ -103,7 +105,7 @@ def test_the_shipped_controls_control(zoo, component, category, metric, bound, g
 
     assert component in zoo.extras
     suite = get_suite("control")
-    cases = keep_categories(make_cases("control", 6, seed=7), category)
+    cases = keep_categories(make_cases("control", n, seed=7), category)
     ctx = RunContext(bundle_obj=zoo, sampler=SamplerSettings(steps=20, cfg=3.0), progress=False)
     figures = {}
     for row in ("no_control", component):
