@@ -93,6 +93,7 @@ SHIPPED_CONTROLS = [
     ("controlnet_segmentation", "segmentation", 6, "segmentation_miou", 0.6, 0.25),
     ("adapter_palette", "palette", 6, "palette_error", 15.0, 0.5),
     ("adapter_depth", "depth", 16, "depth_order_contour", 0.5, 0.15),
+    ("adapter_sketch", "sketch", 6, "sketch_ssim", 0.65, 0.15),
 ]
 
 
