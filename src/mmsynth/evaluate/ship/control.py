@@ -177,8 +177,9 @@ def card(run: ControlRun, record: dict[str, Any], report: dict[str, Any], comman
             "",
             f"Each point is one snapshot of the run (`RUN/exports/step_N`, and `RUN/final`) in `{out}` as `{name}`, "
             f"on the same {s['n']} `{run.category}` cases with the same seeds (seed {s['seed']}, sampler "
-            f"{s['sampler']['steps']} steps, cfg {s['sampler']['cfg']:g}); no_control is the prompt alone on them. "
-            "The ControlNet paper's 'sudden convergence' shows as a jump between two snapshots.",
+            f"{s['sampler']['steps']} steps, cfg {s['sampler']['cfg']:g}); no_control is the prompt alone on them."
+            + (" The ControlNet paper's 'sudden convergence' shows as a jump between two snapshots."
+               if kind == "ControlNet" else ""),
             "",
         ]
     return "\n".join(lines)
