@@ -86,8 +86,9 @@ def test_the_shipped_zoo_draws_the_prompted_colour_and_some_whole_objects(zoo):
 
 
 # (component, category, n, metric, bound, gain): on n cases the figure must pass `bound` (a floor, or a ceiling for
-# palette error, where lower is better) and beat the prompt alone by `gain` (a difference; for palette error a
-# ratio). Depth is judged on more cases, by outlines: a flat image shows depth only where objects overlap.
+# a metric where lower is better: the curve's LOWER_IS_BETTER, palette error) and beat the prompt alone by `gain` (a
+# difference; for a lower-is-better metric a ratio). Depth is judged on more cases, by outlines: a flat image shows
+# depth only where objects overlap.
 SHIPPED_CONTROLS = [
     ("controlnet_canny", "canny", 6, "canny_f1", 0.45, 0.25),
     ("controlnet_segmentation", "segmentation", 6, "segmentation_miou", 0.6, 0.25),
@@ -103,6 +104,7 @@ def test_the_shipped_controls_control(zoo, component, category, n, metric, bound
     its figure well past the prompt alone's on the same seeds (the cards, n=300, seed 5, are the measurement)."""
     from mmsynth.evaluate.bench import RunContext, SamplerSettings, generate_shard, get_suite, make_cases
     from mmsynth.evaluate.bench.cases import keep_categories
+    from mmsynth.evaluate.ship.curve import LOWER_IS_BETTER
 
     assert component in zoo.extras
     suite = get_suite("control")
@@ -112,7 +114,7 @@ def test_the_shipped_controls_control(zoo, component, category, n, metric, bound
     for row in ("no_control", component):
         images = [img for _, img in generate_shard(ctx, suite.rows[row], cases)]
         figures[row] = suite.score(ctx, cases, images, []).metrics[metric].value
-    if metric == "palette_error":  # lower is better: under the ceiling and at most `gain` of the prompt alone's
+    if metric in LOWER_IS_BETTER:  # palette error: under the ceiling and at most `gain` of the prompt alone's
         assert figures[component] <= bound and figures[component] <= gain * figures["no_control"], figures
     else:
         assert figures[component] >= bound and figures[component] >= figures["no_control"] + gain, figures
