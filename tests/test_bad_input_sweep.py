@@ -47,6 +47,7 @@ class Inputs:
     other_cn: str  # a ControlNet directory built for another base (another UNet's widths)
     grey_mask: str  # a mask of the image's size that is not binary
     small_mask: str  # a binary mask half the image's size
+    layout: str  # a one-box layout file
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +85,12 @@ def inputs(tmp_path_factory, control_model_dir) -> Inputs:
     build_controlnet(build_unet(other, cross_attention_dim=TINY.text_width), f).save_pretrained(d / "other_cn")
     Image.fromarray(np.full((r, r), 128, np.uint8)).save(d / "grey_mask.png")
     Image.fromarray(mask[::2, ::2]).save(d / "small_mask.png")
+    (d / "layout.json").write_text(json.dumps([{"box": [0.1, 0.1, 0.5, 0.5], "phrase": "red circle"}]))
     return Inputs(str(d / "model"), str(d / "image.png"), str(d / "mask.png"), str(d / "scene.json"),
                   str(d / "cases.jsonl"), str(d / "nan.safetensors"), str(d / "big.json"), str(d / "real"),
                   str(d / "tall.png"), str(d / "deep.json"), str(d / "latin1.json"), str(d / "typo.json"),
                   str(d / "future.json"), str(control_model_dir), str(d / "other_cn"), str(d / "grey_mask.png"),
-                  str(d / "small_mask.png"))
+                  str(d / "small_mask.png"), str(d / "layout.json"))
 
 
 # ------------------------------------------------------------------------------------------ output locations
@@ -174,6 +176,8 @@ def _rows() -> list[Row]:
     add("data-show", lambda i, o: ["data", "show", "--n", "1", "--out", o], **file_out(".png"))
     add("data-render", lambda i, o: ["data", "render", i.scene, "--out", o], **file_out(".png"))
     add("annotate", lambda i, o: ["annotate", "canny", i.image, "--out", o], **file_out(".png"))
+    add("layout-draw", lambda i, o: ["layout", "draw", i.layout, "--out", o], **file_out(".png"))
+    add("layout-plan", lambda i, o: ["layout", "plan", "--prompt", "a red circle", "--out", o], **file_out(".json"))
     add("judge-json", lambda i, o: ["judge", i.image, "--prompt", "a red circle", "--json", o], **file_out(".json"))
     add("judge-validate-json", lambda i, o: ["judge", "validate", "--n", "1", "--json", o], **file_out(".json"))
     add("invert", lambda i, o: ["invert", i.image, "--prompt", "a red circle", "--model", i.model, "--steps", "1",
@@ -194,6 +198,9 @@ def _rows() -> list[Row]:
     def number(cmd: str, argv: Callable[[Inputs, str], list[str]], name: str = "out") -> None:
         rows.append(Row(cmd, argv, lambda t: _fresh(t, name)))
 
+    number("layout-plan:seed=-1", lambda i, o: ["layout", "plan", "--prompt", "a red circle", "--seed", "-1",
+                                               "--out", o], "l.json")
+    number("layout-draw:size-huge", lambda i, o: ["layout", "draw", i.layout, "--size", "100000", "--out", o], "l.png")
     gen = ["generate", "--prompt", "a red circle", "--steps", "1", "-n", "1"]
     number("generate:height-huge", lambda i, o: [*gen, "--model", i.model, "--height", "100000", "--out", o])
     number("generate:n-huge", lambda i, o: [*gen[:-2], "-n", "100000", "--model", i.model, "--out", o])
@@ -335,6 +342,7 @@ ROWS = _rows()
 
 # what the one error line of a numbers row must name (an output row's line names its output path)
 EXPECT = {
+    "layout-plan:seed=-1": "--seed", "layout-draw:size-huge": "--size",
     "generate:height-huge": "--max-side", "generate:n-huge": "--max-images",
     "generate:replay-height-huge": "--max-side",
     "generate:height-not-multiple": "nearest valid height is 32", "generate:steps-past-training": "training timesteps",

@@ -214,15 +214,19 @@ def test_two_shards_merge_to_the_single_process_images(bundle, cases, batch_size
     assert sorted(i for r in range(3) for i, _ in shard(list(range(7)), r, 3)) == list(range(7))
 
 
-def test_sweep_rows_and_pending_suites(bundle):
+def test_sweep_rows_and_pending_suites(bundle, monkeypatch):
+    from mmsynth.evaluate.bench.registry import SUITES, Suite
+
+    monkeypatch.setitem(SUITES, "future", Suite(name="future", description="a suite without methods yet",
+                                                pending="no rows yet: nothing is shipped"))
     cases = make_cases("t2i", 1, seed=1)[:2]
     res = run_bench(cases, _ctx(bundle), RunOptions(rows=["t2i"], sweeps={"cfg": [1.0]}, include_pending=True))
     d = res.to_dict()
     assert set(d["results"]["t2i"]) == {"t2i", "t2i[cfg=1]"}
     assert d["rows"]["t2i"]["t2i[cfg=1]"]["sweep"] == {"row": "t2i", "param": "cfg", "value": 1.0}
     assert d["rows"]["t2i"]["t2i[cfg=1]"]["settings"]["cfg"] == 1.0
-    assert set(d["pending"]) == {"layout"} and d["results"]["layout"] == {}
-    assert "no rows yet" in d["pending"]["layout"] and "no rows yet" in res.markdown()
+    assert set(d["pending"]) == {"future"} and d["results"]["future"] == {}
+    assert "no rows yet" in d["pending"]["future"] and "no rows yet" in res.markdown()
 
 
 def test_a_best_of_sweep_shares_candidates_and_gives_no_cost_ratio_for_rows_that_reused_them(bundle):
@@ -281,14 +285,18 @@ def test_cli_fidelity_on_folders(tmp_path, model_dir, capsys):
     assert "PNG only" in capsys.readouterr().err
 
 
-def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, cases, capsys):
+def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, cases, capsys, monkeypatch):
+    from mmsynth.evaluate.bench.registry import SUITES, Suite
+
+    monkeypatch.setitem(SUITES, "future", Suite(name="future", description="a suite without methods yet",
+                                                pending="no rows yet: nothing is shipped"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(cases[0].to_dict()) + "\n" + json.dumps({"id": "x", "suite": "t2i"}) + "\n")
     out = tmp_path / "o" / "res.json"
     assert main(["bench", "run", "--cases", str(bad), "--json", str(out)]) == 2
     assert "line 2: field 'scene': missing" in capsys.readouterr().err
     assert not out.parent.exists()
-    assert main(["bench", "make-cases", "--suite", "layout", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert main(["bench", "make-cases", "--suite", "future", "--out", str(tmp_path / "c.jsonl")]) == 2
     assert "no rows yet" in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()
     assert main(["bench", "run", "--quick", "--sweep", "cfg=a", "--json", str(out)]) == 2
     assert main(["bench", "run", "--quick", "--extractor", "inception", "--json", str(out)]) == 2

@@ -2,7 +2,8 @@
 
 Sections: the dataset and its exact conditions, every annotator on one scene, the judge's verdicts on
 clean and degraded renders, and (when the zoo is present) text-to-image samples next to the judge's
-verdicts, the spatial controls the model carries (condition | prompt alone | controlled | scene), then guidance
+verdicts, the spatial controls the model carries (condition | prompt alone | controlled | scene), the layout
+methods on the same boxes (and one planned prompt), then guidance
 and editing (unguided | guided | target; source | inverted reconstruction | edit;
 source | mask | inpainted), made by the benchmark's own rows on its cases. Each later capability adds its
 section here.
@@ -228,6 +229,60 @@ def _controls_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
     )
 
 
+LAYOUT_ROWS = ("no_control", "forward", "backward", "regional", "gligen", "gligen_backward")
+PLANNED_PROMPT = "two red circles left of a blue square"
+
+
+def _layout_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
+    """Two layout-suite cases: the layout drawn | each layout method's output with the judge's boxes (green: the
+    right object in its box); then one prompt planned into boxes (Shapes planner) and drawn by GLIGEN (or backward
+    guidance when the model has no GLIGEN layers)."""
+    from mmsynth.annotate import annotate
+    from mmsynth.evaluate.bench import RunContext, SamplerSettings, generate_shard, get_suite, make_cases
+    from mmsynth.evaluate.bench.layout_suite import draw_detections, judge
+    from mmsynth.sample import GenerationRequest, sample
+    from mmsynth.sample.layout import layout_method_control
+    from mmsynth.sample.planning import ShapesPlanner
+
+    suite = get_suite("layout")
+    ctx = RunContext(bundle_obj=bundle, sampler=SamplerSettings(**sampling_kwargs(args)))
+    caps = ctx.capabilities()
+    lines, shown = [], []
+    for case in [c for c in make_cases("layout", 4, seed=1) if len(c.extra["layout"]["objects"]) in (2, 3)]:
+        verdict = judge(case, case.render())
+        h = case.resolution
+        tiles = [label(annotate("layout", np.zeros((2 * h, 2 * h, 3), np.uint8), boxes=verdict.layout.boxes,
+                                phrases=verdict.layout.phrases), "layout", 14)]  # fmt: skip
+        for name in LAYOUT_ROWS:
+            row = suite.rows.get(name)
+            if row is None or not all(n in caps for n in row.requirements(case)):
+                continue
+            image = generate_shard(ctx, row, [case])[0][1]
+            v = judge(case, image)
+            tiles.append(label(draw_detections(image, v, 2), f"{name} {sum(v.hits)}/{len(v.hits)}", 14))
+            if name not in shown:
+                shown.append(name)
+        lines.append(label(grid(tiles, cols=len(tiles)), case.prompt, 14))
+    method = "gligen" if "gligen" in caps else "backward"
+    planned = ShapesPlanner().plan(PLANNED_PROMPT, seed=1)
+    request = GenerationRequest(prompt=PLANNED_PROMPT, seed=1, n=1, **sampling_kwargs(args))
+    image = sample(bundle, request, [layout_method_control(method, planned.boxes, planned.phrases)],
+                   progress=False).images[0]
+    h = image.shape[0]
+    plan_tiles = [label(annotate("layout", np.zeros((2 * h, 2 * h, 3), np.uint8), boxes=planned.boxes,
+                                 phrases=planned.phrases), "planned layout", 14),
+                  label(upscale(image, 2), f"{method}", 14)]  # fmt: skip
+    lines.append(label(grid(plan_tiles, cols=len(plan_tiles)), f"planned: {PLANNED_PROMPT}", 14))
+    save_image(grid(lines, cols=1), out / "layout.png")
+    return (
+        "## Layout\n![layout](layout.png)\n\n"
+        f"Boxes and phrases drawn by each layout method the model can run ({', '.join(shown)}): the layout, then each "
+        "output with the judge's detections (green: the right colour and shape in its box). Last line: a prompt "
+        f"planned into boxes by the Shapes planner (`--plan shapes`) and drawn by {method}. Measured: "
+        "`mmsynth bench run --suite layout` and the t2i suite's `planned` rows (docs/layout.md).\n"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from mmsynth.errors import InputError
     from mmsynth.models.bundle import Bundle
@@ -251,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             parts.append(skipped)
         else:
             for name, section in (("text to image", _t2i_section), ("spatial controls", _controls_section),
-                                  ("guidance and editing", _guidance_edit_section)):
+                                  ("layout", _layout_section), ("guidance and editing", _guidance_edit_section)):
                 t = time.perf_counter()
                 parts.append(section(tmp, args, bundle))
                 print(f"demo: {name} ({time.perf_counter() - t:.1f} s)")

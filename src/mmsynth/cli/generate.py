@@ -6,6 +6,7 @@ OUT/ after a run (the imagefolder exchange format that `mmsynth judge OUT` score
   request.json             the whole batch's request
   grid.png                 all images in one picture
   metadata.jsonl           {"file_name": "images/0000.png", "prompt": ..., "request": {...}} per image
+  layout.json, layout.png  with a layout (--layout, --box, --plan): the boxes drawn, the planner's output
                            (with --best-of, also "best_of": the candidate kept and every candidate's CLIP distance)
 The folder is built beside OUT and renamed into place, so a failed run leaves nothing behind.
 """
@@ -20,7 +21,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmsynth.cli import control_options, guidance_options
+import numpy as np
+
+from mmsynth.cli import control_options, guidance_options, layout_options
 from mmsynth.cli.arguments import finite_float, limits_from_args, resolve_device
 from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, given_flags, sampling_kwargs
 from mmsynth.errors import InputError
@@ -37,7 +40,8 @@ SAMPLING_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "s
                     "best_of")
 IMAGES = 4  # images per call when -n is not given
 # Options that describe the generation itself besides the sampling options; --replay takes all of them from the file.
-_REQUEST_OPTIONS = ("init_image", "strength", *guidance_options.OPTION_NAMES, *control_options.OPTION_NAMES)
+_REQUEST_OPTIONS = ("init_image", "strength", *guidance_options.OPTION_NAMES, *control_options.OPTION_NAMES,
+                    *layout_options.OPTION_NAMES)
 
 
 def register(subparsers: Any) -> None:
@@ -46,7 +50,7 @@ def register(subparsers: Any) -> None:
         help="generate images from a prompt (and controls) with a model bundle",
         description="Generate images with the one sampler; writes PNGs, a grid, a replayable request per image\n"
         "and metadata.jsonl (scored by `mmsynth judge OUT`).",
-        epilog=control_options.help_text(DEFAULT_MODEL),
+        epilog=control_options.help_text(DEFAULT_MODEL) + "\n\n" + layout_options.HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_sampling_arguments(p, SAMPLING_OPTIONS, defaults={"n": IMAGES})
@@ -55,6 +59,7 @@ def register(subparsers: Any) -> None:
                    help=f"img2img strength in (0, 1] (default {DEFAULT_STRENGTH:g})")
     guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
     control_options.add_arguments(p)  # --control SPEC (ControlNet, T2I-Adapter)
+    layout_options.add_arguments(p)  # --layout, --box, --plan, --layout-method (GLIGEN, layout guidance, regions)
     p.add_argument("--replay", default=None, help="a request.json written by a previous run: regenerate it exactly")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     add_run_arguments(p, "an existing non-empty --out: only the files generate writes are replaced")
@@ -66,7 +71,8 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[Con
     """The GenerationRequest the arguments describe and its controls, each built once (images decoded once).
 
     From --replay the request keeps the file's control dicts (they are the batch's record); from the options its
-    `controls` stay empty: the sampler records the built controls (`sample_built`).
+    `controls` stay empty: the sampler records the built controls (`sample_built`). A layout the options give is
+    kept in `args.layout_used` (written beside the images).
     """
     from mmsynth.sample import GenerationRequest, Img2Img
 
@@ -96,7 +102,13 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[Con
     controls += guidance_options.controls_from_args(args, image)
     if args.control:
         controls += control_options.controls_from_args(args, str(resolve_model(args.model or DEFAULT_MODEL)))
-    request = GenerationRequest(**sampling_kwargs(args), model=args.model or DEFAULT_MODEL)
+    kwargs = sampling_kwargs(args)
+    layout_controls, args.layout_used = layout_options.controls_from_args(args, kwargs["prompt"] or "",
+                                                                          kwargs["seed"])
+    if args.layout_used is not None and not kwargs["prompt"]:  # a layout file's own prompt
+        kwargs["prompt"] = args.layout_used.prompt
+    controls += layout_controls
+    request = GenerationRequest(**kwargs, model=args.model or DEFAULT_MODEL)
     request.validate(limits_from_args(args))
     return request, controls
 
@@ -115,11 +127,18 @@ def recorded(request: GenerationRequest, result: SampleResult) -> GenerationRequ
     return request if request.controls else dataclasses.replace(request, controls=result.requests[0].controls)
 
 
-def write_outputs(out: Path, result: Any, request: Any, overwrite: bool) -> None:
+def write_outputs(out: Path, result: Any, request: Any, overwrite: bool, layout: Any = None) -> None:
     """Write every file into a temp folder beside `out`, then rename it into place (nothing half-written)."""
     from PIL import Image
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        if layout is not None:
+            from mmsynth.annotate.layout import layout as draw_layout
+
+            (tmp / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2) + "\n", encoding="utf-8")
+            side = max(256, int(result.images.shape[1]))
+            drawing = draw_layout(np.zeros((side, side, 3), np.uint8), layout.boxes, layout.phrases, 2, True, "black")
+            Image.fromarray(drawing).save(tmp / "layout.png")
         (tmp / "images").mkdir()
         (tmp / "requests").mkdir()
         rows = []
@@ -156,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     bundle = Bundle.from_pretrained(model_dir).to(device)
     result = sample_built(bundle, request, controls, progress=not args.quiet)
-    write_outputs(out, result, recorded(request, result), args.overwrite)
+    write_outputs(out, result, recorded(request, result), args.overwrite, getattr(args, "layout_used", None))
     print(f"wrote {len(result.images)} image(s), grid.png, requests and metadata.jsonl to {out}")
     if args.eval:
         run_eval(out)

@@ -4,6 +4,7 @@
   mmsynth zoo ship clip --run runs/clip_vision_8l_more --val-seed 7                 clip/ (if it beats the shipped)
   mmsynth zoo ship inpainting --run runs/inpaint --overwrite                         unet_inpainting/ and its card
   mmsynth zoo ship control --run runs/controlnet_canny [--step N]                   controlnet_canny/ and its card
+  mmsynth zoo ship gligen --run runs/gligen [--step N]                               gligen/ (layers) and its card
   mmsynth zoo curve --run runs/controlnet_canny --n 16                               its condition-following curve
 
 Each part is built in a temporary copy of --out, measured there with the bench commands its card quotes (rerun any
@@ -116,6 +117,7 @@ def register(sub: Any) -> None:
             "an existing unet_inpainting/ and ")
     i.set_defaults(func=_ship_inpainting)
     _register_control(parts)
+    _register_gligen(parts)
     _register_curve(zsub)
 
 
@@ -145,6 +147,30 @@ def _register_control(parts: Any) -> None:
     _parts(k)
     _common(k, "the bundle that gets the component", "runs/ship/control", "an existing component of that name and ")
     k.set_defaults(func=_ship_control)
+
+
+def _register_gligen(parts: Any) -> None:
+    g = parts.add_parser("gligen", help="a GLIGEN run's grounding layers into --out as gligen/, carded",
+                         description="Put the grounding layers of a `mmsynth train gligen` run (RUN/final/gligen, or "
+                         "RUN/exports/step_N/gligen with --step) into --out as gligen/ (layers over its unet/), bench "
+                         "them on the layout suite against the prompt alone, and write their card. An existing "
+                         "gligen/ is replaced only with --overwrite.")  # fmt: skip
+    g.add_argument("--run", default="runs/gligen", help="the GLIGEN training run (default runs/gligen)")
+    g.add_argument("--step", type=positive_int, default=None, metavar="N",
+                   help="ship the snapshot RUN/exports/step_N, not RUN/final")
+    g.add_argument("--n", type=positive_int, default=300, help="layout cases (default 300)")
+    g.add_argument("--seed", type=seed, default=5, help="case seed (default 5)")
+    _parts(g)
+    _common(g, "the bundle that gets gligen/", "runs/ship/gligen", "an existing gligen/ and ")
+    g.set_defaults(func=_ship_gligen)
+
+
+def _ship_gligen(args: argparse.Namespace) -> int:
+    from mmsynth.evaluate.ship import ship_gligen
+
+    ship_gligen(Path(args.run), Path(args.out), _bench, step=args.step, n=args.n, seed=args.seed,
+                reports=Path(args.reports), parts=_parts_file(args), overwrite=args.overwrite)  # fmt: skip
+    return 0
 
 
 def _measure_args(p: argparse.ArgumentParser, of: str, device_of: str = "of the curve") -> None:

@@ -9,6 +9,12 @@ The manifest:
 
     {"format": 1, "components": {"controlnet_depth": {"library": "diffusers", "class": "ControlNetModel"}}}
 
+A component that only ADDS layers to one of the bundle's networks (GLIGEN's gated attention over a frozen UNet) is
+stored as those layers: its folder holds the whole network's config (`save_config`) and a safetensors file with
+only the weights the base lacks or changes, and its entry names the base folder, `"base": "unet"`. It loads as
+`cls.from_config(config)` filled with the base's weights, then its own; diffusers' plain `from_pretrained` of the
+folder refuses it (missing weights) instead of running half-initialised. The model card shows the three lines.
+
 A bundle holds its components in a `Components` mapping that loads each one on first access (a bundle with five
 ControlNets loads none of them for a plain text-to-image run), then keeps it, on the bundle's device and dtype.
 """
@@ -35,7 +41,8 @@ LIBRARIES: dict[str, str] = {"diffusers": "diffusers", "transformers": "transfor
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 NAME_RULE = "1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
 
-Entry = dict[str, str]  # {"library": ..., "class": ...}
+Entry = dict[str, str]  # {"library": ..., "class": ...} (+ "base": a folder, for a component of added layers)
+LAYERS_FILE = "layers.safetensors"  # not diffusers' weights name: its plain from_pretrained must refuse the folder
 
 
 def move_module(
@@ -129,7 +136,11 @@ def _checked(root: Path, entries: Mapping[str, Any], reserved: Collection[str]) 
         if not (root / name).is_dir():
             raise InputError(f"{where}: component '{name}' is listed in {MANIFEST} but its folder {name}/ is "
                              f"missing; listed: {', '.join(entries)}")
-    return {name: {"library": e["library"], "class": e["class"]} for name, e in entries.items()}
+        base = entry.get("base")
+        if base is not None and (not isinstance(base, str) or not _NAME.fullmatch(base) or not (root / base).is_dir()):
+            raise InputError(f"{where}: component '{name}' adds layers to base {base!r}, which is not a folder of "
+                             "this model")
+    return {name: {k: e[k] for k in ("library", "class", "base") if k in e} for name, e in entries.items()}
 
 
 def save_named(root: str | os.PathLike, components: Mapping[str, Any], reserved: Collection[str]) -> None:
@@ -156,7 +167,12 @@ def load_named(root: str | os.PathLike, name: str, entry: Entry, torch_dtype: to
     # diffusers loads straight into the dtype; transformers 5 keeps the stored one ("auto"), cast below
     kwargs = {"torch_dtype": target} if entry["library"] == "diffusers" and issubclass(cls, torch.nn.Module) else {}
     try:
-        component = cls.from_pretrained(str(root), subfolder=name, **kwargs)
+        if entry.get("base"):
+            component = _load_layers(Path(root), name, entry["base"], cls)
+        else:
+            component = cls.from_pretrained(str(root), subfolder=name, **kwargs)
+    except InputError:
+        raise
     except Exception as exc:  # corrupt or incompatible files: one clear line, not a traceback
         raise InputError(f"{where}: cannot load its component '{name}' ({entry['class']} from {entry['library']}: "
                          f"{first_line(exc)}); the files may be corrupt or incomplete") from None
@@ -165,6 +181,51 @@ def load_named(root: str | os.PathLike, name: str, entry: Entry, torch_dtype: to
         if next(component.parameters()).dtype != target:
             component.to(dtype=target)
     return component
+
+
+def save_layers(module: torch.nn.Module, base: torch.nn.Module, folder: str | os.PathLike, base_name: str,
+                dtype: torch.dtype | None = None) -> Entry:
+    """Save `module` as the layers it adds to `base` (see the module docstring): its config and the weights that
+    `base` lacks or holds with other values. Returns its manifest entry (with "base": `base_name`)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    theirs = base.state_dict()
+    layers = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in module.state_dict().items()
+              if k not in theirs or theirs[k].shape != v.shape or not torch.equal(theirs[k].to(v), v)}  # fmt: skip
+    if not layers:
+        raise InputError("the network adds no layers to its base and changes none of its weights; nothing to save")
+    module.save_config(folder)
+    save_file(layers, str(folder / LAYERS_FILE), metadata={"format": "pt"})
+    entry = entry_for(module, folder.name)
+    return {**entry, "base": base_name}
+
+
+def _load_layers(root: Path, name: str, base: str, cls: type) -> torch.nn.Module:
+    """`cls` built from the component's config, with the base folder's weights and then the component's own."""
+    model = cls.from_config(cls.load_config(str(root / name)))
+    theirs = cls.from_pretrained(str(root), subfolder=base, torch_dtype=torch.float32).state_dict()
+    return apply_layers(model, root / name, theirs, f"model '{root}': component '{name}' over '{base}'")
+
+
+def apply_layers(model: torch.nn.Module, folder: str | os.PathLike, base_state: Mapping[str, torch.Tensor],
+                 where: str) -> torch.nn.Module:
+    """`model` with `base_state`'s weights where the layers file in `folder` has none, and the file's elsewhere;
+    InputError when the two together do not give every weight of `model` or the file has foreign ones."""
+    from safetensors.torch import load_file
+
+    layers = load_file(str(Path(folder) / LAYERS_FILE))
+    ours = model.state_dict()
+    unknown = sorted(set(layers) - set(ours))
+    missing = sorted(set(ours) - set(layers) - set(base_state))
+    if unknown or missing:
+        raise InputError(f"{where}: the layers do not fit ("
+                         f"{'unknown weights ' + unknown[0] if unknown else 'weights missing: ' + missing[0]}, "
+                         f"{len(unknown) + len(missing)} in all)")
+    model.load_state_dict({k: v for k, v in base_state.items() if k in ours and k not in layers}, strict=False)
+    model.load_state_dict(layers, strict=False)
+    return model
 
 
 class Components(MutableMapping):

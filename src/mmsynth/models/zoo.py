@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, T2IAdapter,
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 from mmsynth.models.bundle import Bundle
+from mmsynth.models.components import move_module
 from mmsynth.models.tokenizer import build_shapes_tokenizer, special_token_ids, tokenize_padded
 
 
@@ -164,6 +165,18 @@ def build_controlnet(unet: UNet2DConditionModel, vae_scale_factor: int, conditio
         raise ValueError(f"a VAE factor of {vae_scale_factor} needs a power of two of at most {2 ** (len(widths) - 1)}")
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths[: steps + 1],
                                      conditioning_channels=conditioning_channels)
+
+
+def build_gligen_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """GLIGEN's network for `unet`: the same UNet with a gated self-attention layer in every transformer block and
+    the box/phrase projection (diffusers' `attention_type="gated"`), holding `unet`'s weights; the gates start at 0,
+    so it computes exactly what `unet` does until training opens them."""
+    gated = UNet2DConditionModel.from_config(unet.config, attention_type="gated")  # (a kwarg: the config's
+    # `_use_default_values` would reset a key changed in the dict)
+    missing, unexpected = gated.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not (k.startswith("position_net.") or ".fuser." in k) for k in missing):
+        raise ValueError(f"the base UNet's weights do not fit its gated copy ({(unexpected or missing)[0]})")
+    return move_module(gated, dtype=next(unet.parameters()).dtype)
 
 
 def build_adapter(unet: UNet2DConditionModel, vae_scale_factor: int, in_channels: int = 3,

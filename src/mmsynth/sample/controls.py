@@ -396,11 +396,14 @@ def _load_builtin_controls() -> None:
     import mmsynth.sample.attend_excite
     import mmsynth.sample.attention_replay
     import mmsynth.sample.controlnet
+    import mmsynth.sample.gligen
     import mmsynth.sample.img2img
     import mmsynth.sample.inpaint
     import mmsynth.sample.inversion
     import mmsynth.sample.layout_attention
+    import mmsynth.sample.layout_guidance
     import mmsynth.sample.null_text
+    import mmsynth.sample.regional_prompts
     import mmsynth.sample.t2i_adapter
     import mmsynth.sample.universal  # noqa: F401
 

@@ -5,14 +5,25 @@ phrase's box,
 
     A_i <- (1 - strength) * A_i + strength * g_b * sum_p A_i(p),
 
-so a token keeps its total attention but spends it inside its box (g_b: the box's coverage of each
-cell at the layer's resolution, summing to 1). Only conditional branches are changed: the
-unconditional one has no phrase. Composed with blended inpainting it is meant to say where the new
-object goes (the mask's box); on the zoo it neither moves objects nor helps inpainting (docs/guidance.md).
+so a token keeps its total attention but spends it inside its box (g_b normalised to sum 1 at the layer's
+resolution). Only conditional branches are changed: the unconditional one has no phrase. Composed with blended
+inpainting it is meant to say where the new object goes (the mask's box); on the zoo it neither moves objects nor
+helps inpainting (docs/guidance.md). The backward variant, which the paper finds much stronger, is the
+`layout-guidance` control (sample/layout_guidance.py).
+
+The window. The paper describes g_b only as a smooth window that peaks inside the box and decays quickly outside
+it, without a formula, and the reference code (silent-chen/layout-guidance) implements backward guidance only.
+Here g_b is the box's coverage of each latent cell (1 inside, the covered fraction on its border) and, with
+`softness` s > 0, outside the box max(coverage, exp(-d^2 / (2 s^2))), d the distance from the cell's centre to the
+box in fractions of the image side: a smooth window of our choosing. The default s = 0 is the hard coverage window
+this control always had, so requests saved before the option existed replay unchanged; s of about 0.05-0.1 gives
+the paper's kind of window.
 
 The per-branch strengths reach the control through the UNet call's `cross_attention_kwargs` (one entry per
 branch, so CFG's two branches stay one batch) as per-call data of the run's attention service
 (sample/attention.py), which takes them out before diffusers sees them and runs the mixing as a score tap.
+Boxes are checked by sample/layout.check_boxes (at most 30) and phrases found in the prompt by
+sample/layout.phrase_token_positions (a shape word's plural matches: "red circle" in "two red circles").
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from mmsynth.errors import InputError
 from mmsynth.models.tokenizer import tokenize_padded
 from mmsynth.sample.attention import call_data_key
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, check_batch_length, is_number, register_control
+from mmsynth.sample.layout import check_boxes, phrase_token_positions
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -41,17 +53,66 @@ def _per_image_boxes(boxes: Any) -> bool:
     return isinstance(boxes, list) and bool(boxes) and all(isinstance(b, list) and not _is_box(b) for b in boxes)
 
 
+def per_image_layout(boxes: Any) -> bool:
+    """True when a layout control's boxes are given per image (a list of n lists of boxes)."""
+    return _per_image_boxes(boxes)
+
+
 def _check_layout(boxes: Any, phrases: Any, where: str) -> None:
-    if not isinstance(boxes, list) or not boxes or not all(_is_box(b) for b in boxes):
-        raise InputError(f"{where} boxes must be a non-empty list of [x0, y0, x1, y1] (fractions of the image), "
-                         f"got {boxes!r:.80}")
-    for b in boxes:
-        if not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1):
-            raise InputError(f"{where} box {list(b)} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
-    if not isinstance(phrases, list) or not all(isinstance(p, str) and p.strip() for p in phrases):
+    if isinstance(phrases, list) and not all(isinstance(p, str) and p.strip() for p in phrases):
         raise InputError(f"{where} phrases must be a list of non-empty strings, one per box, got {phrases!r:.80}")
-    if len(phrases) != len(boxes):
-        raise InputError(f"{where} has {len(boxes)} boxes but {len(phrases)} phrases; give one phrase per box")
+    check_boxes(boxes, phrases, where)
+
+
+def check_layout_option(boxes: Any, phrases: Any, where: str) -> None:
+    """A layout control's boxes and phrases: one shared list of boxes with one phrase each, or one such pair of lists
+    per image (boxes as a list of lists of boxes, phrases as a list of lists of strings). Boxes are checked by
+    sample/layout.check_boxes (inside [0, 1], x0 < x1, y0 < y1, at most 30)."""
+    if _per_image_boxes(boxes):
+        if not isinstance(phrases, list) or len(phrases) != len(boxes) or not all(isinstance(p, list) for p in phrases):
+            raise InputError(f"{where} boxes are given per image; give phrases per image too, as many")
+        for i, (b, p) in enumerate(zip(boxes, phrases)):
+            _check_layout(b, p, f"{where} (image {i})")
+    else:
+        _check_layout(boxes, phrases, where)
+
+
+def layout_option_for_image(key: str, value: Any, i: int) -> Any:
+    """Image i's boxes or phrases as `to_dict` wrote them: a shared list, or list i of a list of lists."""
+    if key == "boxes":
+        return value[i] if _per_image_boxes(value) else value
+    return value[i] if isinstance(value, list) and value and isinstance(value[0], list) else value
+
+
+def image_layouts(boxes: Any, phrases: Any, n: int, where: str,
+                  nouns: tuple[str, str] = ("box lists", "phrase lists")) -> list[tuple[list, list]]:
+    """(boxes, phrases) of each of the n images of the batch (a per-image layout must have one entry per image)."""
+    if _per_image_boxes(boxes):
+        check_batch_length(boxes, n, where, nouns[0])
+        check_batch_length(phrases, n, where, nouns[1])
+        return [(list(boxes[i]), list(phrases[i])) for i in range(n)]
+    return [(list(boxes), list(phrases))] * n
+
+
+def phrases_token_positions(tokenizer: Any, prompt: str, phrases: list[str], where: str) -> list[list[int]]:
+    """The token positions of each phrase in `prompt` (sample/layout.phrase_token_positions: first occurrence, plurals
+    of shape words allowed); one InputError naming every phrase the prompt lacks."""
+    found: list[list[int]] = []
+    missing: list[str] = []
+    for phrase in phrases:
+        try:
+            found.append(phrase_token_positions(tokenizer, prompt, phrase, where))
+        except InputError:
+            missing.append(phrase)
+    if len(missing) == 1:
+        raise InputError(f"{where}: phrase '{missing[0]}' is not in the prompt '{prompt}'; attention-based layout "
+                         "methods move the attention of the phrase's own words, so each phrase must be words of the "
+                         "prompt")
+    if missing:
+        names = ", ".join(f"'{m}'" for m in missing)
+        raise InputError(f"{where}: phrases {names} are not in the prompt '{prompt}'; attention-based layout methods "
+                         "move the attention of the phrase's own words, so each phrase must be words of the prompt")
+    return found
 
 
 def box_coverage(box: list[float], h: int, w: int) -> torch.Tensor:
@@ -62,6 +123,21 @@ def box_coverage(box: list[float], h: int, w: int) -> torch.Tensor:
                 .clamp_min(0) * cells)  # fmt: skip
 
     return overlap(box[1], box[3], h)[:, None] * overlap(box[0], box[2], w)[None, :]
+
+
+def box_window(box: list[float], h: int, w: int, softness: float = 0.0) -> torch.Tensor:
+    """h x w forward-guidance window of a box: its coverage of each cell, and with softness s > 0, outside the box a
+    Gaussian fall-off exp(-d^2 / (2 s^2)) of the distance d from a cell's centre to the box (fractions of the image
+    side), whichever is larger (see the module docstring). Not normalised."""
+    cover = box_coverage(box, h, w)
+    if softness <= 0:
+        return cover
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    dy = (box[1] - ys).clamp_min(0) + (ys - box[3]).clamp_min(0)
+    dx = (box[0] - xs).clamp_min(0) + (xs - box[2]).clamp_min(0)
+    fall = torch.exp(-(dy[:, None] ** 2 + dx[None, :] ** 2) / (2.0 * float(softness) ** 2))
+    return torch.maximum(cover, fall)
 
 
 def phrase_positions(tokenizer: Any, prompt: str, phrase: str, where: str) -> list[int]:
@@ -101,10 +177,11 @@ def mix_attention(probs: torch.Tensor, strength: torch.Tensor, window: torch.Ten
 @register_control
 @dataclass(kw_only=True)
 class LayoutAttention(Control):
-    """boxes: [[x0, y0, x1, y1], ...] (fractions of the image) with one phrase each, words of the prompt;
-    strength in [0, 1]: how much of each phrase token's cross-attention moves into its box (1: all of it).
-    boxes and phrases may also be lists of n (image i of the batch gets list i). The schedule's start/end
-    limit it to part of the steps."""
+    """boxes: [[x0, y0, x1, y1], ...] (fractions of the image, at most 30) with one phrase each, words of the prompt;
+    strength in [0, 1]: how much of each phrase token's cross-attention moves into its box (1: all of it);
+    softness >= 0: the window's Gaussian fall-off outside the box, in fractions of the image side (0: the box's
+    coverage alone; see the module docstring). boxes and phrases may also be lists of n (image i of the batch gets
+    list i). The schedule's start/end limit it to part of the steps."""
 
     name: ClassVar[str] = "layout-attention"
     per_image: ClassVar[tuple[str, ...]] = ("boxes", "phrases")
@@ -112,46 +189,39 @@ class LayoutAttention(Control):
     boxes: Any = None
     phrases: Any = None
     strength: float = 0.5
+    softness: float = 0.0
 
     def __post_init__(self) -> None:
-        if _per_image_boxes(self.boxes):
-            if not isinstance(self.phrases, list) or len(self.phrases) != len(self.boxes) or not all(
-                    isinstance(p, list) for p in self.phrases):
-                raise InputError("layout-attention boxes are given per image; give phrases per image too, as many")
-            for i, (b, p) in enumerate(zip(self.boxes, self.phrases)):
-                _check_layout(b, p, f"layout-attention (image {i})")
-        else:
-            _check_layout(self.boxes, self.phrases, "layout-attention")
+        check_layout_option(self.boxes, self.phrases, "layout-attention")
         if not is_number(self.strength) or not 0 <= self.strength <= 1:
             raise InputError(f"layout-attention strength must be in [0, 1], got {self.strength!r}")
+        if not is_number(self.softness) or not 0 <= self.softness <= 1:
+            raise InputError(f"layout-attention softness must be in [0, 1] (fractions of the image side), got "
+                             f"{self.softness!r}")
 
     @classmethod
     def option_for_image(cls, key: str, value: Any, i: int) -> Any:
         """A list of boxes (or phrases) is shared by every image; a list of such lists has one per image."""
-        if key == "boxes":
-            return value[i] if _per_image_boxes(value) else value
-        if key == "phrases":
-            return value[i] if isinstance(value, list) and value and isinstance(value[0], list) else value
+        if key in ("boxes", "phrases"):
+            return layout_option_for_image(key, value, i)
         return super().option_for_image(key, value, i)
 
     def prepare(self, ctx: Context) -> None:
         n = ctx.request.n
-        per_image = _per_image_boxes(self.boxes)
-        if per_image:
-            check_batch_length(self.boxes, n, "layout-attention", "box lists")
-            check_batch_length(self.phrases, n, "layout-attention", "phrase lists")
+        layouts = image_layouts(self.boxes, self.phrases, n, "layout-attention")
         h, w = ctx.latent_shape[-2:]
         tok = ctx.bundle.tokenizer
         tokens = tok.model_max_length
         strength = torch.zeros(n, tokens)
         window = torch.zeros(n, tokens, h, w)
         for i, prompt in enumerate(ctx.request.prompts()):
-            boxes, phrases = (self.boxes[i], self.phrases[i]) if per_image else (self.boxes, self.phrases)
-            for box, phrase in zip(boxes, phrases):
-                cover = box_coverage(list(box), h, w)
+            boxes, phrases = layouts[i]
+            positions = phrases_token_positions(tok, prompt, phrases, "layout-attention")
+            for box, where in zip(boxes, positions):
+                cover = box_window(list(box), h, w, float(self.softness))
                 if not cover.any():
                     raise InputError(f"layout-attention box {list(box)} covers no latent cell ({h}x{w})")
-                for p in phrase_positions(tok, prompt, phrase, "layout-attention"):
+                for p in where:
                     strength[i, p] = float(self.strength)
                     window[i, p] = torch.maximum(window[i, p], cover)
         self._strength, self._window = strength.to(ctx.device), window.to(ctx.device, ctx.dtype)

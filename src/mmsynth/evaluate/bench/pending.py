@@ -7,10 +7,7 @@ from __future__ import annotations
 
 from mmsynth.evaluate.bench.registry import Suite, register_suite
 
-PENDING: dict[str, tuple[str, str]] = {
-    "layout": ("layout methods: AP50, mean box IoU, phrase accuracy per method",
-               "no rows yet: no layout method (GLIGEN, layout guidance) is shipped"),
-}  # fmt: skip
+PENDING: dict[str, tuple[str, str]] = {}  # name -> (description, note); none today
 
 for _name, (_description, _note) in PENDING.items():
     register_suite(Suite(name=_name, description=_description, pending=_note))

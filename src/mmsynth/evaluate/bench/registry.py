@@ -127,6 +127,7 @@ def _load_builtin() -> None:
     # isort: off
     from mmsynth.evaluate.bench import t2i  # noqa: F401
     from mmsynth.evaluate.bench import control_suite  # noqa: F401
+    from mmsynth.evaluate.bench import layout_suite  # noqa: F401
     from mmsynth.evaluate.bench import pending  # noqa: F401
     from mmsynth.evaluate.bench import edit_suite  # noqa: F401
     from mmsynth.evaluate.bench import guidance_suite  # noqa: F401

@@ -53,6 +53,10 @@ SETTING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "jump_length": (lambda v: v >= 1 and v == int(v), "whole numbers >= 1 (steps redone at once when resampling)"),
     "blend": (lambda v: v in (0, 1), "0 or 1 (inpainting: blend the known latents in after every step)"),
     "scale": (lambda v: v >= 0, "a number >= 0 (a control's conditioning scale)"),
+    "beta": (lambda v: 0 < v <= 1, "in (0, 1] (GLIGEN's scheduled sampling: fraction of the steps grounded)"),
+    "layout_eta": (lambda v: v >= 0, "a number >= 0 (backward layout guidance's step size)"),
+    "base_ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (regional prompts: weight of the global prompt in a region)"),
+    "layout_strength": (lambda v: 0 <= v <= 1, "in [0, 1] (forward layout guidance: share of attention moved)"),
     "start": (lambda v: 0 <= v < 1, "in [0, 1) (fraction of the steps before a control starts)"),
     "end": (lambda v: 0 < v <= 1, "in (0, 1] (fraction of the steps after which a control or guide stops)"),
     "mode": (lambda v: v in (0, 1, 2), "0, 1 or 2 (ControlNet mode: balanced, prompt more important, control "

@@ -17,7 +17,10 @@ ceiling of a latent model), base_uncond (empty prompt: chance), t2i (the prompt)
 Attend-and-Excite on every group's noun: the training-free fix for a neglected object; `step_size` sweepable),
 best_of (the prompt, the bundle CLIP's pick of `best_of` candidates, 4 by default: DALL-E's reranking; it costs
 `best_of` times the t2i row, and `--sweep best_of=1,2,4` on the t2i row gives the curve, each K ranking the
-candidates the smaller K drew). Every model row gets `cost_ratio`: its seconds per image over the t2i row's.
+candidates the smaller K drew), planned (text -> layout -> image, LLM-grounded diffusion: the rule-based Shapes
+planner turns the prompt into boxes that satisfy its counts and relations, GLIGEN draws them; `beta` sweepable) and
+planned_backward (the same boxes drawn by backward layout guidance). Every model row gets `cost_ratio`: its
+seconds per image over the t2i row's.
 """
 
 from __future__ import annotations
@@ -137,6 +140,28 @@ def attend_excite_controls(ctx: RunContext, cases: list[Case]) -> list:
 attend_excite_batch = batched(lambda c: c.prompt, attend_excite_controls)
 
 
+def planned_controls(method: str) -> Callable[[RunContext, list[Case]], list]:
+    """Text -> layout -> image (LLM-grounded diffusion): each prompt planned into boxes by the rule-based Shapes
+    planner (its placement seeded by the case's seed), then drawn by the layout `method`'s control."""
+
+    def make(ctx: RunContext, cases: list[Case]) -> list:
+        from mmsynth.sample import Schedule
+        from mmsynth.sample.layout import layout_method_control
+        from mmsynth.sample.planning import ShapesPlanner
+
+        planner = ShapesPlanner()
+        layouts = [planner.plan(c.prompt, c.seed) for c in cases]
+        options = {"schedule": Schedule(end=float(ctx.params["beta"])).to_dict()} if "beta" in ctx.params else {}
+        return [layout_method_control(method, [lay.boxes for lay in layouts], [lay.phrases for lay in layouts],
+                                      **options)]
+
+    return make
+
+
+planned_gligen_batch = batched(lambda c: c.prompt, planned_controls("gligen"))
+planned_backward_batch = batched(lambda c: c.prompt, planned_controls("backward"))
+
+
 def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
     from mmsynth.evaluate.overlay import draw_verdict
 
@@ -172,6 +197,15 @@ SUITE = register_suite(
                                  lambda ctx, case: attend_excite_batch(ctx, [case])[0],
                                  generate_batch=attend_excite_batch, params={"step_size": 20.0},
                                  sweepable=(*SAMPLER_SETTINGS, "step_size")),
+            "planned": Row("planned", "method", "text -> layout -> image: the Shapes planner's boxes drawn by GLIGEN "
+                           "(LLM-grounded diffusion's two stages)",
+                           lambda ctx, case: planned_gligen_batch(ctx, [case])[0],
+                           generate_batch=planned_gligen_batch, params={"beta": 0.3},
+                           needs=lambda c: ["text", "gligen"], sweepable=(*SAMPLER_SETTINGS, "beta")),
+            "planned_backward": Row("planned_backward", "method", "text -> layout -> image: the Shapes planner's boxes "
+                                    "drawn by backward layout guidance (training-free)",
+                                    lambda ctx, case: planned_backward_batch(ctx, [case])[0],
+                                    generate_batch=planned_backward_batch, sweepable=SAMPLER_SETTINGS),
         },
     )
 )

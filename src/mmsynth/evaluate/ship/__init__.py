@@ -1,4 +1,4 @@
-"""Shipping the Shapes zoo (`mmsynth zoo ship t2i|clip|inpainting|control`): each part is copied into a temporary
+"""Shipping the Shapes zoo (`mmsynth zoo ship t2i|clip|inpainting|control|gligen`): each part is copied into a temporary
 copy of the bundle, measured there by the bench commands its card quotes, carded, and renamed into place only if it
 is accepted; `mmsynth zoo curve` measures a control run's snapshots (curve.py).
 
@@ -14,6 +14,7 @@ _EXPORTS = {
     "control_run": "mmsynth.evaluate.ship.curve",
     "ship_clip": "mmsynth.evaluate.ship.clip",
     "ship_control": "mmsynth.evaluate.ship.control",
+    "ship_gligen": "mmsynth.evaluate.ship.gligen",
     "ship_inpainting": "mmsynth.evaluate.ship.inpainting",
     "ship_t2i": "mmsynth.evaluate.ship.t2i",
 }

@@ -34,17 +34,18 @@ CONTROL_CLASSES = {"ControlNetModel": "ControlNet", "T2IAdapter": "T2I-Adapter"}
 
 
 def control_note(bundle: Path) -> str | None:
-    """The bundle card's line listing its control components (`mmsynth zoo ship control`), None when it has none:
-    every shipment that rewrites the card keeps it (ship t2i keeps the components themselves)."""
+    """The bundle card's line listing its control components (`mmsynth zoo ship control`, `zoo ship gligen`), None
+    when it has none: every shipment that rewrites the card keeps it (ship t2i keeps the components themselves)."""
     from mmsynth.models.bundle import named_components
 
-    found = [(name, CONTROL_CLASSES[e["class"]]) for name, e in sorted(named_components(bundle).items())
-             if e.get("class") in CONTROL_CLASSES]  # fmt: skip
+    found = [(name, CONTROL_CLASSES[e["class"]] if e.get("class") in CONTROL_CLASSES else "GLIGEN layers over unet/")
+             for name, e in sorted(named_components(bundle).items())
+             if e.get("class") in CONTROL_CLASSES or e.get("base")]  # fmt: skip
     if not found:
         return None
     return ("Control components: " + ", ".join(f"`{name}/` ({kind})" for name, kind in found) + "; each has its card, "
-            "`NAME/README.md` (`mmsynth zoo ship control`), and the sampler's `controlnet` / `t2i-adapter` control "
-            "names it as its `model`.")
+            "`NAME/README.md` (`mmsynth zoo ship control|gligen`), and the sampler's `controlnet` / `t2i-adapter` / "
+            "`gligen` control names it as its `model`.")
 
 
 def run_bench(bench: Bench, args: list[str]) -> None:

@@ -17,6 +17,7 @@ RECIPES: dict[str, str] = {
     "inpaint": "mmsynth.train.recipes.inpaint:InpaintRecipe",
     "controlnet": "mmsynth.train.recipes.controlnet:ControlNetRecipe",
     "t2i-adapter": "mmsynth.train.recipes.t2i_adapter:AdapterRecipe",
+    "gligen": "mmsynth.train.recipes.gligen:GligenRecipe",
 }
 
 
