@@ -25,35 +25,14 @@ import torch
 
 from mmsynth.errors import InputError
 from mmsynth.models.denoiser import ModelInputs
-from mmsynth.sample.controls import Branch, Control, Schedule, Step, check_batch_length, register_control
-from mmsynth.sample.layout import MAX_BOXES, check_boxes
+from mmsynth.sample.controls import Branch, Control, Schedule, Step, register_control
+from mmsynth.sample.layout import MAX_BOXES, LayoutOptions, check_layout_option, image_layouts
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
 
 GUIDANCE_METHODS = ("layout-guidance (generate --layout-method backward), layout-attention (forward) or "
                     "regional-prompt (regional)")
-
-
-def per_image_layout(boxes: Any) -> bool:
-    """Boxes given per image: a list whose items are lists of boxes (not boxes themselves)."""
-    return (isinstance(boxes, list) and bool(boxes)
-            and all(isinstance(b, list) and bool(b) and isinstance(b[0], (list, tuple)) for b in boxes))  # fmt: skip
-
-
-def check_layout_option(boxes: Any, phrases: Any, owner: str) -> None:
-    """A control's boxes/phrases: one layout shared by every image, or one per image (lists of lists)."""
-    if per_image_layout(boxes):
-        if not isinstance(phrases, list) or len(phrases) != len(boxes) or not all(isinstance(p, list) for p in phrases):
-            raise InputError(f"{owner}: boxes are given per image; give phrases per image too, as many lists")
-        for i, (b, p) in enumerate(zip(boxes, phrases)):
-            check_boxes(b, p, f"{owner} (image {i})")
-    else:
-        check_boxes(boxes, phrases, owner)
-
-
-def layout_for_image(boxes: Any, phrases: Any, i: int) -> tuple[list, list]:
-    return (boxes[i], phrases[i]) if per_image_layout(boxes) else (boxes, phrases)
 
 
 def gligen_network(bundle: Any, model: str) -> Any:
@@ -72,14 +51,13 @@ def gligen_network(bundle: Any, model: str) -> Any:
 
 @register_control
 @dataclass(kw_only=True)
-class Gligen(Control):
+class Gligen(LayoutOptions, Control):
     """boxes: [[x0, y0, x1, y1], ...] (fractions of the image) with one phrase each (any text: the phrase's pooled
     embedding is the token, it need not be in the prompt), or one list of each per image; model: the bundle's GLIGEN
     component ("gligen") or "unet" when the model's own UNet has the grounding layers. schedule.end is scheduled
     sampling's beta (grounding on the first 30% of the steps by default; 1.0 grounds every step)."""
 
     name: ClassVar[str] = "gligen"
-    per_image: ClassVar[tuple[str, ...]] = ("boxes", "phrases")
 
     boxes: Any = None
     phrases: Any = None
@@ -91,14 +69,6 @@ class Gligen(Control):
         if not isinstance(self.model, str) or not self.model:
             raise InputError(f"gligen: model must be a component name (e.g. gligen) or 'unet', got {self.model!r}")
 
-    @classmethod
-    def option_for_image(cls, key: str, value: Any, i: int) -> Any:
-        """A list of boxes (or phrases) is shared by every image; a list of such lists has one per image."""
-        if key == "boxes":
-            return value[i] if per_image_layout(value) else value
-        if key == "phrases":
-            return value[i] if isinstance(value, list) and value and isinstance(value[0], list) else value
-        return super().option_for_image(key, value, i)
 
     def unet_name(self, bundle: Any) -> str | None:
         gligen_network(bundle, self.model)
@@ -106,10 +76,8 @@ class Gligen(Control):
 
     def prepare(self, ctx: Context) -> None:
         n = ctx.request.n
-        if per_image_layout(self.boxes):
-            check_batch_length(self.boxes, n, "gligen", "box lists")
         dim = int(ctx.network.config.cross_attention_dim)
-        layouts = [layout_for_image(self.boxes, self.phrases, i) for i in range(n)]
+        layouts = image_layouts(self.boxes, self.phrases, n, "gligen")
         boxes = torch.zeros(n, MAX_BOXES, 4)
         embeddings = torch.zeros(n, MAX_BOXES, dim)
         masks = torch.zeros(n, MAX_BOXES)

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mmsynth.errors import InputError
 
@@ -158,6 +158,95 @@ def missing_phrases(tokenizer: Any, layout: Layout, prompt: str) -> list[str]:
             missing.append(phrase)
     return missing
 
+
+# ---------------------------------------------------------------------------------------------- controls' options
+# A layout control's boxes/phrases: one layout shared by every image of the batch, or one per image (lists of lists).
+def _is_box(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) for v in value)
+
+
+def _per_image_boxes(boxes: Any) -> bool:
+    """boxes given per image: a list whose items are lists of boxes (not boxes themselves)."""
+    return isinstance(boxes, list) and bool(boxes) and all(isinstance(b, list) and not _is_box(b) for b in boxes)
+
+
+def per_image_layout(boxes: Any) -> bool:
+    """True when a layout control's boxes are given per image (a list of n lists of boxes)."""
+    return _per_image_boxes(boxes)
+
+
+def _check_layout(boxes: Any, phrases: Any, where: str) -> None:
+    if isinstance(phrases, list) and not all(isinstance(p, str) and p.strip() for p in phrases):
+        raise InputError(f"{where} phrases must be a list of non-empty strings, one per box, got {phrases!r:.80}")
+    check_boxes(boxes, phrases, where)
+
+
+def check_layout_option(boxes: Any, phrases: Any, where: str) -> None:
+    """A layout control's boxes and phrases: one shared list of boxes with one phrase each, or one such pair of lists
+    per image (boxes as a list of lists of boxes, phrases as a list of lists of strings). Boxes are checked by
+    check_boxes (inside [0, 1], x0 < x1, y0 < y1, at most 30)."""
+    if _per_image_boxes(boxes):
+        if not isinstance(phrases, list) or len(phrases) != len(boxes) or not all(isinstance(p, list) for p in phrases):
+            raise InputError(f"{where} boxes are given per image; give phrases per image too, as many")
+        for i, (b, p) in enumerate(zip(boxes, phrases)):
+            _check_layout(b, p, f"{where} (image {i})")
+    else:
+        _check_layout(boxes, phrases, where)
+
+
+def layout_option_for_image(key: str, value: Any, i: int) -> Any:
+    """Image i's boxes or phrases as `to_dict` wrote them: a shared list, or list i of a list of lists."""
+    if key == "boxes":
+        return value[i] if _per_image_boxes(value) else value
+    return value[i] if isinstance(value, list) and value and isinstance(value[0], list) else value
+
+
+def image_layouts(boxes: Any, phrases: Any, n: int, where: str,
+                  nouns: tuple[str, str] = ("box lists", "phrase lists")) -> list[tuple[list, list]]:
+    """(boxes, phrases) of each of the n images of the batch (a per-image layout must have one entry per image)."""
+    from mmsynth.sample.controls import check_batch_length
+
+    if _per_image_boxes(boxes):
+        check_batch_length(boxes, n, where, nouns[0])
+        check_batch_length(phrases, n, where, nouns[1])
+        return [(list(boxes[i]), list(phrases[i])) for i in range(n)]
+    return [(list(boxes), list(phrases))] * n
+
+
+def phrases_token_positions(tokenizer: Any, prompt: str, phrases: list[str], where: str) -> list[list[int]]:
+    """The token positions of each phrase in `prompt` (phrase_token_positions: first occurrence, plurals of shape words
+    allowed); one InputError naming every phrase the prompt lacks."""
+    found: list[list[int]] = []
+    missing: list[str] = []
+    for phrase in phrases:
+        try:
+            found.append(phrase_token_positions(tokenizer, prompt, phrase, where))
+        except InputError:
+            missing.append(phrase)
+    if len(missing) == 1:
+        raise InputError(f"{where}: phrase '{missing[0]}' is not in the prompt '{prompt}'; attention-based layout "
+                         "methods move the attention of the phrase's own words, so each phrase must be words of the "
+                         "prompt")
+    if missing:
+        names = ", ".join(f"'{m}'" for m in missing)
+        raise InputError(f"{where}: phrases {names} are not in the prompt '{prompt}'; attention-based layout methods "
+                         "move the attention of the phrase's own words, so each phrase must be words of the prompt")
+    return found
+
+
+
+class LayoutOptions:
+    """Mixin of the controls with `boxes` and `phrases` fields (one layout, or one per image): how a request keeps
+    image i's values (put it before `Control` in the bases)."""
+
+    per_image: ClassVar[tuple[str, ...]] = ("boxes", "phrases")
+
+    @classmethod
+    def option_for_image(cls, key: str, value: Any, i: int) -> Any:
+        """A list of boxes (or phrases) is shared by every image; a list of such lists has one per image."""
+        if key in ("boxes", "phrases"):
+            return layout_option_for_image(key, value, i)
+        return super().option_for_image(key, value, i)  # type: ignore[misc]
 
 # ---------------------------------------------------------------------------------------------- methods
 # a layout method -> (the control that draws a layout, its boxes field, its phrases field)

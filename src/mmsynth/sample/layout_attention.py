@@ -36,84 +36,18 @@ import torch
 import torch.nn.functional as F
 
 from mmsynth.errors import InputError
-from mmsynth.models.tokenizer import tokenize_padded
 from mmsynth.sample.attention import call_data_key
-from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, check_batch_length, is_number, register_control
-from mmsynth.sample.layout import check_boxes, phrase_token_positions
+from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, is_number, register_control
+from mmsynth.sample.layout import (
+    LayoutOptions,
+    check_layout_option,
+    image_layouts,
+    phrase_token_positions,
+    phrases_token_positions,
+)
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
-
-def _is_box(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 4 and all(is_number(v) for v in value)
-
-
-def _per_image_boxes(boxes: Any) -> bool:
-    """boxes given per image: a list whose items are lists of boxes (not boxes themselves)."""
-    return isinstance(boxes, list) and bool(boxes) and all(isinstance(b, list) and not _is_box(b) for b in boxes)
-
-
-def per_image_layout(boxes: Any) -> bool:
-    """True when a layout control's boxes are given per image (a list of n lists of boxes)."""
-    return _per_image_boxes(boxes)
-
-
-def _check_layout(boxes: Any, phrases: Any, where: str) -> None:
-    if isinstance(phrases, list) and not all(isinstance(p, str) and p.strip() for p in phrases):
-        raise InputError(f"{where} phrases must be a list of non-empty strings, one per box, got {phrases!r:.80}")
-    check_boxes(boxes, phrases, where)
-
-
-def check_layout_option(boxes: Any, phrases: Any, where: str) -> None:
-    """A layout control's boxes and phrases: one shared list of boxes with one phrase each, or one such pair of lists
-    per image (boxes as a list of lists of boxes, phrases as a list of lists of strings). Boxes are checked by
-    sample/layout.check_boxes (inside [0, 1], x0 < x1, y0 < y1, at most 30)."""
-    if _per_image_boxes(boxes):
-        if not isinstance(phrases, list) or len(phrases) != len(boxes) or not all(isinstance(p, list) for p in phrases):
-            raise InputError(f"{where} boxes are given per image; give phrases per image too, as many")
-        for i, (b, p) in enumerate(zip(boxes, phrases)):
-            _check_layout(b, p, f"{where} (image {i})")
-    else:
-        _check_layout(boxes, phrases, where)
-
-
-def layout_option_for_image(key: str, value: Any, i: int) -> Any:
-    """Image i's boxes or phrases as `to_dict` wrote them: a shared list, or list i of a list of lists."""
-    if key == "boxes":
-        return value[i] if _per_image_boxes(value) else value
-    return value[i] if isinstance(value, list) and value and isinstance(value[0], list) else value
-
-
-def image_layouts(boxes: Any, phrases: Any, n: int, where: str,
-                  nouns: tuple[str, str] = ("box lists", "phrase lists")) -> list[tuple[list, list]]:
-    """(boxes, phrases) of each of the n images of the batch (a per-image layout must have one entry per image)."""
-    if _per_image_boxes(boxes):
-        check_batch_length(boxes, n, where, nouns[0])
-        check_batch_length(phrases, n, where, nouns[1])
-        return [(list(boxes[i]), list(phrases[i])) for i in range(n)]
-    return [(list(boxes), list(phrases))] * n
-
-
-def phrases_token_positions(tokenizer: Any, prompt: str, phrases: list[str], where: str) -> list[list[int]]:
-    """The token positions of each phrase in `prompt` (sample/layout.phrase_token_positions: first occurrence, plurals
-    of shape words allowed); one InputError naming every phrase the prompt lacks."""
-    found: list[list[int]] = []
-    missing: list[str] = []
-    for phrase in phrases:
-        try:
-            found.append(phrase_token_positions(tokenizer, prompt, phrase, where))
-        except InputError:
-            missing.append(phrase)
-    if len(missing) == 1:
-        raise InputError(f"{where}: phrase '{missing[0]}' is not in the prompt '{prompt}'; attention-based layout "
-                         "methods move the attention of the phrase's own words, so each phrase must be words of the "
-                         "prompt")
-    if missing:
-        names = ", ".join(f"'{m}'" for m in missing)
-        raise InputError(f"{where}: phrases {names} are not in the prompt '{prompt}'; attention-based layout methods "
-                         "move the attention of the phrase's own words, so each phrase must be words of the prompt")
-    return found
-
 
 def box_coverage(box: list[float], h: int, w: int) -> torch.Tensor:
     """h x w: the fraction of each cell that the box [x0, y0, x1, y1] (fractions of the image) covers."""
@@ -141,14 +75,8 @@ def box_window(box: list[float], h: int, w: int, softness: float = 0.0) -> torch
 
 
 def phrase_positions(tokenizer: Any, prompt: str, phrase: str, where: str) -> list[int]:
-    """Token positions of `phrase` in `prompt` as the sampler tokenises it (first occurrence)."""
-    ids = tokenize_padded(tokenizer, prompt).input_ids
-    sub = tokenizer(phrase, add_special_tokens=False).input_ids
-    for i in range(len(ids) - len(sub) + 1):
-        if sub and ids[i: i + len(sub)] == sub:
-            return list(range(i, i + len(sub)))
-    raise InputError(f"{where} phrase '{phrase}' is not in the prompt '{prompt}'; each phrase must be words of the "
-                     "prompt (the tokens whose attention moves into its box)")
+    """Token positions of `phrase` in `prompt` as the sampler tokenises it (first occurrence; sample/layout.py)."""
+    return phrase_token_positions(tokenizer, prompt, phrase, where)
 
 
 def mix_attention(probs: torch.Tensor, strength: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -176,7 +104,7 @@ def mix_attention(probs: torch.Tensor, strength: torch.Tensor, window: torch.Ten
 
 @register_control
 @dataclass(kw_only=True)
-class LayoutAttention(Control):
+class LayoutAttention(LayoutOptions, Control):
     """boxes: [[x0, y0, x1, y1], ...] (fractions of the image, at most 30) with one phrase each, words of the prompt;
     strength in [0, 1]: how much of each phrase token's cross-attention moves into its box (1: all of it);
     softness >= 0: the window's Gaussian fall-off outside the box, in fractions of the image side (0: the box's
@@ -184,7 +112,6 @@ class LayoutAttention(Control):
     list i). The schedule's start/end limit it to part of the steps."""
 
     name: ClassVar[str] = "layout-attention"
-    per_image: ClassVar[tuple[str, ...]] = ("boxes", "phrases")
 
     boxes: Any = None
     phrases: Any = None
@@ -199,12 +126,6 @@ class LayoutAttention(Control):
             raise InputError(f"layout-attention softness must be in [0, 1] (fractions of the image side), got "
                              f"{self.softness!r}")
 
-    @classmethod
-    def option_for_image(cls, key: str, value: Any, i: int) -> Any:
-        """A list of boxes (or phrases) is shared by every image; a list of such lists has one per image."""
-        if key in ("boxes", "phrases"):
-            return layout_option_for_image(key, value, i)
-        return super().option_for_image(key, value, i)
 
     def prepare(self, ctx: Context) -> None:
         n = ctx.request.n

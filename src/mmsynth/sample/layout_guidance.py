@@ -67,13 +67,8 @@ from mmsynth.sample.controls import (
     is_number,
     register_control,
 )
-from mmsynth.sample.layout_attention import (
-    box_coverage,
-    check_layout_option,
-    image_layouts,
-    layout_option_for_image,
-    phrases_token_positions,
-)
+from mmsynth.sample.layout import LayoutOptions, check_layout_option, image_layouts, phrases_token_positions
+from mmsynth.sample.layout_attention import box_coverage
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
@@ -135,7 +130,7 @@ def box_energy(probs: torch.Tensor, n: int, lh: int, lw: int,
 
 @register_control
 @dataclass(kw_only=True)
-class LayoutGuidance(Control):
+class LayoutGuidance(LayoutOptions, Control):
     """boxes: [[x0, y0, x1, y1], ...] (fractions of the image, at most 30) with one phrase each, words of the prompt
     (a shape word's plural matches); boxes and phrases may also be lists of n (image i gets list i).
     eta >= 0: the step (the reference's loss scale, 30); iterations in 1..100: most updates per step (5);
@@ -145,7 +140,6 @@ class LayoutGuidance(Control):
     The schedule's end says how much of the schedule is guided (default 0.2)."""
 
     name: ClassVar[str] = "layout-guidance"
-    per_image: ClassVar[tuple[str, ...]] = ("boxes", "phrases")
 
     schedule: Schedule = field(default_factory=lambda: Schedule(end=0.2))
     boxes: Any = None
@@ -173,12 +167,6 @@ class LayoutGuidance(Control):
         if not isinstance(self.special_tokens, bool):
             raise InputError(f"{what} special_tokens must be true or false, got {self.special_tokens!r}")
 
-    @classmethod
-    def option_for_image(cls, key: str, value: Any, i: int) -> Any:
-        """A list of boxes (or phrases) is shared by every image; a list of such lists has one per image."""
-        if key in ("boxes", "phrases"):
-            return layout_option_for_image(key, value, i)
-        return super().option_for_image(key, value, i)
 
     # ---- per run
     def prepare(self, ctx: Context) -> None:

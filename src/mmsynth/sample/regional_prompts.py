@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 from mmsynth.errors import InputError
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, is_number, register_control
-from mmsynth.sample.layout import check_boxes
-from mmsynth.sample.layout_attention import box_coverage, image_layouts, layout_option_for_image, per_image_layout
+from mmsynth.sample.layout import check_boxes, image_layouts, layout_option_for_image, per_image_layout
+from mmsynth.sample.layout_attention import box_coverage
 
 if TYPE_CHECKING:
     from mmsynth.sample.sampler import Context
