@@ -101,7 +101,7 @@ def card(record: dict[str, Any], report: dict[str, Any], command: str, out: Path
         "## Training",
         "",
         f"- `{export}`: {steps} steps of batch {batch}; lr {c.get('lr')} ({c.get('lr_schedule')}), the gates' "
-        f"{o.get('gate_lr_scale')}x; caption dropout {o.get('caption_dropout')}, grounding dropout "
+        f"{o.get('gate_lr_scale', 1)}x; caption dropout {o.get('caption_dropout')}, grounding dropout "
         f"{o.get('grounding_dropout')} (whole images' boxes replaced by the learned null); no EMA",
         f"- logged wall time {record.get('logged_wall_h', 0):.2f} h (log.csv) on a 2-core x86 CPU, one thread; last "
         f"logged loss {float(record.get('last_log', {}).get('loss', 'nan')):.4g}",
