@@ -148,3 +148,30 @@ def test_layers_over_another_base_are_refused(bundle, tmp_path):
     UNet2DConditionModel.from_config(bundle.unet.config, cross_attention_dim=16).save_pretrained(root / "unet")
     with pytest.raises(InputError, match="component 'gligen'"):
         Bundle.from_pretrained(root).extras["gligen"]
+
+
+def test_gligen_composes_with_a_controlnet_and_blended_inpainting_in_one_call(with_gligen, gradient_image):
+    """GLIGEN boxes + a ControlNet's edges + an inpainting mask: one request, the outside kept, each control acting."""
+    import numpy as np
+
+    from mmsynth.models.zoo import build_controlnet
+    from mmsynth.sample import BlendedInpaint, ControlNet
+
+    torch.manual_seed(1)
+    cn = build_controlnet(with_gligen.unet, with_gligen.vae_scale_factor)
+    with torch.no_grad():
+        for p in [*cn.controlnet_down_blocks.parameters(), *cn.controlnet_mid_block.parameters()]:
+            p.normal_(0, 0.3)
+    b = dataclasses.replace(with_gligen, extras={"gligen": with_gligen.extras["gligen"], "cn": cn.eval()})
+    r = b.resolution
+    mask = np.zeros((r, r), np.uint8)
+    mask[4:28, 4:28] = 255
+    req = GenerationRequest(prompt=PROMPT, steps=4, seed=1)
+    inpaint = BlendedInpaint(image=gradient_image, mask=mask, unet="base")
+    control = ControlNet(model="cn", image=gradient_image, annotate="canny")
+    grounded = Gligen(boxes=BOXES, phrases=PHRASES, schedule=Schedule(end=1.0))
+    every = sample(b, req, [inpaint, control, grounded], progress=False).images[0]
+    outside = mask == 0
+    assert np.array_equal(every[outside], gradient_image[outside])
+    for fewer in ([inpaint, control], [inpaint, grounded]):
+        assert not np.array_equal(sample(b, req, fewer, progress=False).images[0][~outside], every[~outside])

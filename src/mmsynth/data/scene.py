@@ -324,7 +324,9 @@ def _captionable(scene: Scene) -> bool:
     return len(groups(scene)) == 1 or bool(group_relations(scene))
 
 
-def _placement_ok(objects: list[ShapeObject]) -> bool:
+def placement_ok(objects: list[ShapeObject]) -> bool:
+    """The dataset's placement rule for the last of `objects`: apart from the others, and every object still mostly
+    visible (what the samplers of scenes and of planned layouts both keep)."""
     new = objects[-1]
     if not all(_apart(o, new) for o in objects[:-1]):
         return False
@@ -391,7 +393,7 @@ def sample_scene(split: str, index: int, seed: int = 0, n_objects: int | None = 
             like = objects[0] if one_group and objects else None
             for _attempt in range(100):
                 cand = _sample_object(rng, split, forced, like)
-                if _placement_ok([*objects, cand]):
+                if placement_ok([*objects, cand]):
                     objects.append(cand)
                     break
             else:

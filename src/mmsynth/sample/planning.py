@@ -23,7 +23,7 @@ import numpy as np
 from mmsynth.data import vocab
 from mmsynth.data.captions import Group, parse_caption
 from mmsynth.data.geometry import box_center
-from mmsynth.data.scene import RELATION_MARGIN, Background, Scene, ShapeObject, _placement_ok, relation_holds
+from mmsynth.data.scene import RELATION_MARGIN, Background, Scene, ShapeObject, placement_ok, relation_holds
 from mmsynth.errors import InputError
 from mmsynth.sample.layout import MAX_BOXES, Layout, LayoutObject
 
@@ -154,7 +154,7 @@ class ShapesPlanner(Planner):
                 for _try in range(PLACE_TRIES):
                     cand = _draw(rng, g, gi, placed, owner, relations)
                     if (cand is not None and _relations_hold(cand, gi, placed, owner, relations)
-                            and _placement_ok([*placed, cand])):  # fmt: skip
+                            and placement_ok([*placed, cand])):  # fmt: skip
                         placed.append(cand)
                         owner.append(gi)
                         break

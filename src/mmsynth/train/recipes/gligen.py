@@ -8,8 +8,7 @@ token: its full box (`ShapeObject.box`) and its phrase ("red circle", `ShapeObje
 padded with the learned null. Conditions drop as classifier-free guidance needs them: `caption_dropout` of the
 captions become "", and `grounding_dropout` of the images lose all their grounding tokens (slot masks 0, the null),
 which is what the unconditional branch gives at sampling (diffusers' GLIGEN pipeline). `gate_lr_scale` multiplies
-the gates' learning rate (1, the paper's; at 10 they wandered in sign, which reverses what the layers behind them
-learn: docs/experiments/layout.md).
+the gates' learning rate (1, the paper's; 10 bought nothing measurable: docs/experiments/layout.md).
 
 Export: `RUN/final/gligen`, only the layers the base lacks (fp16, `models.components.save_layers`); the progress
 grid is drawn by diffusers' own `StableDiffusionGLIGENPipeline` (layout | output | source).
@@ -42,7 +41,7 @@ class GligenOptions(DenoisingOptions):
     init: str | None = None  # a trained GLIGEN folder (RUN/final/gligen, layers over options.base) to start from
     caption_dropout: float = 0.5  # captions emptied: the boxes alone must then say what goes where
     grounding_dropout: float = 0.1  # images whose grounding tokens are all the null (the unconditional branch)
-    gate_lr_scale: float = 1.0  # the gates' learning rate over the rest's (1: the paper; 10 made them oscillate)
+    gate_lr_scale: float = 1.0  # the gates' learning rate over the rest's (1: the paper's)
     sample_scenes: int = 4
     sample_steps: int = 25
     sample_cfg: float = 4.0
