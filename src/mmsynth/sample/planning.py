@@ -114,6 +114,12 @@ def _relations_hold(obj: ShapeObject, gi: int, placed: list[ShapeObject], owner:
     return True
 
 
+def _boxes_apart(obj: ShapeObject, placed: list[ShapeObject]) -> bool:
+    """`obj`'s box shares no area with any placed object's box."""
+    x0, y0, x1, y1 = obj.box()
+    return all(x1 <= b[0] or b[2] <= x0 or y1 <= b[1] or b[3] <= y0 for b in (o.box() for o in placed))
+
+
 class ShapesPlanner(Planner):
     """Exact for the Shapes caption grammar: the caption is true of the planned scene (counts, colours, shapes,
     sizes, relations), and its boxes are distributed like the dataset's."""
@@ -145,16 +151,20 @@ class ShapesPlanner(Planner):
     def _place(groups: list[Group], relations: list[tuple[int, str, int]], rng: np.random.Generator,
                prompt: str) -> list[ShapeObject]:  # fmt: skip
         """Objects of every group in order (list order is depth, back to front, as in a Scene); whole-scene
-        restarts when one cannot be placed, as `sample_scene` does."""
+        restarts when one cannot be placed, as `sample_scene` does. Boxes that do not overlap are asked for in the
+        first half of the restarts (layout methods and the judge read each box alone); the rest fall back to the
+        dataset's own rule, which lets objects overlap a little (too many large objects for disjoint boxes)."""
         wanted = [(gi, g) for gi, g in enumerate(groups) for _ in range(g.count)]
-        for _restart in range(PLACE_RESTARTS):
+        for restart in range(PLACE_RESTARTS):
+            disjoint = restart < PLACE_RESTARTS // 2
             placed: list[ShapeObject] = []
             owner: list[int] = []
             for gi, g in wanted:
                 for _try in range(PLACE_TRIES):
                     cand = _draw(rng, g, gi, placed, owner, relations)
                     if (cand is not None and _relations_hold(cand, gi, placed, owner, relations)
-                            and placement_ok([*placed, cand])):  # fmt: skip
+                            and placement_ok([*placed, cand])
+                            and (not disjoint or _boxes_apart(cand, placed))):  # fmt: skip
                         placed.append(cand)
                         owner.append(gi)
                         break
