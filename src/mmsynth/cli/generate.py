@@ -6,8 +6,8 @@ OUT/ after a run (the imagefolder exchange format that `mmsynth judge OUT` score
   request.json             the whole batch's request
   grid.png                 all images in one picture
   metadata.jsonl           {"file_name": "images/0000.png", "prompt": ..., "request": {...}} per image
-  layout.json, layout.png  with a layout (--layout, --box, --plan): the boxes drawn, the planner's output
                            (with --best-of, also "best_of": the candidate kept and every candidate's CLIP distance)
+  layout.json, layout.png  with a layout (--layout, --box, --plan): the layout used (a plan's output), drawn
 The folder is built beside OUT and renamed into place, so a failed run leaves nothing behind.
 """
 

@@ -10,10 +10,10 @@ The manifest:
     {"format": 1, "components": {"controlnet_depth": {"library": "diffusers", "class": "ControlNetModel"}}}
 
 A component that only ADDS layers to one of the bundle's networks (GLIGEN's gated attention over a frozen UNet) is
-stored as those layers: its folder holds the whole network's config (`save_config`) and a safetensors file with
+stored as those layers: its folder holds the whole network's config (`save_config`) and `layers.safetensors` with
 only the weights the base lacks or changes, and its entry names the base folder, `"base": "unet"`. It loads as
 `cls.from_config(config)` filled with the base's weights, then its own; diffusers' plain `from_pretrained` of the
-folder refuses it (missing weights) instead of running half-initialised. The model card shows the three lines.
+folder refuses it (no weights file of its own name) instead of running half-initialised. The card shows the lines.
 
 A bundle holds its components in a `Components` mapping that loads each one on first access (a bundle with five
 ControlNets loads none of them for a plain text-to-image run), then keeps it, on the bundle's device and dtype.
