@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from mmsynth.cli.main import main
 from mmsynth.models.bundle import Bundle
-from mmsynth.train.recipes.gligen import is_grounding_parameter, scene_layout
+from mmsynth.sample.layout import scene_layout
+from mmsynth.train.recipes.gligen import is_grounding_parameter
 
 TRAIN = ["--set", "max_steps=2", "--set", "batch_size=2", "--set", "log_every=1", "--set", "sample_every=2",
          "--set", "checkpoint_every=1", "--set", "export_every=2", "--set", "options.sample_scenes=1",
@@ -55,7 +56,8 @@ def test_scene_layout_is_every_object_with_its_phrase():
     from mmsynth.data.scene import sample_scene
 
     scene = sample_scene("train", 3)
-    boxes, phrases = scene_layout(scene)
+    layout = scene_layout(scene)
+    boxes, phrases = layout.boxes, layout.phrases
     assert phrases == [o.phrase for o in scene.objects] and len(boxes) == len(scene.objects)
     assert all(0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1 for b in boxes)
 

@@ -31,9 +31,9 @@ def main() -> None:
     from mmsynth.models.bundle import Bundle
     from mmsynth.models.components import apply_layers
     from mmsynth.models.zoo import build_gligen_unet
-    from mmsynth.sample.layout import MAX_BOXES
+    from mmsynth.sample.gligen import phrase_embeddings
+    from mmsynth.sample.layout import MAX_BOXES, scene_layout
     from mmsynth.sample.sampler import encode_text
-    from mmsynth.train.recipes.gligen import scene_layout
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("layers", help="a GLIGEN export folder (RUN/exports/step_N/gligen or RUN/final/gligen)")
@@ -55,10 +55,9 @@ def main() -> None:
                                                                                     dim), torch.zeros(len(scene_list),
                                                                                                       MAX_BOXES)
         for i, sc in enumerate(scene_list):
-            bx, ph = scene_layout(sc)
-            ids = b.tokenizer(ph, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                e = b.text_encoder(input_ids=ids.input_ids, attention_mask=ids.attention_mask).pooler_output
+            layout = scene_layout(sc)
+            bx, ph = layout.boxes, layout.phrases
+            e = phrase_embeddings(b.tokenizer, b.text_encoder, ph)
             boxes[i, :len(bx)] = torch.tensor(bx)
             emb[i, :len(ph)] = e
             masks[i, :len(bx)] = 1.0 if on else 0.0

@@ -84,7 +84,8 @@ class Gligen(LayoutOptions, Control):
         for i, (b, p) in enumerate(layouts):
             k = len(b)
             boxes[i, :k] = torch.tensor(b, dtype=torch.float32)
-            embeddings[i, :k] = phrase_embeddings(ctx.bundle, list(p)).float().cpu()
+            embeddings[i, :k] = phrase_embeddings(getattr(ctx.bundle, "tokenizer", None),
+                                                  getattr(ctx.bundle, "text_encoder", None), list(p)).float().cpu()
             masks[i, :k] = 1
         for m in ctx.network.modules():  # as the pipeline's enable_fuser(True): its runs leave them switched off
             if type(m).__name__ == "GatedSelfAttentionDense":
@@ -102,12 +103,13 @@ class Gligen(LayoutOptions, Control):
         self.__dict__.pop("_gligen", None)
 
 
-def phrase_embeddings(bundle: Any, phrases: list[str]) -> torch.Tensor:
-    """The phrases' pooled text embeddings (len x dim), encoded together as diffusers' GLIGEN pipeline does."""
-    tok, enc = getattr(bundle, "tokenizer", None), getattr(bundle, "text_encoder", None)
-    if tok is None or enc is None:
+def phrase_embeddings(tokenizer: Any, text_encoder: Any, phrases: list[str]) -> torch.Tensor:
+    """The phrases' pooled text embeddings (len x dim), encoded together as diffusers' GLIGEN pipeline does (the
+    control, the training recipe and the probe all embed phrases here)."""
+    if tokenizer is None or text_encoder is None:
         raise InputError("gligen: this model has no text encoder to embed the phrases")
-    ids = tok(phrases, padding=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids = tokenizer(phrases, padding=True, return_tensors="pt")
     with torch.no_grad():
-        return enc(input_ids=ids.input_ids.to(bundle.device),
-                   attention_mask=ids.attention_mask.to(bundle.device)).pooler_output  # fmt: skip
+        return text_encoder(input_ids=ids.input_ids.to(device),
+                            attention_mask=ids.attention_mask.to(device)).pooler_output  # fmt: skip

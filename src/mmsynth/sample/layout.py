@@ -159,6 +159,16 @@ def missing_phrases(tokenizer: Any, layout: Layout, prompt: str) -> list[str]:
     return missing
 
 
+
+def scene_layout(scene: Any) -> Layout:
+    """A Shapes scene's layout (a `Scene` or its dict): every object's amodal box and phrase ("red circle"), back to
+    front, at most MAX_BOXES: what GLIGEN trains on and what the layout suite asks for."""
+    from mmsynth.data.scene import Scene
+
+    sc = scene if isinstance(scene, Scene) else Scene.from_dict(scene)
+    objects = sc.objects[:MAX_BOXES]
+    return Layout.from_lists([list(o.box()) for o in objects], [o.phrase for o in objects])
+
 # ---------------------------------------------------------------------------------------------- controls' options
 # A layout control's boxes/phrases: one layout shared by every image of the batch, or one per image (lists of lists).
 def _is_box(value: Any) -> bool:

@@ -56,7 +56,7 @@ from mmsynth.evaluate.bench.registry import Panel, Row, RowScore, Suite, registe
 from mmsynth.evaluate.bench.results import RowResult
 from mmsynth.evaluate.layout_metrics import IOU_THRESHOLD, average_precision, match_layout
 from mmsynth.evaluate.scoring import Metric, mean_ci, rate
-from mmsynth.sample.layout import Layout
+from mmsynth.sample.layout import Layout, scene_layout
 
 if TYPE_CHECKING:
     from mmsynth.evaluate.detect import Detection
@@ -83,11 +83,6 @@ def prompt_form(prompt: str, phrase: str) -> str | None:
         forms.append(" ".join([*words[:-1], vocab.SHAPE_PLURALS[words[-1]]]))
     text = prompt.lower()
     return next((f for f in forms if re.search(rf"(?<![a-z]){re.escape(f.lower())}(?![a-z])", text)), None)
-
-
-def scene_layout(scene: Scene) -> Layout:
-    """Every object's amodal box and phrase, back to front."""
-    return Layout.from_lists([list(o.box()) for o in scene.objects], [o.phrase for o in scene.objects])
 
 
 def case_layout(case: Case) -> Layout:

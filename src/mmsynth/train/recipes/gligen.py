@@ -23,12 +23,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from mmsynth.data.scene import Scene
 from mmsynth.errors import InputError
 from mmsynth.models.bundle import Bundle
 from mmsynth.models.components import apply_layers, save_layers
 from mmsynth.models.zoo import build_gligen_unet
-from mmsynth.sample.layout import MAX_BOXES
+from mmsynth.sample.gligen import phrase_embeddings
+from mmsynth.sample.layout import MAX_BOXES, scene_layout
 from mmsynth.train.denoising import DenoisingOptions, DenoisingRecipe
 from mmsynth.train.recipes.t2i import SAVE_DTYPES
 
@@ -65,13 +65,6 @@ def is_grounding_parameter(name: str) -> bool:
     return name.startswith("position_net.") or ".fuser." in name
 
 
-def scene_layout(scene: Scene | dict[str, Any]) -> tuple[list[list[float]], list[str]]:
-    """Every object's box and phrase, the grounding a Shapes scene gives (at most MAX_BOXES)."""
-    sc = scene if isinstance(scene, Scene) else Scene.from_dict(scene)
-    objects = sc.objects[:MAX_BOXES]
-    return [list(o.box()) for o in objects], [o.phrase for o in objects]
-
-
 class GligenRecipe(DenoisingRecipe):
     name = "gligen"
     Options = GligenOptions
@@ -103,14 +96,10 @@ class GligenRecipe(DenoisingRecipe):
         return [{"params": rest}, {"params": gates, "lr": self.config.lr * self.options.gate_lr_scale}]
 
     # ---------------------------------------------------------------- conditions
-    @torch.no_grad()
     def phrase_embedding(self, phrase: str) -> torch.Tensor:
-        """The phrase's pooled text embedding (as the GLIGEN pipeline encodes it), cached: Shapes has 40 phrases."""
+        """The phrase's pooled text embedding (as the sampler's GLIGEN control encodes it), cached: Shapes has 40."""
         if phrase not in self._phrases:
-            ids = self.tokenizer([phrase], padding=True, return_tensors="pt")
-            enc = self.models["text_encoder"]
-            self._phrases[phrase] = enc(input_ids=ids.input_ids.to(self.device),
-                                        attention_mask=ids.attention_mask.to(self.device)).pooler_output[0].float()
+            self._phrases[phrase] = phrase_embeddings(self.tokenizer, self.models["text_encoder"], [phrase])[0].float()
         return self._phrases[phrase]
 
     def grounding(self, scenes: list[Any]) -> dict[str, torch.Tensor]:
@@ -123,7 +112,8 @@ class GligenRecipe(DenoisingRecipe):
         for i, scene in enumerate(scenes):
             if scene is None or not keep[i]:
                 continue
-            b, p = scene_layout(scene)
+            layout = scene_layout(scene)
+            b, p = layout.boxes, layout.phrases
             boxes[i, :len(b)] = torch.tensor(b)
             embeddings[i, :len(p)] = torch.stack([self.phrase_embedding(x).cpu() for x in p])
             masks[i, :len(b)] = 1
@@ -161,7 +151,8 @@ class GligenRecipe(DenoisingRecipe):
         r, tiles = self.resolution, []
         for i in range(self.options.sample_scenes):
             scene = sample_scene("test", i)
-            boxes, phrases = scene_layout(scene)
+            layout = scene_layout(scene)
+            boxes, phrases = layout.boxes, layout.phrases
             prompt = captions(scene, 1)[0]
             out = pipe(prompt, gligen_phrases=phrases, gligen_boxes=boxes, gligen_scheduled_sampling_beta=1.0,
                        height=r, width=r, num_inference_steps=self.options.sample_steps,
