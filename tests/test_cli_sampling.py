@@ -151,4 +151,7 @@ def test_generate_replays_requests_recorded_before_the_change_pixel_exactly(mode
     same_platform = (REPLAY / "platform.txt").read_text(encoding="utf-8").strip() == _platform()
     assert diff == 0 if same_platform else diff <= 1
     written = json.loads((out / "request.json").read_text())
-    assert written == {**json.loads((REPLAY / f"tiny__{name}.json").read_text()), "model": str(model_dir)}
+    side = images.shape[1]  # the request now records what was drawn: real size, the model's hash, its LoRAs (none)
+    assert written == {**json.loads((REPLAY / f"tiny__{name}.json").read_text()), "model": str(model_dir),
+                       "height": side, "width": side, "model_hash": written["model_hash"], "loras": []}
+    assert isinstance(written["model_hash"], str) and len(written["model_hash"]) == 10

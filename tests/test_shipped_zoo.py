@@ -60,8 +60,9 @@ def test_diffusers_pipeline_and_our_sampler_draw_the_same_images_from_the_shippe
     prompt, steps, cfg = "two red circles left of a blue square", 10, 5.0
     ours = sample(zoo, GenerationRequest(prompt=prompt, n=2, seed=3, steps=steps, cfg=cfg),
                   progress=False)  # fmt: skip
-    pipe = StableDiffusionPipeline.from_pretrained(ZOO, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)  # fmt: skip
+    # no torch_dtype: the fp16-stored files come out float32 in every component, as the model card says
+    pipe = StableDiffusionPipeline.from_pretrained(ZOO, safety_checker=None, requires_safety_checker=False)
+    assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)} == {torch.float32}
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler("ddim", pipe.scheduler)  # the request's default scheduler
     gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]

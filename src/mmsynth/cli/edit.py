@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mmsynth.cli import control_options, guidance_options
+from mmsynth.cli import control_options, guidance_options, model_options
 from mmsynth.cli.arguments import finite_float, fraction, limits_from_args, non_negative_int
 from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, sampling_kwargs
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
@@ -69,7 +69,6 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmsynth.cli.generate import recorded, sample_built, write_outputs
-    from mmsynth.cli.invert import load_bundle
     from mmsynth.io import check_output_dir, load_image
     from mmsynth.sample.edit import edit_controls
 
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     controls += guidance_options.controls_from_args(args, image)  # recorded by the sampler, with the edit's own
     if args.control:
         controls += control_options.controls_from_args(args, str(resolve_model(args.model or DEFAULT_MODEL)))
-    bundle = load_bundle(args.model, args.device)
+    bundle = model_options.load_bundle(args)
     result = sample_built(bundle, request, controls, progress=not args.quiet)
     write_outputs(out, result, recorded(request, result), args.overwrite)
     print(f"wrote the edit ('{args.source_prompt}' -> '{args.prompt}') to {out}")

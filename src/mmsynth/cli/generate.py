@@ -1,7 +1,8 @@
 """`mmsynth generate`: text (and controls) -> images, written with their requests so any image replays.
 
 OUT/ after a run (the imagefolder exchange format that `mmsynth judge OUT` scores):
-  images/0000.png ...      one PNG per image
+  images/0000.png ...      one PNG per image, its request inside (text chunks `mmsynth.request` and A1111's
+                           `parameters`: `--replay images/0000.png` regenerates it)
   requests/0000.json ...   the request that reproduces that image alone (`--replay`)
   request.json             the whole batch's request
   grid.png                 all images in one picture
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -23,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmsynth.cli import control_options, guidance_options, layout_options
-from mmsynth.cli.arguments import finite_float, limits_from_args, resolve_device
+from mmsynth.cli import control_options, guidance_options, layout_options, model_options
+from mmsynth.cli.arguments import finite_float, limits_from_args
+from mmsynth.cli.model_options import Lora
 from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, given_flags, sampling_kwargs
 from mmsynth.errors import InputError
 from mmsynth.io import atomic_dir, check_output_dir, read_json_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
+from mmsynth.models.sources import model_hash
+from mmsynth.sample.png_metadata import png_info, read_request
 from mmsynth.sample.request import DEFAULT_STRENGTH
 from mmsynth.viz import grid
 
@@ -38,9 +43,10 @@ if TYPE_CHECKING:
 
 SAMPLING_OPTIONS = ("prompt", "negative_prompt", "n", "seed", "steps", "cfg", "scheduler", "height", "width", "eta",
                     "best_of")
+log = logging.getLogger(__name__)
 IMAGES = 4  # images per call when -n is not given
 # Options that describe the generation itself besides the sampling options; --replay takes all of them from the file.
-_REQUEST_OPTIONS = ("init_image", "strength", *guidance_options.OPTION_NAMES, *control_options.OPTION_NAMES,
+_REQUEST_OPTIONS = ("init_image", "strength", "lora", *guidance_options.OPTION_NAMES, *control_options.OPTION_NAMES,
                     *layout_options.OPTION_NAMES)
 
 
@@ -60,7 +66,9 @@ def register(subparsers: Any) -> None:
     guidance_options.add_arguments(p)  # --latents, --mask, --guide ... (inpainting, universal guidance, x_T)
     control_options.add_arguments(p)  # --control SPEC (ControlNet, T2I-Adapter)
     layout_options.add_arguments(p)  # --layout, --box, --plan, --layout-method (GLIGEN, layout guidance, regions)
-    p.add_argument("--replay", default=None, help="a request.json written by a previous run: regenerate it exactly")
+    p.add_argument("--replay", default=None,
+                   help="a request .json or a PNG written by a previous run (its request is inside): regenerate it "
+                   "exactly")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     add_run_arguments(p, "an existing non-empty --out: only the files generate writes are replaced")
     p.add_argument("--eval", action="store_true", help="score the outputs with the judge afterwards")
@@ -82,7 +90,8 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[Con
         if given:
             given_text = ", ".join(given)
             raise InputError(f"--replay takes the whole request from its file; do not combine it with {given_text}")
-        data = read_json_file(args.replay, "--replay")
+        data = (read_request(args.replay) if Path(args.replay).suffix.lower() == ".png"
+                else read_json_file(args.replay, "--replay"))
         request, controls = GenerationRequest.load(data, where=f"--replay '{args.replay}'",
                                                    limits=limits_from_args(args))
         if args.model is not None:
@@ -108,7 +117,9 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[Con
     if args.layout_used is not None and not kwargs["prompt"]:  # a layout file's own prompt
         kwargs["prompt"] = args.layout_used.prompt
     controls += layout_controls
-    request = GenerationRequest(**kwargs, model=args.model or DEFAULT_MODEL)
+    loras = [Lora.parse(spec) for spec in args.lora or []]
+    request = GenerationRequest(**kwargs, model=args.model or DEFAULT_MODEL,
+                                loras=[{"path": x.path, "scale": x.scale} for x in loras])
     request.validate(limits_from_args(args))
     return request, controls
 
@@ -124,7 +135,9 @@ def sample_built(bundle: Bundle, request: GenerationRequest, controls: list[Cont
 def recorded(request: GenerationRequest, result: SampleResult) -> GenerationRequest:
     """The whole batch's replayable request: a replayed file's own control dicts, else those the sampler recorded
     for image 0 (the CLI gives no control a per-image list, so image 0's control dicts are every image's)."""
-    return request if request.controls else dataclasses.replace(request, controls=result.requests[0].controls)
+    first = result.requests[0]
+    return dataclasses.replace(request, controls=request.controls or first.controls, height=first.height,
+                               width=first.width)
 
 
 def write_outputs(out: Path, result: Any, request: Any, overwrite: bool, layout: Any = None) -> None:
@@ -144,7 +157,7 @@ def write_outputs(out: Path, result: Any, request: Any, overwrite: bool, layout:
         rows = []
         for i, (img, req) in enumerate(zip(result.images, result.requests)):
             name = f"{i:04d}"
-            Image.fromarray(img).save(tmp / "images" / f"{name}.png")
+            Image.fromarray(img).save(tmp / "images" / f"{name}.png", pnginfo=png_info(req))
             (tmp / "requests" / f"{name}.json").write_text(req.to_json() + "\n", encoding="utf-8")
             row = {"file_name": f"images/{name}.png", "prompt": req.prompt, "seed": req.seed, "request": req.to_dict()}
             if result.selection is not None:  # best-of-K: which candidate was kept, and why
@@ -167,13 +180,14 @@ def run_eval(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmsynth.models import Bundle
-
     out = check_output_dir(args.out, overwrite=args.overwrite)
     request, controls = build_request(args)
-    model_dir = resolve_model(request.model or DEFAULT_MODEL)
-    device = resolve_device(args.device)
-    bundle = Bundle.from_pretrained(model_dir).to(device)
+    source = resolve_model(request.model or DEFAULT_MODEL)
+    recorded_hash, request.model_hash = request.model_hash, model_hash(source)
+    if recorded_hash is not None and recorded_hash != request.model_hash:
+        log.warning("the model at '%s' has hash %s, not the %s the request records: the images may differ",
+                    source, request.model_hash, recorded_hash)
+    bundle = model_options.load_bundle(args, str(source), [Lora.checked(x["path"], x["scale"]) for x in request.loras])
     result = sample_built(bundle, request, controls, progress=not args.quiet)
     write_outputs(out, result, recorded(request, result), args.overwrite, getattr(args, "layout_used", None))
     print(f"wrote {len(result.images)} image(s), grid.png, requests and metadata.jsonl to {out}")

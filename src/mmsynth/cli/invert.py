@@ -11,11 +11,12 @@ import argparse
 import contextlib
 from typing import Any
 
-from mmsynth.cli.arguments import limits_from_args, non_negative_float, resolve_device
+from mmsynth.cli import model_options
+from mmsynth.cli.arguments import limits_from_args, non_negative_float
 from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, sampling_kwargs
 from mmsynth.errors import InputError
 from mmsynth.io import check_output_file
-from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
+from mmsynth.models.shipped import DEFAULT_MODEL
 from mmsynth.sample.request import DEFAULT_INVERSION_CFG, DEFAULT_INVERSION_STEPS, DEFAULT_SCHEDULER
 
 SAMPLING_OPTIONS = ("prompt", "negative_prompt", "steps", "cfg")
@@ -51,14 +52,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def load_bundle(model: str | None, device: str | None) -> Any:
-    """The bundle at `model` (default: the shipped zoo) on `device` (default: cuda if available)."""
-    from mmsynth.models import Bundle
-
-    device = resolve_device(device)
-    return Bundle.from_pretrained(resolve_model(model or DEFAULT_MODEL)).to(device)
-
-
 def run(args: argparse.Namespace) -> int:
     from mmsynth.evaluate.fidelity import psnr
     from mmsynth.io import atomic_path, load_image, save_image
@@ -81,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         check_scheduler_name(args.reconstruct_scheduler or DEFAULT_SCHEDULER, "--reconstruct-scheduler")
     image = load_image(args.image, "IMAGE")
     limits_from_args(args).check_size(*image.shape[:2], what=f"IMAGE '{args.image}': ")
-    bundle = load_bundle(args.model, args.device)
+    bundle = model_options.load_bundle(args)
     sampling = sampling_kwargs(args)
     result = invert(bundle, image, **sampling, progress=not args.quiet)
     result.request.model = args.model or DEFAULT_MODEL

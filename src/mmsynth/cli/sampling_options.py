@@ -109,13 +109,12 @@ def given_flags(args: argparse.Namespace) -> list[str]:
 
 
 def add_run_arguments(p: argparse.ArgumentParser, writes: str, *, images: bool = True) -> None:
-    """The options every sampling command shares besides the sampling ones: the model, the device, the size limits,
+    """The options every sampling command shares besides the sampling ones: the model and how it runs, the size limits,
     --overwrite (`writes`: what it replaces) and --quiet; declared once for generate, edit and invert."""
+    from mmsynth.cli import model_options
     from mmsynth.cli.arguments import add_limit_arguments
-    from mmsynth.models.shipped import DEFAULT_MODEL
 
-    p.add_argument("--model", default=None, help=f"model bundle directory (default: {DEFAULT_MODEL}, the shipped zoo)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    model_options.add_arguments(p)  # --model, --config, --dtype, --device, --lora, memory options
     add_limit_arguments(p, images=images)
     p.add_argument("--overwrite", action="store_true", help=f"replace existing outputs ({writes})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -36,6 +36,7 @@ from mmsynth.models.components import (
     save_named,
     write_manifest,
 )
+from mmsynth.models.sources import looks_like_hub_id
 
 # Component folder -> (how to obtain it when it is missing)
 COMPONENTS: dict[str, str] = {
@@ -45,13 +46,15 @@ COMPONENTS: dict[str, str] = {
     "unet": "train it with `mmsynth train t2i`",
     "scheduler": "export a bundle with `mmsynth train t2i` (it writes the scheduler config)",
 }
+# SDXL's second tokenizer and text encoder (its refiner has only these two, the first pair listed as null)
+XL_PARTS: dict[str, str] = {"tokenizer_2": "tokenizer", "text_encoder_2": "text encoder"}
 CLIP_FOLDER = "clip"
 # optional together: a model conditioned only through controls (an exemplar's image embedding, Paint-by-Example)
 # is saved without them, and its model_index.json lists them as null
 TEXT_PARTS = ("tokenizer", "text_encoder")
 # Names a named component may not take: the base's folders, and the other folders diffusers'
 # StableDiffusionPipeline knows (a folder of that name would mean something else to it).
-RESERVED: frozenset[str] = frozenset({*COMPONENTS, CLIP_FOLDER, "safety_checker", "feature_extractor",
+RESERVED: frozenset[str] = frozenset({*COMPONENTS, *XL_PARTS, CLIP_FOLDER, "safety_checker", "feature_extractor",
                                       "image_encoder"})
 # A named component: a second UNet taking the latents plus a mask and the masked image's latents (Stable
 # Diffusion inpainting's 9-channel input), made by `mmsynth train inpaint` (StableDiffusionInpaintPipeline takes
@@ -78,6 +81,14 @@ class Bundle:
     clip_processor: Any | None = None
     # named components by name (e.g. INPAINTING_UNET); a plain dict given here becomes a Components mapping
     extras: Components = field(default_factory=Components)
+    # SDXL's second text encoder (transformers CLIPTextModelWithProjection: hidden states and the pooled embedding
+    # the UNet's added time embedding reads) and its tokenizer; None for SD 1.x/2.x
+    tokenizer_2: Any | None = None
+    text_encoder_2: Any | None = None
+    # SDXL pipeline flags from model_index.json: an empty negative prompt is zeros rather than encoded text; the
+    # refiner's time ids carry an aesthetic score
+    force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.extras, Components):
@@ -96,6 +107,12 @@ class Bundle:
         return int(self.vae.config.latent_channels)
 
     @property
+    def is_xl(self) -> bool:
+        """An SDXL model: its UNet's added embedding reads pooled text and time ids (two text encoders, or the
+        refiner's one)."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
     def latent_size(self) -> int:
         size = self.unet.config.sample_size
         return int(size if isinstance(size, int) else size[0])
@@ -108,7 +125,8 @@ class Bundle:
     # ------------------------------------------------------------ device / dtype
     def modules(self) -> dict[str, torch.nn.Module]:
         """The neural components by name (those present; named components only once loaded)."""
-        named = {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet, "clip": self.clip}
+        named = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "vae": self.vae,
+                 "unet": self.unet, "clip": self.clip}
         named.update({k: v for k, v in self.extras.loaded().items() if isinstance(v, torch.nn.Module)})
         return {k: v for k, v in named.items() if v is not None}
 
@@ -138,27 +156,34 @@ class Bundle:
 
         `dtype` (e.g. torch.float16) converts the saved weights only; the in-memory models are untouched.
         """
-        from diffusers import StableDiffusionPipeline
-
         dest = _replaceable(path)
         with atomic_dir(dest, whole=True) as tmp:
             modules = self._copies_in(dtype) if dtype is not None else self
-            pipe = StableDiffusionPipeline(
-                vae=modules.vae,
-                text_encoder=modules.text_encoder,
-                tokenizer=modules.tokenizer,
-                unet=modules.unet,
-                scheduler=modules.scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            pipe.save_pretrained(tmp, safe_serialization=True)
+            modules.pipeline().save_pretrained(tmp, safe_serialization=True)
             _portable_tokenizer_class(tmp)
+            _float32_by_default(tmp)
             if modules.clip is not None:
                 save_clip(modules.clip, tmp / CLIP_FOLDER, self.clip_processor)
             save_named(tmp, modules.extras, RESERVED)  # (each one loaded, if it was not yet)
         return dest
+
+    def pipeline(self) -> Any:
+        """The diffusers pipeline of the base components (no copies): StableDiffusionPipeline, or for SDXL
+        StableDiffusionXLPipeline (the refiner's StableDiffusionXLImg2ImgPipeline) — what saving writes and what
+        parity tests compare with."""
+        import diffusers
+
+        if not self.is_xl:
+            return diffusers.StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        common = {"vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                  "tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2, "unet": self.unet,
+                  "scheduler": self.scheduler, "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+                  "add_watermarker": False}
+        if self.requires_aesthetics_score:
+            return diffusers.StableDiffusionXLImg2ImgPipeline(**common, requires_aesthetics_score=True)
+        return diffusers.StableDiffusionXLPipeline(**common)
 
     def _copies_in(self, dtype: torch.dtype) -> Bundle:
         def conv(m: Any) -> Any:
@@ -173,6 +198,10 @@ class Bundle:
             clip=conv(self.clip),
             clip_processor=self.clip_processor,
             extras={k: conv(v) if isinstance(v, torch.nn.Module) else v for k, v in self.extras.items()},  # loads all
+            tokenizer_2=self.tokenizer_2,
+            text_encoder_2=conv(self.text_encoder_2),
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            requires_aesthetics_score=self.requires_aesthetics_score,
         )
 
     # ------------------------------------------------------------ loading
@@ -183,8 +212,11 @@ class Bundle:
         torch_dtype: torch.dtype | None = None,
         load_clip: bool = True,
         components: Collection[str] = (),
+        config: str | os.PathLike | None = None,
     ) -> Bundle:
-        """Load a bundle saved by mmsynth or any Stable Diffusion (v1-style) directory / hub id.
+        """Load a bundle saved by mmsynth, any Stable Diffusion 1.x/2.x/SDXL diffusers directory or hub id, or a
+        single checkpoint file (through diffusers' from_single_file; `config`: a local diffusers folder of its
+        architecture, for use without a network).
 
         Weights are float32 unless `torch_dtype` says otherwise (whatever dtype they were stored in).
         Named components are checked now and each loaded when first read from `bundle.extras`, so that a run
@@ -192,45 +224,77 @@ class Bundle:
         long run). Raises InputError naming a missing directory, a missing component (and how to obtain it) or
         unreadable weights.
         """
-        source = str(path_or_hub_id)
+        from mmsynth.models.sources import resolve_source
+
+        found = resolve_source(path_or_hub_id, config)
+        if found.kind == "file":
+            from mmsynth.models.single_file import bundle_from_single_file
+
+            return bundle_from_single_file(found, torch_dtype)
+        source = found.location
         local = Path(source)
-        if local.exists():
-            if not local.is_dir():
-                raise InputError(
-                    f"model '{local}' is a file; expected a model directory (model_index.json, unet/, ...)"
-                )
-            text_free = _without_text(local)
-            for name, how in COMPONENTS.items():
-                if not (local / name).is_dir() and not (text_free and name in TEXT_PARTS):
+        index = model_index(source)
+        absent = {name for name in (*COMPONENTS, *XL_PARTS)
+                  if _listed_as_none(index, name) and not (local / name).is_dir()}
+        if found.kind == "folder" and _without_text(local):
+            absent |= set(TEXT_PARTS)
+        for pair in (TEXT_PARTS, tuple(XL_PARTS)):  # a tokenizer and its text encoder come and go together
+            if len(absent & set(pair)) == 1:
+                absent -= set(pair)
+        wanted = [*COMPONENTS, *(XL_PARTS if _is_xl_index(index) else ())]
+        if found.kind == "folder":
+            for name in wanted:
+                if name not in absent and not (local / name).is_dir():
+                    how = COMPONENTS.get(name, "it is part of an SDXL model: copy the whole model folder")
                     raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
-        elif not _looks_like_hub_id(source):
-            raise InputError(f"model directory '{source}' does not exist ({_HOW})")
         named = named_components(source)
         components = (components,) if isinstance(components, str) else tuple(components)
         if missing := [name for name in components if name not in named]:
             raise InputError(f"model '{source}' has no component {', '.join(map(repr, missing))}; its components: "
                              f"{', '.join(named) or 'none'}")
-
-        text_free = local.exists() and _without_text(local)
-        tokenizer, text_encoder, vae, unet, scheduler = (
-            None if text_free and name in TEXT_PARTS else load_component(source, name, torch_dtype)
-            for name in COMPONENTS
-        )
+        parts = {name: None if name in absent else load_component(source, name, torch_dtype) for name in wanted}
         clip = None
-        if load_clip and local.exists() and (local / CLIP_FOLDER).is_dir():
+        if load_clip and found.kind == "folder" and (local / CLIP_FOLDER).is_dir():
             clip = load_component(source, CLIP_FOLDER, torch_dtype)
         processor = None
         if clip is not None and (local / CLIP_FOLDER / "preprocessor_config.json").is_file():
             from transformers import CLIPImageProcessor
 
             processor = CLIPImageProcessor.from_pretrained(local / CLIP_FOLDER)
-        bundle = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler, clip=clip,
-                     clip_processor=processor)
+        bundle = cls(**parts, clip=clip, clip_processor=processor,
+                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+                     requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
         for name, entry in named.items():
             bundle.extras.add_lazy(name, functools.partial(load_named, source, name, entry, torch_dtype))
         for name in components:
             bundle.extras[name]  # (reading it loads it)
         return bundle.eval()
+
+
+def model_index(source: str | os.PathLike) -> dict[str, Any]:
+    """The pipeline's model_index.json of a folder or a (cached or reachable) hub id; {} when it has none."""
+    local = Path(source)
+    if local.is_dir():
+        try:
+            data = json.loads((local / "model_index.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(str(source)))
+    except Exception as exc:
+        raise InputError(f"model '{source}': cannot read its model_index.json ({first_line(exc)})") from None
+
+
+def _is_xl_index(index: Mapping[str, Any]) -> bool:
+    return "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
+
+
+def _listed_as_none(index: Mapping[str, Any], name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is None
 
 
 def named_components(source: str | os.PathLike) -> dict[str, Entry]:
@@ -257,20 +321,22 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
     Raises InputError naming the component and how to obtain it.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
     source = str(source)
     local = Path(source)
-    if not local.exists() and not _looks_like_hub_id(source):
+    if not local.exists() and not looks_like_hub_id(source):
         raise InputError(f"model directory '{source}' does not exist ({_HOW})")
-    if name not in COMPONENTS and name != CLIP_FOLDER:
+    if name not in COMPONENTS and name not in XL_PARTS and name != CLIP_FOLDER:
         named = named_components(source)
         if name in named:
             return load_named(source, name, named[name], torch_dtype)
         how = f": {_HOW_NAMED[name]}, {_HOW}" if name in _HOW_NAMED else ""
         raise InputError(f"model '{source}' has no component '{name}'{how}; valid: {', '.join(COMPONENTS)}, "
-                         f"{CLIP_FOLDER}, or one it lists in {MANIFEST} ({', '.join(named) or 'none'})")
-    how = COMPONENTS.get(name, "train it with `mmsynth train clip`")
+                         f"{', '.join(XL_PARTS)}, {CLIP_FOLDER}, or one it lists in {MANIFEST} "
+                         f"({', '.join(named) or 'none'})")
+    how = COMPONENTS.get(name) or ("it is part of an SDXL model: copy the whole model folder" if name in XL_PARTS
+                                   else "train it with `mmsynth train clip`")
     if local.exists() and not (local / name).is_dir():
         raise InputError(f"model directory '{local}' has no {name}/ component: {how}, {_HOW}")
     # float32 unless asked otherwise (diffusers loads straight into it; transformers 5 keeps the stored dtype,
@@ -279,6 +345,8 @@ def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtyp
     loaders = {
         "tokenizer": lambda: AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        "tokenizer_2": lambda: AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"),
         "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=target),
         "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=target),
         "scheduler": lambda: _load_scheduler(source),
@@ -336,6 +404,7 @@ def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, *
             else:  # tokenizer, scheduler
                 component.save_pretrained(tmp / name)
         _portable_tokenizer_class(tmp)
+        _float32_by_default(tmp)
     return dest
 
 
@@ -383,11 +452,6 @@ def _without_text(local: Path) -> bool:
     return all(not isinstance(listed.get(name), list) or listed[name][0] is None for name in TEXT_PARTS)
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
-
-
 def _load_scheduler(source: str) -> Any:
     """The scheduler class recorded in the bundle (DDIM when none is recorded)."""
     import diffusers
@@ -400,6 +464,22 @@ def _load_scheduler(source: str) -> Any:
             name = entry[1]
     scheduler_cls = getattr(diffusers, name, None) or diffusers.DDIMScheduler
     return scheduler_cls.from_pretrained(source, subfolder="scheduler")
+
+
+def _float32_by_default(root: Path) -> None:
+    """Record float32 as the dtype of the saved transformers models, whatever dtype their weights are stored in.
+
+    transformers 5 loads in the config's dtype ("auto"), diffusers in float32: a bundle stored in float16 would
+    otherwise come out of a plain `StableDiffusionPipeline.from_pretrained(dir)` with a float16 text encoder
+    feeding a float32 UNet (a dtype error). An explicit `torch_dtype` still wins in both libraries.
+    """
+    for config in [root / "text_encoder" / "config.json", root / "text_encoder_2" / "config.json",
+                   root / CLIP_FOLDER / "config.json"]:
+        if config.is_file():
+            data = json.loads(config.read_text())
+            if data.get("dtype") not in (None, "float32"):
+                data["dtype"] = "float32"
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _portable_tokenizer_class(root: Path) -> None:

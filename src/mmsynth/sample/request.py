@@ -126,6 +126,10 @@ class GenerationRequest:
     eta: float = DEFAULT_ETA
     model: str | None = None
     best_of: int = DEFAULT_BEST_OF
+    # provenance: the model's short SHA-256 (models/sources.model_hash; a replay warns when it changed) and the LoRAs
+    # fused into it, each {"path": ..., "scale": ...} (a replay fuses them again)
+    model_hash: str | None = None
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self, limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
         """Raise InputError naming the first bad field and what is valid; returns self for chaining.
@@ -163,6 +167,12 @@ class GenerationRequest:
             limits.check(self)
         if self.model is not None and not isinstance(self.model, str):
             raise InputError(f"model must be a directory path string, got {type(self.model).__name__}")
+        if self.model_hash is not None and not isinstance(self.model_hash, str):
+            raise InputError(f"model_hash must be a string or null, got {type(self.model_hash).__name__}")
+        if not isinstance(self.loras, list) or not all(
+                isinstance(x, dict) and set(x) == {"path", "scale"} and isinstance(x["path"], str) and _real(x["scale"])
+                for x in self.loras):
+            raise InputError('loras must be a list of {"path": string, "scale": number} objects')
         if not isinstance(self.controls, list):
             raise InputError(f"controls must be a list of control objects, got {type(self.controls).__name__}")
         from mmsynth.sample.controls import controls_from_dicts

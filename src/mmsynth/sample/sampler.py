@@ -495,4 +495,5 @@ def run_loop(bundle: Bundle, request: GenerationRequest, controls: list[Control]
         ctx.attention.remove()
         for c in reversed(prepared):  # last in, first out
             c.close(ctx)
+    request = dataclasses.replace(request, height=ctx.height, width=ctx.width)  # what was drawn, not None
     return SampleResult(images, ctx.latents, [request.for_image(i) for i in range(request.n)])
