@@ -269,5 +269,33 @@ def tiny_bundle(seed: int = 0) -> Bundle:
     return random_bundle(TINY, seed)
 
 
+def tiny_xl_bundle(seed: int = 0, refiner: bool = False) -> Bundle:
+    """SDXL's architecture scaled down, random weights (the tests' stand-in for SDXL checkpoints): two text encoders
+    (the second a CLIPTextModelWithProjection of twice the width), a UNet cross-attending to both side by side with
+    the added "text_time" embedding (pooled text + 6 time ids, 5 with the refiner's aesthetic score), linear
+    projections in its transformers; the refiner has only the second encoder."""
+    import dataclasses
+
+    from transformers import CLIPTextModelWithProjection
+
+    spec = TINY
+    torch.manual_seed(seed)
+    tokenizer = build_shapes_tokenizer(spec.max_length)
+    first = None if refiner else CLIPTextModel(text_config(spec, tokenizer))
+    wide = dataclasses.replace(spec, text_width=2 * spec.text_width, projection_dim=2 * spec.text_width)
+    second = CLIPTextModelWithProjection(text_config(wide, tokenizer))
+    time_dim, time_ids = 8, 5 if refiner else 6
+    context_dim = wide.text_width + (0 if refiner else spec.text_width)
+    base = build_unet(spec, cross_attention_dim=context_dim)
+    unet = UNet2DConditionModel.from_config({  # (without base's private keys: "_use_default_values" would win)
+        **{k: v for k, v in base.config.items() if not k.startswith("_")},
+        "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": time_dim * time_ids + wide.projection_dim,
+        "use_linear_projection": True})  # fmt: skip
+    return Bundle(tokenizer=None if refiner else tokenizer, text_encoder=first, vae=build_vae(spec), unet=unet,
+                  scheduler=build_scheduler(), tokenizer_2=tokenizer, text_encoder_2=second,
+                  force_zeros_for_empty_prompt=not refiner, requires_aesthetics_score=refiner)
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -94,10 +94,14 @@ class ControlNet(SpatialControl):
         def batched(xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat(xs) if k > 1 else xs[0]
 
+        extra: dict[str, Any] = {}
+        if branches[0].added_cond is not None:  # SDXL: the ControlNet reads pooled text and time ids as the UNet does
+            extra["added_cond_kwargs"] = {key: batched([b.added_cond[key] for b in branches])
+                                          for key in branches[0].added_cond}
         down, mid = self._net(batched([latents] * k), step.t,
                               encoder_hidden_states=batched([b.context for b in branches]),
                               controlnet_cond=batched([self._cond] * k), conditioning_scale=1.0,
-                              guess_mode=self.guess_mode, return_dict=False)
+                              guess_mode=self.guess_mode, return_dict=False, **extra)
         weights = mode_weights(self.mode, len(down) + 1)
         if weights is not None:
             down = [d * w for d, w in zip(down, weights)]

@@ -212,6 +212,8 @@ class Branch:
     name: str
     weight: float
     context: torch.Tensor | None
+    # what else the network reads of this branch's text: SDXL's pooled embedding and time ids (added_cond_kwargs)
+    added_cond: dict[str, torch.Tensor] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- inputs

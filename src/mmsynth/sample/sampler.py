@@ -45,12 +45,43 @@ class SampleResult:
 
 # ---------------------------------------------------------------------------------------------- text
 def encode_text(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
-    """CLIP text hidden states, tokenised like diffusers (padded to the tokenizer's max length)."""
+    """CLIP text hidden states, tokenised like diffusers (padded to the tokenizer's max length); SDXL's are both
+    encoders' penultimate states side by side."""
+    if getattr(bundle, "is_xl", False):
+        return encode_xl_text(bundle, prompts)[0]
     tok = bundle.tokenizer
     ids = tokenize_padded(tok, prompts, return_tensors="pt")
     enc = bundle.text_encoder
     mask = ids.attention_mask.to(bundle.device) if getattr(enc.config, "use_attention_mask", False) else None
     return enc(ids.input_ids.to(bundle.device), attention_mask=mask)[0].to(bundle.dtype)
+
+
+def encode_xl_text(bundle: Bundle, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning as StableDiffusionXLPipeline.encode_prompt computes it: each text encoder's
+    penultimate hidden states, concatenated along features, and the last encoder's pooled projection."""
+    hidden, pooled = [], None
+    for tok, enc in ((bundle.tokenizer, bundle.text_encoder), (bundle.tokenizer_2, bundle.text_encoder_2)):
+        if enc is None:  # the refiner has only the second
+            continue
+        ids = tokenize_padded(tok, prompts, return_tensors="pt")
+        out = enc(ids.input_ids.to(next(enc.parameters()).device), output_hidden_states=True)
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds come first
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    if pooled is None:
+        raise InputError("this SDXL model's second text encoder gives no pooled projection (a "
+                         "CLIPTextModelWithProjection is expected)")
+    return torch.cat(hidden, dim=-1).to(bundle.dtype), pooled.to(bundle.dtype)
+
+
+def xl_time_ids(bundle: Bundle, height: int, width: int, negative: bool = False) -> torch.Tensor:
+    """SDXL's micro-conditioning: original size, crop corner (0, 0) and target size (the pipeline's defaults: the
+    image's own size); the refiner's is original size, crop corner and an aesthetic score (6, 2.5 when negative)."""
+    if bundle.requires_aesthetics_score:
+        ids = [height, width, 0, 0, 2.5 if negative else 6.0]
+    else:
+        ids = [height, width, 0, 0, height, width]
+    return torch.tensor([ids], dtype=bundle.dtype, device=bundle.device)
 
 
 def has_text_encoder(bundle: Any) -> bool:
@@ -67,12 +98,17 @@ def warn_about_prompt(bundle: Bundle, prompt: str) -> list[str]:
     return warn_unknown_words(bundle.tokenizer, prompt)
 
 
-def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch]:
+def guidance_branches(bundle: Bundle, request: GenerationRequest, height: int | None = None,
+                      width: int | None = None) -> list[Branch]:
     """The condition sets of the guidance sum: [uncond (negative prompt), cond(weight=cfg)], or [cond] at cfg 1.
 
     Text is encoded only for a model that reads it; without a text encoder the branches carry no context and a
-    control must give one (`ModelInputs.context`), and a prompt is an error rather than silently unread.
+    control must give one (`ModelInputs.context`), and a prompt is an error rather than silently unread. An SDXL
+    branch also carries its pooled text and time ids (`Branch.added_cond`, for images of height x width); an empty
+    negative prompt is zeros where the model says so (force_zeros_for_empty_prompt), as in diffusers.
     """
+    if getattr(bundle, "is_xl", False):
+        return _xl_branches(bundle, request, height or bundle.resolution, width or bundle.resolution)
     if not has_text_encoder(bundle):
         given = [p for p in (*request.prompts(), *request.negative_prompts()) if p]
         if given:
@@ -92,6 +128,25 @@ def guidance_branches(bundle: Bundle, request: GenerationRequest) -> list[Branch
         return [Branch("cond", 1.0, cond)]
     uncond = encode(request.negative_prompt)
     return [Branch("uncond", 0.0, uncond), Branch("cond", float(request.cfg), cond)]
+
+
+def _xl_branches(bundle: Bundle, request: GenerationRequest, height: int, width: int) -> list[Branch]:
+    n = request.n
+
+    def encode(prompt: str | list[str], negative: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        texts = list(prompt) if isinstance(prompt, list) else [prompt]
+        if negative and bundle.force_zeros_for_empty_prompt and not any(texts):
+            context, pooled = (torch.zeros_like(x) for x in encode_xl_text(bundle, [""]))
+        else:
+            context, pooled = encode_xl_text(bundle, texts)
+        if context.shape[0] == 1:
+            context, pooled = context.repeat(n, 1, 1), pooled.repeat(n, 1)
+        return context, {"text_embeds": pooled, "time_ids": xl_time_ids(bundle, height, width, negative).repeat(n, 1)}
+
+    cond = Branch("cond", float(request.cfg), *encode(request.prompt, False))
+    if request.cfg == 1.0:
+        return [cond]
+    return [Branch("uncond", 0.0, *encode(request.negative_prompt, True)), cond]
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -140,7 +195,7 @@ class Context:
         scheduler = make_scheduler(request.scheduler, bundle.scheduler)
         scheduler.set_timesteps(request.steps, device=bundle.device)
         gens = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.n)]
-        branches = guidance_branches(bundle, request)
+        branches = guidance_branches(bundle, request, height, width)
         ctx = cls(bundle, request, controls, scheduler, branches, gens, height, width, scheduler.timesteps, denoiser)
         for c in controls:  # condition sets are data: a control may add or replace branches (Composer's directions)
             ctx.branches = c.condition_sets(ctx, ctx.branches)
@@ -234,6 +289,9 @@ class Context:
                 if mi is not None:
                     given[i].append((mi, c))
         per_branch = [merge_inputs([(mi, c.schedule) for mi, c in items]) for items in given]
+        for b, mi in zip(branches, per_branch):  # SDXL: the branch's own pooled text and time ids
+            if b.added_cond is not None:
+                mi.added_cond_kwargs = {**b.added_cond, **(mi.added_cond_kwargs or {})}
         self._note_token_slices(branches, per_branch, given)
         outs = self._run_model(model_in, step.t, branches, per_branch)
         ref, result = outs[0], outs[0]
