@@ -92,6 +92,17 @@ def test_a_single_file_without_its_configs_says_how_to_give_them_offline(single_
     assert code == 2 and "is a file but not a checkpoint" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("key", "found"), [("control_model.time_embed.0.weight", "controlnet"),
+                                           ("double_blocks.0.img_attn.norm.key_norm.scale", "flux-schnell")])
+def test_a_single_file_of_another_architecture_is_refused_naming_it(tmp_path, key, found):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({key: torch.zeros(4)}, str(path))
+    with pytest.raises(InputError, match=f"is a '{found}' checkpoint; supported single files: v1, v2, xl_base"):
+        Bundle.from_pretrained(path)
+
+
 def test_generate_runs_a_single_file_from_the_cli(model_dir, single_file, tmp_path):
     out = tmp_path / "o"
     assert main(["generate", "--model", str(single_file), "--config", str(model_dir), "--prompt", "a red circle",
