@@ -25,7 +25,7 @@ INPAINT_OPTIONS = ("mask", "feather", "resample", "resample_until", "jump_length
 GUIDE_OPTIONS = ("guide", "guide_target", "guide_text", "guide_params", "s0", "k", "m", "guide_lr", "guide_start",
                  "guide_end")
 EXCITE_OPTIONS = ("excite", "excite_step", "excite_end")
-OPTION_NAMES = ("latents", *INPAINT_OPTIONS, *GUIDE_OPTIONS, *EXCITE_OPTIONS)
+OPTION_NAMES = ("latents", *INPAINT_OPTIONS, "exemplar", *GUIDE_OPTIONS, *EXCITE_OPTIONS)
 # the shipped guides (mmsynth.sample.guides.GUIDES, checked equal in the tests), named here so that `--help`
 # does not import torch
 GUIDE_NAMES = ("box", "clip", "palette", "region")
@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser, latents: bool = True) -> None:
     p.add_argument("--unet", default=None, choices=("auto", "inpainting", "base"),
                    help="inpaint with which UNet: auto (default: the model's inpainting UNet, unet_inpainting/, when "
                    "it has one), inpainting (require it) or base (the text-to-image UNet, latent blending alone)")
+    p.add_argument("--exemplar", default=None,
+                   help="with --init-image and --mask: Paint-by-Example, paint this object's image into the masked "
+                   "region (the model's paint_by_example_unet and _encoder; no prompt)")
     p.add_argument("--guide", default=None, help=f"universal guidance with a shipped guide: {', '.join(GUIDE_NAMES)}")
     p.add_argument("--guide-target", default=None, help="target image of the guide (palette: its colours; clip: "
                    "image-image similarity)")
@@ -136,7 +139,8 @@ def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) 
     if getattr(args, "latents", None) is not None:
         x, _ = load_latents(args.latents)
         controls.append(InitialLatents(latents=x.numpy()))
-    given = [o for o in INPAINT_OPTIONS[1:] if getattr(args, o, None) is not None]
+    exemplar = getattr(args, "exemplar", None)
+    given = [o for o in (*INPAINT_OPTIONS[1:], "exemplar") if getattr(args, o, None) is not None]
     if given and args.mask is None:
         raise InputError(f"--{given[0].replace('_', '-')} needs --mask (it is an inpainting option)")
     if args.mask is not None:
@@ -144,7 +148,16 @@ def controls_from_args(args: argparse.Namespace, init_image: np.ndarray | None) 
             raise InputError("--mask needs --init-image: the image whose masked (white) region is repainted")
         mask = load_image(args.mask, "--mask")
         kwargs = {o: getattr(args, o) for o in INPAINT_OPTIONS[1:] if getattr(args, o, None) is not None}
-        controls.append(BlendedInpaint(image=init_image, mask=mask, **kwargs))
+        if exemplar is None:
+            controls.append(BlendedInpaint(image=init_image, mask=mask, **kwargs))
+        elif "unet" in kwargs:
+            raise InputError("--unet does not apply to --exemplar: Paint-by-Example uses the model's own "
+                             "paint_by_example_unet")
+        else:
+            from mmsynth.sample.paint_by_example import PaintByExample
+
+            controls.append(PaintByExample(image=init_image, mask=mask, exemplar=load_image(exemplar, "--exemplar"),
+                                           **kwargs))
     for control in (guide_control(args), excite_control(args)):
         if control is not None:
             controls.append(control)

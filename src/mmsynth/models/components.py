@@ -36,7 +36,9 @@ from mmsynth.errors import InputError
 MANIFEST = "mmsynth_components.json"
 MANIFEST_VERSION = 1
 # library name in the manifest -> the module its classes are found in by name (one line per new library)
-LIBRARIES: dict[str, str] = {"diffusers": "diffusers", "transformers": "transformers"}
+# a library -> the module whose top level exports its model classes ("mmsynth": networks of the source texts that
+# neither library ships outside a deprecated pipeline, e.g. Paint-by-Example's exemplar encoder)
+LIBRARIES: dict[str, str] = {"diffusers": "diffusers", "transformers": "transformers", "mmsynth": "mmsynth.models"}
 # lower case only: two names differing in case would be one folder on a case-insensitive file system
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 NAME_RULE = "1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
@@ -91,7 +93,8 @@ def component_class(entry: Any, name: str, where: str) -> type:
     if library not in LIBRARIES:
         raise InputError(f"{where}: component '{name}' names library '{library}'; valid: {', '.join(LIBRARIES)}")
     cls = getattr(importlib.import_module(LIBRARIES[library]), cls_name, None)
-    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+    network = isinstance(cls, type) and (library != "mmsynth" or issubclass(cls, torch.nn.Module))
+    if not network or not hasattr(cls, "from_pretrained"):
         raise InputError(f"{where}: component '{name}' names class '{cls_name}', which {library} does not have "
                          f"(this {library} is version {_version(library)}); valid: a model class {library} exports")
     return cls

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "RegionalPrompt": "mmsynth.sample.regional_prompts",
     "ModelInputs": "mmsynth.models.denoiser",
     "NullTextInversion": "mmsynth.sample.null_text",
+    "PaintByExample": "mmsynth.sample.paint_by_example",
     "SCHEDULERS": "mmsynth.sample.schedulers",
     "SampleResult": "mmsynth.sample.sampler",
     "Schedule": "mmsynth.sample.controls",

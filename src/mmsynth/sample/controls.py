@@ -405,6 +405,7 @@ def _load_builtin_controls() -> None:
     import mmsynth.sample.layout_attention
     import mmsynth.sample.layout_guidance
     import mmsynth.sample.null_text
+    import mmsynth.sample.paint_by_example
     import mmsynth.sample.regional_prompts
     import mmsynth.sample.t2i_adapter
     import mmsynth.sample.universal  # noqa: F401

@@ -131,6 +131,9 @@ class BlendedInpaint(Control):
             raise InputError(f"jump_length (steps redone at once when resampling) must be an integer >= 1, got {j!r}")
         if not isinstance(self.blend, bool):
             raise InputError(f"blend must be true or false, got {self.blend!r}")
+        self._check_unet()
+
+    def _check_unet(self) -> None:
         if self.unet not in UNET_CHOICES:
             raise InputError(f"unet must be one of {', '.join(UNET_CHOICES)}, got {self.unet!r}")
 
@@ -183,11 +186,14 @@ class BlendedInpaint(Control):
             repaint.append(m)
         self._pixels, self._source = torch.cat(pixels), torch.cat(sources)  # 1 or n of each
         self._latent_mask, self._paste = torch.cat(latent_masks), torch.cat(pastes)
-        self._channels = None
-        c = ctx.latent_shape[1]
-        if int(ctx.network.config.in_channels) == 2 * c + 1:  # an inpainting UNet: it is told what is kept
-            mask = torch.cat(repaint)  # 1 x 1 x H x W per source
-            self._channels = inpainting_channels(mask, ctx.encode_mean(torch.cat(pixels) * (1 - mask)))
+        self._channels = self.unet_channels(ctx, torch.cat(repaint), torch.cat(pixels))
+
+    def unet_channels(self, ctx: Context, repaint: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor | None:
+        """What an inpainting UNet is told of the kept image besides the latents (None for a plain UNet): SD
+        inpainting's mask and masked-image latents. `repaint`: 1 x 1 x H x W per source, 1 = repaint."""
+        if int(ctx.network.config.in_channels) != 2 * ctx.latent_shape[1] + 1:
+            return None
+        return inpainting_channels(repaint, ctx.encode_mean(pixels * (1 - repaint)))
 
     def inputs(self, ctx: Context, step: Step, branch: Any, latents: torch.Tensor) -> ModelInputs | None:
         if self._channels is None:
