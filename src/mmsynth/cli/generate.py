@@ -10,6 +10,8 @@ OUT/ after a run (the imagefolder exchange format that `mmsynth judge OUT` score
                            (with --best-of, also "best_of": the candidate kept and every candidate's CLIP distance)
   layout.json, layout.png  with a layout (--layout, --box, --plan): the layout used (a plan's output), drawn
 The folder is built beside OUT and renamed into place, so a failed run leaves nothing behind.
+With --prompt-file, one request per prompt, split across the processes of an `accelerate launch` (docs/multi-gpu.md);
+request.json then holds {"prompt_file": ..., "requests": [one per prompt]}.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmsynth.cli import control_options, guidance_options, layout_options, model_options
+from mmsynth.cli import control_options, guidance_options, layout_options, model_options, prompt_file
 from mmsynth.cli.arguments import finite_float, limits_from_args
 from mmsynth.cli.model_options import Lora
 from mmsynth.cli.sampling_options import add_run_arguments, add_sampling_arguments, given_flags, sampling_kwargs
@@ -69,6 +72,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--replay", default=None,
                    help="a request .json or a PNG written by a previous run (its request is inside): regenerate it "
                    "exactly")
+    p.add_argument("--prompt-file", default=None, metavar="FILE", help=prompt_file.HELP)
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     add_run_arguments(p, "an existing non-empty --out: only the files generate writes are replaced")
     p.add_argument("--eval", action="store_true", help="score the outputs with the judge afterwards")
@@ -180,6 +184,13 @@ def run_eval(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompt_file is not None:
+        from mmsynth.cli.prompt_file import run_prompt_file
+
+        return run_prompt_file(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("under `accelerate launch` generate splits a --prompt-file across the processes; a single "
+                         "--prompt or --replay runs in one process (start it without accelerate)")
     out = check_output_dir(args.out, overwrite=args.overwrite)
     request, controls = build_request(args)
     source = resolve_model(request.model or DEFAULT_MODEL)
@@ -194,3 +205,4 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         run_eval(out)
     return 0
+

@@ -232,7 +232,8 @@ def generate_shard(ctx: RunContext, row: Row, cases: list[Case], rank: int = 0, 
             return [(i, row.generate(ctx, c)) for i, c in tqdm(mine, desc=row.name, disable=not progress,
                                                                leave=False)]  # fmt: skip
         b = ctx.batch_size
-        blocks = [list(range(k, min(k + b, len(cases)))) for k in range(0, len(cases), b)][rank::world]
+        blocks = [list(range(k, min(k + b, len(cases)))) for k in range(0, len(cases), b)]
+        blocks = [block for _, block in shard(blocks, rank, world)]
         out = []
         with tqdm(total=sum(map(len, blocks)), desc=row.name, disable=not progress, leave=False) as bar:
             for block in blocks:
