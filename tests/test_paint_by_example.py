@@ -137,3 +137,57 @@ def test_generate_paints_an_exemplar_from_the_cli(pbe, scene_mask_exemplar, tmp_
     assert np.array_equal(image[mask == 0], scene[mask == 0])
     assert main(["generate", "--model", str(model), "--init-image", str(tmp_path / "scene.png"), "--exemplar",
                  str(tmp_path / "obj.png"), "--out", str(tmp_path / "o2")]) == 2  # no --mask: one-line error
+
+
+def test_the_reordered_unet_computes_what_the_inpainting_unet_computes(bundle):
+    """paint_by_example_unet: SD inpainting's (latents, repaint mask, masked latents) -> Paint-by-Example's
+    (latents, masked latents, keep mask), same function (checked with the mask constant near the centre, where the
+    zero padding of the input convolution does not reach)."""
+    from mmsynth.train.recipes.inpaint import inpainting_unet
+    from mmsynth.train.recipes.paint_by_example import paint_by_example_unet
+
+    torch.manual_seed(0)
+    sd = inpainting_unet(bundle.unet).eval()
+    with torch.no_grad():
+        sd.conv_in.weight.normal_(0, 0.1)
+    pbe = paint_by_example_unet(sd).eval()
+    x, masked = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    repaint = torch.ones(1, 1, 8, 8)
+    context = torch.randn(1, 5, sd.config.cross_attention_dim)
+    with torch.no_grad():
+        a = sd.conv_in(torch.cat([x, repaint, masked], 1))
+        b = pbe.conv_in(torch.cat([x, masked, 1 - repaint], 1))
+        torch.testing.assert_close(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
+        assert sd(torch.cat([x, repaint, masked], 1), 10, context).sample.shape == (1, 4, 8, 8)
+
+
+def test_training_masks_grow_the_box_or_outline_it_and_always_cover_the_object():
+    from mmsynth.train.recipes.paint_by_example import PaintByExampleOptions, exemplar_mask
+
+    box = (0.3, 0.3, 0.6, 0.5)
+    for bezier in (0.0, 1.0):
+        for seed in range(5):
+            m = exemplar_mask(box, 64, np.random.default_rng(seed), PaintByExampleOptions(bezier_rate=bezier))
+            assert m.shape == (64, 64) and set(np.unique(m)) <= {0.0, 1.0}
+            assert m[int(0.4 * 64), int(0.45 * 64)] == 1  # the object's centre is always repainted
+            assert m.sum() < 64 * 64
+
+
+def test_the_recipe_trains_and_exports_both_components(tmp_path):
+    from mmsynth.cli.main import main
+    from mmsynth.models.zoo import tiny_bundle
+    from mmsynth.train.recipes.inpaint import inpainting_unet
+
+    base = tiny_bundle(seed=1)
+    base.extras["unet_inpainting"] = inpainting_unet(base.unet)
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    rc = main(["train", "paint-by-example", "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+               "--no-progress", "--set", f"options.base={tmp_path / 'base'}", "--set", "sample_every=2", "--set",
+               "checkpoint_every=1", "--set", "warmup_steps=0", "--set", "lr_schedule=constant", "--set",
+               "options.sample_steps=2", "--set", "num_workers=0"])  # fmt: skip
+    assert rc == 0
+    exported = Bundle.from_pretrained(out / "final")
+    assert exported.extras[PBE_UNET].config.in_channels == 9
+    assert isinstance(exported.extras[PBE_ENCODER], ExemplarEncoder)
+    assert (out / "samples").is_dir() and any((out / "samples").iterdir())
