@@ -256,3 +256,39 @@ def test_the_inpainting_unet_row_runs_on_a_bundle_that_has_one_and_is_skipped_ot
     for a, b, p in zip(alone, batch, base):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
         assert np.abs(a.astype(int) - p.astype(int)).max() > 2  # 'inpaint' keeps to the text-to-image UNet
+
+
+def test_paste_metrics_tell_a_copied_exemplar_from_the_drawn_object(bundle, edit_cases):
+    """exemplar_ssim: the exemplar resized into the mask scores ~1 (a paste), the true render of the edit low."""
+    import cv2
+
+    from mmsynth.evaluate.bench.edit_suite import PASTE_SSIM, exemplar_image, exemplar_ssim, mask_array
+
+    todo = [c for c in edit_cases if c.category == "inpaint"]
+    for c in todo:
+        ys, xs = np.nonzero(mask_array(c))
+        pasted = source_image(c).copy()
+        h, w = ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()
+        pasted[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] = cv2.resize(exemplar_image(c), (w, h),
+                                                                           interpolation=cv2.INTER_AREA)
+        assert exemplar_ssim(c, pasted) > 0.99
+        assert exemplar_ssim(c, c.render()) < PASTE_SSIM
+    scored = get_suite("edit").score(_ctx(bundle), todo, [c.render() for c in todo], []).metrics
+    assert scored["paste_rate"].value == 0.0 and scored["exemplar_ssim"].value < PASTE_SSIM
+
+
+def test_the_paint_by_example_row_runs_on_a_bundle_with_the_components_and_is_skipped_otherwise(bundle, edit_cases):
+    from mmsynth.models.exemplar_encoder import exemplar_encoder_from_clip
+    from mmsynth.train.recipes.inpaint import inpainting_unet
+    from mmsynth.train.recipes.paint_by_example import paint_by_example_unet
+
+    todo = [c for c in edit_cases if c.category == "inpaint"][:2]
+    plain = run_bench(todo, _ctx(bundle), RunOptions(rows=["paint_by_example"])).to_dict()
+    assert plain["rows"]["edit"]["paint_by_example"]["n_skipped"] == 2 and "lacks paint_by_example" in json.dumps(
+        plain)
+    unet = paint_by_example_unet(inpainting_unet(bundle.unet))
+    encoder = exemplar_encoder_from_clip(bundle.clip, width=int(unet.config.cross_attention_dim))
+    rich = dataclasses.replace(bundle, extras={"paint_by_example_unet": unet.eval(),
+                                               "paint_by_example_encoder": encoder.eval()})
+    res = run_bench(todo, _ctx(rich), RunOptions(rows=["paint_by_example"])).to_dict()["results"]["edit"]
+    assert res["paint_by_example"]["inpaint_outside_psnr"] == 100.0 and "paste_rate" in res["paint_by_example"]

@@ -10,7 +10,8 @@ Categories:
   box); kept_psnr: PSNR outside the object's box against the source (how much of the rest survives).
 - inpaint: one object of a two-object scene is replaced by another colour and shape inside a box mask.
   inpaint_outside_psnr (pixels outside the mask vs the source), inpaint_inside_acc (a detection of the new colour
-  and shape centred inside the mask).
+  and shape centred inside the mask), exemplar_ssim (SSIM of the mask's box against the case's exemplar resized
+  into it: ~1 for a copy-paste) and paste_rate (the share at SSIM >= PASTE_SSIM).
 Rows: ground_truth (renders of the edited specs: the ceiling), regenerate (the target prompt from fresh noise: what
 an edit must beat on keeping things), inversion rows per reconstruction scheduler (cfg 1), inversion_null_text
 (null-text inversion: rebuilt at cfg 5, where plain inversion drifts), swap (invert with the source
@@ -22,8 +23,10 @@ img2img (SDEdit at a strength), inpaint (blended latents with the text-to-image 
 bundle's inpainting UNet, told the mask and the masked image; skipped for a bundle without one), inpaint_resample
 (RePaint-style: each step redone from its re-noised
 blend), inpaint_guided (the region guide composed), inpaint_layout (resampled, with the new object's phrase's
-cross-attention moved into the mask's box: `layout_strength`) and inpaint_latent_only (without pasting the known pixels
-back); inpainting rows prompt the edited scene's caption (the setting object_prompt=1: the new object alone).
+cross-attention moved into the mask's box: `layout_strength`), inpaint_latent_only (without pasting the known pixels
+back) and paint_by_example (the new object's image, rendered alone and turned by a case-seeded angle, painted in
+with no prompt; skipped for a bundle without the components); the other inpainting rows prompt the edited scene's
+caption (the setting object_prompt=1: the new object alone).
 Every model row gets cost_ratio against `regenerate`.
 """
 
@@ -46,6 +49,7 @@ from mmsynth.evaluate.bench.generation import (
     RunContext,
     batched,
     ground_truth,
+    register_capability,
     text_to_image,
     text_to_image_batch,
 )
@@ -298,6 +302,54 @@ def inpaint_prompt(ctx: RunContext, case: Case) -> str:
     return _phrases(dataclasses.replace(case.scene, objects=[new_object(case)]))
 
 
+EXEMPLAR_ROTATION = 25.0  # degrees: each case's exemplar is turned by a case-seeded angle within this, both ways
+EXEMPLAR_MARGIN = 0.04  # the exemplar crop: the object's box plus this share of the image side
+PASTE_SSIM = 0.9  # an output whose mask region matches the exemplar resized into it this closely counts as a paste
+register_capability("paint_by_example", lambda bundle: all(
+    name in getattr(bundle, "extras", {}) for name in ("paint_by_example_unet", "paint_by_example_encoder")))
+
+
+def exemplar_image(case: Case) -> np.ndarray:
+    """The exemplar of an inpainting case: the new object rendered alone, cropped with a margin and turned by a
+    case-seeded angle (so that pasting it would not even fit the mask's box)."""
+    import cv2
+
+    r = case.resolution
+    alone = render(dataclasses.replace(case.scene, objects=[new_object(case)]), r)
+    x0, y0, x1, y1 = new_object(case).box()
+    m = EXEMPLAR_MARGIN
+    a, b = int(max(0.0, x0 - m) * r), int(max(0.0, y0 - m) * r)
+    c, d = int(np.ceil(min(1.0, x1 + m) * r)), int(np.ceil(min(1.0, y1 + m) * r))
+    crop = np.ascontiguousarray(alone[b: max(d, b + 1), a: max(c, a + 1)])
+    angle = float(np.random.default_rng([case.seed, 0xE8]).uniform(-EXEMPLAR_ROTATION, EXEMPLAR_ROTATION))
+    h, w = crop.shape[:2]
+    turn = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    return cv2.warpAffine(crop, turn, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def exemplar_ssim(case: Case, image: np.ndarray) -> float:
+    """SSIM of the output's mask box against the exemplar resized into that box: about 1 for a copy-paste of the
+    exemplar, low for an object drawn to fit the hole."""
+    import cv2
+    from skimage.metrics import structural_similarity
+
+    ys, xs = np.nonzero(mask_array(case))
+    region = image[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    pasted = cv2.resize(exemplar_image(case), (region.shape[1], region.shape[0]), interpolation=cv2.INTER_AREA)
+    side = min(region.shape[:2])
+    window = max(3, min(7, side if side % 2 else side - 1))
+    return float(structural_similarity(region, pasted, channel_axis=2, win_size=window, data_range=255))
+
+
+def paint_by_example_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+    """Paint-by-Example: each case's exemplar (the new object alone, turned) painted into its mask, no prompt."""
+    from mmsynth.sample import PaintByExample
+
+    masks = [mask_array(c).astype(np.uint8) * 255 for c in cases]
+    return [PaintByExample(image=[source_image(c) for c in cases], mask=masks,
+                           exemplar=[exemplar_image(c) for c in cases], paste=bool(ctx.params.get("paste", 1)))]
+
+
 def img2img(ctx: RunContext, case: Case) -> np.ndarray:
     return ctx.generate(case, img2img_controls(ctx, [case]))
 
@@ -369,6 +421,7 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
     verdicts: list[ImageScore] = []
     psnrs: dict[str, list[float]] = {c: [] for c in CATEGORIES}
     oks: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
+    copies: list[float] = []
     for c, img in zip(cases, images):
         if c.category == "swap":
             v, ok, p = _swap_verdict(c, img)
@@ -378,6 +431,7 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
             v, ok, p = _inpaint_verdict(c, img)
             oks["inpaint"].append(ok)
             psnrs["inpaint"].append(p)
+            copies.append(exemplar_ssim(c, img))
         else:
             v = score_image(expectation_for(scene=c.scene), detect_objects(img))
             psnrs["inversion"].append(psnr(img, source_image(c)))
@@ -390,6 +444,8 @@ def score(ctx: RunContext, cases: list[Case], images: list[np.ndarray], referenc
     if oks["inpaint"]:
         metrics["inpaint_outside_psnr"] = mean_ci(psnrs["inpaint"])
         metrics["inpaint_inside_acc"] = rate(sum(oks["inpaint"]), len(oks["inpaint"]))
+        metrics["exemplar_ssim"] = mean_ci(copies)
+        metrics["paste_rate"] = rate(sum(x >= PASTE_SSIM for x in copies), len(copies))
     return RowScore(metrics, {}, verdicts)
 
 
@@ -410,6 +466,7 @@ def panel(case: Case, image: np.ndarray, verdict: ImageScore) -> Panel:
 inpaint, inpaint_batch = inpainter(inpaint_controls)
 inpaint_guided, inpaint_guided_batch = inpainter(inpaint_guided_controls)
 inpaint_layout, inpaint_layout_batch = inpainter(inpaint_layout_controls)
+paint_by_example_batch = batched(lambda c: "", paint_by_example_controls)  # the exemplar alone conditions it
 
 
 def _rows() -> dict[str, Row]:
@@ -466,6 +523,11 @@ def _rows() -> dict[str, Row]:
             sweepable=INPAINT_SETTINGS),
         Row("inpaint_latent_only", "method", "blended-latent inpainting without the pixel paste-back", inpaint,
             generate_batch=inpaint_batch, categories=("inpaint",), params={"paste": 0}, sweepable=INPAINT_SETTINGS),
+        Row("paint_by_example", "method", "Paint-by-Example: the new object's image (alone, turned) painted into the "
+            "mask with no prompt (the bundle's paint_by_example components), kept pixels pasted back",
+            lambda ctx, c: paint_by_example_batch(ctx, [c])[0], generate_batch=paint_by_example_batch,
+            categories=("inpaint",), needs=lambda c: ["paint_by_example"], params={"paste": 1},
+            sweepable=("paste", *SAMPLER_SETTINGS)),
     ]  # fmt: skip
     return {r.name: r for r in rows}
 
