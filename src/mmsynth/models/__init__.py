@@ -6,6 +6,7 @@
 from mmsynth.lazy import lazy_exports
 
 # the model classes a bundle's component manifest may name with library "mmsynth" (models/components.LIBRARIES)
-_EXPORTS: dict[str, str] = {"Bundle": "mmsynth.models.bundle", "ExemplarEncoder": "mmsynth.models.exemplar_encoder"}
+_EXPORTS: dict[str, str] = {"Bundle": "mmsynth.models.bundle", "ComposerConditioner": "mmsynth.models.composer",
+                             "ExemplarEncoder": "mmsynth.models.exemplar_encoder"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -10,6 +10,7 @@ _EXPORTS: dict[str, str] = {
     "BlendedInpaint": "mmsynth.sample.inpaint",
     "Branch": "mmsynth.sample.controls",
     "CONTROLS": "mmsynth.sample.controls",
+    "Composer": "mmsynth.sample.composer",
     "Context": "mmsynth.sample.sampler",
     "ControlNet": "mmsynth.sample.controlnet",
     "Control": "mmsynth.sample.controls",

@@ -397,6 +397,7 @@ def _load_builtin_controls() -> None:
     # each module registers its controls on import
     import mmsynth.sample.attend_excite
     import mmsynth.sample.attention_replay
+    import mmsynth.sample.composer
     import mmsynth.sample.controlnet
     import mmsynth.sample.gligen
     import mmsynth.sample.img2img

@@ -1,0 +1,111 @@
+"""Composer's networks and control: a UNet that starts as its base, representations decomposed from an image, any
+subset of them through the one sampler, guidance between two condition sets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mmsynth.errors import InputError
+from mmsynth.models import Bundle
+from mmsynth.models.composer import ComposerConditioner, composer_unet
+from mmsynth.sample import Composer, GenerationRequest, sample
+from mmsynth.sample.composer import COMPOSER, COMPOSER_UNET, decompose
+
+
+def _conditioner(bundle, seed: int = 0) -> ComposerConditioner:
+    torch.manual_seed(seed)
+    net = ComposerConditioner(global_conditions={"caption": 32, "image": 32, "histogram": 275},
+                              out_channels=4, factor=bundle.vae_scale_factor, context_dim=32,
+                              tokens_per_condition=2, width=8)  # fmt: skip
+    with torch.no_grad():  # the zero-initialised outputs would make every test vacuous
+        for enc in net.local.values():
+            enc.out.weight.normal_(0, 0.3)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def composer(bundle):
+    net = _conditioner(bundle)
+    unet = composer_unet(bundle.unet, 4, net.global_dim)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(0, 0.3)
+        unet.class_embedding.linear_2.weight.normal_(0, 0.3)
+    return dataclasses.replace(bundle, extras={COMPOSER_UNET: unet.eval(), COMPOSER: net})
+
+
+def test_a_composer_unet_starts_as_its_base(bundle):
+    net = _conditioner(bundle)
+    unet = composer_unet(bundle.unet, 4, net.global_dim).eval()
+    x, extra = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        base = bundle.unet(x, 10, context).sample
+        ours = unet(torch.cat([x, extra], 1), 10, context, class_labels=torch.randn(2, net.global_dim)).sample
+    torch.testing.assert_close(ours, base)
+
+
+def test_decompose_makes_every_representation_the_conditioner_reads(bundle, gradient_image):
+    mask = np.zeros(gradient_image.shape[:2], bool)
+    mask[8:20, 8:20] = True
+    reps = decompose(bundle, gradient_image, ["sketch", "segmentation", "intensity", "masked_image", "histogram",
+                                              "image"], mask=mask)  # fmt: skip
+    assert reps["masked_image"].shape == (32, 32, 4) and (reps["masked_image"][8:20, 8:20, :3] == 0).all()
+    assert reps["histogram"].shape == (275,) and reps["image"].shape == (32,)
+    assert reps["sketch"].dtype == np.uint8 and reps["segmentation"].shape == (32, 32, 3)
+    with pytest.raises(InputError, match="depth cannot be estimated"):
+        decompose(bundle, gradient_image, ["depth"])
+    with pytest.raises(InputError, match="unknown representation 'colour'; valid: sketch"):
+        decompose(bundle, gradient_image, ["colour"])
+
+
+def test_each_representation_steers_and_none_is_the_null(composer, gradient_image):
+    reps = decompose(composer, gradient_image, ["sketch", "intensity", "histogram", "image"])
+    req = GenerationRequest(prompt="a red circle", steps=3, cfg=3.0, seed=1)
+    full = sample(composer, req, [Composer(conditions=reps)], progress=False).latents
+    for name in reps:
+        fewer = {k: v for k, v in reps.items() if k != name}
+        assert not torch.allclose(sample(composer, req, [Composer(conditions=fewer)], progress=False).latents, full,
+                                  atol=1e-5), name
+
+
+def test_guidance_between_two_equal_sets_is_sampling_that_set_unguided(composer, gradient_image):
+    """eps = w * eps(c2) + (1 - w) * eps(c1) with c1 == c2 is eps(c2): the same as CFG 1 with c2."""
+    reps = decompose(composer, gradient_image, ["sketch", "histogram"])
+    req = GenerationRequest(prompt="a red circle", steps=3, cfg=4.0, seed=2)
+    directed = sample(composer, req, [Composer(conditions=reps, reference=reps, weight=2.5)], progress=False)
+    plain = sample(composer, dataclasses.replace(req, cfg=1.0), [Composer(conditions=reps)], progress=False)
+    torch.testing.assert_close(directed.latents, plain.latents, atol=1e-5, rtol=1e-4)
+    other = sample(composer, req, [Composer(conditions=reps, reference={"histogram": reps["histogram"]},
+                                            weight=2.5)], progress=False)  # fmt: skip
+    assert not torch.allclose(other.latents, plain.latents, atol=1e-4)
+
+
+def test_the_conditioner_saves_and_loads_as_a_bundle_component(composer, tmp_path):
+    loaded = Bundle.from_pretrained(composer.save_pretrained(tmp_path / "m"))
+    net = loaded.extras[COMPOSER]
+    assert isinstance(net, ComposerConditioner) and net.config.global_conditions == composer.extras[
+        COMPOSER].config.global_conditions
+    maps = {"sketch": torch.rand(1, 1, 32, 32)}
+    with torch.no_grad():
+        torch.testing.assert_close(net.local_channels(maps, 1, (8, 8)),
+                                   composer.extras[COMPOSER].local_channels(maps, 1, (8, 8)))
+
+
+def test_bad_composer_requests_are_clear_errors(composer, bundle, gradient_image):
+    reps = decompose(composer, gradient_image, ["sketch", "histogram"])
+    with pytest.raises(InputError, match="unknown representation 'colour'"):
+        Composer(conditions={"colour": reps["histogram"]})
+    with pytest.raises(InputError, match="the caption is the prompt"):
+        Composer(conditions={"caption": reps["histogram"]})
+    with pytest.raises(InputError, match="no composer or composer_unet component"):
+        sample(bundle, GenerationRequest(steps=2), [Composer(conditions=reps)], progress=False)
+    with pytest.raises(InputError, match="'histogram' has 3 values; this model takes 275"):
+        sample(composer, GenerationRequest(steps=2), [Composer(conditions={"histogram": [1.0, 2.0, 3.0]})],
+               progress=False)
+    with pytest.raises(InputError, match="'sketch' is 16x16 but the request generates 32x32"):
+        sample(composer, GenerationRequest(steps=2), [Composer(conditions={"sketch": reps["sketch"][:16, :16]})],
+               progress=False)
