@@ -109,3 +109,38 @@ def test_bad_composer_requests_are_clear_errors(composer, bundle, gradient_image
     with pytest.raises(InputError, match="'sketch' is 16x16 but the request generates 32x32"):
         sample(composer, GenerationRequest(steps=2), [Composer(conditions={"sketch": reps["sketch"][:16, :16]})],
                progress=False)
+
+
+def test_the_recipe_drops_conditions_as_the_paper_and_trains_and_exports(tmp_path):
+    from mmsynth.cli.main import main
+    from mmsynth.models.zoo import tiny_bundle
+    from mmsynth.train import get_recipe, load_config
+
+    with pytest.raises(InputError, match="drop_all' \\+ 'options.keep_all' must be at most 1"):
+        load_config(get_recipe("composer"), overrides={"options.drop_all": "0.6", "options.keep_all": "0.6"})
+    tiny_bundle(seed=1).save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    rc = main(["train", "composer", "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--no-progress",
+               "--set", f"options.base={tmp_path / 'base'}", "--set", "sample_every=2", "--set", "checkpoint_every=1",
+               "--set", "warmup_steps=0", "--set", "lr_schedule=constant", "--set", "options.sample_steps=2",
+               "--set", "num_workers=0"])  # fmt: skip
+    assert rc == 0
+    exported = Bundle.from_pretrained(out / "final")
+    assert isinstance(exported.extras[COMPOSER], ComposerConditioner)
+    assert exported.extras[COMPOSER_UNET].config.class_embed_type == "projection"
+    assert (out / "samples").is_dir() and any((out / "samples").iterdir())
+
+
+def test_the_drop_schedule_keeps_all_drops_all_and_drops_intensity_most():
+    from mmsynth.train.recipes.composer import ComposerOptions, ComposerRecipe
+
+    recipe = ComposerRecipe.__new__(ComposerRecipe)
+    recipe.options = ComposerOptions()
+    torch.manual_seed(0)
+    n = 20000
+    keep = recipe.drop_conditions({"caption": ["x"] * n})["keep"]
+    rates = {k: float(v.float().mean()) for k, v in keep.items()}
+    # kept: 0.1 (all kept) + 0.8 * (1 - p): 0.5 for p = 0.5, 0.34 for intensity's 0.7
+    assert abs(rates["sketch"] - 0.5) < 0.02 and abs(rates["intensity"] - 0.34) < 0.02
+    stacked = torch.stack(list(keep.values()))
+    assert abs(float((~stacked).all(dim=0).float().mean()) - (0.1 + 0.8 * 0.5**8 * 0.7 / 0.5)) < 0.02

@@ -64,8 +64,8 @@ def test_config_layers_and_errors(tmp_path):
         load_config(get_recipe("vae"), overrides={"max_steps": "0"})
     with pytest.raises(InputError, match="prediction_type"):
         load_config(get_recipe("t2i"), overrides={"options.prediction_type": "sample"})
-    with pytest.raises(InputError, match="unknown recipe 'gan'; valid recipes: clip, controlnet, gligen, inpaint, "
-                                         "paint-by-example, t2i, t2i-ad"):
+    with pytest.raises(InputError, match="unknown recipe 'gan'; valid recipes: clip, composer, controlnet, gligen, "
+                                         "inpaint, paint-by-example, t2i, t2i-ad"):
         get_recipe("gan")
 
 

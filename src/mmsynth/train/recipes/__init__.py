@@ -18,6 +18,7 @@ RECIPES: dict[str, str] = {
     "controlnet": "mmsynth.train.recipes.controlnet:ControlNetRecipe",
     "t2i-adapter": "mmsynth.train.recipes.t2i_adapter:AdapterRecipe",
     "gligen": "mmsynth.train.recipes.gligen:GligenRecipe",
+    "composer": "mmsynth.train.recipes.composer:ComposerRecipe",
     "paint-by-example": "mmsynth.train.recipes.paint_by_example:PaintByExampleRecipe",
 }
 
