@@ -116,7 +116,7 @@ def test_the_recipe_drops_conditions_as_the_paper_and_trains_and_exports(tmp_pat
     from mmsynth.models.zoo import tiny_bundle
     from mmsynth.train import get_recipe, load_config
 
-    with pytest.raises(InputError, match="drop_all' \\+ 'options.keep_all' must be at most 1"):
+    with pytest.raises(InputError, match=r"drop_all' \+ 'options.keep_all' must be at most 1"):
         load_config(get_recipe("composer"), overrides={"options.drop_all": "0.6", "options.keep_all": "0.6"})
     tiny_bundle(seed=1).save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
