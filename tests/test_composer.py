@@ -144,3 +144,35 @@ def test_the_drop_schedule_keeps_all_drops_all_and_drops_intensity_most():
     assert abs(rates["sketch"] - 0.5) < 0.02 and abs(rates["intensity"] - 0.34) < 0.02
     stacked = torch.stack(list(keep.values()))
     assert abs(float((~stacked).all(dim=0).float().mean()) - (0.1 + 0.8 * 0.5**8 * 0.7 / 0.5)) < 0.02
+
+
+def test_compose_recombines_representations_of_two_images_from_the_cli(composer, tmp_path, capsys):
+    from PIL import Image
+
+    from mmsynth.cli.main import main
+    from mmsynth.data.render import render
+    from mmsynth.data.scene import sample_scene
+
+    model = composer.save_pretrained(tmp_path / "m")
+    a, b = sample_scene("test", 0), sample_scene("test", 1)
+    Image.fromarray(render(b, 32)).save(tmp_path / "b.png")
+    (tmp_path / "a.json").write_text(__import__("json").dumps(a.to_dict()))
+    out = tmp_path / "o"
+    assert main(["compose", "--model", str(model), "--from", f"{tmp_path / 'a.json'}:sketch,depth", "--from",
+                 f"{tmp_path / 'b.png'}:histogram", "--prompt", "a red circle", "--steps", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    assert (out / "images" / "0000.png").is_file() and (out / "representations.png").is_file()
+    request = __import__("json").loads((out / "request.json").read_text())
+    assert request["controls"][0]["name"] == "composer" and set(request["controls"][0]["conditions"]) == {
+        "sketch", "depth", "histogram"}
+    again = tmp_path / "again"  # the request (maps as PNG data, vectors as arrays) replays through generate
+    assert main(["generate", "--replay", str(out / "requests" / "0000.json"), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again / "images" / "0000.png")),
+                          np.asarray(Image.open(out / "images" / "0000.png")))
+    capsys.readouterr()
+    assert main(["compose", "--model", str(model), "--from", f"{tmp_path / 'b.png'}:colour", "--out",
+                 str(tmp_path / "o2")]) == 2
+    assert "unknown representation 'colour'" in capsys.readouterr().err
+    assert main(["compose", "--model", str(model), "--from", f"{tmp_path / 'b.png'}:depth", "--out",
+                 str(tmp_path / "o3")]) == 2  # no depth estimator for an image: one line, no traceback
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

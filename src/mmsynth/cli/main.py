@@ -16,8 +16,8 @@ from typing import NoReturn
 from mmsynth.errors import InputError
 
 # Command modules under mmsynth.cli, in the order `mmsynth --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "annotate", "layout", "generate", "invert", "edit", "judge",
-                                   "train", "bench", "zoo")
+COMMAND_MODULES: tuple[str, ...] = ("demo", "data", "annotate", "layout", "generate", "invert", "edit", "compose",
+                                   "judge", "train", "bench", "zoo")
 
 
 class _Parser(argparse.ArgumentParser):

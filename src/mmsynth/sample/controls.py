@@ -448,12 +448,13 @@ _PNG_URI = "data:image/png;base64,"
 
 
 def encode_value(value: Any) -> Any:
-    """JSON form of a control option: uint8 arrays become PNG data URIs (exact, self-contained requests),
-    other arrays and tensors nested lists with their dtype; everything else unchanged."""
+    """JSON form of a control option: uint8 images (grey or RGB) become PNG data URIs (exact, self-contained
+    requests), other arrays and tensors (a 4-channel map: its 4th channel is data, not transparency) nested lists
+    with their dtype, dicts and lists element by element; everything else unchanged."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        if value.dtype == np.uint8 and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
+        if value.dtype == np.uint8 and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] == 3)):
             from PIL import Image
 
             buf = io.BytesIO()
@@ -462,6 +463,8 @@ def encode_value(value: Any) -> Any:
         return {"array": value.tolist(), "dtype": str(value.dtype)}
     if isinstance(value, (list, tuple)):
         return [encode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: encode_value(v) for k, v in value.items()}
     return value
 
 
@@ -473,6 +476,8 @@ def decode_value(value: Any) -> Any:
         return np.asarray(value["array"], dtype=value["dtype"])
     if isinstance(value, list):
         return [decode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: decode_value(v) for k, v in value.items()}
     return value
 
 
