@@ -176,3 +176,22 @@ def test_compose_recombines_representations_of_two_images_from_the_cli(composer,
     assert main(["compose", "--model", str(model), "--from", f"{tmp_path / 'b.png'}:depth", "--out",
                  str(tmp_path / "o3")]) == 2  # no depth estimator for an image: one line, no traceback
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_the_control_suite_composer_row_runs_each_category_on_its_representation(composer, bundle):
+    from mmsynth.evaluate.bench import RunContext, SamplerSettings
+    from mmsynth.evaluate.bench.cases import Case
+    from mmsynth.evaluate.bench.control_suite import COMPOSER_REPRESENTATIONS, make_cases
+    from mmsynth.evaluate.bench.runner import RunOptions, run_bench
+
+    cases = [dataclasses.replace(c, resolution=32) for c in make_cases(1, 5)
+             if c.category in COMPOSER_REPRESENTATIONS]  # fmt: skip
+    assert all(isinstance(c, Case) for c in cases) and len(cases) == 4
+
+    def ctx(b):
+        return RunContext(bundle_obj=b, sampler=SamplerSettings(steps=2))
+
+    skipped = run_bench(cases, ctx(bundle), RunOptions(rows=["composer"])).to_dict()
+    assert skipped["rows"]["control"]["composer"]["n_skipped"] == 4
+    res = run_bench(cases, ctx(composer), RunOptions(rows=["composer"])).to_dict()["results"]["control"]["composer"]
+    assert {"sketch_ssim", "segmentation_miou", "depth_order", "palette_error"} <= set(res)

@@ -106,6 +106,11 @@ def _as_map(name: str, value: Any) -> torch.Tensor:
     return t[None]
 
 
+def _per_image(value: Any) -> bool:
+    """A list of per-image values (maps or vectors), not one vector written as a list of numbers."""
+    return isinstance(value, list) and bool(value) and not all(is_number(x) for x in value)
+
+
 def _check(conditions: Any, what: str) -> dict[str, Any]:
     if not isinstance(conditions, dict):
         raise InputError(f"composer: {what} must be an object of representation -> value, got "
@@ -121,10 +126,12 @@ def _check(conditions: Any, what: str) -> dict[str, Any]:
 @dataclass(kw_only=True)
 class Composer(Control):
     """conditions: representation -> value (maps as uint8 images or paths, `image` and `histogram` as vectors, as
-    `decompose` makes them); the caption is the request's prompt. reference: another set (c1) to guide from, with
-    `weight` w: eps = w * eps(conditions) + (1 - w) * eps(reference), replacing classifier-free guidance."""
+    `decompose` makes them; or a list of n, one per image); the caption is the request's prompt. reference: another
+    set (c1) to guide from, with `weight` w: eps = w * eps(conditions) + (1 - w) * eps(reference), replacing
+    classifier-free guidance."""
 
     name: ClassVar[str] = "composer"
+    per_image: ClassVar[tuple[str, ...]] = ("conditions", "reference")
 
     conditions: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
@@ -138,6 +145,13 @@ class Composer(Control):
             self.reference = _check(self.reference, "reference")
         if not is_number(self.weight):
             raise InputError(f"composer: weight must be a number, got {self.weight!r}")
+
+    @classmethod
+    def option_for_image(cls, key: str, value: Any, i: int) -> Any:
+        """A representation given per image (a list of maps or of vectors) keeps image i's."""
+        if not isinstance(value, dict):
+            return value
+        return {k: v[i] if _per_image(v) else v for k, v in value.items()}
 
     def unet_name(self, bundle: Any) -> str | None:
         extras = getattr(bundle, "extras", {})
@@ -162,16 +176,20 @@ class Composer(Control):
         """One condition set's inputs for the whole batch (n images)."""
         net, n = self._net, ctx.request.n
         size = (ctx.height // ctx.denoiser.scale_factor, ctx.width // ctx.denoiser.scale_factor)
-        maps = {}
+        maps, vectors = {}, {}
         for name, value in conditions.items():
+            values = value if _per_image(value) else [value]
+            if len(values) not in (1, n):
+                raise InputError(f"composer: '{name}' has {len(values)} values for a batch of {n}; give one per image")
             if name in LOCAL_CONDITIONS:
-                m = _as_map(name, value)
+                m = torch.cat([_as_map(name, v) for v in values])
                 if m.shape[-2:] != (ctx.height, ctx.width):
                     raise InputError(f"composer: '{name}' is {m.shape[-1]}x{m.shape[-2]} but the request generates "
                                      f"{ctx.width}x{ctx.height}")
                 maps[name] = m.expand(n, -1, -1, -1)
-        vectors = {name: torch.as_tensor(np.asarray(value, np.float32)).reshape(1, -1).expand(n, -1)
-                   for name, value in conditions.items() if name in GLOBAL_CONDITIONS}  # fmt: skip
+            else:
+                vectors[name] = torch.stack([torch.as_tensor(np.asarray(v, np.float32)).reshape(-1)
+                                             for v in values]).expand(n, -1)  # fmt: skip
         for name, dim in net.config.global_conditions.items():
             if name in vectors and vectors[name].shape[1] != dim:
                 raise InputError(f"composer: '{name}' has {vectors[name].shape[1]} values; this model takes {dim}")

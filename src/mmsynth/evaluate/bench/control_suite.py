@@ -25,9 +25,10 @@ Every category also gets <category>_attribute_acc, the judge's colour+shape accu
 Rows: ground_truth (renders), vae_ceiling (renders through the VAE), no_control (the prompt alone, same seeds:
 every bar's reference), one row per control component (`controlnet_canny`, `controlnet_segmentation`,
 `adapter_depth`, `adapter_sketch`, `adapter_palette`: skipped with a reason when the bundle lacks it), `multi`
-(canny ControlNet + palette adapter), `conflict_balanced` / `conflict_prompt` / `conflict_control` (the canny
-ControlNet in each control mode). Control rows sweep `scale`, `start`, `end` (and `mode` for ControlNets: 0
-balanced, 1 prompt, 2 control). The report notes each bar of issue 51 as met / not met (`bar_notes`).
+(canny ControlNet + palette adapter), `composer` (a Composer model given each category's representation alone, on
+the same cases: issue 54's comparison with the dedicated controls), `conflict_balanced` / `conflict_prompt` /
+`conflict_control` (the canny ControlNet in each control mode). Control rows sweep `scale`, `start`, `end` (and
+`mode` for ControlNets: 0 balanced, 1 prompt, 2 control). The report notes each bar of issue 51 as met / not met (`bar_notes`).
 """
 
 from __future__ import annotations
@@ -293,6 +294,30 @@ def _control_row(name: str, description: str, kinds: tuple[str, ...] | None, cat
                sweepable=CONTROLNET_SETTINGS if controlnet else CONTROL_SETTINGS)  # fmt: skip
 
 
+# category -> the Composer representation that carries its condition (the colour histogram for the palette)
+COMPOSER_REPRESENTATIONS: dict[str, str] = {"sketch": "sketch", "segmentation": "segmentation", "depth": "depth",
+                                            "palette": "histogram"}
+register_capability("composer", lambda bundle: all(
+    name in getattr(bundle, "extras", {}) for name in ("composer", "composer_unet")))
+
+
+def composer_controls(ctx: RunContext, cases: list[Case]) -> list[Any]:
+    """Composer with one representation per case: its category's (exact maps from the scene, as the dedicated
+    control gets; the palette category's colour as the render's CIELab histogram), per image."""
+    from mmsynth.annotate import from_scene
+    from mmsynth.annotate.network_input import network_input
+    from mmsynth.annotate.registry import get_annotator
+    from mmsynth.sample.composer import ANNOTATORS, Composer
+
+    name = COMPOSER_REPRESENTATIONS[cases[0].category]
+    if name == "histogram":
+        values = [get_annotator("histogram")(c.render()).astype(np.float32) for c in cases]
+    else:
+        kind = ANNOTATORS[name]
+        values = [network_input(kind, from_scene(kind, c.scene, c.resolution)) for c in cases]
+    return [Composer(conditions={name: values})]
+
+
 def _rows() -> dict[str, Row]:
     rows = {
         **reference_rows(),
@@ -306,6 +331,12 @@ def _rows() -> dict[str, Row]:
         rows[component] = _control_row(component, f"the prompt with {component} on the {category} condition",
                                        (kind,), (category, *also))
     rows["multi"] = _control_row("multi", "canny ControlNet + palette adapter together", None, ("multi",))
+    composer_batch = batched(lambda c: c.prompt, composer_controls)
+    rows["composer"] = Row("composer", "method", "Composer (the bundle's composer components) with each category's "
+                           "representation alone: sketch, segmentation, depth, the colour histogram for palette",
+                           lambda ctx, case: composer_batch(ctx, [case])[0], generate_batch=composer_batch,
+                           categories=tuple(COMPOSER_REPRESENTATIONS), needs=lambda c: ["text", "composer"],
+                           sweepable=SAMPLER_SETTINGS)  # fmt: skip
     for i, mode in enumerate(MODES):
         rows[f"conflict_{mode}"] = _control_row(f"conflict_{mode}", f"canny ControlNet, mode '{mode}', on another "
                                                 "scene's edges than the prompt's", ("canny",), ("conflict",), mode=i)
