@@ -128,7 +128,7 @@ def test_occlusion_contours_read_depth_from_outlines_alone():
 def test_rows_capabilities_and_skips_on_a_model_without_controls(bundle, cases):
     suite = get_suite("control")
     assert {"ground_truth", "vae_ceiling", "no_control", "multi", *COMPONENTS.values(), "conflict_balanced",
-            "conflict_prompt", "conflict_control"} == set(suite.rows)  # fmt: skip
+            "conflict_prompt", "conflict_control", "composer"} == set(suite.rows)  # fmt: skip
     planned, pending = plan(cases, RunContext(bundle_obj=bundle), RunOptions())
     by_row = {p.row.name: p for p in planned}
     assert "control" not in pending and len(by_row["no_control"].todo) == len(cases)
@@ -233,7 +233,8 @@ def test_end_to_end_every_row_runs_and_writes_the_report(tmp_path, control_model
     d = json.loads(out.read_text())
     rows = d["results"]["control"]
     assert {"no_control", "multi", "conflict_balanced", *COMPONENTS.values(), "controlnet_canny[scale=0]"} <= set(rows)
-    assert not d["skipped"]["control"] and rows["multi"]["multi_canny_f1"] is not None
+    assert set(d["skipped"]["control"]) == {"composer"}  # every control row ran; the model carries no Composer
+    assert rows["multi"]["multi_canny_f1"] is not None
     assert any("canny F1 >= 0.6" in n for n in d["notes"]["control"])
     html = (tmp_path / "r" / "out_report" / "index.html").read_text()
     assert "control_canny_f1_vs_scale.png" in html and "depth order &gt;= 0.9" in html

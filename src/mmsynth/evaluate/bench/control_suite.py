@@ -28,7 +28,8 @@ every bar's reference), one row per control component (`controlnet_canny`, `cont
 (canny ControlNet + palette adapter), `composer` (a Composer model given each category's representation alone, on
 the same cases: issue 54's comparison with the dedicated controls), `conflict_balanced` / `conflict_prompt` /
 `conflict_control` (the canny ControlNet in each control mode). Control rows sweep `scale`, `start`, `end` (and
-`mode` for ControlNets: 0 balanced, 1 prompt, 2 control). The report notes each bar of issue 51 as met / not met (`bar_notes`).
+`mode` for ControlNets: 0 balanced, 1 prompt, 2 control). The report notes each bar of issue 51 as met / not met
+(`bar_notes`).
 """
 
 from __future__ import annotations
