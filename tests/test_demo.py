@@ -50,3 +50,27 @@ def test_demo_controls_section_skips_a_bundle_without_controls(tmp_path):
     args = build_parser().parse_args(["demo", "--steps", "2"])
     text = _controls_section(tmp_path, args, tiny_bundle(0))
     assert "no ControlNet or T2I-Adapter components" in text and not (tmp_path / "controls.png").exists()
+
+
+def test_demo_exemplar_section_draws_composer_and_paint_by_example_or_skips(tmp_path):
+    """With both methods' components (random) the section draws a Composer line and a Paint-by-Example line; without
+    them it says how to train them."""
+    from mmsynth.cli.demo import _exemplar_section
+    from mmsynth.models.composer import ComposerConditioner, composer_unet
+    from mmsynth.models.exemplar_encoder import exemplar_encoder_from_clip
+    from mmsynth.train.recipes.inpaint import inpainting_unet
+    from mmsynth.train.recipes.paint_by_example import paint_by_example_unet
+
+    args = build_parser().parse_args(["demo", "--steps", "2"])
+    bare = tiny_bundle(0)
+    assert "no Composer or Paint-by-Example components" in _exemplar_section(tmp_path, args, bare)
+    b = tiny_bundle(0)
+    net = ComposerConditioner(global_conditions={"histogram": 275}, out_channels=4, factor=b.vae_scale_factor,
+                              context_dim=32, tokens_per_condition=1, width=8)  # fmt: skip
+    b.extras["composer"] = net
+    b.extras["composer_unet"] = composer_unet(b.unet, 4, net.global_dim)
+    pbe = paint_by_example_unet(inpainting_unet(b.unet))
+    b.extras["paint_by_example_unet"] = pbe
+    b.extras["paint_by_example_encoder"] = exemplar_encoder_from_clip(b.clip, int(pbe.config.cross_attention_dim))
+    text = _exemplar_section(tmp_path, args, b)
+    assert "Composer (`mmsynth compose`) and Paint-by-Example" in text and (tmp_path / "exemplars.png").is_file()

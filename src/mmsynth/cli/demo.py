@@ -283,6 +283,53 @@ def _layout_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
     )
 
 
+def _exemplar_section(out: Path, args: argparse.Namespace, bundle: Any) -> str:
+    """A Composer line (image A's sketch alone, then with image B's colours) and a Paint-by-Example line (scene |
+    mask | exemplar | painted), each drawn when the model carries its components."""
+    import dataclasses
+
+    from PIL import Image
+
+    from mmsynth.evaluate.bench import make_cases
+    from mmsynth.evaluate.bench.edit_suite import exemplar_image, mask_array, source_image
+    from mmsynth.sample import Composer, GenerationRequest, PaintByExample, sample
+    from mmsynth.sample.composer import COMPOSER, COMPOSER_UNET, decompose
+
+    extras = getattr(bundle, "extras", {})
+    kwargs = {k: v for k, v in sampling_kwargs(args).items() if k not in ("prompt", "n", "seed")}
+    lines, made = [], []
+    if COMPOSER in extras and COMPOSER_UNET in extras:
+        a, b = (dataclasses.replace(c, resolution=bundle.resolution) for c in make_cases("t2i", 2, seed=1)[:2])
+        reps_a, reps_b = decompose(bundle, a.render(), ["sketch"]), decompose(bundle, b.render(), ["histogram"])
+        request = GenerationRequest(prompt=a.prompt, n=1, seed=1, **kwargs)
+        alone = sample(bundle, request, [Composer(conditions=reps_a)], progress=False).images[0]
+        mixed = sample(bundle, request, [Composer(conditions={**reps_a, **reps_b})], progress=False).images[0]
+        tiles = [label(upscale(a.render(), 2), "A", 14), label(upscale(reps_a["sketch"], 2), "A's sketch", 14),
+                 label(upscale(alone, 2), "from the sketch", 14), label(upscale(mixed, 2), "+ B's colours", 14),
+                 label(upscale(b.render(), 2), "B", 14)]  # fmt: skip
+        lines.append(label(grid(tiles, cols=len(tiles)), f"Composer: {a.prompt}", 14))
+        made.append("Composer (`mmsynth compose`)")
+    if all(name in extras for name in ("paint_by_example_unet", "paint_by_example_encoder")):
+        case = next(dataclasses.replace(c, resolution=bundle.resolution) for c in make_cases("edit", 1, seed=1)
+                    if c.category == "inpaint")
+        scene, mask, exemplar = source_image(case), mask_array(case), exemplar_image(case)
+        request = GenerationRequest(n=1, seed=1, **kwargs)
+        painted = sample(bundle, request, [PaintByExample(image=scene, mask=mask.astype(np.uint8) * 255,
+                                                          exemplar=exemplar)], progress=False).images[0]
+        shown_mask = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2)
+        big = np.asarray(Image.fromarray(exemplar).resize(scene.shape[:2][::-1]))
+        tiles = [label(upscale(scene, 2), "scene", 14), label(upscale(shown_mask, 2), "mask", 14),
+                 label(upscale(big, 2), "exemplar", 14), label(upscale(painted, 2), "painted", 14)]  # fmt: skip
+        lines.append(label(grid(tiles, cols=len(tiles)), "Paint-by-Example (generate --exemplar)", 14))
+        made.append("Paint-by-Example (`generate --exemplar`)")
+    if not lines:
+        return ("## Exemplars and recombination\nThis model carries no Composer or Paint-by-Example components "
+                "(`mmsynth train composer`, `mmsynth train paint-by-example`); skipped.\n")
+    save_image(grid(lines, cols=1), out / "exemplars.png")
+    return ("## Exemplars and recombination\n![exemplars](exemplars.png)\n\n"
+            f"{' and '.join(made)} on test scenes never trained on (docs/editing.md).\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from mmsynth.errors import InputError
     from mmsynth.models.bundle import Bundle
@@ -306,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
             parts.append(skipped)
         else:
             for name, section in (("text to image", _t2i_section), ("spatial controls", _controls_section),
-                                  ("layout", _layout_section), ("guidance and editing", _guidance_edit_section)):
+                                  ("layout", _layout_section), ("guidance and editing", _guidance_edit_section),
+                                  ("exemplars", _exemplar_section)):
                 t = time.perf_counter()
                 parts.append(section(tmp, args, bundle))
                 print(f"demo: {name} ({time.perf_counter() - t:.1f} s)")
