@@ -4,14 +4,13 @@ matches diffusers' pipelines to the pixel (same weights). Timings are not checke
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from mmsynth.models.zoo import TINY, random_bundle
+from script_module import script_module
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_vs_diffusers.py"
 TINIEST = ["--steps", "2", "--batch", "1", "--repeats", "1"]
@@ -20,14 +19,8 @@ PIXEL_TOLERANCE = 1  # uint8 rounding of float32 outputs that agree to ~1e-6
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("sampler_vs_diffusers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (dataclasses look their module up)
-    try:
-        spec.loader.exec_module(module)
+    with script_module(BENCH) as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _check_row(row: dict, method: str | None) -> None:

@@ -5,9 +5,7 @@ model. The CUDA graph and compile paths need a GPU and are not run here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from diffusers import (
 from mmsynth.models.zoo import TINY, build_controlnet, random_bundle
 from mmsynth.sample.fast_path import FastSampler, LinearSchedule, encode_prompt
 from mmsynth.sample.schedulers import make_scheduler
+from script_module import script_module
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
 PIXEL_TOLERANCE = 0.01  # on the 0-255 scale: float32 rounding of the scheduler arithmetic (~1e-4 measured)
@@ -34,14 +33,8 @@ SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_sch
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_speed", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (dataclasses look their module up)
-    try:
-        spec.loader.exec_module(module)
+    with script_module(BENCH) as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark

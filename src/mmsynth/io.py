@@ -77,16 +77,21 @@ def parse_json(text: str, where: str) -> Any:
         raise InputError(f"{where} is not valid input: its JSON is nested too deeply") from None
 
 
-def read_json_file(path: str | os.PathLike, what: str) -> Any:
-    """The JSON in file `path` (`what` names it in errors: missing, a folder, not UTF-8, not valid JSON)."""
+def read_text_file(path: str | os.PathLike, what: str, kind: str = "") -> str:
+    """The UTF-8 text of file `path` (`what` names it in errors: missing, a folder, not UTF-8; `kind`, e.g. "JSON",
+    says what must be UTF-8)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} '{p}' does not exist or is not a file")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{what} '{p}' is not UTF-8 text (JSON must be)") from None
-    return parse_json(text, f"{what} '{p}'")
+        raise InputError(f"{what} '{p}' is not UTF-8 text{f' ({kind} must be)' if kind else ''}") from None
+
+
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """The JSON in file `path` (`what` names it in errors: missing, a folder, not UTF-8, not valid JSON)."""
+    return parse_json(read_text_file(path, what, "JSON"), f"{what} '{Path(path)}'")
 
 
 # ------------------------------------------------------------------------------------------ output checks

@@ -20,7 +20,7 @@ from mmsynth.cli import layout_options, model_options
 from mmsynth.cli.model_options import Lora
 from mmsynth.cli.sampling_options import sampling_kwargs
 from mmsynth.errors import InputError
-from mmsynth.io import check_output_dir
+from mmsynth.io import check_output_dir, read_text_file
 from mmsynth.models.shipped import DEFAULT_MODEL, resolve_model
 from mmsynth.models.sources import model_hash
 
@@ -49,14 +49,9 @@ class PromptLine:
 
 
 def read_prompt_file(path: str) -> list[PromptLine]:
-    """The prompts of a --prompt-file (format in PROMPT_FILE_HELP); InputError naming the file and line."""
+    """The prompts of a --prompt-file (format in HELP); InputError naming the file and line."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--prompt-file '{p}' does not exist or is not a file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"--prompt-file '{p}' is not UTF-8 text") from None
+    text = read_text_file(p, "--prompt-file")
     jsonl = p.suffix.lower() == ".jsonl"
     out = []
     for k, raw in enumerate(text.split("\n"), 1):

@@ -10,6 +10,8 @@ trainer and the CLI pick it up from there.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +27,19 @@ from mmsynth.train.conditions import check_conditions
 from mmsynth.train.config import TrainConfig
 from mmsynth.train.data import training_examples
 from mmsynth.train.latent_cache import LatentCacheExamples
+
+
+@contextmanager
+def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
+    """The modules in eval mode for a progress grid mid-training, each back in its own mode afterwards."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 @dataclass

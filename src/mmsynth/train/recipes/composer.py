@@ -27,6 +27,7 @@ from mmsynth.models.composer import LOCAL_CONDITIONS, ComposerConditioner, compo
 from mmsynth.models.zoo import image_features
 from mmsynth.sample.composer import ANNOTATORS, COMPOSER, COMPOSER_UNET
 from mmsynth.train.denoising import DenoisingOptions, DenoisingRecipe
+from mmsynth.train.recipe import evaluating
 from mmsynth.train.recipes.t2i import SAVE_DTYPES
 
 MAPS = dict(ANNOTATORS)  # representation -> the batch's key for it (annotate's kind, which the data path supplies)
@@ -157,24 +158,19 @@ class ComposerRecipe(DenoisingRecipe):
         from mmsynth.viz import grid, label
 
         b = self.bundle()
-        unet, net = b.extras[COMPOSER_UNET], b.extras[COMPOSER]
-        was = unet.training, net.training
-        unet.eval()
-        net.eval()
         r, tiles = self.resolution, []
-        for i in range(SAMPLE_SCENES):
-            a, other = sample_scene("test", 2 * i), sample_scene("test", 2 * i + 1)
-            image_a, image_b = render(a, r), render(other, r)
-            sketch = decompose(b, image_a, ["sketch"])
-            colours = decompose(b, image_b, ["histogram"])
-            request = GenerationRequest(prompt=captions(a, 1)[0], n=1, seed=i, steps=self.options.sample_steps,
-                                        cfg=self.options.sample_cfg)  # fmt: skip
-            alone = sample(b, request, [Composer(conditions=sketch)], progress=False).images[0]
-            mixed = sample(b, request, [Composer(conditions={**sketch, **colours})], progress=False).images[0]
-            tiles += [label(image_a, "A", height=10), label(alone, "A's sketch", height=10),
-                      label(mixed, "+ B's colours", height=10), label(image_b, "B", height=10)]
-        unet.train(was[0])
-        net.train(was[1])
+        with evaluating(b.extras[COMPOSER_UNET], b.extras[COMPOSER]):
+            for i in range(SAMPLE_SCENES):
+                a, other = sample_scene("test", 2 * i), sample_scene("test", 2 * i + 1)
+                image_a, image_b = render(a, r), render(other, r)
+                sketch = decompose(b, image_a, ["sketch"])
+                colours = decompose(b, image_b, ["histogram"])
+                request = GenerationRequest(prompt=captions(a, 1)[0], n=1, seed=i, steps=self.options.sample_steps,
+                                            cfg=self.options.sample_cfg)  # fmt: skip
+                alone = sample(b, request, [Composer(conditions=sketch)], progress=False).images[0]
+                mixed = sample(b, request, [Composer(conditions={**sketch, **colours})], progress=False).images[0]
+                tiles += [label(image_a, "A", height=10), label(alone, "A's sketch", height=10),
+                          label(mixed, "+ B's colours", height=10), label(image_b, "B", height=10)]
         return grid(tiles, cols=4)
 
     def export(self, out: Path) -> Path:

@@ -32,6 +32,7 @@ from mmsynth.models.bundle import INPAINTING_UNET, Bundle
 from mmsynth.models.exemplar_encoder import exemplar_encoder_from_clip
 from mmsynth.sample.paint_by_example import PBE_ENCODER, PBE_UNET
 from mmsynth.train.denoising import DenoisingOptions, DenoisingRecipe
+from mmsynth.train.recipe import evaluating
 from mmsynth.train.recipes.inpaint import inpainting_unet
 from mmsynth.train.recipes.t2i import SAVE_DTYPES
 
@@ -212,37 +213,37 @@ class PaintByExampleRecipe(DenoisingRecipe):
     @torch.no_grad()
     def sample_grid(self, step: int) -> np.ndarray:
         """Test-split scenes: the scene | its mask | the exemplar (another scene's object) | the painted result."""
+        from mmsynth.viz import grid
+
+        b = self.bundle()
+        with evaluating(b.extras[PBE_UNET], b.extras[PBE_ENCODER]):
+            tiles = [t for i in range(SAMPLE_SCENES) for t in self._sample_tiles(b, i, self.resolution)]
+        return grid(tiles, cols=4)
+
+    def _sample_tiles(self, b: Bundle, i: int, r: int) -> list[np.ndarray]:
+        """Scene 2i of the grid: scene | mask | exemplar (scene 2i + 1's first object) | painted."""
+        import cv2
+
         from mmsynth.data.render import render
         from mmsynth.data.scene import sample_scene
         from mmsynth.sample import GenerationRequest, PaintByExample, sample
-        from mmsynth.viz import grid, label
+        from mmsynth.viz import label
 
-        b = self.bundle()
-        unet, encoder = b.extras[PBE_UNET], b.extras[PBE_ENCODER]
-        was = unet.training, encoder.training
-        unet.eval()
-        encoder.eval()
-        r, tiles = self.resolution, []
-        for i in range(SAMPLE_SCENES):
-            scene, donor = sample_scene("test", 2 * i), sample_scene("test", 2 * i + 1)
-            if not scene.objects or not donor.objects:
-                continue
-            image, donor_image = render(scene, r), render(donor, r)
-            mask = exemplar_mask(scene.objects[0].box(), r, np.random.default_rng(i),
-                                 PaintByExampleOptions(bezier_rate=0.0))  # fmt: skip
-            x0, y0, x1, y1 = (int(round(v * r)) for v in donor.objects[0].box())
-            exemplar = donor_image[max(y0, 0): max(y1, y0 + 1), max(x0, 0): max(x1, x0 + 1)]
-            request = GenerationRequest(n=1, seed=i, steps=self.options.sample_steps, cfg=self.options.sample_cfg)
-            control = PaintByExample(image=image, mask=(mask * 255).astype(np.uint8), exemplar=exemplar)
-            out = sample(b, request, [control], progress=False).images[0]
-            shown = np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2)
-            big = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(exemplar).permute(2, 0, 1)[None].float(),
-                                                             size=(r, r)).round().byte()[0].permute(1, 2, 0))
-            tiles += [label(image, "scene", height=10), label(shown, "mask", height=10),
-                      label(big, "exemplar", height=10), label(out, "painted", height=10)]
-        unet.train(was[0])
-        encoder.train(was[1])
-        return grid(tiles, cols=4)
+        scene, donor = sample_scene("test", 2 * i), sample_scene("test", 2 * i + 1)
+        if not scene.objects or not donor.objects:
+            return []
+        image, donor_image = render(scene, r), render(donor, r)
+        mask = exemplar_mask(scene.objects[0].box(), r, np.random.default_rng(i),
+                             PaintByExampleOptions(bezier_rate=0.0))  # fmt: skip
+        x0, y0, x1, y1 = (int(round(v * r)) for v in donor.objects[0].box())
+        exemplar = np.ascontiguousarray(donor_image[max(y0, 0): max(y1, y0 + 1), max(x0, 0): max(x1, x0 + 1)])
+        request = GenerationRequest(n=1, seed=i, steps=self.options.sample_steps, cfg=self.options.sample_cfg)
+        control = PaintByExample(image=image, mask=(mask * 255).astype(np.uint8), exemplar=exemplar)
+        out = sample(b, request, [control], progress=False).images[0]
+        shown = np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2)
+        big = cv2.resize(exemplar, (r, r), interpolation=cv2.INTER_NEAREST)
+        return [label(image, "scene", height=10), label(shown, "mask", height=10),
+                label(big, "exemplar", height=10), label(out, "painted", height=10)]
 
     def export(self, out: Path) -> Path:
         """OUT/: the base bundle with the two components added (fp16 unless options.save_dtype says otherwise), a
