@@ -153,5 +153,6 @@ def test_generate_replays_requests_recorded_before_the_change_pixel_exactly(mode
     written = json.loads((out / "request.json").read_text())
     side = images.shape[1]  # the request now records what was drawn: real size, the model's hash, its LoRAs (none)
     assert written == {**json.loads((REPLAY / f"tiny__{name}.json").read_text()), "model": str(model_dir),
-                       "height": side, "width": side, "model_hash": written["model_hash"], "loras": []}
+                       "height": side, "width": side, "model_hash": written["model_hash"], "loras": [],
+                       "dtype": "fp32"}  # (recorded before requests knew their dtype: replayed in fp32)
     assert isinstance(written["model_hash"], str) and len(written["model_hash"]) == 10

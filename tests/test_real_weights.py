@@ -144,11 +144,19 @@ def test_a_missing_device_and_a_bad_dtype_are_one_line_errors(model_dir, tmp_pat
     assert code == 2 and "fp8" in err
 
 
-def test_bf16_generation_on_the_cpu_writes_images(model_dir, tmp_path):
+def test_bf16_generation_on_the_cpu_writes_images_and_its_replay_keeps_bf16(model_dir, tmp_path):
     out = tmp_path / "o"
     assert main(["generate", "--model", str(model_dir), "--dtype", "bf16", "--prompt", "a red circle", "-n", "1",
                  "--steps", "2", "--out", str(out), "--quiet"]) == 0
-    assert np.asarray(Image.open(out / "images" / "0000.png")).std() > 0
+    image = np.asarray(Image.open(out / "images" / "0000.png"))
+    assert image.std() > 0 and json.loads((out / "request.json").read_text())["dtype"] == "bf16"
+    again = tmp_path / "again"
+    assert main(["generate", "--replay", str(out / "images" / "0000.png"), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again / "images" / "0000.png")), image)
+    fp32 = tmp_path / "fp32"
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a red circle", "-n", "1", "--steps", "2",
+                 "--out", str(fp32), "--quiet"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(fp32 / "images" / "0000.png")), image)  # bf16 really ran
 
 
 # ------------------------------------------------------------------------------------------ provenance in the PNG
@@ -230,6 +238,26 @@ def test_a_lora_fuses_at_its_scale_and_is_recorded_for_replay(bundle, model_dir,
     assert main(["generate", "--model", str(model_dir), "--lora", f"{folder}:0", "--prompt", "a red circle", "-n",
                  "1", "--steps", "3", "--seed", "2", "--out", str(zero), "--quiet"]) == 0
     assert np.abs(np.asarray(Image.open(zero / "images" / "0000.png")).astype(int) - base[0]).max() <= 1
+
+
+def test_a_lora_is_refused_where_a_control_samples_another_unet(model_dir, lora_dir, tmp_path, capsys):
+    import dataclasses
+
+    from mmsynth.models import Bundle
+    from mmsynth.train.recipes.inpaint import inpainting_unet
+
+    b = Bundle.from_pretrained(model_dir)
+    b = dataclasses.replace(b, extras={"unet_inpainting": inpainting_unet(b.unet)})
+    model = b.save_pretrained(tmp_path / "with_inpainting")
+    r = b.resolution
+    Image.fromarray(np.zeros((r, r, 3), np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((r, r), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code, err = _run(["generate", "--model", str(model), "--lora", str(lora_dir[0]), "--init-image",
+                      str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--prompt", "x", "--out",
+                      str(tmp_path / "o")], capsys)
+    assert code == 2 and "samples its 'unet_inpainting' component" in err
 
 
 def test_a_lora_for_another_base_is_refused_naming_the_mismatch(model_dir, tmp_path, capsys):

@@ -53,6 +53,17 @@ def test_an_sdxl_folder_saves_and_loads_as_diffusers_sdxl(xl_dir, xl):
     assert xl.is_xl and xl.force_zeros_for_empty_prompt and type(xl.text_encoder_2).__name__ == (
         "CLIPTextModelWithProjection")
     StableDiffusionXLPipeline.from_pretrained(xl_dir)  # diffusers reads what we wrote, no dtype needed
+    assert index["tokenizer_2"] == ["transformers", "PreTrainedTokenizerFast"]  # a name transformers 4 knows too
+
+
+def test_an_sdxl_folder_without_model_index_is_still_sdxl(xl_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "xl"
+    shutil.copytree(xl_dir, copy)
+    (copy / "model_index.json").unlink()
+    loaded = Bundle.from_pretrained(copy)
+    assert loaded.is_xl and loaded.text_encoder_2 is not None
 
 
 @pytest.mark.parametrize(("scheduler", "negative", "cfg", "n"),

@@ -100,6 +100,8 @@ def build_request(args: argparse.Namespace) -> tuple[GenerationRequest, list[Con
                                                    limits=limits_from_args(args))
         if args.model is not None:
             request.model = args.model
+        if args.dtype is None:  # the precision it was made in (fp32 before requests recorded it)
+            args.dtype = request.dtype or "fp32"
         return request, controls
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength needs --init-image (it is the image-to-image strength)")
@@ -199,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("the model at '%s' has hash %s, not the %s the request records: the images may differ",
                     source, request.model_hash, recorded_hash)
     bundle = model_options.load_bundle(args, str(source), [Lora.checked(x["path"], x["scale"]) for x in request.loras])
+    model_options.check_lora_reach(bundle, controls, request.loras)
+    request.dtype = model_options.dtype_name(bundle.dtype)
     result = sample_built(bundle, request, controls, progress=not args.quiet)
     write_outputs(out, result, recorded(request, result), args.overwrite, getattr(args, "layout_used", None))
     print(f"wrote {len(result.images)} image(s), grid.png, requests and metadata.jsonl to {out}")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from mmsynth.models import Bundle
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> torch's name (request.DTYPES)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,6 +116,22 @@ def load_bundle(args: argparse.Namespace, model: str | None = None, loras: list[
     if getattr(args, "vae_tiling", False):
         bundle.vae.enable_tiling()
     return bundle
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The --dtype name of a torch dtype (what a request records)."""
+    return {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")]
+
+
+def check_lora_reach(bundle: Bundle, controls: list[Any], loras: list[Any]) -> None:
+    """LoRAs are fused into the bundle's UNet only: refuse a run whose controls sample another UNet (inpainting,
+    Paint-by-Example, Composer), which the LoRA would silently not reach."""
+    if not loras:
+        return
+    other = [name for c in controls if (name := c.unet_name(bundle)) is not None]
+    if other:
+        raise InputError(f"--lora changes the model's unet/, but this run samples its '{other[0]}' component; drop "
+                         "--lora or the control that needs that UNet")
 
 
 def apply_lora(bundle: Bundle, lora: Lora) -> None:

@@ -149,7 +149,8 @@ def run_prompt_file(args: argparse.Namespace) -> int:
         bundle = model_options.load_bundle(args, str(source), loras)
         for i, line in tqdm(mine, desc="prompts", disable=args.quiet or not dist.is_main):
             request, controls = build_request(line)
-            request.model_hash = digest
+            model_options.check_lora_reach(bundle, controls, request.loras)
+            request.model_hash, request.dtype = digest, model_options.dtype_name(bundle.dtype)
             result = sample_built(bundle, request, controls, progress=False)
             part.append((i, (result.images, result.requests, result.selection, recorded(request, result))))
     done = dist.collect(part, len(lines))

@@ -241,7 +241,8 @@ class Bundle:
         for pair in (TEXT_PARTS, tuple(XL_PARTS)):  # a tokenizer and its text encoder come and go together
             if len(absent & set(pair)) == 1:
                 absent -= set(pair)
-        wanted = [*COMPONENTS, *(XL_PARTS if _is_xl_index(index) else ())]
+        xl = _is_xl_index(index) or (found.kind == "folder" and (local / "text_encoder_2").is_dir())
+        wanted = [*COMPONENTS, *(XL_PARTS if xl else ())]
         if found.kind == "folder":
             for name in wanted:
                 if name not in absent and not (local / name).is_dir():
@@ -391,7 +392,7 @@ def save_components(path: str | os.PathLike, dtype: torch.dtype | None = None, *
     dest = _replaceable(path)
     if dtype is not None:
         components = {k: _cast_copy(v, dtype) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
-    base = {*COMPONENTS, CLIP_FOLDER}
+    base = {*COMPONENTS, *XL_PARTS, CLIP_FOLDER}
     with atomic_dir(dest, whole=True) as tmp:
         save_named(tmp, {k: v for k, v in components.items() if k not in base}, RESERVED)
         for name, component in components.items():
@@ -487,12 +488,13 @@ def _portable_tokenizer_class(root: Path) -> None:
 
     transformers 5 calls it `TokenizersBackend`, a name transformers 4 (and tools pinned to it) cannot load.
     """
-    for file, key in ((root / "model_index.json", "tokenizer"), (root / "tokenizer" / "tokenizer_config.json", None)):
-        if not file.is_file():
-            continue
-        data = json.loads(file.read_text())
-        if key is not None and data.get(key) == ["transformers", "TokenizersBackend"]:
-            data[key] = ["transformers", "PreTrainedTokenizerFast"]
-        elif key is None and data.get("tokenizer_class") == "TokenizersBackend":
-            data["tokenizer_class"] = "PreTrainedTokenizerFast"
-        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for name in ("tokenizer", "tokenizer_2"):
+        for file, key in ((root / "model_index.json", name), (root / name / "tokenizer_config.json", None)):
+            if not file.is_file():
+                continue
+            data = json.loads(file.read_text())
+            if key is not None and data.get(key) == ["transformers", "TokenizersBackend"]:
+                data[key] = ["transformers", "PreTrainedTokenizerFast"]
+            elif key is None and data.get("tokenizer_class") == "TokenizersBackend":
+                data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

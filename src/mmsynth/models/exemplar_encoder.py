@@ -9,7 +9,7 @@ diffusers ships the same network only inside its deprecated Paint-by-Example pip
 must not depend; this class keeps its layout and parameter names, so weights move between the two unchanged (the
 tests load ours into diffusers' `PaintByExampleImageEncoder` and compare the pipelines). It is a transformers
 `CLIPPreTrainedModel`: `save_pretrained` / `from_pretrained` as for any CLIP tower; its config is the vision tower's
-(`projection_dim` is the token's width) plus the pixel convention its images are normalised with.
+(`projection_dim` is the token's width) plus, for an encoder mmsynth made, how its exemplars were prepared.
 """
 
 from __future__ import annotations
@@ -63,20 +63,29 @@ class ExemplarEncoder(CLIPPreTrainedModel):
         return self.proj_out(self.final_layer_norm(self.mapper(pooled[:, None])))
 
     def processor(self) -> Any:
-        """The CLIPImageProcessor that prepares exemplars for this encoder: resized to its image size, normalised with
-        the mean and std its config records (the zoo's [-1, 1] convention when it records none)."""
+        """The CLIPImageProcessor that prepares exemplars for this encoder. An encoder mmsynth made records how it was
+        trained in its config (`squash`: the whole crop resized to a square, as the recipe feeds it; the zoo's mean
+        and std); one that records nothing (diffusers' or the paper's weights) gets CLIP's own preprocessing: the
+        shortest side resized, the centre cropped, OpenAI CLIP's mean and std."""
         from transformers import CLIPImageProcessor
 
-        size = int(self.config.image_size)
-        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                  image_mean=list(getattr(self.config, "image_mean", ZOO_PIXEL_MEAN)),
-                                  image_std=list(getattr(self.config, "image_std", ZOO_PIXEL_STD)))  # fmt: skip
+        size, config = int(self.config.image_size), self.config
+        kwargs: dict[str, Any] = {"crop_size": {"height": size, "width": size}}
+        if getattr(config, "squash", False):
+            kwargs.update(size={"height": size, "width": size}, do_center_crop=False)
+        else:
+            kwargs.update(size={"shortest_edge": size})
+        for key in ("image_mean", "image_std"):
+            if getattr(config, key, None) is not None:
+                kwargs[key] = list(getattr(config, key))
+        return CLIPImageProcessor(**kwargs)
 
 
 def exemplar_encoder_from_clip(clip: Any, width: int) -> ExemplarEncoder:
     """An encoder whose vision tower starts from `clip`'s (the zoo's CLIPModel), projecting to `width` (the UNet's
     cross-attention width); mapper, norm, projection and unconditional token are fresh."""
-    config = CLIPVisionConfig(**{**clip.config.vision_config.to_dict(), "projection_dim": width})
+    config = CLIPVisionConfig(**{**clip.config.vision_config.to_dict(), "projection_dim": width, "squash": True,
+                                 "image_mean": list(ZOO_PIXEL_MEAN), "image_std": list(ZOO_PIXEL_STD)})
     encoder = ExemplarEncoder(config)
     target = getattr(encoder.model, "vision_model", encoder.model)  # transformers 5 flattened CLIPVisionModel
     target.load_state_dict(clip.vision_model.state_dict())

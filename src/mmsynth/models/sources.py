@@ -53,7 +53,7 @@ def resolve_source(model: str | os.PathLike, config: str | os.PathLike | None = 
             raise InputError(f"--config '{cfg}' is not a folder: give the diffusers folder (model_index.json and "
                              "each component's config) of the checkpoint's architecture")
         return ModelSource("file", str(path), cfg)
-    if looks_like_hub_id(text) and not _parent_exists(path):
+    if looks_like_hub_id(text) and (not _parent_exists(path) or _cached_on_hub(text)):
         check_hub_id(text)
         return ModelSource("hub", text)
     raise InputError(f"model '{text}' does not exist{_did_you_mean(path)}; give a diffusers model folder, a single "
@@ -71,6 +71,17 @@ def _parent_exists(path: Path) -> bool:
     return path.parent != Path(".") and path.parent.is_dir()
 
 
+def _cached_on_hub(repo_id: str) -> bool:
+    """`repo_id` is in the local hub cache (then it is a hub id even where a local folder is named like its owner)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        return False
+    return True
+
+
 def _did_you_mean(path: Path) -> str:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -86,14 +97,11 @@ def _did_you_mean(path: Path) -> str:
 def check_hub_id(repo_id: str) -> None:
     """Succeed when `repo_id` is in the local hub cache or the hub answers for it; else InputError in one line,
     saying whether the hub is switched off (HF_HUB_OFFLINE), unreachable or does not know the id."""
-    from huggingface_hub import constants, model_info, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    try:
-        snapshot_download(repo_id, local_files_only=True)
-        return  # cached: from_pretrained reads it without the network
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
+    if _cached_on_hub(repo_id):
+        return  # from_pretrained reads it without the network
     local = (f"'{repo_id}' is not a local folder and is not in the hub cache ({constants.HF_HUB_CACHE}); download it "
              "where there is a network (`hf download` or save_pretrained) and pass the folder")
     if constants.HF_HUB_OFFLINE:

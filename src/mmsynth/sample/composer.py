@@ -151,7 +151,7 @@ class Composer(Control):
         """A representation given per image (a list of maps or of vectors) keeps image i's."""
         if not isinstance(value, dict):
             return value
-        return {k: v[i] if _per_image(v) else v for k, v in value.items()}
+        return {k: (v[i] if len(v) > 1 else v[0]) if _per_image(v) else v for k, v in value.items()}
 
     def unet_name(self, bundle: Any) -> str | None:
         extras = getattr(bundle, "extras", {})

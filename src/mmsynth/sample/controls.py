@@ -448,13 +448,13 @@ _PNG_URI = "data:image/png;base64,"
 
 
 def encode_value(value: Any) -> Any:
-    """JSON form of a control option: uint8 images (grey or RGB) become PNG data URIs (exact, self-contained
-    requests), other arrays and tensors (a 4-channel map: its 4th channel is data, not transparency) nested lists
-    with their dtype, dicts and lists element by element; everything else unchanged."""
+    """JSON form of a control option: uint8 images become PNG data URIs (exact, self-contained requests; a 4th
+    channel is kept as it is, `decode_array` reads the PNG back in its own mode), other arrays and tensors nested
+    lists with their dtype, dicts and lists element by element; everything else unchanged."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        if value.dtype == np.uint8 and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] == 3)):
+        if value.dtype == np.uint8 and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
             from PIL import Image
 
             buf = io.BytesIO()

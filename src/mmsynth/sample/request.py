@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 FORMAT = "mmsynth.request/1"
 MAX_SEED = 2**63 - 1
 MAX_BEST_OF = 64  # candidates per image: each is a full sampling run
+DTYPES = ("fp32", "fp16", "bf16")  # the precisions a request may record (--dtype)
 
 # The default of each sampling option, written once: GenerationRequest's fields, the CLI's shared parser
 # (cli/sampling_options.py), the bench's SamplerSettings and the library functions all point here.
@@ -130,6 +131,8 @@ class GenerationRequest:
     # fused into it, each {"path": ..., "scale": ...} (a replay fuses them again)
     model_hash: str | None = None
     loras: list[dict[str, Any]] = field(default_factory=list)
+    # the weights' precision it ran in ("fp32", "fp16", "bf16"; None: not recorded, i.e. fp32), which a replay keeps
+    dtype: str | None = None
 
     def validate(self, limits: Limits | None = DEFAULT_LIMITS) -> GenerationRequest:
         """Raise InputError naming the first bad field and what is valid; returns self for chaining.
@@ -169,6 +172,8 @@ class GenerationRequest:
             raise InputError(f"model must be a directory path string, got {type(self.model).__name__}")
         if self.model_hash is not None and not isinstance(self.model_hash, str):
             raise InputError(f"model_hash must be a string or null, got {type(self.model_hash).__name__}")
+        if self.dtype not in (None, *DTYPES):
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)} or null, got {self.dtype!r}")
         if not isinstance(self.loras, list) or not all(
                 isinstance(x, dict) and set(x) == {"path", "scale"} and isinstance(x["path"], str) and _real(x["scale"])
                 for x in self.loras):
