@@ -239,3 +239,37 @@ def test_components_mapping_treats_none_as_absent_and_loads_on_read():
     c["a"] = None
     del c["later"]
     assert len(c) == 0
+
+
+def test_a_lora_fine_tune_saves_as_its_layers_and_lora_and_loads_back_fused(tmp_path):
+    """A UNet with a new input layer and a LoRA on its attention: saved as the changed layer plus the low-rank
+    matrices (a fraction of the UNet), loaded by name over its base with the LoRA fused, computing the same."""
+    import json as _json
+
+    from mmsynth.models import Bundle
+    from mmsynth.models.bundle import add_components
+    from mmsynth.models.zoo import tiny_bundle
+    from mmsynth.train.denoising import add_lora
+
+    b = tiny_bundle(0)
+    root = b.save_pretrained(tmp_path / "m")
+    tuned = type(b.unet).from_config(b.unet.config)
+    tuned.load_state_dict(b.unet.state_dict())
+    add_lora(tuned, 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name or name.startswith("conv_in."):
+                p.add_(0.1 * torch.randn_like(p))
+    add_components(root, layered={"tuned_unet": (tuned, b.unet, "unet")})
+    files = {f.name for f in (root / "tuned_unet").iterdir()}
+    assert {"lora.safetensors", "lora_config.json", "layers.safetensors", "config.json"} <= files
+    size = sum(f.stat().st_size for f in (root / "tuned_unet").iterdir())
+    assert size < 0.2 * sum(f.stat().st_size for f in (root / "unet").iterdir())
+    assert _json.loads((root / "mmsynth_components.json").read_text())["components"]["tuned_unet"]["base"] == "unet"
+    loaded = Bundle.from_pretrained(root).extras["tuned_unet"]
+    assert not any("lora" in n for n, _ in loaded.named_parameters())  # fused: a plain UNet again
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 10, context).sample, tuned(x, 10, context).sample, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(loaded(x, 10, context).sample, b.unet(x, 10, context).sample, atol=1e-4)

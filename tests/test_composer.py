@@ -128,6 +128,7 @@ def test_the_recipe_drops_conditions_as_the_paper_and_trains_and_exports(tmp_pat
     exported = Bundle.from_pretrained(out / "final")
     assert isinstance(exported.extras[COMPOSER], ComposerConditioner)
     assert exported.extras[COMPOSER_UNET].config.class_embed_type == "projection"
+    assert (out / "final" / COMPOSER_UNET / "lora.safetensors").is_file()  # a LoRA + its new layers, not a copy
     assert (out / "samples").is_dir() and any((out / "samples").iterdir())
 
 

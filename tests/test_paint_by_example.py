@@ -189,5 +189,6 @@ def test_the_recipe_trains_and_exports_both_components(tmp_path):
     assert rc == 0
     exported = Bundle.from_pretrained(out / "final")
     assert exported.extras[PBE_UNET].config.in_channels == 9
+    assert (out / "final" / PBE_UNET / "lora.safetensors").is_file()  # a LoRA + its changed layers, not a copy
     assert isinstance(exported.extras[PBE_ENCODER], ExemplarEncoder)
     assert (out / "samples").is_dir() and any((out / "samples").iterdir())

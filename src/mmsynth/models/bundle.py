@@ -29,10 +29,12 @@ from mmsynth.models.components import (
     MANIFEST,
     Components,
     Entry,
+    entry_for,
     first_line,
     load_named,
     move_module,
     read_manifest,
+    save_layers,
     save_named,
     write_manifest,
 )
@@ -312,6 +314,22 @@ def list_components(root: str | os.PathLike, entries: Mapping[str, Entry]) -> No
     """Add `entries` to the manifest of the bundle directory `root`, for component folders copied in as they are
     (shipping a trained component into a bundle); an unlisted unet_inpainting/ gets listed too."""
     write_manifest(root, {**named_components(root), **entries}, RESERVED)
+
+
+def add_components(root: str | os.PathLike, dtype: torch.dtype | None = None,
+                   layered: Mapping[str, tuple[torch.nn.Module, torch.nn.Module, str]] | None = None,
+                   whole: Mapping[str, torch.nn.Module] | None = None) -> None:
+    """Add trained components to the saved bundle at `root`, listed beside what its manifest lists: `layered` as
+    name -> (network, its base network, the base's folder), saved as the layers (and LoRA) it adds
+    (`components.save_layers`); `whole` with their library's save_pretrained. `dtype` converts the saved weights."""
+    entries: dict[str, Entry] = {}
+    for name, (module, base, base_name) in (layered or {}).items():
+        entries[name] = save_layers(module, base, Path(root) / name, base_name, dtype=dtype)
+    for name, module in (whole or {}).items():
+        entries[name] = entry_for(module, name)
+        (_cast_copy(module, dtype) if dtype is not None else module).save_pretrained(Path(root) / name,
+                                                                                       safe_serialization=True)
+    list_components(root, entries)
 
 
 def load_component(source: str | os.PathLike, name: str, torch_dtype: torch.dtype | None = None) -> Any:

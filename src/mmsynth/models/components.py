@@ -44,6 +44,8 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 NAME_RULE = "1-64 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
 
 Entry = dict[str, str]  # {"library": ..., "class": ...} (+ "base": a folder, for a component of added layers)
+LORA_FILE = "lora.safetensors"  # a layers component's LoRA matrices (peft's names), beside LORA_CONFIG
+LORA_CONFIG = "lora_config.json"
 LAYERS_FILE = "layers.safetensors"  # not diffusers' weights name: its plain from_pretrained must refuse the folder
 
 
@@ -189,27 +191,79 @@ def load_named(root: str | os.PathLike, name: str, entry: Entry, torch_dtype: to
 def save_layers(module: torch.nn.Module, base: torch.nn.Module, folder: str | os.PathLike, base_name: str,
                 dtype: torch.dtype | None = None) -> Entry:
     """Save `module` as the layers it adds to `base` (see the module docstring): its config and the weights that
-    `base` lacks or holds with other values. Returns its manifest entry (with "base": `base_name`)."""
+    `base` lacks or holds with other values. A module carrying LoRA adapters (peft, `add_adapter`) is saved as its
+    base weights' changes without them plus the low-rank matrices (LORA_FILE, peft's names, and their LoraConfig):
+    a fine-tune that would copy a whole UNet ships in a fraction of its size. Returns its manifest entry (with
+    "base": `base_name`)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     theirs = base.state_dict()
-    layers = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in module.state_dict().items()
+    lora = _lora_parts(module)
+    plain = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+    layers = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in plain.items()
               if k not in theirs or theirs[k].shape != v.shape or not torch.equal(theirs[k].to(v), v)}  # fmt: skip
-    if not layers:
+    if not layers and lora is None:
         raise InputError("the network adds no layers to its base and changes none of its weights; nothing to save")
     module.save_config(folder)
     save_file(layers, str(folder / LAYERS_FILE), metadata={"format": "pt"})
+    if lora is not None:
+        weights, config = lora
+        save_file({k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in weights.items()},
+                  str(folder / LORA_FILE), metadata={"format": "pt"})  # fmt: skip
+        (folder / LORA_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     entry = entry_for(module, folder.name)
     return {**entry, "base": base_name}
 
 
+def _lora_parts(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(the LoRA matrices under peft's names, their LoraConfig as a dict) of a module with one adapter, or None."""
+    configs = getattr(module, "peft_config", None)
+    if not configs:
+        return None
+    if len(configs) != 1:
+        raise InputError(f"a network with {len(configs)} LoRA adapters; save layers with one")
+    from peft.utils import get_peft_model_state_dict
+
+    (name, config), = configs.items()
+    keep = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights")
+    values = {k: getattr(config, k) for k in keep}
+    values["target_modules"] = sorted(values["target_modules"])
+    return get_peft_model_state_dict(module, adapter_name=name), values
+
+
 def _load_layers(root: Path, name: str, base: str, cls: type) -> torch.nn.Module:
-    """`cls` built from the component's config, with the base folder's weights and then the component's own."""
+    """`cls` built from the component's config, with the base folder's weights and then the component's own (its
+    LoRA, if it has one, fused in)."""
     model = cls.from_config(cls.load_config(str(root / name)))
     theirs = cls.from_pretrained(str(root), subfolder=base, torch_dtype=torch.float32).state_dict()
-    return apply_layers(model, root / name, theirs, f"model '{root}': component '{name}' over '{base}'")
+    where = f"model '{root}': component '{name}' over '{base}'"
+    return fuse_lora_file(apply_layers(model, root / name, theirs, where), root / name, where)
+
+
+def fuse_lora_file(model: torch.nn.Module, folder: str | os.PathLike, where: str) -> torch.nn.Module:
+    """`model` with the LoRA that `save_layers` wrote in `folder` merged into its weights (nothing without one):
+    peft's adapter added, its matrices loaded, fused, and the adapter layers removed."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / LORA_FILE).is_file():
+        return model
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    try:
+        config = json.loads((folder / LORA_CONFIG).read_text(encoding="utf-8"))
+        model.add_adapter(LoraConfig(**config))
+        result = set_peft_model_state_dict(model, load_file(str(folder / LORA_FILE)))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"unexpected LoRA weights, e.g. {result.unexpected_keys[0]}")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{where}: its LoRA cannot be applied ({first_line(exc)})") from None
+    model.fuse_lora()
+    model.unload_lora()
+    return model
 
 
 def apply_layers(model: torch.nn.Module, folder: str | os.PathLike, base_state: Mapping[str, torch.Tensor],

@@ -33,6 +33,21 @@ from mmsynth.train.latent_cache import LatentCacheExamples
 from mmsynth.train.recipe import Recipe
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections a LoRA adapts (diffusers' SD LoRAs)
+
+
+def add_lora(unet: torch.nn.Module, rank: int) -> None:
+    """A LoRA of `rank` on every attention projection of `unet` (peft through diffusers' `add_adapter`)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=list(LORA_TARGETS)))  # fmt: skip
+
+
+def train_only(module: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Leave trainable only the LoRA matrices and the parameters under `prefixes` (layers trained in full)."""
+    for name, p in module.named_parameters():
+        p.requires_grad_(".lora_" in name or name.startswith(prefixes))
 TIMESTEP_SAMPLING = ("uniform", "cubic")
 
 

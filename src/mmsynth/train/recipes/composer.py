@@ -7,8 +7,10 @@ zoo CLIP's image embedding. Condition dropout as the paper: each condition dropp
 (it carries most of the image), all dropped with 0.1 and all kept with 0.1; the caption (words and pooled
 embedding) is one of the conditions. A dropped condition is its null (models/composer.py).
 The UNet (`composer_unet`: the base's, with zero-initialised extra input channels and class embedding) and the
-conditioner train; text encoder, VAE and CLIP stay frozen. Export: RUN/final/, the base bundle with the components
-`composer_unet` and `composer` (what the `composer` control and `mmsynth compose` use).
+conditioner train (with `lora_rank` > 0, the default, the UNet as a LoRA on its attention plus its new layers in
+full, which ships within the zoo's weight budget); text encoder, VAE and CLIP stay frozen. Export: RUN/final/, the
+base bundle with the components `composer_unet` (layers and LoRA over unet/) and `composer` (what the `composer`
+control and `mmsynth compose` use).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import torch
 
 from mmsynth.annotate.color import HISTOGRAM_SIZE
 from mmsynth.errors import InputError
-from mmsynth.models.bundle import Bundle
+from mmsynth.models.bundle import Bundle, add_components
 from mmsynth.models.composer import LOCAL_CONDITIONS, ComposerConditioner, composer_unet
 from mmsynth.models.zoo import image_features
 from mmsynth.sample.composer import ANNOTATORS, COMPOSER, COMPOSER_UNET
-from mmsynth.train.denoising import DenoisingOptions, DenoisingRecipe
+from mmsynth.train.denoising import DenoisingOptions, DenoisingRecipe, add_lora, train_only
 from mmsynth.train.recipe import evaluating
 from mmsynth.train.recipes.t2i import SAVE_DTYPES
 
@@ -42,6 +44,7 @@ class ComposerOptions(DenoisingOptions):
     drop_all: float = 0.1
     keep_all: float = 0.1
     tokens_per_condition: int = 4
+    lora_rank: int = 8  # > 0: a LoRA on the UNet's attention, its new input and class layers in full; 0: all
     sample_steps: int = 25
     sample_cfg: float = 3.0
     save_dtype: str = "float16"
@@ -55,6 +58,8 @@ class ComposerOptions(DenoisingOptions):
             raise InputError("config keys 'options.drop_all' + 'options.keep_all' must be at most 1")
         if self.tokens_per_condition < 1:
             raise InputError("config key 'options.tokens_per_condition' must be >= 1")
+        if self.lora_rank < 0:
+            raise InputError(f"config key 'options.lora_rank' must be >= 0 (0: the whole UNet), got {self.lora_rank}")
         if self.save_dtype not in SAVE_DTYPES:
             raise InputError(f"config key 'options.save_dtype' must be one of {', '.join(SAVE_DTYPES)}")
 
@@ -81,10 +86,17 @@ class ComposerRecipe(DenoisingRecipe):
                                   context_dim=int(b.unet.config.cross_attention_dim),
                                   tokens_per_condition=o.tokens_per_condition)  # fmt: skip
         unet = composer_unet(b.unet, int(net.config.out_channels), net.global_dim)
+        if o.lora_rank:
+            add_lora(unet, o.lora_rank)
         self.set_scheduler(b.scheduler)
         self.models = {"text_encoder": b.text_encoder, "vae": b.vae, "clip": b.clip, "unet": unet,
                        "conditioner": net}  # fmt: skip
         self.trainable = ("unet", "conditioner")
+
+    def place(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        super().place(device, weight_dtype)
+        if self.options.lora_rank:  # the new layers train in full, the rest of the UNet through its LoRA
+            train_only(self.unwrapped("unet"), ("conv_in.", "class_embedding."))
 
     # ---------------------------------------------------------------- conditions
     def drop_conditions(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -174,4 +186,9 @@ class ComposerRecipe(DenoisingRecipe):
         return grid(tiles, cols=4)
 
     def export(self, out: Path) -> Path:
-        return self.bundle().save_pretrained(out, dtype=SAVE_DTYPES[self.options.save_dtype])
+        """OUT/: the base bundle with `composer_unet` (the layers and LoRA it adds to unet/) and `composer`."""
+        dtype = SAVE_DTYPES[self.options.save_dtype]
+        self.base_bundle.save_pretrained(out, dtype=dtype)
+        add_components(out, dtype, layered={COMPOSER_UNET: (self.unwrapped("unet"), self.base_bundle.unet, "unet")},
+                       whole={COMPOSER: self.unwrapped("conditioner")})
+        return out

@@ -11,7 +11,9 @@ Networks: the 9-channel UNet starts from the base bundle's inpainting UNet (or i
 input convolution rearranged to Paint-by-Example's order and keep-mask convention (`paint_by_example_unet`); the
 exemplar encoder (models/exemplar_encoder.py) starts from the base's CLIP vision tower. Context: the encoder's one
 token, or its learned unconditional token for `uncond_rate` (0.2) of the examples. The UNet and the encoder's
-mapper, norm, projection and unconditional token train; the vision tower trains only with `train_tower`.
+mapper, norm, projection and unconditional token train; the vision tower trains only with `train_tower`. With
+`lora_rank` > 0 (default 8) the UNet trains as a LoRA on its attention projections plus its input convolution in
+full, which is what ships within the zoo's weight budget (0: the whole UNet, as the paper).
 Export: RUN/final/, the base bundle with the two components added, `paint_by_example_unet` and
 `paint_by_example_encoder`.
 """
@@ -28,10 +30,10 @@ import torch.nn.functional as F
 
 from mmsynth.data.scene import Scene
 from mmsynth.errors import InputError
-from mmsynth.models.bundle import INPAINTING_UNET, Bundle
+from mmsynth.models.bundle import INPAINTING_UNET, Bundle, add_components
 from mmsynth.models.exemplar_encoder import exemplar_encoder_from_clip
 from mmsynth.sample.paint_by_example import PBE_ENCODER, PBE_UNET
-from mmsynth.train.denoising import DenoisingOptions, DenoisingRecipe
+from mmsynth.train.denoising import DenoisingOptions, DenoisingRecipe, add_lora, train_only
 from mmsynth.train.recipe import evaluating
 from mmsynth.train.recipes.inpaint import inpainting_unet
 from mmsynth.train.recipes.t2i import SAVE_DTYPES
@@ -51,6 +53,7 @@ class PaintByExampleOptions(DenoisingOptions):
     blur_rate: float = 0.3
     elastic_rate: float = 0.3
     train_tower: bool = False  # also train the encoder's CLIP vision tower (the paper does; bigger export)
+    lora_rank: int = 8  # > 0: a LoRA on the UNet's attention, its input convolution in full (ships small); 0: all
     sample_steps: int = 25
     sample_cfg: float = 5.0
     save_dtype: str = "float16"
@@ -72,6 +75,8 @@ class PaintByExampleOptions(DenoisingOptions):
             raise InputError(f"config key 'options.save_dtype' must be one of {', '.join(SAVE_DTYPES)}")
         if self.sample_steps <= 0 or self.sample_cfg < 0:
             raise InputError("config keys 'options.sample_steps' must be > 0 and 'options.sample_cfg' >= 0")
+        if self.lora_rank < 0:
+            raise InputError(f"config key 'options.lora_rank' must be >= 0 (0: the whole UNet), got {self.lora_rank}")
 
 
 def paint_by_example_unet(inpainting: Any) -> Any:
@@ -132,8 +137,12 @@ class PaintByExampleRecipe(DenoisingRecipe):
         b = Bundle.from_pretrained(o.base, load_clip=True)
         if b.clip is None:
             raise InputError(f"options.base '{o.base}' has no clip/: the exemplar encoder starts from its vision tower")
-        base_unet = b.extras[INPAINTING_UNET] if INPAINTING_UNET in b.extras else inpainting_unet(b.unet)
+        has_inpainting = INPAINTING_UNET in b.extras
+        base_unet = b.extras[INPAINTING_UNET] if has_inpainting else inpainting_unet(b.unet)
+        self.base_unet = (base_unet if has_inpainting else b.unet, INPAINTING_UNET if has_inpainting else "unet")
         unet = paint_by_example_unet(base_unet)
+        if o.lora_rank:
+            add_lora(unet, o.lora_rank)
         encoder = exemplar_encoder_from_clip(b.clip, width=int(unet.config.cross_attention_dim))
         self.set_scheduler(b.scheduler)
         self.models = {"vae": b.vae, "unet": unet, "encoder": encoder}
@@ -143,6 +152,8 @@ class PaintByExampleRecipe(DenoisingRecipe):
         super().place(device, weight_dtype)
         if not self.options.train_tower:
             self.unwrapped("encoder").model.requires_grad_(False)
+        if self.options.lora_rank:
+            train_only(self.unwrapped("unet"), ("conv_in.",))
 
     # ---------------------------------------------------------------- conditions
     def drop_conditions(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -247,5 +258,11 @@ class PaintByExampleRecipe(DenoisingRecipe):
 
     def export(self, out: Path) -> Path:
         """OUT/: the base bundle with the two components added (fp16 unless options.save_dtype says otherwise), a
-        model `mmsynth generate --exemplar` runs as it is."""
-        return self.bundle().save_pretrained(out, dtype=SAVE_DTYPES[self.options.save_dtype])
+        model `mmsynth generate --exemplar` runs as it is: the UNet as the layers and LoRA it adds to its base
+        (`models.components.save_layers`), the encoder whole."""
+        dtype = SAVE_DTYPES[self.options.save_dtype]
+        Bundle.from_pretrained(self.options.base).save_pretrained(out, dtype=dtype)
+        base, base_name = self.base_unet
+        add_components(out, dtype, layered={PBE_UNET: (self.unwrapped("unet"), base, base_name)},
+                       whole={PBE_ENCODER: self.unwrapped("encoder")})
+        return out
