@@ -164,6 +164,8 @@ def _rows() -> list[Row]:
                                   "--out", o], **folder_out)  # fmt: skip
     add("edit", lambda i, o: ["edit", i.image, "--source-prompt", "a red circle", "--prompt", "a blue circle",
                               "--model", i.model, "--steps", "1", "--out", o], **folder_out)  # fmt: skip
+    add("compose", lambda i, o: ["compose", "--from", f"{i.image}:sketch", "--model", i.model, "--steps", "1",
+                                 "--out", o], **folder_out)  # fmt: skip
     add("data-export", lambda i, o: ["data", "export", "--n", "1", "--out", o], **folder_out)
     add("train", lambda i, o: ["train", "vae", "--max-steps", "1", "--batch-size", "1", "--out", o,
                                "--no-progress"], **folder_out)  # fmt: skip
@@ -225,6 +227,12 @@ def _rows() -> list[Row]:
                                                       "--device", "cuda", "--json", o], "r.json")  # fmt: skip
     number("generate:mask-feather-nan", lambda i, o: [*gen, "--model", i.model, "--init-image", i.image, "--mask",
                                                       i.mask, "--feather", "nan", "--out", o])  # fmt: skip
+    number("compose:weight-nan", lambda i, o: ["compose", "--from", f"{i.image}:sketch", "--model", i.model,
+                                               "--weight", "nan", "--out", o])  # fmt: skip
+    number("compose:unknown-representation", lambda i, o: ["compose", "--from", f"{i.image}:colour", "--model",
+                                                           i.model, "--out", o])  # fmt: skip
+    number("compose:model-without-composer", lambda i, o: ["compose", "--from", f"{i.image}:sketch", "--model",
+                                                           i.model, "--steps", "1", "--out", o])  # fmt: skip
     number("edit:strength-nan", lambda i, o: ["edit", i.image, "--source-prompt", "a red circle", "--prompt",
                                               "a blue circle", "--model", i.model, "--strength", "nan", "--out", o])
     number("invert:reconstruct-scheduler-alone", lambda i, o: ["invert", i.image, "--prompt", "a red circle",
@@ -350,6 +358,8 @@ EXPECT = {
     "generate:eta=nan": "--eta", "generate:s0=nan": "--s0", "generate:nan-latents": "NaN",
     "generate:device-bogus": "gpu7", "generate:device-cuda": "has: cpu", "invert:device-cuda": "has: cpu",
     "bench-run:device-cuda": "has: cpu", "generate:mask-feather-nan": "--feather", "edit:strength-nan": "--strength",
+    "compose:weight-nan": "--weight", "compose:unknown-representation": "unknown representation 'colour'",
+    "compose:model-without-composer": "no composer or composer_unet component",
     "invert:reconstruct-scheduler-alone": "needs --reconstruct", "invert:reconstruct-cfg-alone": "needs --reconstruct",
     "invert:reconstruct-bad-suffix": ".png", "invert:image-huge": "--max-side", "edit:image-huge": "--max-side",
     "invert:cfg-nan": "--cfg", "data-spec:seed=-1": "--seed",
