@@ -26,3 +26,15 @@ def network_input(kind: str, value: Any) -> np.ndarray:
     if kind in COLOUR_CODED and arr.ndim == 2:
         return colorize_labels(arr)
     return arr
+
+
+def as_condition(value: Any) -> Any:
+    """A map (uint8 HxW or HxWxC, array or tensor) as a float torch tensor C x H x W in [0, 1], the form a network
+    reads it in (the trainer's batches and the sampler's controls alike); a float vector as it is."""
+    import torch
+
+    t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+    if t.dtype != torch.uint8:
+        return t.float()
+    t = t.float() / 255.0
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()

@@ -96,6 +96,8 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
 def load_bundle(args: argparse.Namespace, model: str | None = None, loras: list[Lora] | None = None) -> Bundle:
     """The bundle the options describe (`model` and `loras` override --model and --lora: a replayed request's), on
     its device and in its dtype, LoRAs fused, memory options applied."""
+    import torch
+
     from mmsynth.cli.arguments import resolve_device
     from mmsynth.models import Bundle
     from mmsynth.models.shipped import resolve_model
@@ -105,8 +107,8 @@ def load_bundle(args: argparse.Namespace, model: str | None = None, loras: list[
     source = resolve_model(model or getattr(args, "model", None))
     bundle = Bundle.from_pretrained(source, torch_dtype=dtype, config=getattr(args, "config", None))
     bundle.to(device)
-    if bundle.is_xl and dtype == _float16() and getattr(bundle.vae.config, "force_upcast", False):
-        bundle.vae.to(dtype=_float32())  # SDXL's VAE overflows in fp16: diffusers' pipeline upcasts it too
+    if bundle.is_xl and dtype == torch.float16 and getattr(bundle.vae.config, "force_upcast", False):
+        bundle.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16: diffusers' pipeline upcasts it too
     if loras is None:
         loras = [Lora.parse(spec) for spec in getattr(args, "lora", None) or []]
     for lora in loras:
@@ -152,15 +154,3 @@ def apply_lora(bundle: Bundle, lora: Lora) -> None:
         why = next((line for line in lines if line.startswith("size mismatch")), first_line(exc))
         raise InputError(f"--lora '{lora.path}' does not fit this model ({why}); a LoRA works only on the base it was "
                          "trained for (same layer names and widths)") from None
-
-
-def _float16() -> Any:
-    import torch
-
-    return torch.float16
-
-
-def _float32() -> Any:
-    import torch
-
-    return torch.float32

@@ -53,9 +53,12 @@ def resolve_source(model: str | os.PathLike, config: str | os.PathLike | None = 
             raise InputError(f"--config '{cfg}' is not a folder: give the diffusers folder (model_index.json and "
                              "each component's config) of the checkpoint's architecture")
         return ModelSource("file", str(path), cfg)
-    if looks_like_hub_id(text) and (not _parent_exists(path) or _cached_on_hub(text)):
-        check_hub_id(text)
-        return ModelSource("hub", text)
+    if looks_like_hub_id(text):
+        typo_possible = _parent_exists(path)
+        cached = _cached_on_hub(text) if typo_possible else None  # (asked once: check_hub_id reuses it)
+        if not typo_possible or cached:
+            check_hub_id(text, cached)
+            return ModelSource("hub", text)
     raise InputError(f"model '{text}' does not exist{_did_you_mean(path)}; give a diffusers model folder, a single "
                      "checkpoint file (.safetensors, .ckpt) or a hub id (owner/name)")
 
@@ -94,13 +97,14 @@ def _did_you_mean(path: Path) -> str:
     return f" (did you mean {', '.join(repr(str(parent / c)) for c in close)}?)" if close else ""
 
 
-def check_hub_id(repo_id: str) -> None:
-    """Succeed when `repo_id` is in the local hub cache or the hub answers for it; else InputError in one line,
-    saying whether the hub is switched off (HF_HUB_OFFLINE), unreachable or does not know the id."""
+def check_hub_id(repo_id: str, cached: bool | None = None) -> None:
+    """Succeed when `repo_id` is in the local hub cache (`cached`, when the caller already asked) or the hub answers
+    for it; else InputError in one line, saying whether the hub is switched off (HF_HUB_OFFLINE), unreachable or does
+    not know the id."""
     from huggingface_hub import constants, model_info
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    if _cached_on_hub(repo_id):
+    if cached if cached is not None else _cached_on_hub(repo_id):
         return  # from_pretrained reads it without the network
     local = (f"'{repo_id}' is not a local folder and is not in the hub cache ({constants.HF_HUB_CACHE}); download it "
              "where there is a network (`hf download` or save_pretrained) and pass the folder")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from mmsynth.annotate.network_input import as_condition
 from mmsynth.errors import InputError
 from mmsynth.models.composer import GLOBAL_CONDITIONS, LOCAL_CONDITIONS
 from mmsynth.sample.controls import Branch, Control, ModelInputs, Step, decode_array, is_number, register_control
@@ -96,8 +97,7 @@ def _as_map(name: str, value: Any) -> torch.Tensor:
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
         raise InputError(f"composer: '{name}' must be an HxW or HxWxC uint8 image (a representation map), got "
                          f"{arr.dtype} {arr.shape}")
-    t = torch.from_numpy(arr.astype(np.float32) / 255.0)  # as the trainer's batches hold maps (C x H x W in [0, 1])
-    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    t = as_condition(arr)  # as the trainer's batches hold maps (C x H x W in [0, 1])
     want = LOCAL_CONDITIONS[name]
     if t.shape[0] != want:
         t = t.mean(dim=0, keepdim=True) if want == 1 else t.expand(want, -1, -1) if t.shape[0] == 1 else t
@@ -168,11 +168,14 @@ class Composer(Control):
 
     def prepare(self, ctx: Context) -> None:
         self._net = ctx.bundle.extras[self.model]
-        self._sets = {"cond": self._encode(ctx, self.conditions, caption=True), "uncond": self._encode(ctx, {}, False)}
+        caption = None  # the prompt's pooled embedding, encoded once for every set that has the caption
+        if "caption" in self._net.config.global_conditions and any(ctx.request.prompts()):
+            caption = pooled_text(ctx.bundle, ctx.request.prompts())
+        self._sets = {"cond": self._encode(ctx, self.conditions, caption), "uncond": self._encode(ctx, {}, None)}
         if self.reference is not None:
-            self._sets["reference"] = self._encode(ctx, self.reference, caption=True)
+            self._sets["reference"] = self._encode(ctx, self.reference, caption)
 
-    def _encode(self, ctx: Context, conditions: dict[str, Any], caption: bool) -> ModelInputs:
+    def _encode(self, ctx: Context, conditions: dict[str, Any], caption: torch.Tensor | None) -> ModelInputs:
         """One condition set's inputs for the whole batch (n images)."""
         net, n = self._net, ctx.request.n
         size = (ctx.height // ctx.denoiser.scale_factor, ctx.width // ctx.denoiser.scale_factor)
@@ -193,8 +196,8 @@ class Composer(Control):
         for name, dim in net.config.global_conditions.items():
             if name in vectors and vectors[name].shape[1] != dim:
                 raise InputError(f"composer: '{name}' has {vectors[name].shape[1]} values; this model takes {dim}")
-        if caption and "caption" in net.config.global_conditions and any(ctx.request.prompts()):
-            vectors["caption"] = pooled_text(ctx.bundle, ctx.request.prompts())
+        if caption is not None:
+            vectors["caption"] = caption
         with torch.no_grad():
             return ModelInputs(extra_channels=net.local_channels(maps, n, size).to(ctx.dtype),
                                class_labels=net.global_vector(vectors, n).to(ctx.dtype),

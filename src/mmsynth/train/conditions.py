@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmsynth.annotate.network_input import network_input
+from mmsynth.annotate.network_input import as_condition, network_input
 from mmsynth.annotate.registry import get_annotator
 from mmsynth.annotate.scene import from_scene, scene_kinds
 from mmsynth.data.scene import Scene, sample_scene
@@ -36,15 +36,6 @@ def check_conditions(names: tuple[str, ...], where: str) -> tuple[str, ...]:
     if unknown := [n for n in names if n not in valid]:
         raise InputError(f"{where} declares condition map '{unknown[0]}'; valid maps: {', '.join(valid)}")
     return tuple(names)
-
-
-def as_condition(value: Any) -> torch.Tensor:
-    """A map (uint8 HxW or HxWxC, array or tensor) as float C x H x W in [0, 1]; a float vector as it is."""
-    t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
-    if t.dtype != torch.uint8:
-        return t.float()
-    t = t.float() / 255.0
-    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
 def prepared(name: str, value: Any) -> torch.Tensor:
